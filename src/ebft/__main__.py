@@ -1,0 +1,3 @@
+from ebft.cli import entrypoint
+
+entrypoint()

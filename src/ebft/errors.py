@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints their message (no traceback) and exits with code 2."""
+
+
+class EbftError(Exception):
+    """An error caused by the user's config or data, reported as one clear message."""
+
+
+class ConfigError(EbftError):
+    """The configuration is invalid: unknown key, wrong type, impossible combination."""
+
+
+class DataError(EbftError):
+    """A dataset cannot be loaded or yields no usable rows."""
