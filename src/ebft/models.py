@@ -1,0 +1,209 @@
+"""Policy, tokenizer, LoRA and the frozen feature network (DESIGN 3; paper reference spec 5.1)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from ebft.errors import ConfigError
+
+log = logging.getLogger("ebft")
+
+
+def use_bf16(setting: bool | str, device: torch.device) -> bool:
+    """``bf16: auto`` means bf16 only where the device runs it natively (CUDA with bf16 support)."""
+    if setting == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(setting)
+
+
+def load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer_config or cfg.base_model
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"base_model / tokenizer_config: cannot load a tokenizer from {source!r}: {exc}"
+        ) from exc
+    if cfg.special_tokens:
+        tok.add_special_tokens(dict(cfg.special_tokens))
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ConfigError(
+                f"the tokenizer of {source!r} has neither a pad token nor an eos token; "
+                "set special_tokens: {pad_token: ...}"
+            )
+        # Padding is never attended to by real tokens, never anchored and never labelled, so reusing EOS is safe.
+        tok.pad_token = tok.eos_token
+        log.info("tokenizer has no pad token; padding with the eos token %r", tok.eos_token)
+    return tok
+
+
+def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
+    """The trainable model: full weights, or a PEFT LoRA wrapper over frozen base weights."""
+    from transformers import AutoModelForCausalLM
+
+    bf16 = use_bf16(cfg.bf16, device)
+    # Full fine-tuning keeps fp32 master weights (autocast supplies bf16 compute); LoRA freezes the base,
+    # so it can be stored in bf16 while the adapters stay fp32.
+    dtype = torch.bfloat16 if (bf16 and cfg.adapter == "lora") else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.base_model, dtype=dtype, attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"base_model: cannot load {cfg.base_model!r}: {exc}") from exc
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.sequence_len > max_pos:
+        raise ConfigError(
+            f"sequence_len: {cfg.sequence_len} exceeds the model's max_position_embeddings ({max_pos})"
+        )
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        kwargs = dict(cfg.gradient_checkpointing_kwargs or {})
+        kwargs.setdefault("use_reentrant", False)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if cfg.adapter == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = "all-linear" if cfg.lora_target_linear else cfg.lora_target_modules
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        if cfg.gradient_checkpointing and kwargs.get("use_reentrant"):
+            model.enable_input_require_grads()
+    return model.to(device)
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer body (embeddings, layers, final norm) of a causal LM or its PEFT wrapper."""
+    body = model.get_decoder()
+    if body is None or body is model:
+        raise ConfigError(
+            f"{type(model).__name__} exposes no decoder body (get_decoder()); it cannot be used"
+        )
+    return body
+
+
+def _truncated(body: nn.Module, depth: int) -> nn.Module:
+    """A view of ``body`` that stops after layer ``depth`` and shares every weight with it.
+
+    Only the module containers are new, so LoRA layers inside stay the policy's own (and
+    ``disable_adapter`` still applies). Stopping at the deepest feature layer skips the rest of the
+    network and the LM head (reference spec 11.2, item 4). The final norm is kept only when the view
+    is the whole body, so layer N's features are post-norm exactly as in ``output_hidden_states``.
+    """
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or depth >= len(layers):
+        return body
+    view = copy.copy(body)
+    view._modules = dict(body._modules)
+    view.layers = nn.ModuleList(list(layers)[:depth])
+    if hasattr(view, "norm"):
+        view.norm = nn.Identity()
+    return view
+
+
+class FeatureNetwork:
+    """The frozen feature network phi: hidden states at the chosen layer indices, no gradient.
+
+    With LoRA it is the policy's own base weights under ``disable_adapter()`` (no second copy); for full
+    fine-tuning it is a frozen copy of the body made at start, cut after the deepest feature layer.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        layers: Sequence[int],
+        *,
+        device: torch.device | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.layers = list(layers)
+        self.depth = max(self.layers)
+        self.shared = hasattr(policy, "disable_adapter")
+        self._policy = policy
+        view = _truncated(backbone_of(policy), self.depth)
+        if self.shared:
+            self.body = view
+        else:
+            self.body = copy.deepcopy(view)
+            self.body.requires_grad_(False)
+            self.body.eval()
+            if device is not None:
+                self.body.to(device)
+        self.device = device or next(self.body.parameters()).device
+        self.autocast_dtype = autocast_dtype
+
+    @torch.no_grad()
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """input_ids [D, S] -> one [D, S, H] tensor per requested layer (same order as ``layers``)."""
+        captured: dict[int, torch.Tensor] = {}
+        layer_list = getattr(self.body, "layers", None)
+        with ExitStack() as stack:
+            stack.enter_context(self._policy.disable_adapter() if self.shared else nullcontext())
+            stack.enter_context(_eval_mode(self.body))
+            if self.autocast_dtype is not None:
+                stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+            for idx in set(self.layers):
+                if idx == self.depth:
+                    continue
+                stack.enter_context(_capture(layer_list, idx, captured))
+            out = self.body(
+                input_ids=input_ids.to(self.device),
+                attention_mask=_to(attention_mask, self.device),
+                position_ids=position_ids.to(self.device),
+                use_cache=False,
+            )
+        captured[self.depth] = out.last_hidden_state
+        return [captured[i].float() for i in self.layers]
+
+
+def _to(mask, device):
+    return mask.to(device) if isinstance(mask, torch.Tensor) else mask
+
+
+@contextmanager
+def _eval_mode(module: nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@contextmanager
+def _capture(layers: nn.ModuleList, idx: int, store: dict[int, torch.Tensor]):
+    """Record hidden state ``idx``: the input of layer 0 for idx 0, else the output of layer idx - 1."""
+
+    def first(_module, args, kwargs):
+        store[idx] = args[0] if args else kwargs["hidden_states"]
+
+    def after(_module, _args, output):
+        store[idx] = output[0] if isinstance(output, tuple) else output
+
+    if idx == 0:
+        handle = layers[0].register_forward_pre_hook(first, with_kwargs=True)
+    else:
+        handle = layers[idx - 1].register_forward_hook(after)
+    try:
+        yield
+    finally:
+        handle.remove()

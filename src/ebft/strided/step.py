@@ -1,0 +1,326 @@
+"""One strided EBFT micro-batch: rollouts -> features -> rewards -> loss (DESIGN 4-5).
+
+The caller (the trainer) owns the optimizer. It passes the token counts of the whole optimizer step
+(``StepTotals``) so every micro-batch's loss is already divided by the step's totals; summing the
+micro-batch gradients then gives the same update for any split of the step (1 x 8 == 8 x 1).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from ebft import features as feat
+from ebft import rewards
+from ebft.data.collate import DocumentBatch
+from ebft.losses import token_logprobs
+from ebft.models import FeatureNetwork, backbone_of
+from ebft.strided.generate import generate_blocks, pack
+from ebft.strided.layout import StridedLayout, build_layout
+
+
+@dataclass
+class StridedSettings:
+    """The ``ebft:`` keys the strided step reads (see ``ebft.config.EbftSection``)."""
+
+    stride: int
+    context_length: int
+    generate_max_len: int
+    n_samples_per_prompt: int
+    temperature: float
+    top_p: float
+    min_completion_prefix: int
+    embed_method: str
+    feature_norm: str
+    use_whitening: bool
+    whitening_space: str
+    alignment_coef: float
+    diversity_coef: float
+    advantage_estimator: str
+    rl_coef: float
+    ce_coef: float
+
+    @classmethod
+    def from_config(cls, ebft_cfg) -> StridedSettings:
+        n = ebft_cfg.n_samples_per_prompt
+        return cls(
+            stride=ebft_cfg.stride,
+            context_length=ebft_cfg.context_length,
+            generate_max_len=ebft_cfg.generate_max_len,
+            n_samples_per_prompt=n,
+            temperature=ebft_cfg.temperature,
+            top_p=ebft_cfg.top_p,
+            min_completion_prefix=ebft_cfg.min_completion_prefix,
+            embed_method=ebft_cfg.embed_method,
+            feature_norm=ebft_cfg.feature_norm,
+            use_whitening=ebft_cfg.use_whitening,
+            whitening_space=ebft_cfg.whitening_space,
+            alignment_coef=ebft_cfg.alignment_coef,
+            # With one sample there is no group: no diversity term and no baseline (the config warns).
+            diversity_coef=ebft_cfg.diversity_coef if n > 1 else 0.0,
+            advantage_estimator=ebft_cfg.advantage_estimator if n > 1 else "reinforce",
+            rl_coef=ebft_cfg.rl_coef,
+            ce_coef=ebft_cfg.ce_coef,
+        )
+
+    @property
+    def logprob_temperature(self) -> float:
+        # Greedy decoding (T = 0) has no tempered density; the untempered policy is scored instead.
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """Token counts over a whole optimizer step (all micro-batches, all processes)."""
+
+    rl_tokens: int
+    ce_tokens: int
+
+
+def layout_for(batch: DocumentBatch, s: StridedSettings) -> StridedLayout:
+    return build_layout(
+        batch.lengths,
+        batch.prompt_length,
+        batch.input_ids.shape[1],
+        stride=s.stride,
+        context_length=s.context_length,
+        gen_len=s.generate_max_len,
+        min_completion_prefix=s.min_completion_prefix,
+        n=s.n_samples_per_prompt,
+    )
+
+
+def count_targets(batch: DocumentBatch, s: StridedSettings) -> StepTotals:
+    """Loss targets of a micro-batch, known before any forward: generated tokens and CE labels."""
+    layout = layout_for(batch, s)
+    rl = int(layout.valid.sum()) * s.n_samples_per_prompt * s.generate_max_len
+    ce = int((batch.labels[:, 1:] != -100).sum()) if s.ce_coef > 0 else 0
+    return StepTotals(rl_tokens=rl, ce_tokens=ce)
+
+
+@dataclass
+class Scores:
+    """Per-block reward terms scattered back to [D, n, K]; zero on invalid slots."""
+
+    alignment: torch.Tensor
+    diversity: torch.Tensor
+    reward: torch.Tensor
+    advantage: torch.Tensor
+    cfm: torch.Tensor  # [D, K]
+
+
+@dataclass
+class MicroBatchResult:
+    loss: torch.Tensor
+    sums: dict[str, float] = field(default_factory=dict)
+    rollouts: list[dict] = field(default_factory=list)
+
+
+def score_rollouts(
+    features: FeatureNetwork,
+    packed: torch.Tensor,
+    mask,
+    position_ids: torch.Tensor,
+    layout: StridedLayout,
+    labels: torch.Tensor,
+    s: StridedSettings,
+) -> Scores:
+    """Feature pass, pooling, whitening, rewards and advantages for every (document, block)."""
+    hidden = features(packed, mask, position_ids)  # per layer [D, S, H]
+    D, n, K, g = layout.num_docs, layout.n, layout.k, layout.g
+    gt_idx = layout.gt_index().to(packed.device)  # [D, K, g]
+    gen_idx = layout.gen_index().to(packed.device)  # [n, K, g]
+    gt_layers, gen_layers = [], []
+    for h in hidden:
+        h = h.to(packed.device)
+        H = h.shape[-1]
+        gt_layers.append(h.gather(1, gt_idx.reshape(D, -1, 1).expand(-1, -1, H)).reshape(D, K, g, H))
+        gen_layers.append(h[:, gen_idx.reshape(-1)].reshape(D, n, K, g, H))
+    gt_tok = feat.combine_layers(gt_layers, s.feature_norm)  # [D, K, g, E]
+    gen_tok = feat.combine_layers(gen_layers, s.feature_norm)  # [D, n, K, g, E]
+    all_tokens = torch.ones(D, K, g, dtype=torch.bool, device=packed.device)
+    # A generated token counts as "completion" when the ground-truth token it stands in for is labelled.
+    completion = labels.gather(1, gt_idx.reshape(D, -1)).reshape(D, K, g) != -100
+    gt_vec = feat.pool(gt_tok, all_tokens, s.embed_method, completion)  # [D, K, E']
+    gen_vec = feat.pool(
+        gen_tok,
+        all_tokens[:, None].expand(-1, n, -1, -1),
+        s.embed_method,
+        completion[:, None].expand(-1, n, -1, -1),
+    )  # [D, n, K, E']
+
+    valid = layout.valid.to(packed.device)  # [D, K]
+    groups_gen = gen_vec.permute(0, 2, 1, 3)[valid]  # [G, n, E']
+    groups_gt = gt_vec[valid]  # [G, E']
+    terms = rewards.reward_terms(
+        groups_gen,
+        groups_gt,
+        alignment_coef=s.alignment_coef,
+        diversity_coef=s.diversity_coef,
+        use_whitening=s.use_whitening,
+        whitening_space=s.whitening_space,
+    )
+    adv = rewards.advantages(terms, s.advantage_estimator, s.alignment_coef, s.diversity_coef)
+
+    def scatter(values: torch.Tensor) -> torch.Tensor:  # [G, n] -> [D, n, K]
+        out = values.new_zeros(D, K, n)
+        out[valid] = values
+        return out.permute(0, 2, 1)
+
+    cfm = terms.cfm.new_zeros(D, K)
+    cfm[valid] = terms.cfm
+    return Scores(
+        alignment=scatter(terms.alignment),
+        diversity=scatter(terms.diversity),
+        reward=scatter(terms.reward),
+        advantage=scatter(adv),
+        cfm=cfm,
+    )
+
+
+def strided_microbatch(
+    policy: torch.nn.Module,
+    features: FeatureNetwork,
+    batch: DocumentBatch,
+    s: StridedSettings,
+    totals: StepTotals,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    generators: list[torch.Generator] | None = None,
+    keep_rollouts: bool = False,
+) -> MicroBatchResult:
+    """Run one micro-batch and return its loss, already divided by the optimizer step's totals.
+
+    ``generators``: one per document (see ``generate_blocks``); the trainer derives them from the seed,
+    the step and the document's place in the step, so rollouts are reproducible and independent of
+    how the step is split into micro-batches.
+    """
+    device = batch.input_ids.device
+    layout = layout_for(batch, s)
+    mask = layout.attention_mask()
+    positions = layout.position_ids()
+    tokens = generate_blocks(
+        policy,
+        batch.input_ids,
+        layout,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        mask=mask,
+        position_ids=positions,
+        autocast_dtype=autocast_dtype,
+        generators=generators,
+    )  # [D, n, K, g]
+    packed = pack(batch.input_ids, tokens)  # [D, S]
+    scores = score_rollouts(features, packed, mask, positions, layout, batch.labels, s)
+
+    D, n, K, g = layout.num_docs, layout.n, layout.k, layout.g
+    S = layout.total_len
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    )
+    head = policy.get_output_embeddings()
+    with autocast:
+        hidden = backbone_of(policy)(
+            input_ids=packed, attention_mask=mask, position_ids=positions, use_cache=False
+        ).last_hidden_state  # [D, S, H]
+    flat_hidden = hidden.reshape(D * S, -1)
+
+    # RL: the log-prob of generated token (t, i, k) under its own rollout's context (layout.predictor_index).
+    tok_valid = layout.valid[:, None, :, None].expand(D, n, K, g)
+    rows = (layout.predictor_index() + torch.arange(D, device=device)[:, None, None, None] * S)[tok_valid]
+    with autocast:
+        logp = token_logprobs(
+            flat_hidden[rows], tokens[tok_valid], head, temperature=s.logprob_temperature, top_p=s.top_p
+        )
+    adv_tok = scores.advantage[..., None].expand(D, n, K, g)[tok_valid].detach()
+    rl_sum = -(adv_tok * logp).sum()
+    loss = s.rl_coef * rl_sum / max(totals.rl_tokens, 1)
+
+    ce_sum = torch.zeros((), device=device)
+    ce_count = 0
+    if s.ce_coef > 0:
+        # Teacher-forced CE on the document's labelled tokens, once per document (its rows are shared).
+        ce_mask = batch.labels[:, 1:] != -100  # [D, L-1]: target x_{p+1} predicted at p
+        with autocast:
+            ce_logp = token_logprobs(
+                hidden[:, : batch.input_ids.shape[1] - 1][ce_mask], batch.input_ids[:, 1:][ce_mask], head
+            )
+        ce_sum = -ce_logp.sum()
+        ce_count = int(ce_mask.sum())
+        loss = loss + s.ce_coef * ce_sum / max(totals.ce_tokens, 1)
+
+    sample_valid = layout.valid[:, None, :].expand(D, n, K)
+    adv = scores.advantage[sample_valid]
+    sums = {
+        "blocks": float(layout.valid.sum()),
+        "docs": float(D),
+        "samples": float(sample_valid.sum()),
+        "alignment": float(scores.alignment[sample_valid].sum()),
+        "diversity": float(scores.diversity[sample_valid].sum()),
+        "reward": float(scores.reward[sample_valid].sum()),
+        "advantage": float(adv.sum()),
+        "advantage_sq": float((adv.double() ** 2).sum()),
+        "cfm": float(scores.cfm[layout.valid].sum()),
+        "rl_sum": float(rl_sum.detach()),
+        "rl_tokens": float(tok_valid.sum()),
+        "ce_sum": float(ce_sum.detach()),
+        "ce_tokens": float(ce_count),
+        "doc_tokens": float(batch.lengths.sum()),
+    }
+    records = (
+        rollout_records(batch, layout, tokens, logp.detach(), tok_valid, scores) if keep_rollouts else []
+    )
+    return MicroBatchResult(loss=loss, sums=sums, rollouts=records)
+
+
+def document_generators(seed: int, step: int, first_doc: int, count: int, device) -> list[torch.Generator]:
+    """One generator per document, keyed by (seed, step, position of the document in the step)."""
+    gens = []
+    for j in range(first_doc, first_doc + count):
+        gen = torch.Generator(device=device)
+        gen.manual_seed(hash((seed, step, j)) & (2**63 - 1))
+        gens.append(gen)
+    return gens
+
+
+def rollout_records(
+    batch: DocumentBatch,
+    layout: StridedLayout,
+    tokens: torch.Tensor,
+    logp: torch.Tensor,
+    tok_valid: torch.Tensor,
+    scores: Scores,
+) -> list[dict]:
+    """One JSON-ready dict per document: exactly the tokens, log-probs and rewards the loss used."""
+    D, n, K, g = tokens.shape
+    logp_full = torch.zeros(D, n, K, g, dtype=torch.float32)
+    logp_full[tok_valid.cpu()] = logp.float().cpu()
+    out = []
+    for d in range(D):
+        blocks = int(layout.valid[d].sum())
+        samples = []
+        for i in range(n):
+            samples.append(
+                [
+                    {
+                        "tokens": tokens[d, i, k].tolist(),
+                        "logprobs": logp_full[d, i, k].tolist(),
+                        "alignment": float(scores.alignment[d, i, k]),
+                        "diversity": float(scores.diversity[d, i, k]),
+                        "reward": float(scores.reward[d, i, k]),
+                        "advantage": float(scores.advantage[d, i, k]),
+                    }
+                    for k in range(blocks)
+                ]
+            )
+        out.append(
+            {
+                "input_ids": batch.input_ids[d].tolist(),
+                "length": int(batch.lengths[d]),
+                "anchors": layout.anchors[d, :blocks].tolist(),
+                "samples": samples,
+            }
+        )
+    return out

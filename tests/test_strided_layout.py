@@ -1,0 +1,214 @@
+"""Oracles for the packed strided layout: every generated token must behave exactly as if its block
+had been run on its own, x[:c_k] + block tokens, with ordinary causal attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ebft.losses import token_logprobs
+from ebft.strided.generate import generate_blocks, pack
+from ebft.strided.layout import build_layout, flex_mask_mod
+
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=37,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _docs(lengths, pad=0, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    L = max(lengths)
+    ids = torch.full((len(lengths), L), pad, dtype=torch.long)
+    for d, n in enumerate(lengths):
+        ids[d, :n] = torch.randint(1, 37, (n,), generator=gen)
+    return ids, torch.tensor(lengths)
+
+
+def _layout(lengths, doc_len, prompt=None, n=3, stride=3, ctx=2, g=3, mcp=0):
+    prompt = torch.full((len(lengths),), -1) if prompt is None else torch.tensor(prompt)
+    return build_layout(
+        torch.tensor(lengths),
+        prompt,
+        doc_len,
+        stride=stride,
+        context_length=ctx,
+        gen_len=g,
+        min_completion_prefix=mcp,
+        n=n,
+    )
+
+
+def test_anchors_per_document_and_padding_never_anchored():
+    # lengths 14 and 9, context 2, stride 3, g 3: blocks need c_k + 3 <= length.
+    # doc 0: anchors 2, 5, 8, 11 (11 + 3 = 14 fits); doc 1: 2, 5 (8 + 3 = 11 > 9).
+    lay = _layout([14, 9], 14)
+    assert lay.anchors[0].tolist() == [2, 5, 8, 11]
+    assert lay.valid.tolist() == [[True] * 4, [True, True, False, False]]
+    # With a prompt of 4 tokens and min_completion_prefix 1 the first anchor is max(2, 4 + 1) = 5.
+    lay = _layout([14, 9], 14, prompt=[4, -1], mcp=1)
+    assert lay.anchors[0, : int(lay.valid[0].sum())].tolist() == [5, 8, 11]
+    assert lay.anchors[1, :2].tolist() == [2, 5]
+
+
+def test_mask_matches_rule_by_brute_force():
+    lay = _layout([10, 8], 10, n=2, stride=2, ctx=3, g=2)
+    mask = lay.attention_mask()
+    L, n, K, g = lay.doc_len, lay.n, lay.k, lay.g
+    meta = {}  # packed position -> (t, i, k)
+    for t in range(g):
+        for i in range(n):
+            for k in range(K):
+                meta[L + t * n * K + i * K + k] = (t, i, k)
+    for d in range(2):
+        for q in range(lay.total_len):
+            for kv in range(lay.total_len):
+                if q < L:
+                    expected = kv < L and kv <= q
+                elif kv < L:
+                    expected = kv < int(lay.anchors[d, meta[q][2]])
+                else:
+                    (tq, iq, kq), (tk, ik, kk) = meta[q], meta[kv]
+                    expected = iq == ik and kq == kk and tk <= tq
+                assert bool(mask[d, 0, q, kv]) == expected, (d, q, kv)
+
+
+def test_flex_mask_mod_equals_dense_mask():
+    from torch.nn.attention.flex_attention import create_mask
+
+    lay = _layout([12, 9], 12, n=3, stride=2, ctx=2, g=3)
+    dense = lay.attention_mask()
+    flex = create_mask(flex_mask_mod(lay), lay.num_docs, 1, lay.total_len, lay.total_len, device="cpu")
+    assert torch.equal(flex, dense)
+
+
+def test_packed_logits_equal_independent_block_forwards(model):
+    """Oracle (a): logits of every generated token == forward of x[:c_k] + its block, causal."""
+    lengths = [13, 10]
+    ids, _ = _docs(lengths)
+    lay = _layout(lengths, ids.shape[1], n=2, stride=3, ctx=2, g=3)
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(1, 37, (2, lay.n, lay.k, lay.g), generator=gen)
+    with torch.no_grad():
+        packed = model(
+            pack(ids, tokens), attention_mask=lay.attention_mask(), position_ids=lay.position_ids()
+        ).logits
+        for d, length in enumerate(lengths):
+            doc_logits = model(ids[d : d + 1, :length]).logits[0]
+            assert torch.allclose(packed[d, :length], doc_logits, atol=ATOL)
+            for k in range(int(lay.valid[d].sum())):
+                c = int(lay.anchors[d, k])
+                for i in range(lay.n):
+                    ref = model(torch.cat([ids[d, :c], tokens[d, i, k]])[None]).logits[0, c:]
+                    rows = lay.gen_index()[i, k]
+                    assert torch.allclose(packed[d, rows], ref, atol=ATOL), (d, i, k)
+
+
+def _greedy_oracle(model, prefix, g):
+    seq = prefix.clone()
+    with torch.no_grad():
+        for _ in range(g):
+            seq = torch.cat([seq, model(seq[None]).logits[0, -1].argmax()[None]])
+    return seq[len(prefix) :]
+
+
+def test_cached_greedy_generation_equals_per_block_recompute(model):
+    """Oracle (b): KV-cached block-parallel decoding at T=0 == greedy full recompute from x[:c_k]."""
+    lengths = [15, 11]
+    ids, _ = _docs(lengths, seed=3)
+    lay = _layout(lengths, ids.shape[1], n=2, stride=4, ctx=3, g=4)
+    tokens = generate_blocks(model, ids, lay, temperature=0.0)
+    assert tokens.shape == (2, 2, lay.k, 4)
+    for d in range(2):
+        for k in range(int(lay.valid[d].sum())):
+            c = int(lay.anchors[d, k])
+            expected = _greedy_oracle(model, ids[d, :c], 4)
+            for i in range(2):
+                assert tokens[d, i, k].tolist() == expected.tolist(), (d, i, k)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_gathered_logprobs_equal_teacher_forced_blocks(model, temperature):
+    """Oracle (c): log-probs gathered through predictor_index == per-block teacher forcing at T."""
+    lengths = [12, 9]
+    ids, _ = _docs(lengths, seed=7)
+    lay = _layout(lengths, ids.shape[1], n=3, stride=2, ctx=2, g=3)
+    torch.manual_seed(11)
+    tokens = generate_blocks(model, ids, lay, temperature=temperature)
+    D, n, K, g = tokens.shape
+    S = lay.total_len
+    with torch.no_grad():
+        hidden = model.model(
+            input_ids=pack(ids, tokens), attention_mask=lay.attention_mask(), position_ids=lay.position_ids()
+        ).last_hidden_state
+        rows = (lay.predictor_index() + torch.arange(D)[:, None, None, None] * S).reshape(-1)
+        got = token_logprobs(
+            hidden.reshape(D * S, -1)[rows],
+            tokens.reshape(-1),
+            model.lm_head,
+            temperature=temperature,
+            chunk_size=7,
+        ).reshape(D, n, K, g)
+        for d in range(D):
+            for k in range(int(lay.valid[d].sum())):
+                c = int(lay.anchors[d, k])
+                for i in range(n):
+                    seq = torch.cat([ids[d, :c], tokens[d, i, k]])
+                    logits = model(seq[None]).logits[0, c - 1 : c - 1 + g] / temperature
+                    ref = logits.log_softmax(-1).gather(-1, tokens[d, i, k][:, None]).squeeze(-1)
+                    assert torch.allclose(got[d, i, k], ref, atol=ATOL), (d, i, k)
+
+
+def test_padding_does_not_change_packed_logits(model):
+    lengths = [11]
+    ids, _ = _docs(lengths, seed=2)
+    padded = torch.cat([ids, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    tokens = torch.randint(1, 37, (1, 2, 3, 2), generator=torch.Generator().manual_seed(4))
+    outs = []
+    for x in (ids, padded):
+        lay = _layout(lengths, x.shape[1], n=2, stride=3, ctx=2, g=2)
+        assert lay.k == 3
+        with torch.no_grad():
+            logits = model(
+                pack(x, tokens), attention_mask=lay.attention_mask(), position_ids=lay.position_ids()
+            ).logits
+        outs.append(logits[0, lay.gen_index().reshape(-1)])
+    assert torch.allclose(outs[0], outs[1], atol=ATOL)
+
+
+def test_chunked_logprobs_gradient_matches_plain(model):
+    hidden = torch.randn(9, 32, requires_grad=True)
+    targets = torch.randint(0, 37, (9,))
+    plain = (model.lm_head(hidden) / 0.5).log_softmax(-1).gather(-1, targets[:, None]).sum()
+    (g_plain,) = torch.autograd.grad(plain, hidden)
+    chunked = token_logprobs(hidden, targets, model.lm_head, temperature=0.5, chunk_size=4).sum()
+    (g_chunk,) = torch.autograd.grad(chunked, hidden)
+    assert torch.allclose(chunked, plain, atol=1e-5)
+    assert torch.allclose(g_chunk, g_plain, atol=1e-5)
+
+
+def test_top_p_logprobs_renormalise_over_the_nucleus(model):
+    # Logits [2, 1, 0, -inf...]: probabilities ~ [0.665, 0.245, 0.090]; top_p 0.8 keeps the first two
+    # (mass before token 1 is 0.665 < 0.8, before token 2 is 0.910 >= 0.8). Renormalised over {0, 1}:
+    # log p(0) = 2 - log(e^2 + e^1) = -0.3133.
+    head = torch.nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(3))
+    hidden = torch.tensor([[2.0, 1.0, 0.0]])
+    got = token_logprobs(hidden, torch.tensor([0]), head, top_p=0.8)
+    assert got.item() == pytest.approx(2 - torch.log(torch.tensor(torch.e**2 + torch.e)).item(), abs=1e-5)
