@@ -236,9 +236,7 @@ def test_guide_strided_config_resolves(tmp_path):
     assert e.use_whitening is True and e.ce_coef == 0.03 and e.min_completion_prefix == 8
     assert e.advantage_estimator == "rloo" and e.embed_method == "last_token"
     assert cfg.datasets == [
-        DatasetSpec(
-            path="nvidia/OpenCodeInstruct", type="ebft_strided_structured.transform", split="train[:1%]"
-        )
+        DatasetSpec(path="nvidia/OpenCodeInstruct", type="ebft_strided_structured.transform", split="train[:1%]")
     ]
     assert (cfg.sequence_len, cfg.micro_batch_size, cfg.gradient_accumulation_steps) == (2048, 1, 2)
     assert (cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_linear) == ("lora", 16, 32, True)
@@ -361,9 +359,7 @@ def test_root_defaults(tmp_path):
 
 @pytest.mark.parametrize("model", [TrainConfig, EbftSection, DatasetSpec])
 def test_every_field_is_described(model):
-    undocumented = [
-        name for name, field in model.model_fields.items() if not (field.description or "").strip()
-    ]
+    undocumented = [name for name, field in model.model_fields.items() if not (field.description or "").strip()]
     assert undocumented == []
 
 
@@ -444,9 +440,7 @@ ERROR_CASES = {
     "missing dataset path": ({"datasets.0.path": _DELETE}, ["datasets.0.path: required key is missing"]),
     "no block fits": (
         {"sequence_len": 12},
-        [
-            "sequence_len: no strided block fits: needs ebft.context_length + ebft.generate_max_len = 8 + 8 = 16"
-        ],
+        ["sequence_len: no strided block fits: needs ebft.context_length + ebft.generate_max_len = 8 + 8 = 16"],
     ),
     "both warmups": (
         {"warmup_steps": 10, "warmup_ratio": 0.1},
@@ -474,15 +468,11 @@ ERROR_CASES = {
     ),
     "strided transform in structured mode": (
         {"ebft.mode": "structured"},
-        [
-            "datasets.0.type: 'ebft_pretrain.transform' produces strided-mode rows but ebft.mode is 'structured'"
-        ],
+        ["datasets.0.type: 'ebft_pretrain.transform' produces strided-mode rows but ebft.mode is 'structured'"],
     ),
     "structured transform in strided mode": (
         {"datasets.0.type": "ebft_opencode.transform"},
-        [
-            "datasets.0.type: 'ebft_opencode.transform' produces structured-mode rows but ebft.mode is 'strided'"
-        ],
+        ["datasets.0.type: 'ebft_opencode.transform' produces structured-mode rows but ebft.mode is 'strided'"],
     ),
     "structured groups do not divide the step": (
         {
@@ -607,9 +597,7 @@ def test_directory_is_not_a_config(tmp_path):
 
 def test_malformed_yaml_reports_the_line(tmp_path):
     # Line 3 opens a flow sequence that line 4 never closes; the scanner stops on line 4.
-    path = write(
-        tmp_path, "base_model: m\nrl: ebft\nebft: {mode: strided, feature_layers: [0.5\ndatasets: []\n"
-    )
+    path = write(tmp_path, "base_model: m\nrl: ebft\nebft: {mode: strided, feature_layers: [0.5\ndatasets: []\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value).startswith(f"{path}: malformed YAML at line 4")
@@ -627,9 +615,7 @@ def test_duplicate_key_reports_the_line(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize(
-    "text, got", [("- a\n- b\n", "a list"), ("", "an empty file"), ("just text\n", "a str")]
-)
+@pytest.mark.parametrize("text, got", [("- a\n- b\n", "a list"), ("", "an empty file"), ("just text\n", "a str")])
 def test_top_level_must_be_a_mapping(tmp_path, text, got):
     with pytest.raises(ConfigError, match=f"top level must be a mapping of keys to values \\(got {got}\\)"):
         load_config(write(tmp_path, text))
@@ -665,9 +651,7 @@ def test_later_override_wins(tmp_path):
 
 
 def test_override_can_replace_a_whole_list_item(tmp_path):
-    cfg = load(
-        tmp_path, config(), ("--datasets.0={path: b.jsonl, type: ebft_pretrain.transform, pack: false}",)
-    )
+    cfg = load(tmp_path, config(), ("--datasets.0={path: b.jsonl, type: ebft_pretrain.transform, pack: false}",))
     assert cfg.datasets[0] == DatasetSpec(path="b.jsonl", type="ebft_pretrain.transform", pack=False)
 
 
@@ -678,9 +662,7 @@ def test_unknown_override_key_is_an_unknown_key(tmp_path):
 
 
 def test_override_value_is_validated(tmp_path):
-    assert (
-        "  ebft.stride: must be >= 1 (got 0)" in error(tmp_path, config(), ("--ebft.stride=0",)).splitlines()
-    )
+    assert "  ebft.stride: must be >= 1 (got 0)" in error(tmp_path, config(), ("--ebft.stride=0",)).splitlines()
 
 
 @pytest.mark.parametrize(
@@ -799,9 +781,7 @@ def test_config_built_in_code_has_only_value_warnings():
 # dump_config and to_dict
 
 
-@pytest.mark.parametrize(
-    "text", [GUIDE_STRIDED, AXOLOTL_STRIDED_PRETRAIN, AXOLOTL_STRIDED_FFT, GUIDE_STRUCTURED]
-)
+@pytest.mark.parametrize("text", [GUIDE_STRIDED, AXOLOTL_STRIDED_PRETRAIN, AXOLOTL_STRIDED_FFT, GUIDE_STRUCTURED])
 def test_dump_then_load_gives_an_equal_config(tmp_path, text):
     cfg = load_config(write(tmp_path, text))
     dumped = dump_config(cfg)

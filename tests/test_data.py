@@ -151,9 +151,7 @@ def test_chat_labels_every_assistant_turn(tiny_tokenizer):
 
 
 def test_chat_accepts_sharegpt_conversations_and_truncates(tiny_tokenizer):
-    sharegpt = [
-        {"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in CHAT
-    ]
+    sharegpt = [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in CHAT]
     full, _ = ebft_strided_chat.transform(make_cfg(sequence_len=256))
     reference = full({"messages": CHAT}, tokenizer=tiny_tokenizer)
     cut = reference["prompt_length"] + 3
@@ -429,9 +427,7 @@ def test_batched_transform_failure_loses_only_the_bad_row(tmp_path, custom_modul
 
 
 def test_custom_transform_through_the_loader(tmp_path, custom_module, tiny_tokenizer):
-    path = write_jsonl(
-        tmp_path / "qa.jsonl", [{"question": "7 8 9", "answer": "x"}, {"question": "11", "answer": "y"}]
-    )
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "7 8 9", "answer": "x"}, {"question": "11", "answer": "y"}])
     cfg = make_cfg(make_spec(path, f"{custom_module}.transform"))
     data = load_strided_datasets(cfg, tiny_tokenizer, search_dir=tmp_path)
     # The one-token row has no block (context_length 1 + generate_max_len 1 = 2 tokens needed).
@@ -492,16 +488,12 @@ def test_unusable_rows_are_counted_and_the_first_is_named(tmp_path, tiny_tokeniz
 def test_nothing_left_is_a_data_error_with_the_first_reason(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"input": "q", "output": ""}, {"input": "q", "output": ""}])
     cfg = make_cfg(make_spec(path, "ebft_strided_structured.transform"), generate_max_len=4)
-    with pytest.raises(
-        DataError, match=rf"all 2 rows of '{path}' were skipped; first: .*row 0: no strided block"
-    ):
+    with pytest.raises(DataError, match=rf"all 2 rows of '{path}' were skipped; first: .*row 0: no strided block"):
         load_strided_datasets(cfg, tiny_tokenizer)
 
 
 def test_pretokenized_rows_pass_through_and_concatenate(tmp_path, tiny_tokenizer):
-    pre = write_jsonl(
-        tmp_path / "pre.jsonl", [{"input_ids": [7, 8, 9], "labels": [-100, 8, 9], "prompt_length": 1}]
-    )
+    pre = write_jsonl(tmp_path / "pre.jsonl", [{"input_ids": [7, 8, 9], "labels": [-100, 8, 9], "prompt_length": 1}])
     docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in SPECIAL_DOCS[:1]])
     cfg = make_cfg(make_spec(pre), make_spec(docs, "ebft_pretrain.transform", pack=False))
     data = load_strided_datasets(cfg, tiny_tokenizer)

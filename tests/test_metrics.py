@@ -63,9 +63,7 @@ def test_console_line_negative_values_and_missing_keys():
 def test_reward_falls_back_to_structured_key():
     assert format_console_line(1, {"ebft/reward": 0.25}) == "step 1 | reward +0.250 ^"
     # The strided key wins when both are present.
-    assert format_console_line(1, {"ebft/reward": 0.25, "ebft/mean_reward": -1.0}) == (
-        "step 1 | reward -1.000 ^"
-    )
+    assert format_console_line(1, {"ebft/reward": 0.25, "ebft/mean_reward": -1.0}) == ("step 1 | reward -1.000 ^")
 
 
 def test_reward_line():
@@ -122,9 +120,7 @@ def test_non_main_writes_and_prints_nothing(tmp_path):
 def test_tensorboard_event_file(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    with MetricsLogger(
-        tmp_path, use_tensorboard=True, config_dict={"seed": 1}, console=_capture()[0]
-    ) as logger:
+    with MetricsLogger(tmp_path, use_tensorboard=True, config_dict={"seed": 1}, console=_capture()[0]) as logger:
         logger.log(3, {"ebft/alignment": 0.5, "loss": 1.25})
         logger.log(4, {"ebft/alignment": 0.75})
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -223,9 +219,7 @@ def test_peak_memory_cpu_matches_proc_in_bytes():
         assert peak > 0
         return
     # VmHWM is the kernel's peak-RSS counter in kB; a KiB/bytes mix-up would be off by 1024x.
-    hwm_kib = next(
-        int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM")
-    )
+    hwm_kib = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM"))
     assert 0.5 < peak / (hwm_kib * 1024) < 2.0
 
 

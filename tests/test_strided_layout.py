@@ -105,9 +105,7 @@ def test_packed_logits_equal_independent_block_forwards(model):
     gen = torch.Generator().manual_seed(5)
     tokens = torch.randint(1, 37, (2, lay.n, lay.k, lay.g), generator=gen)
     with torch.no_grad():
-        packed = model(
-            pack(ids, tokens), attention_mask=lay.attention_mask(), position_ids=lay.position_ids()
-        ).logits
+        packed = model(pack(ids, tokens), attention_mask=lay.attention_mask(), position_ids=lay.position_ids()).logits
         for d, length in enumerate(lengths):
             doc_logits = model(ids[d : d + 1, :length]).logits[0]
             assert torch.allclose(packed[d, :length], doc_logits, atol=ATOL)
@@ -184,9 +182,7 @@ def test_padding_does_not_change_packed_logits(model):
         lay = _layout(lengths, x.shape[1], n=2, stride=3, ctx=2, g=2)
         assert lay.k == 3
         with torch.no_grad():
-            logits = model(
-                pack(x, tokens), attention_mask=lay.attention_mask(), position_ids=lay.position_ids()
-            ).logits
+            logits = model(pack(x, tokens), attention_mask=lay.attention_mask(), position_ids=lay.position_ids()).logits
         outs.append(logits[0, lay.gen_index().reshape(-1)])
     assert torch.allclose(outs[0], outs[1], atol=ATOL)
 

@@ -161,9 +161,7 @@ def _str_or_str_list(value: Any) -> str | list[str]:
 
 
 # One error message instead of one per union member (which is what a plain `str | list[str]` gives).
-_StrOrStrList = Annotated[
-    str | list[str], PlainValidator(_str_or_str_list, json_schema_input_type=str | list[str])
-]
+_StrOrStrList = Annotated[str | list[str], PlainValidator(_str_or_str_list, json_schema_input_type=str | list[str])]
 _Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
@@ -213,9 +211,7 @@ class EbftSection(_Section):
         description="Weight of the diversity penalty 2/(n-1) * sum of dot products with the other samples "
         "(any finite number; 0 disables it).",
     )
-    ce_coef: float = Field(
-        0.0, ge=0.0, description="Weight of the cross-entropy loss on ground-truth tokens (>= 0)."
-    )
+    ce_coef: float = Field(0.0, ge=0.0, description="Weight of the cross-entropy loss on ground-truth tokens (>= 0).")
     rl_coef: float = Field(1.0, ge=0.0, description="Weight of the policy-gradient loss (>= 0).")
     adaptive_max_tokens: bool = Field(
         True,
@@ -238,12 +234,8 @@ class EbftSection(_Section):
         ge=1,
         description="Strided mode: independent rollouts per document (>= 1; >= 2 for rloo/group_norm).",
     )
-    temperature: float = Field(
-        0.6, ge=0.0, description="Strided mode: sampling temperature (>= 0; 0 = greedy)."
-    )
-    top_p: float = Field(
-        1.0, gt=0.0, le=1.0, description="Strided mode: nucleus sampling threshold, in (0, 1]."
-    )
+    temperature: float = Field(0.6, ge=0.0, description="Strided mode: sampling temperature (>= 0; 0 = greedy).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Strided mode: nucleus sampling threshold, in (0, 1].")
     advantage_estimator: Literal["rloo", "group_norm", "reinforce"] = Field(
         "rloo",
         description="Strided mode: rloo (leave-one-out baseline), group_norm ((r - mean) / std) or "
@@ -260,9 +252,7 @@ class EbftSection(_Section):
         description="Device of a separate frozen feature network ('cpu', 'cuda', 'cuda:N', 'mps'); "
         "null = the policy's device.",
     )
-    log_rollouts: bool = Field(
-        False, description="Write sampled rollouts to a JSON-lines file in output_dir."
-    )
+    log_rollouts: bool = Field(False, description="Write sampled rollouts to a JSON-lines file in output_dir.")
 
     @field_validator("feature_device")
     @classmethod
@@ -289,17 +279,12 @@ class DatasetSpec(_Section):
         description="Transform as 'module.function': a built-in (ebft_pretrain.transform, "
         "ebft_strided_structured.transform, ebft_strided_chat.transform, ...) or an importable dotted path.",
     )
-    split: str = Field(
-        "train", min_length=1, description="Split to load, slices allowed (e.g. 'train[:1%]')."
-    )
-    data_files: _StrOrStrList | None = Field(
-        None, description="File(s) inside `path` to load, as for datasets."
-    )
+    split: str = Field("train", min_length=1, description="Split to load, slices allowed (e.g. 'train[:1%]').")
+    data_files: _StrOrStrList | None = Field(None, description="File(s) inside `path` to load, as for datasets.")
     name: str | None = Field(None, description="Dataset configuration name (the `name` of load_dataset).")
     field: str | None = Field(
         None,
-        description="ebft_pretrain.transform: the text column; default the first of text/content/question "
-        "that exists.",
+        description="ebft_pretrain.transform: the text column; default the first of text/content/question that exists.",
     )
     pack: bool | None = Field(
         None,
@@ -317,9 +302,7 @@ class DatasetSpec(_Section):
     @model_validator(mode="after")
     def _pack_only_for_pretrain(self) -> DatasetSpec:
         if self.pack is not None and (self.type is None or not self.type.startswith("ebft_pretrain.")):
-            raise _Problems(
-                [("pack", f"only ebft_pretrain.transform packs documents (type is {self.type!r})")]
-            )
+            raise _Problems([("pack", f"only ebft_pretrain.transform packs documents (type is {self.type!r})")])
         return self
 
 
@@ -339,15 +322,9 @@ class TrainConfig(_Section):
     """The whole config file. Field order is the order of :func:`dump_config`."""
 
     # Model
-    base_model: str = Field(
-        min_length=1, description="Hub id or local directory of the causal LM to fine-tune."
-    )
-    tokenizer_config: str | None = Field(
-        None, description="Hub id or directory of the tokenizer; default base_model."
-    )
-    trust_remote_code: bool = Field(
-        False, description="Allow custom modelling code from the model repository."
-    )
+    base_model: str = Field(min_length=1, description="Hub id or local directory of the causal LM to fine-tune.")
+    tokenizer_config: str | None = Field(None, description="Hub id or directory of the tokenizer; default base_model.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repository.")
     special_tokens: dict[str, str] | None = Field(
         None,
         description="Tokens to set on the tokenizer: any of bos_token, eos_token, pad_token, unk_token.",
@@ -375,16 +352,10 @@ class TrainConfig(_Section):
     sequence_len: int = Field(2048, ge=1, description="Maximum tokens per document (>= 1).")
 
     # Schedule
-    micro_batch_size: int = Field(
-        1, ge=1, description="Documents (or prompts) per device per forward (>= 1)."
-    )
+    micro_batch_size: int = Field(1, ge=1, description="Documents (or prompts) per device per forward (>= 1).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step (>= 1).")
-    num_epochs: float = Field(
-        1.0, gt=0.0, description="Passes over the training data (> 0); max_steps wins if set."
-    )
-    max_steps: int | None = Field(
-        None, ge=1, description="Optimizer steps to run (>= 1); null = from num_epochs."
-    )
+    num_epochs: float = Field(1.0, gt=0.0, description="Passes over the training data (> 0); max_steps wins if set.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run (>= 1); null = from num_epochs.")
 
     # Optimizer
     learning_rate: float = Field(1e-5, gt=0.0, description="Peak learning rate (> 0).")
@@ -411,27 +382,21 @@ class TrainConfig(_Section):
     seed: int = Field(42, ge=0, description="Random seed for data order, sampling and initialisation (>= 0).")
 
     # LoRA
-    adapter: Literal["lora"] | None = Field(
-        None, description="'lora' trains a LoRA adapter; null = all weights."
-    )
+    adapter: Literal["lora"] | None = Field(None, description="'lora' trains a LoRA adapter; null = all weights.")
     lora_r: int = Field(8, ge=1, description="LoRA rank (>= 1).")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (>= 1); the scale is alpha / r.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input, in [0, 1).")
     lora_target_modules: _StrOrStrList | None = Field(
         None, description="Modules to adapt: a list of module names, or one regular expression (as in PEFT)."
     )
-    lora_target_linear: bool | None = Field(
-        None, description="Adapt every linear layer except the output head."
-    )
+    lora_target_linear: bool | None = Field(None, description="Adapt every linear layer except the output head.")
 
     # Precision and memory
     bf16: Literal[True, False, "auto"] = Field(
         "auto",
         description="bfloat16 training: true, false (fp32) or auto (bf16 where the device supports it).",
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward to save memory."
-    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         None, description="Keyword arguments for gradient checkpointing (e.g. use_reentrant)."
     )
@@ -700,9 +665,7 @@ def dump_config(cfg: TrainConfig) -> str:
 
 def _apply_override(raw: dict[str, Any], text: str, source: str) -> None:
     """Apply one ``--key.path=value`` to ``raw`` in place; the value is parsed as YAML."""
-    syntax = (
-        f"{source}: override {text!r}: expected --key.path=value, e.g. --ebft.stride=4 or --datasets.0.path=x"
-    )
+    syntax = f"{source}: override {text!r}: expected --key.path=value, e.g. --ebft.stride=4 or --datasets.0.path=x"
     if not text.startswith("--") or "=" not in text:
         raise ConfigError(syntax)
     key, _, value_text = text[2:].partition("=")
@@ -890,9 +853,7 @@ def _problem_lines(exc: ValidationError) -> list[str]:
         elif err["type"] == "missing" or (path == "ebft" and err["input"] is None):
             lines.append(f"{path}: {_MISSING_HINTS.get(path, 'required key is missing')}")
         elif path == "rl" and err["type"] == "literal_error":
-            lines.append(
-                f"rl: must be 'ebft', the only method this trainer implements (got {_show(err['input'])})"
-            )
+            lines.append(f"rl: must be 'ebft', the only method this trainer implements (got {_show(err['input'])})")
         else:
             lines.append(f"{path}: {_reason(err)} (got {_show(err['input'])})")
     return lines

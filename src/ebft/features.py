@@ -120,9 +120,7 @@ def pool(
         if completion is None:
             raise ValueError("embed_method 'completion_mean' needs a completion mask")
         if completion.shape != valid.shape:
-            raise ValueError(
-                f"completion must have shape {tuple(valid.shape)}, got {tuple(completion.shape)}"
-            )
+            raise ValueError(f"completion must have shape {tuple(valid.shape)}, got {tuple(completion.shape)}")
         return _masked_mean(tokens, valid & completion.bool())
 
     positions = torch.arange(tokens.shape[-2], device=tokens.device)

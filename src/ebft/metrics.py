@@ -42,9 +42,7 @@ _TRAINING_FIELDS: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
-def _render_fields(
-    metrics: Mapping[str, float | None], fields: Sequence[tuple[tuple[str, ...], str]]
-) -> list[str]:
+def _render_fields(metrics: Mapping[str, float | None], fields: Sequence[tuple[tuple[str, ...], str]]) -> list[str]:
     parts = []
     for keys, template in fields:
         value = next((metrics[k] for k in keys if metrics.get(k) is not None), None)
@@ -94,8 +92,7 @@ def _import_summary_writer() -> Any:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
         raise ConfigError(
-            "use_tensorboard: true needs the 'tensorboard' package; install it with "
-            "pip install 'ebft[tensorboard]'"
+            "use_tensorboard: true needs the 'tensorboard' package; install it with pip install 'ebft[tensorboard]'"
         ) from exc
     return SummaryWriter
 
@@ -105,8 +102,7 @@ def _import_wandb() -> Any:
         import wandb
     except ImportError as exc:
         raise ConfigError(
-            "wandb_project is set but the 'wandb' package is not installed; install it with "
-            "pip install 'ebft[wandb]'"
+            "wandb_project is set but the 'wandb' package is not installed; install it with pip install 'ebft[wandb]'"
         ) from exc
     return wandb
 

@@ -29,9 +29,7 @@ def load_tokenizer(cfg):
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"base_model / tokenizer_config: cannot load a tokenizer from {source!r}: {exc}"
-        ) from exc
+        raise ConfigError(f"base_model / tokenizer_config: cannot load a tokenizer from {source!r}: {exc}") from exc
     if cfg.special_tokens:
         tok.add_special_tokens(dict(cfg.special_tokens))
     if tok.pad_token is None:
@@ -62,9 +60,7 @@ def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
         raise ConfigError(f"base_model: cannot load {cfg.base_model!r}: {exc}") from exc
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and cfg.sequence_len > max_pos:
-        raise ConfigError(
-            f"sequence_len: {cfg.sequence_len} exceeds the model's max_position_embeddings ({max_pos})"
-        )
+        raise ConfigError(f"sequence_len: {cfg.sequence_len} exceeds the model's max_position_embeddings ({max_pos})")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False
@@ -93,9 +89,7 @@ def backbone_of(model: nn.Module) -> nn.Module:
     """The transformer body (embeddings, layers, final norm) of a causal LM or its PEFT wrapper."""
     body = model.get_decoder()
     if body is None or body is model:
-        raise ConfigError(
-            f"{type(model).__name__} exposes no decoder body (get_decoder()); it cannot be used"
-        )
+        raise ConfigError(f"{type(model).__name__} exposes no decoder body (get_decoder()); it cannot be used")
     return body
 
 
@@ -150,9 +144,7 @@ class FeatureNetwork:
         self.autocast_dtype = autocast_dtype
 
     @torch.no_grad()
-    def __call__(
-        self, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor
-    ) -> list[torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor) -> list[torch.Tensor]:
         """input_ids [D, S] -> one [D, S, H] tensor per requested layer (same order as ``layers``)."""
         captured: dict[int, torch.Tensor] = {}
         layer_list = getattr(self.body, "layers", None)

@@ -43,14 +43,10 @@ class RewardTerms:
 
 def _check_group_shapes(gen: torch.Tensor, gt: torch.Tensor) -> None:
     if gen.ndim != 3 or gt.shape != (gen.shape[0], gen.shape[2]):
-        raise ValueError(
-            f"expected gen [G, n, E] and gt [G, E], got {tuple(gen.shape)} and {tuple(gt.shape)}"
-        )
+        raise ValueError(f"expected gen [G, n, E] and gt [G, E], got {tuple(gen.shape)} and {tuple(gt.shape)}")
 
 
-def whiten(
-    gen: torch.Tensor, gt: torch.Tensor, space: WhiteningSpace = "feature"
-) -> tuple[torch.Tensor, torch.Tensor]:
+def whiten(gen: torch.Tensor, gt: torch.Tensor, space: WhiteningSpace = "feature") -> tuple[torch.Tensor, torch.Tensor]:
     """Whiten each group of samples by the pseudo-inverse square root of its second moment.
 
     gen: ``[G, n, E]`` sample features; gt: ``[G, E]`` ground-truth feature of each group.

@@ -59,11 +59,7 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     from transformers import get_scheduler
 
-    warmup = (
-        cfg.warmup_steps
-        if cfg.warmup_steps is not None
-        else math.ceil((cfg.warmup_ratio or 0.0) * total_steps)
-    )
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil((cfg.warmup_ratio or 0.0) * total_steps)
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
@@ -213,7 +209,6 @@ def train(cfg: TrainConfig, *, console=None) -> TrainResult:
                     keep_rollouts=rollout_log is not None,
                 )
                 first_doc += docs
-                result.loss.backward()
                 for key, value in result.sums.items():
                     sums[key] = sums.get(key, 0.0) + value
                 records.extend(result.rollouts)
@@ -236,9 +231,7 @@ def train(cfg: TrainConfig, *, console=None) -> TrainResult:
                 last = step_metrics(window, settings)
                 last["grad_norm"] = window["grad_norm"] / window_steps
                 last["learning_rate"] = lr
-                last["tokens_per_second"] = (window["doc_tokens"] + window["rl_tokens"]) / max(
-                    window["seconds"], 1e-9
-                )
+                last["tokens_per_second"] = (window["doc_tokens"] + window["rl_tokens"]) / max(window["seconds"], 1e-9)
                 last["step_seconds"] = window["seconds"] / window_steps
                 last["peak_memory_mib"] = peak_memory_bytes(device) / 2**20
                 logger.log(step, last)

@@ -46,9 +46,7 @@ def load_raw(spec) -> Dataset:
     local = Path(path).expanduser()
     if local.exists():
         if name is not None:
-            raise DataError(
-                f"dataset '{path}': 'name' selects a hub dataset configuration; this is a local path"
-            )
+            raise DataError(f"dataset '{path}': 'name' selects a hub dataset configuration; this is a local path")
         builder, files = _local_files(local, data_files, path)
         args: tuple = (builder,)
         # Local files form a single split called "train"; slices such as train[:10%] apply to it.
@@ -74,9 +72,7 @@ def _looks_local(path: str) -> bool:
 def _local_files(local: Path, data_files, path: str) -> tuple[str, list[str]]:
     if local.is_file():
         if data_files:
-            raise DataError(
-                f"dataset '{path}': data_files selects files in a folder or hub dataset, not in a file"
-            )
+            raise DataError(f"dataset '{path}': data_files selects files in a folder or hub dataset, not in a file")
         files = [local]
     elif data_files:
         patterns = [data_files] if isinstance(data_files, str) else list(data_files)
@@ -104,9 +100,7 @@ def _local_files(local: Path, data_files, path: str) -> tuple[str, list[str]]:
         raise DataError(f"dataset '{path}': empty file(s) {empty}")
     builders = {BUILDERS[p.suffix.lower()] for p in files}
     if len(builders) > 1:
-        raise DataError(
-            f"dataset '{path}': the folder mixes file types {sorted(builders)}; keep one type per entry"
-        )
+        raise DataError(f"dataset '{path}': the folder mixes file types {sorted(builders)}; keep one type per entry")
     return builders.pop(), [str(p) for p in files]
 
 
@@ -148,9 +142,7 @@ def load_strided_datasets(cfg, tokenizer, *, search_dir: str | Path | None = Non
     if len(data) == 0:
         if skips.count == 0:
             raise DataError(f"no rows to train on: {paths} yielded no rows")
-        raise DataError(
-            f"no rows to train on: all {skips.count} rows of {paths} were skipped; first: {skips.first}"
-        )
+        raise DataError(f"no rows to train on: all {skips.count} rows of {paths} were skipped; first: {skips.first}")
     train, val = split_validation(data, cfg.val_set_size, cfg.seed)
     return StridedData(train=train, val=val, skipped=skips.count, first_skip_reason=skips.first)
 
@@ -170,9 +162,7 @@ def _transform_for(spec, cfg, search_dir):
     try:
         made = factory(cfg, dataset=spec)
     except Exception as exc:
-        raise DataError(
-            f"dataset '{spec.path}': transform '{type_name}' failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise DataError(f"dataset '{spec.path}': transform '{type_name}' failed: {type(exc).__name__}: {exc}") from exc
     fn, options = made if isinstance(made, tuple) and len(made) == 2 else (made, {})
     if not callable(fn) or not isinstance(options, dict):
         raise DataError(
@@ -181,9 +171,7 @@ def _transform_for(spec, cfg, search_dir):
         )
     unknown = set(options) - {"remove_columns", "batched", "pack_length", "pack_separator"}
     if unknown:
-        raise DataError(
-            f"dataset '{spec.path}': transform '{type_name}' returned unknown options {sorted(unknown)}"
-        )
+        raise DataError(f"dataset '{spec.path}': transform '{type_name}' returned unknown options {sorted(unknown)}")
     return fn, options
 
 

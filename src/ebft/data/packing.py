@@ -28,9 +28,7 @@ def pack_documents(dataset, length: int, separator: int, *, batch_size: int = 40
     if length < 1:
         raise ValueError(f"pack length must be >= 1, got {length}")
     columns = dataset.select_columns(["input_ids", "labels"]).with_format("arrow")
-    n_tokens = sum(
-        pc.sum(pc.list_value_length(b["input_ids"])).as_py() or 0 for b in columns.iter(batch_size)
-    )
+    n_tokens = sum(pc.sum(pc.list_value_length(b["input_ids"])).as_py() or 0 for b in columns.iter(batch_size))
     n_docs = len(columns)
     total = n_tokens + max(n_docs - 1, 0)  # one separator between each pair of neighbours
     streams = {name: np.empty(total, dtype=np.int32) for name in ("input_ids", "labels")}
@@ -55,10 +53,7 @@ def pack_documents(dataset, length: int, separator: int, *, batch_size: int = 40
     offsets = pa.array(np.append(np.arange(0, total, length), total), type=pa.int32())
     n_chunks = len(offsets) - 1
     table = pa.table(
-        {
-            name: pa.ListArray.from_arrays(offsets, pa.array(stream, type=pa.int32()))
-            for name, stream in streams.items()
-        }
+        {name: pa.ListArray.from_arrays(offsets, pa.array(stream, type=pa.int32())) for name, stream in streams.items()}
         | {
             "prompt_length": pa.nulls(n_chunks, type=pa.int64()),
             ERROR: pa.nulls(n_chunks, type=pa.string()),

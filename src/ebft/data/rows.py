@@ -60,11 +60,7 @@ def apply_transform(dataset, fn: Callable, options: Mapping, tokenizer, *, desc:
     vocab_size = len(tokenizer) if tokenizer is not None else None
 
     def run(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        results = (
-            _call_batched(fn, batch, indices, tokenizer)
-            if batched
-            else _call_rows(fn, batch, indices, tokenizer)
-        )
+        results = _call_batched(fn, batch, indices, tokenizer) if batched else _call_rows(fn, batch, indices, tokenizer)
         out: dict[str, list] = {name: [] for name in features}
         for row, result, error in results:
             fields = ([], [], None)
@@ -186,9 +182,7 @@ def block_errors(
     for length, prompt_length in zip(lengths, prompt_lengths, strict=False):
         anchor = first_anchor(context_length, prompt_length, min_completion_prefix)
         if length > sequence_len:
-            reasons.append(
-                f"{length} tokens, more than sequence_len={sequence_len} (cut it in the transform)"
-            )
+            reasons.append(f"{length} tokens, more than sequence_len={sequence_len} (cut it in the transform)")
         elif num_blocks(length, anchor, stride, generate_max_len) == 0:
             reasons.append(
                 f"no strided block fits: {length} tokens, but the first block needs {anchor + generate_max_len} "

@@ -48,9 +48,7 @@ def generate_blocks(
     pos = layout.position_ids() if position_ids is None else position_ids
     body, head = backbone_of(model), model.get_output_embeddings()
     autocast = (
-        torch.autocast(input_ids.device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else nullcontext()
+        torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     )
     was_training = model.training
     model.eval()

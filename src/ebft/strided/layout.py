@@ -71,10 +71,7 @@ class StridedLayout:
         """[D, S] position ids of the packed rows."""
         doc = torch.arange(self.doc_len, device=self.anchors.device).expand(self.num_docs, -1)
         # generated (t, i, k) -> c_k + t, laid out as [D, g, n, K] then flattened step-major.
-        gen = (
-            self.anchors[:, None, None, :]
-            + torch.arange(self.g, device=self.anchors.device)[None, :, None, None]
-        )
+        gen = self.anchors[:, None, None, :] + torch.arange(self.g, device=self.anchors.device)[None, :, None, None]
         gen = gen.expand(-1, -1, self.n, -1).reshape(self.num_docs, -1)
         return torch.cat([doc, gen], dim=1)
 
@@ -155,10 +152,7 @@ def flex_mask_mod(layout: StridedLayout):
         doc_query = ~q_gen & ~kv_gen & (kv_idx <= q_idx)
         gen_to_doc = q_gen & ~kv_gen & (kv_idx < q_anchor)
         gen_to_gen = (
-            q_gen
-            & kv_gen
-            & (q_off % per_step == kv_off % per_step)
-            & (kv_off // per_step <= q_off // per_step)
+            q_gen & kv_gen & (q_off % per_step == kv_off % per_step) & (kv_off // per_step <= q_off // per_step)
         )
         return doc_query | gen_to_doc | gen_to_gen
 

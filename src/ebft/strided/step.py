@@ -113,7 +113,9 @@ class Scores:
 
 @dataclass
 class MicroBatchResult:
-    loss: torch.Tensor
+    """``loss`` is the micro-batch's share of the step loss; its gradient is already accumulated."""
+
+    loss: float
     sums: dict[str, float] = field(default_factory=dict)
     rollouts: list[dict] = field(default_factory=list)
 
@@ -191,7 +193,8 @@ def strided_microbatch(
     generators: list[torch.Generator] | None = None,
     keep_rollouts: bool = False,
 ) -> MicroBatchResult:
-    """Run one micro-batch and return its loss, already divided by the optimizer step's totals.
+    """Run one micro-batch, back-propagate its loss (divided by the optimizer step's totals) into the
+    policy's ``.grad``, and return the loss value and the metric sums.
 
     ``generators``: one per document (see ``generate_blocks``); the trainer derives them from the seed,
     the step and the document's place in the step, so rollouts are reproducible and independent of
@@ -216,40 +219,38 @@ def strided_microbatch(
     scores = score_rollouts(features, packed, mask, positions, layout, batch.labels, s)
 
     D, n, K, g = layout.num_docs, layout.n, layout.k, layout.g
-    S = layout.total_len
-    autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    )
-    head = policy.get_output_embeddings()
-    with autocast:
-        hidden = backbone_of(policy)(
-            input_ids=packed, attention_mask=mask, position_ids=positions, use_cache=False
-        ).last_hidden_state  # [D, S, H]
-    flat_hidden = hidden.reshape(D * S, -1)
-
-    # RL: the log-prob of generated token (t, i, k) under its own rollout's context (layout.predictor_index).
     tok_valid = layout.valid[:, None, :, None].expand(D, n, K, g)
-    rows = (layout.predictor_index() + torch.arange(D, device=device)[:, None, None, None] * S)[tok_valid]
-    with autocast:
-        logp = token_logprobs(
-            flat_hidden[rows], tokens[tok_valid], head, temperature=s.logprob_temperature, top_p=s.top_p
+    adv_tok = scores.advantage[..., None].expand(D, n, K, g).detach()
+    predictors = layout.predictor_index()  # [D, n, K, g]
+    ce_mask = batch.labels[:, 1:] != -100  # [D, L-1]: target x_{p+1} is predicted at position p
+    logp = torch.zeros(D, n, K, g, device=device)
+    rl_sum = ce_sum = 0.0
+    # The policy pass runs one packed row at a time and back-propagates at once, so only one
+    # document's activations are alive; the loss is a sum over documents, so the gradient is unchanged.
+    for d in range(D):
+        one = slice(d, d + 1)
+        loss_d, rl_d, ce_d, logp[d] = _policy_document(
+            policy,
+            packed[one],
+            mask[one],
+            positions[one],
+            batch.input_ids[d],
+            predictors[d],
+            tokens[d],
+            tok_valid[d],
+            adv_tok[d],
+            ce_mask[d],
+            s,
+            totals,
+            autocast_dtype,
         )
-    adv_tok = scores.advantage[..., None].expand(D, n, K, g)[tok_valid].detach()
-    rl_sum = -(adv_tok * logp).sum()
+        if loss_d.requires_grad:
+            loss_d.backward()
+        rl_sum += rl_d
+        ce_sum += ce_d
     loss = s.rl_coef * rl_sum / max(totals.rl_tokens, 1)
-
-    ce_sum = torch.zeros((), device=device)
-    ce_count = 0
     if s.ce_coef > 0:
-        # Teacher-forced CE on the document's labelled tokens, once per document (its rows are shared).
-        ce_mask = batch.labels[:, 1:] != -100  # [D, L-1]: target x_{p+1} predicted at p
-        with autocast:
-            ce_logp = token_logprobs(
-                hidden[:, : batch.input_ids.shape[1] - 1][ce_mask], batch.input_ids[:, 1:][ce_mask], head
-            )
-        ce_sum = -ce_logp.sum()
-        ce_count = int(ce_mask.sum())
-        loss = loss + s.ce_coef * ce_sum / max(totals.ce_tokens, 1)
+        loss += s.ce_coef * ce_sum / max(totals.ce_tokens, 1)
 
     sample_valid = layout.valid[:, None, :].expand(D, n, K)
     adv = scores.advantage[sample_valid]
@@ -263,16 +264,43 @@ def strided_microbatch(
         "advantage": float(adv.sum()),
         "advantage_sq": float((adv.double() ** 2).sum()),
         "cfm": float(scores.cfm[layout.valid].sum()),
-        "rl_sum": float(rl_sum.detach()),
+        "rl_sum": rl_sum,
         "rl_tokens": float(tok_valid.sum()),
-        "ce_sum": float(ce_sum.detach()),
-        "ce_tokens": float(ce_count),
+        "ce_sum": ce_sum,
+        "ce_tokens": float(ce_mask.sum()) if s.ce_coef > 0 else 0.0,
         "doc_tokens": float(batch.lengths.sum()),
     }
-    records = (
-        rollout_records(batch, layout, tokens, logp.detach(), tok_valid, scores) if keep_rollouts else []
-    )
+    records = rollout_records(batch, layout, tokens, logp, scores) if keep_rollouts else []
     return MicroBatchResult(loss=loss, sums=sums, rollouts=records)
+
+
+def _policy_document(
+    policy, packed, mask, positions, doc_ids, predictors, tokens, tok_valid, adv_tok, ce_mask, s, totals, autocast_dtype
+):
+    """Forward one packed row with grad; return (scaled loss, RL sum, CE sum, log-probs [n, K, g])."""
+    device = packed.device
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    head = policy.get_output_embeddings()
+    with autocast:
+        hidden = backbone_of(policy)(
+            input_ids=packed, attention_mask=mask, position_ids=positions, use_cache=False
+        ).last_hidden_state[0]  # [S, H]
+        # RL: generated token (t, i, k) is scored by its own rollout's previous position (predictor_index).
+        logp = token_logprobs(
+            hidden[predictors[tok_valid]], tokens[tok_valid], head, temperature=s.logprob_temperature, top_p=s.top_p
+        )
+    rl_sum = -(adv_tok[tok_valid] * logp).sum()
+    loss = s.rl_coef * rl_sum / max(totals.rl_tokens, 1)
+    ce_sum = torch.zeros((), device=device)
+    if s.ce_coef > 0:
+        # Teacher-forced CE on the document's labelled tokens, counted once (the row is shared by all samples).
+        with autocast:
+            ce_logp = token_logprobs(hidden[: doc_ids.shape[0] - 1][ce_mask], doc_ids[1:][ce_mask], head)
+        ce_sum = -ce_logp.sum()
+        loss = loss + s.ce_coef * ce_sum / max(totals.ce_tokens, 1)
+    full = torch.zeros(tokens.shape, device=device)
+    full[tok_valid] = logp.detach().float()
+    return loss, float(rl_sum.detach()), float(ce_sum.detach()), full
 
 
 def document_generators(seed: int, step: int, first_doc: int, count: int, device) -> list[torch.Generator]:
@@ -290,13 +318,11 @@ def rollout_records(
     layout: StridedLayout,
     tokens: torch.Tensor,
     logp: torch.Tensor,
-    tok_valid: torch.Tensor,
     scores: Scores,
 ) -> list[dict]:
     """One JSON-ready dict per document: exactly the tokens, log-probs and rewards the loss used."""
     D, n, K, g = tokens.shape
-    logp_full = torch.zeros(D, n, K, g, dtype=torch.float32)
-    logp_full[tok_valid.cpu()] = logp.float().cpu()
+    logp_full = logp.float().cpu()  # [D, n, K, g], zero on invalid slots
     out = []
     for d in range(D):
         blocks = int(layout.valid[d].sum())

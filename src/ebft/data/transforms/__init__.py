@@ -62,8 +62,7 @@ def _import(module_name: str, type_name: str, search_dir: str | Path | None) -> 
         ) from exc
     except Exception as exc:
         raise DataError(
-            f"dataset type '{type_name}': importing module '{module_name}' failed: "
-            f"{type(exc).__name__}: {exc}"
+            f"dataset type '{type_name}': importing module '{module_name}' failed: {type(exc).__name__}: {exc}"
         ) from exc
     finally:
         if added:

@@ -41,8 +41,7 @@ def transform(cfg, **kwargs):
             raise ValueError("the conversation has no assistant turn with content to label")
         if prompt_length >= sequence_len:
             raise ValueError(
-                f"the first assistant turn starts at token {prompt_length}, "
-                f"beyond sequence_len={sequence_len}"
+                f"the first assistant turn starts at token {prompt_length}, beyond sequence_len={sequence_len}"
             )
         return {
             "input_ids": input_ids[:sequence_len],
