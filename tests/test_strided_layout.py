@@ -208,3 +208,48 @@ def test_top_p_logprobs_renormalise_over_the_nucleus(model):
     hidden = torch.tensor([[2.0, 1.0, 0.0]])
     got = token_logprobs(hidden, torch.tensor([0]), head, top_p=0.8)
     assert got.item() == pytest.approx(2 - torch.log(torch.tensor(torch.e**2 + torch.e)).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("chunk_queries", [1, 7, 256])
+def test_sparse_plan_attention_equals_dense_mask(model, chunk_queries):
+    """The chunked ebft_strided attention gives the dense strided mask's hidden states and gradients."""
+    from ebft.strided.attention import build_plan, strided_backend, strided_forward
+
+    lengths = [14, 9]
+    ids, _ = _docs(lengths, seed=9)
+    lay = _layout(lengths, ids.shape[1], prompt=[-1, 3], n=2, stride=2, ctx=2, g=3, mcp=1)
+    tokens = torch.randint(1, 37, (2, lay.n, lay.k, lay.g), generator=torch.Generator().manual_seed(8))
+    packed, pos = pack(ids, tokens), lay.position_ids()
+
+    def run(sparse: bool):
+        model.zero_grad()
+        if sparse:
+            with strided_backend(model):
+                h = strided_forward(model.model, packed, pos, build_plan(lay, chunk_queries=chunk_queries))
+        else:
+            h = model.model(input_ids=packed, attention_mask=lay.attention_mask(), position_ids=pos).last_hidden_state
+        (h * torch.linspace(-1, 1, h.shape[-1])).sum().backward()
+        return h.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    h_dense, g_dense = run(False)
+    h_sparse, g_sparse = run(True)
+    assert model.config._attn_implementation == "sdpa"  # the backend is restored afterwards
+    assert torch.allclose(h_sparse, h_dense, atol=ATOL)
+    assert torch.allclose(g_sparse, g_dense, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_flex_plan_forward_equals_dense_mask(model):
+    """The CUDA path's BlockMask (run here uncompiled, forward only) computes the same hidden states."""
+    from ebft.strided.attention import build_plan, strided_backend, strided_forward
+
+    lengths = [14, 9]
+    ids, _ = _docs(lengths, seed=9)
+    lay = _layout(lengths, ids.shape[1], n=2, stride=2, ctx=2, g=3)
+    tokens = torch.randint(1, 37, (2, lay.n, lay.k, lay.g), generator=torch.Generator().manual_seed(3))
+    packed, pos = pack(ids, tokens), lay.position_ids()
+    with torch.no_grad():
+        dense = model.model(input_ids=packed, attention_mask=lay.attention_mask(), position_ids=pos).last_hidden_state
+        with strided_backend(model):
+            flex = strided_forward(model.model, packed, pos, build_plan(lay, use_flex=True))
+    assert torch.allclose(flex, dense, atol=ATOL)

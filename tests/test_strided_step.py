@@ -95,11 +95,11 @@ def _exact_cfm_gradient(model, frozen, doc, anchors, s, params):
         logits = model(seqs).logits[:, c - 1 : c - 1 + g] / s.temperature
         logp = logits.log_softmax(-1).gather(-1, conts[..., None]).squeeze(-1).sum(-1)  # [V^g]
         with torch.no_grad():
-            hs = frozen(seqs, None, torch.arange(seqs.shape[1]).expand(len(seqs), -1))
+            hs = frozen(seqs, torch.arange(seqs.shape[1]).expand(len(seqs), -1))
             phi = feat.combine_layers([h[:, -1] for h in hs], s.feature_norm)
             phi = torch.nn.functional.normalize(phi, dim=-1)
             gt_seq = doc[: c + g][None]
-            hs_gt = frozen(gt_seq, None, torch.arange(c + g)[None])
+            hs_gt = frozen(gt_seq, torch.arange(c + g)[None])
             phi_gt = torch.nn.functional.normalize(
                 feat.combine_layers([h[:, -1] for h in hs_gt], s.feature_norm), dim=-1
             )

@@ -144,8 +144,13 @@ class FeatureNetwork:
         self.autocast_dtype = autocast_dtype
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor) -> list[torch.Tensor]:
-        """input_ids [D, S] -> one [D, S, H] tensor per requested layer (same order as ``layers``)."""
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, plan=None) -> list[torch.Tensor]:
+        """input_ids [D, S] -> one [D, S, H] fp32 tensor per requested layer (same order as ``layers``).
+
+        With a ``StridedPlan`` the rows are packed strided rows; without one, ordinary causal sequences.
+        """
+        from ebft.strided.attention import strided_backend, strided_forward
+
         captured: dict[int, torch.Tensor] = {}
         layer_list = getattr(self.body, "layers", None)
         with ExitStack() as stack:
@@ -154,21 +159,16 @@ class FeatureNetwork:
             if self.autocast_dtype is not None:
                 stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
             for idx in set(self.layers):
-                if idx == self.depth:
-                    continue
-                stack.enter_context(_capture(layer_list, idx, captured))
-            out = self.body(
-                input_ids=input_ids.to(self.device),
-                attention_mask=_to(attention_mask, self.device),
-                position_ids=position_ids.to(self.device),
-                use_cache=False,
-            )
-        captured[self.depth] = out.last_hidden_state
+                if idx != self.depth:
+                    stack.enter_context(_capture(layer_list, idx, captured))
+            ids, pos = input_ids.to(self.device), position_ids.to(self.device)
+            if plan is None:
+                last = self.body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+            else:
+                stack.enter_context(strided_backend(self.body))
+                last = strided_forward(self.body, ids, pos, plan)
+        captured[self.depth] = last
         return [captured[i].float() for i in self.layers]
-
-
-def _to(mask, device):
-    return mask.to(device) if isinstance(mask, torch.Tensor) else mask
 
 
 @contextmanager

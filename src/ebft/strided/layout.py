@@ -55,6 +55,10 @@ class StridedLayout:
         """S = L + g * n * K."""
         return self.doc_len + self.g * self.per_step
 
+    def select(self, d: int) -> StridedLayout:
+        """The layout of document d alone (same doc_len and slot count)."""
+        return StridedLayout(self.doc_len, self.anchors[d : d + 1], self.valid[d : d + 1], self.n, self.g)
+
     def gen_index(self) -> torch.Tensor:
         """[n, K, g] packed position of generated token (t, i, k), indexed as [i, k, t]."""
         dev = self.anchors.device

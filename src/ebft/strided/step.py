@@ -17,6 +17,7 @@ from ebft import rewards
 from ebft.data.collate import DocumentBatch
 from ebft.losses import token_logprobs
 from ebft.models import FeatureNetwork, backbone_of
+from ebft.strided.attention import StridedPlan, build_plan, strided_backend, strided_forward
 from ebft.strided.generate import generate_blocks, pack
 from ebft.strided.layout import StridedLayout, build_layout
 
@@ -123,14 +124,14 @@ class MicroBatchResult:
 def score_rollouts(
     features: FeatureNetwork,
     packed: torch.Tensor,
-    mask,
+    plan: StridedPlan,
     position_ids: torch.Tensor,
     layout: StridedLayout,
     labels: torch.Tensor,
     s: StridedSettings,
 ) -> Scores:
     """Feature pass, pooling, whitening, rewards and advantages for every (document, block)."""
-    hidden = features(packed, mask, position_ids)  # per layer [D, S, H]
+    hidden = features(packed, position_ids, plan)  # per layer [D, S, H]
     D, n, K, g = layout.num_docs, layout.n, layout.k, layout.g
     gt_idx = layout.gt_index().to(packed.device)  # [D, K, g]
     gen_idx = layout.gen_index().to(packed.device)  # [n, K, g]
@@ -202,7 +203,6 @@ def strided_microbatch(
     """
     device = batch.input_ids.device
     layout = layout_for(batch, s)
-    mask = layout.attention_mask()
     positions = layout.position_ids()
     tokens = generate_blocks(
         policy,
@@ -210,13 +210,14 @@ def strided_microbatch(
         layout,
         temperature=s.temperature,
         top_p=s.top_p,
-        mask=mask,
         position_ids=positions,
         autocast_dtype=autocast_dtype,
         generators=generators,
     )  # [D, n, K, g]
     packed = pack(batch.input_ids, tokens)  # [D, S]
-    scores = score_rollouts(features, packed, mask, positions, layout, batch.labels, s)
+    use_flex = device.type == "cuda"
+    plan = build_plan(layout, use_flex=use_flex)
+    scores = score_rollouts(features, packed, plan, positions, layout, batch.labels, s)
 
     D, n, K, g = layout.num_docs, layout.n, layout.k, layout.g
     tok_valid = layout.valid[:, None, :, None].expand(D, n, K, g)
@@ -232,7 +233,7 @@ def strided_microbatch(
         loss_d, rl_d, ce_d, logp[d] = _policy_document(
             policy,
             packed[one],
-            mask[one],
+            build_plan(layout.select(d), use_flex=use_flex),
             positions[one],
             batch.input_ids[d],
             predictors[d],
@@ -275,16 +276,14 @@ def strided_microbatch(
 
 
 def _policy_document(
-    policy, packed, mask, positions, doc_ids, predictors, tokens, tok_valid, adv_tok, ce_mask, s, totals, autocast_dtype
+    policy, packed, plan, positions, doc_ids, predictors, tokens, tok_valid, adv_tok, ce_mask, s, totals, autocast_dtype
 ):
     """Forward one packed row with grad; return (scaled loss, RL sum, CE sum, log-probs [n, K, g])."""
     device = packed.device
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     head = policy.get_output_embeddings()
-    with autocast:
-        hidden = backbone_of(policy)(
-            input_ids=packed, attention_mask=mask, position_ids=positions, use_cache=False
-        ).last_hidden_state[0]  # [S, H]
+    with autocast, strided_backend(policy):
+        hidden = strided_forward(backbone_of(policy), packed, positions, plan)[0]  # [S, H]
         # RL: generated token (t, i, k) is scored by its own rollout's previous position (predictor_index).
         logp = token_logprobs(
             hidden[predictors[tok_valid]], tokens[tok_valid], head, temperature=s.logprob_temperature, top_p=s.top_p
