@@ -89,6 +89,8 @@ def _sampler(layout: StridedLayout, temperature: float, top_p: float, generators
     """logits [D, n, K, V] -> tokens [D, n, K], batched or per document (see ``generate_blocks``)."""
     if generators is None:
         return lambda logits: sample_tokens(logits, temperature, top_p)
+    if len(generators) != layout.num_docs:
+        raise ValueError(f"need one generator per document: got {len(generators)} for {layout.num_docs}")
     counts = layout.valid.sum(dim=1).tolist()
 
     def draw(logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""Time one strided EBFT optimizer step, phase by phase, at the paper's settings.
+
+    python benchmarks/strided_step.py --hidden 256 --layers 4 --heads 4 --vocab 2048 --seq-len 1024 --docs 2
+
+Prints seconds per optimizer step (mean and median over --steps after --warmup), token-forwards per
+phase (generation, features, policy), and peak resident memory. The model is a Llama built from a
+config with random weights (seed 0) and LoRA on every linear layer, fp32 on CPU; documents are
+random tokens of exactly --seq-len tokens. The same settings run axolotl's trainer in
+benchmarks/axolotl_strided_step.py, so the two outputs compare directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--docs", type=int, default=2, help="documents per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=None, help="documents per micro-batch (default: --docs)")
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--stride", type=int, default=8)
+    p.add_argument("--context", type=int, default=8)
+    p.add_argument("--gen", type=int, default=8)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--full-finetune", action="store_true", help="train all weights instead of LoRA")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args()
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def main() -> None:
+    args = parse()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from ebft.data.collate import collate_documents
+    from ebft.features import layer_indices
+    from ebft.models import FeatureNetwork
+    from ebft.scratch import llama_config
+    from ebft.strided.step import (
+        StepTotals,
+        StridedSettings,
+        count_targets,
+        document_generators,
+        layout_for,
+        strided_microbatch,
+    )
+
+    torch.manual_seed(0)
+    cfg = llama_config(args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not args.full_finetune:
+        model = get_peft_model(
+            model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear")
+        )
+    fractions = [0.25, 0.5, 0.75]
+    features = FeatureNetwork(model, layer_indices(fractions, args.layers))
+    s = StridedSettings(
+        stride=args.stride,
+        context_length=args.context,
+        generate_max_len=args.gen,
+        n_samples_per_prompt=args.n,
+        temperature=0.6,
+        top_p=1.0,
+        min_completion_prefix=0,
+        embed_method="last_token",
+        feature_norm="per_layer",
+        use_whitening=True,
+        whitening_space="feature",
+        alignment_coef=1.0,
+        diversity_coef=1.0,
+        advantage_estimator="rloo",
+        rl_coef=1.0,
+        ce_coef=0.03,
+    )
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(args.docs):
+        ids = torch.randint(0, args.vocab, (args.seq_len,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": ids})
+    mb = args.micro_batch or args.docs
+    batches = [collate_documents(rows[i : i + mb], pad_token_id=0) for i in range(0, args.docs, mb)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    layout = layout_for(batches[0], s)
+    K, L, n, g = layout.k, args.seq_len, args.n, args.gen
+    S = layout.total_len
+    depth = max(layer_indices(fractions, args.layers))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"model: hidden {args.hidden}, layers {args.layers}, vocab {args.vocab}, "
+        f"trainable {sum(p.numel() for p in params):,} of {sum(p.numel() for p in model.parameters()):,}"
+    )
+    print(f"per document: L={L}, blocks K={K}, n={n}, g={g}, packed row S=L+g*n*K={S}")
+    # Token-forwards per document (a token through the whole network counts 1; the feature pass stops
+    # at layer `depth` of `layers`). Backward is about 2 forwards on top of the policy pass.
+    gen_tf = L + (g - 1) * n * K
+    feat_tf = S * depth / args.layers
+    print(f"token-forwards/doc: generation {gen_tf}, features {feat_tf:.0f}, policy {S} (+ backward ~{2 * S})")
+    ref_row = L + g * K
+    ref_gen = n * (g * L + K * g * (g - 1) // 2)
+    print(
+        f"reference layout (n copies, no cache): generation {ref_gen}, features {n * ref_row}, "
+        f"policy {n * ref_row} (+ backward ~{2 * n * ref_row})"
+    )
+    print(f"peak RSS before training: {peak_rss_mib():.0f} MiB")
+
+    times = []
+    for step in range(args.warmup + args.steps):
+        started = time.perf_counter()
+        counts = [count_targets(b, s) for b in batches]
+        totals = StepTotals(sum(c.rl_tokens for c in counts), sum(c.ce_tokens for c in counts))
+        first = 0
+        for b in batches:
+            d = b.input_ids.shape[0]
+            strided_microbatch(model, features, b, s, totals, generators=document_generators(0, step, first, d, "cpu"))
+            first += d
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
+        tag = "warmup" if step < args.warmup else "timed"
+        print(f"step {step} ({tag}): {elapsed:.2f} s, peak RSS {peak_rss_mib():.0f} MiB", flush=True)
+        if step >= args.warmup:
+            times.append(elapsed)
+    # Phase split on the first micro-batch: generation and features+rewards timed on their own, the
+    # policy pass (forward + backward) as the rest of a full micro-batch.
+    from ebft.strided.attention import build_plan
+    from ebft.strided.generate import generate_blocks, pack
+    from ebft.strided.step import score_rollouts
+
+    b = batches[0]
+    lay = layout_for(b, s)
+    pos = lay.position_ids()
+    t0 = time.perf_counter()
+    tokens = generate_blocks(model, b.input_ids, lay, temperature=s.temperature, position_ids=pos)
+    t1 = time.perf_counter()
+    score_rollouts(features, pack(b.input_ids, tokens), build_plan(lay), pos, lay, b.labels, s)
+    t2 = time.perf_counter()
+    strided_microbatch(
+        model,
+        features,
+        b,
+        s,
+        count_targets(b, s),
+        generators=document_generators(0, 99, 0, b.input_ids.shape[0], "cpu"),
+    )
+    t3 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    gen_s, feat_s = t1 - t0, t2 - t1
+    print(
+        f"phases (first micro-batch): generation {gen_s:.2f} s, features+rewards {feat_s:.2f} s, "
+        f"policy fwd+bwd {max(t3 - t2 - gen_s - feat_s, 0.0):.2f} s"
+    )
+    print(f"ebft_seconds_per_step={statistics.mean(times):.3f}")
+    print(f"ebft_median_seconds_per_step={statistics.median(times):.3f}")
+    print(f"ebft_peak_rss_mib={peak_rss_mib():.0f}")
+
+
+if __name__ == "__main__":
+    main()
