@@ -1,4 +1,5 @@
-"""Command-line front door: ``ebft validate|train CFG [--key=value ...]``."""
+"""Command-line front door: ``ebft validate|train|evaluate CFG [--key=value ...]``, ``ebft quickstart``,
+``ebft plot RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ebft.errors import EbftError
 
@@ -29,7 +31,63 @@ def _parser() -> argparse.ArgumentParser:
             description=text + ". Any config key can be overridden: --ebft.stride=4 --max_steps=10.",
         )
         cmd.add_argument("config", help="path to the YAML config")
+    _add_evaluate(sub)
+    quick = sub.add_parser(
+        "quickstart",
+        help="offline demo: pretrain a small model on this Python's sources, compare SFT and EBFT, write a report",
+        description="Offline demo on this Python installation's standard-library sources: train a tokenizer and a "
+        "small Llama from scratch, fine-tune it with SFT and with strided EBFT for the same number of steps, "
+        "evaluate all three on held-out files and write report.html with plots.",
+        allow_abbrev=False,
+    )
+    quick.add_argument("--out", default="ebft-quickstart", help="output folder (default: %(default)s)")
+    quick.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="time budget that scales every phase (default: about 11, which fits in 15 minutes on 2 CPU cores)",
+    )
+    plot = sub.add_parser(
+        "plot",
+        help="render a run's metrics.jsonl to PNG plots",
+        description="Render RUN_DIR/metrics.jsonl to one PNG per metric (needs matplotlib: pip install 'ebft[plot]').",
+        allow_abbrev=False,
+    )
+    plot.add_argument("run_dir", help="a training output folder holding metrics.jsonl")
+    plot.add_argument("--out", default=None, help="folder for the PNGs (default: RUN_DIR/plots)")
     return parser
+
+
+def _add_evaluate(sub) -> None:
+    text = "evaluate the base model or a checkpoint on held-out documents (strided rollouts, CFM loss, CE)"
+    cmd = sub.add_parser(
+        "evaluate",
+        help=text,
+        description=text + ". Any config key can be overridden: --ebft.n_samples_per_prompt=8.",
+        allow_abbrev=False,
+    )
+    cmd.add_argument("config", help="path to the YAML config (the training config)")
+    cmd.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a model folder or a LoRA adapter folder (adapter_config.json); default: the config's base_model",
+    )
+    cmd.add_argument(
+        "--split",
+        default=None,
+        help="read every dataset entry at this split (e.g. test, train[90%%:]) instead of the val_set_size rows",
+    )
+    cmd.add_argument(
+        "--max-docs", type=int, default=None, help="evaluate at most N documents, spread evenly over the held-out set"
+    )
+    cmd.add_argument(
+        "--output", default=None, help="JSON file to write (default: CHECKPOINT or output_dir /eval_results.json)"
+    )
+    cmd.add_argument(
+        "--execute",
+        action="store_true",
+        help="run the unit tests of structured code rows in a sandbox and report pass@1 / pass@k",
+    )
 
 
 def _setup_logging() -> None:
@@ -67,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args, overrides: list[str]) -> int:
+    if args.command in ("quickstart", "plot"):
+        if overrides:
+            raise EbftError(f"ebft {args.command} takes no config overrides (got {' '.join(overrides)})")
+        return _run_tool(args)
     from ebft.config import config_warnings, dump_config, load_config
 
     cfg = load_config(args.config, overrides)
@@ -75,10 +137,45 @@ def _run(args, overrides: list[str]) -> int:
     if args.command == "validate":
         print(dump_config(cfg), end="")
         return 0
-    from ebft.trainer import train
+    from ebft.trainer import TrainingInterrupted, train
 
-    result = train(cfg)
+    try:
+        result = train(cfg, config_dir=Path(args.config).resolve().parent)
+    except TrainingInterrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 130
     log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
+    return 0
+
+
+def _run_evaluate(args, cfg) -> int:
+    from ebft.evaluate import evaluate, render_table, write_json
+
+    result = evaluate(
+        cfg,
+        checkpoint=args.checkpoint,
+        split=args.split,
+        max_docs=args.max_docs,
+        execute=args.execute,
+        config_dir=Path(args.config).resolve().parent,
+    )
+    render_table(result)
+    output = Path(args.output) if args.output else Path(args.checkpoint or cfg.output_dir) / "eval_results.json"
+    log.info("wrote %s", write_json(result, output))
+    return 0
+
+
+def _run_tool(args) -> int:
+    if args.command == "plot":
+        from ebft.plot import plot_run
+
+        paths = plot_run(args.run_dir, args.out)
+        log.info("wrote %d plots to %s", len(paths), paths[0].parent if paths else args.out)
+        return 0
+    from ebft.quickstart import DEFAULT_MINUTES, run_quickstart
+
+    result = run_quickstart(args.out, DEFAULT_MINUTES if args.minutes is None else args.minutes)
+    log.info("report: %s", result.report)
     return 0
 
 

@@ -99,7 +99,6 @@ IGNORED_AXOLOTL_KEYS: dict[str, str] = {
     "early_stopping_patience": "ebft has no early stopping; training runs for max_steps / num_epochs",
     "saves_per_epoch": "checkpoints are written every `save_steps` optimizer steps",
     "save_strategy": "checkpoints are written every `save_steps` optimizer steps",
-    "save_total_limit": "every checkpoint is kept",
     "save_safetensors": "checkpoints are always written as safetensors",
     "wandb_watch": "not supported; gradients and parameters are not sent to wandb",
     "wandb_log_model": "not supported; checkpoints stay in output_dir",
@@ -122,8 +121,7 @@ UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
     "fsdp_config": "FSDP is not supported yet; run multi-GPU with `accelerate launch -m ebft train ...` (DDP)",
     "activation_offloading": "activation offloading is not implemented (and axolotl rejects it with flex_attention)",
     "lora_model_dir": "starting from an existing LoRA adapter is not supported",
-    "resume_from_checkpoint": "resuming from a checkpoint is not supported through the config",
-    "auto_resume_from_checkpoints": "resuming from a checkpoint is not supported through the config",
+    "auto_resume_from_checkpoints": "use `resume_from_checkpoint: latest`",
     "hub_model_id": "ebft never uploads to the Hub; push output_dir yourself",
     "push_to_hub": "ebft never uploads to the Hub; push output_dir yourself",
 }
@@ -406,6 +404,20 @@ class TrainConfig(_Section):
     logging_steps: int = Field(1, ge=1, description="Log metrics every this many optimizer steps (>= 1).")
     save_steps: int | None = Field(
         None, ge=1, description="Checkpoint every this many optimizer steps (>= 1); null = only at the end."
+    )
+    save_total_limit: int | None = Field(
+        None, ge=1, description="Keep at most this many checkpoint-N folders (the newest); null = keep all."
+    )
+    resume_from_checkpoint: str | None = Field(
+        None,
+        min_length=1,
+        description="Continue a run from a checkpoint folder, or `latest` for the newest one in output_dir.",
+    )
+    max_consecutive_skipped_steps: int = Field(
+        10,
+        ge=1,
+        description="Stop (saving the last good state) after this many consecutive steps whose loss, reward "
+        "or gradient was not finite; each such step is skipped without an update.",
     )
     use_tensorboard: bool = Field(False, description="Also log metrics to TensorBoard in output_dir.")
     wandb_project: str | None = Field(None, description="Weights & Biases project; null = no wandb logging.")

@@ -1,27 +1,33 @@
 """The training loop: accelerate, optimizer, schedule, accumulation, logging, checkpoints (DESIGN 3).
 
-One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``micro_batch_size`` documents.
-Each micro-batch is rolled out with the current weights, so every step is on-policy (reference spec 7:
-exactly one optimizer step per rollout batch).
+One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``micro_batch_size`` documents
+on each of the accelerate processes. Every micro-batch is rolled out with the current weights, so
+each step is on-policy (reference spec 7: one optimizer step per rollout batch).
+
+Exactness across layouts: the documents of a step, and each document's rollout randomness (keyed by
+seed, step and the document's place in the step), do not depend on how the step is split into
+micro-batches or processes, and every loss is divided by the whole step's token counts; gradients
+are summed across micro-batches and processes. So 1 x 8 == 8 x 1 == 2 processes x 4.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
+import signal
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ebft import checkpoint as ckpt
 from ebft.config import TrainConfig, dump_config
-from ebft.data.collate import DocumentBatch, collate_documents
-from ebft.errors import ConfigError
+from ebft.data.collate import collate_documents
+from ebft.errors import ConfigError, EbftError
 from ebft.features import layer_indices
 from ebft.metrics import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
 from ebft.models import FeatureNetwork, load_policy, load_tokenizer, use_bf16
@@ -36,11 +42,32 @@ from ebft.strided.step import (
 log = logging.getLogger("ebft")
 
 
+class TrainingInterrupted(EbftError):
+    """The run was stopped by a signal after saving a checkpoint."""
+
+
+class TooManySkippedSteps(EbftError):
+    """Too many consecutive steps had a non-finite loss, reward or gradient."""
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
     steps: int
     last_metrics: dict[str, float]
+
+
+@dataclass
+class Window:
+    """Sums since the last logged step (saved in checkpoints so a resumed run logs the same means)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
 
 
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -63,26 +90,32 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def micro_batches(rows, size: int, seed: int, start_epoch: int = 0) -> Iterator[list[dict]]:
-    """Endless shuffled micro-batches; a new permutation (seed + epoch) every pass over the rows."""
-    epoch = start_epoch
+def global_micro_batches(num_rows: int, size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
+    """Row indices of each global micro-batch of ``size`` documents, from micro-batch ``start`` on.
+
+    The rows form one stream, a fresh permutation (seeded by seed + epoch) per pass over the data, cut
+    into fixed-size pieces; a piece may straddle two epochs. Deterministic, so a resumed run continues
+    with exactly the documents the uninterrupted run would have seen.
+    """
+    epoch, offset, order = -1, 0, []
+    position = 0
     while True:
-        gen = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(len(rows), generator=gen).tolist()
-        for start in range(0, len(order), size):
-            yield [rows[i] for i in order[start : start + size]]
-        epoch += 1
+        while len(order) - offset < size:
+            epoch += 1
+            gen = torch.Generator().manual_seed(seed + epoch)
+            order = order[offset:] + torch.randperm(num_rows, generator=gen).tolist()
+            offset = 0
+        piece, offset = order[offset : offset + size], offset + size
+        if position >= start:
+            yield piece
+        position += 1
 
 
-def total_optimizer_steps(cfg: TrainConfig, num_rows: int) -> int:
+def total_optimizer_steps(cfg: TrainConfig, num_rows: int, num_processes: int) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
-    per_epoch = math.ceil(num_rows / cfg.micro_batch_size)
-    return max(1, math.ceil(cfg.num_epochs * per_epoch / cfg.gradient_accumulation_steps))
-
-
-def _to_device(batch: DocumentBatch, device: torch.device) -> DocumentBatch:
-    return DocumentBatch(**{k: v.to(device) for k, v in vars(batch).items()})
+    docs_per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * num_processes
+    return max(1, math.ceil(cfg.num_epochs * num_rows / docs_per_step))
 
 
 def step_metrics(sums: dict[str, float], s: StridedSettings) -> dict[str, float]:
@@ -107,28 +140,57 @@ def step_metrics(sums: dict[str, float], s: StridedSettings) -> dict[str, float]
     return out
 
 
-def write_model(model, tokenizer, directory: Path, step: int) -> None:
-    """The model (or LoRA adapter) and tokenizer in HF format, plus the step they were taken at."""
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    (directory / "trainer_state.json").write_text(json.dumps({"step": step}))
+@contextmanager
+def stop_on_signals():
+    """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second exits at once."""
+    requested: list[int] = []
+
+    def handler(signum, _frame):
+        if requested:
+            sys.stderr.write("second signal: exiting now without saving\n")
+            sys.stderr.flush()
+            import os
+
+            os._exit(128 + signum)
+        requested.append(signum)
+        sys.stderr.write("stopping after this step; a checkpoint will be saved (signal again to exit at once)\n")
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signal handling to the caller
+        previous = {}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
-def save_checkpoint(model, tokenizer, directory: Path, step: int) -> None:
-    """Write into a temporary folder, then rename: a crash mid-save leaves the previous checkpoint intact."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write_model(model, tokenizer, tmp, step)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+def _reduce_sum(accelerator, values: torch.Tensor) -> torch.Tensor:
+    return accelerator.reduce(values, reduction="sum") if accelerator.num_processes > 1 else values
 
 
-def train(cfg: TrainConfig, *, console=None) -> TrainResult:
+def _all_reduce_grads(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over processes: each process's loss is already divided by the global token counts."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    start = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[start : start + n].view_as(p).clone()
+        start += n
+
+
+def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> TrainResult:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     from ebft.data.load import load_strided_datasets
 
@@ -137,36 +199,54 @@ def train(cfg: TrainConfig, *, console=None) -> TrainResult:
             "ebft.mode: 'structured' training is not available in this version of ebft; set ebft.mode: strided"
         )
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device = accelerator.device
-    is_main = accelerator.is_main_process
-    set_seed(cfg.seed)
+    device, is_main = accelerator.device, accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
     out_dir = Path(cfg.output_dir)
+    resume_dir = ckpt.resolve_resume(out_dir, cfg.resume_from_checkpoint)
+    if resume_dir is None and (found := ckpt.run_in_progress(out_dir)):
+        raise ConfigError(
+            f"output_dir: {out_dir} already holds a run ({', '.join(found[:3])}); continue it with "
+            "--resume_from_checkpoint=latest, or choose another output_dir"
+        )
+    set_seed(cfg.seed)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_config(cfg))
 
     tokenizer = load_tokenizer(cfg)
-    data = load_strided_datasets(cfg, tokenizer)
+    data = load_strided_datasets(cfg, tokenizer, search_dir=config_dir)
     model = load_policy(cfg, tokenizer, device)
-    bf16 = use_bf16(cfg.bf16, device)
-    autocast_dtype = torch.bfloat16 if bf16 else None
-    num_layers = model.config.num_hidden_layers
+    autocast_dtype = torch.bfloat16 if use_bf16(cfg.bf16, device) else None
     feature_device = torch.device(cfg.ebft.feature_device) if cfg.ebft.feature_device else device
+    # Built before any checkpoint is loaded: for full fine-tuning the feature network is a frozen copy of
+    # the *base* weights, also on resume.
     features = FeatureNetwork(
         model,
-        layer_indices(cfg.ebft.feature_layers, num_layers),
+        layer_indices(cfg.ebft.feature_layers, model.config.num_hidden_layers),
         device=feature_device,
         autocast_dtype=autocast_dtype,
     )
     settings = StridedSettings.from_config(cfg.ebft)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
-    total_steps = total_optimizer_steps(cfg, len(data.train))
+    total_steps = total_optimizer_steps(cfg, len(data.train), world)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
-    batches = micro_batches(data.train, cfg.micro_batch_size, cfg.seed)
+
+    state, window = ckpt.TrainState(), Window()
+    if resume_dir is not None:
+        state = ckpt.load_checkpoint(
+            resume_dir, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator
+        )
+        window = Window(**state.window) if state.window else Window()
+        if is_main:
+            for name in ("metrics.jsonl", "rollouts.jsonl"):
+                ckpt.truncate_jsonl(out_dir / name, state.step)
+        log.info("resuming from %s at step %d", resume_dir, state.step)
+
+    mb, gas = cfg.micro_batch_size, cfg.gradient_accumulation_steps
+    batches = global_micro_batches(len(data.train), mb * world, cfg.seed, start=state.data_position)
     pad_id = tokenizer.pad_token_id
     rollout_log = RolloutLog(out_dir / "rollouts.jsonl") if (cfg.ebft.log_rollouts and is_main) else None
-
     logger = MetricsLogger(
         out_dir,
         use_tensorboard=cfg.use_tensorboard,
@@ -177,68 +257,124 @@ def train(cfg: TrainConfig, *, console=None) -> TrainResult:
         is_main=is_main,
         console=console,
     )
+
+    def save(name: str) -> Path:
+        target = out_dir / name
+        state.window = {"sums": dict(window.sums), "steps": window.steps}
+        ckpt.save_checkpoint(
+            target,
+            model=model,
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=state,
+            accelerator=accelerator,
+        )
+        if is_main:
+            ckpt.rotate(out_dir, cfg.save_total_limit)
+        return target
+
     last: dict[str, float] = {}
-    window: dict[str, float] = {}
-    window_steps = 0
     model.train()
-    with (
-        logger,
-        Progress(total_steps, description="ebft strided", is_main=is_main, console=logger.console) as bar,
-    ):
-        for step in range(1, total_steps + 1):
+    progress = Progress(
+        total_steps, description="ebft strided", completed=state.step, is_main=is_main, console=logger.console
+    )
+    with logger, progress as bar, stop_on_signals() as stop:
+        while state.step < total_steps:
+            step = state.step + 1
             started = time.perf_counter()
-            micro = [
-                _to_device(collate_documents(next(batches), pad_id), device)
-                for _ in range(cfg.gradient_accumulation_steps)
+            pieces = [next(batches) for _ in range(gas)]
+            local = [
+                collate_documents([data.train[i] for i in piece[rank * mb : (rank + 1) * mb]], pad_id).to(device)
+                for piece in pieces
             ]
-            counts = [count_targets(mb, settings) for mb in micro]
-            totals = StepTotals(sum(c.rl_tokens for c in counts), sum(c.ce_tokens for c in counts))
+            counts = torch.tensor(
+                [[c.rl_tokens, c.ce_tokens] for c in (count_targets(b, settings) for b in local)], dtype=torch.float64
+            ).sum(0)
+            counts = _reduce_sum(accelerator, counts.to(device))
+            totals = StepTotals(int(counts[0]), int(counts[1]))
             sums: dict[str, float] = {}
             records: list[dict] = []
-            first_doc = 0
-            for mb in micro:
-                docs = mb.input_ids.shape[0]
+            for index, batch in enumerate(local):
+                first_doc = index * mb * world + rank * mb  # the document's place in the global step
                 result = strided_microbatch(
                     model,
                     features,
-                    mb,
+                    batch,
                     settings,
                     totals,
                     autocast_dtype=autocast_dtype,
-                    generators=document_generators(cfg.seed, step, first_doc, docs, device),
-                    keep_rollouts=rollout_log is not None,
+                    generators=document_generators(cfg.seed, step, first_doc, batch.input_ids.shape[0], device),
+                    keep_rollouts=cfg.ebft.log_rollouts,
                 )
-                first_doc += docs
                 for key, value in result.sums.items():
                     sums[key] = sums.get(key, 0.0) + value
-                records.extend(result.rollouts)
+                sums["loss"] = sums.get("loss", 0.0) + result.loss
+                records.extend({"document": first_doc + d, **r} for d, r in enumerate(result.rollouts))
+
+            keys = sorted(sums)
+            reduced = _reduce_sum(
+                accelerator, torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+            )
+            sums = dict(zip(keys, reduced.tolist(), strict=True))
+            _all_reduce_grads(accelerator, params)
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            finite = all(math.isfinite(v) for v in sums.values()) and math.isfinite(grad_norm)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
+            if finite:
+                optimizer.step()
+                scheduler.step()
+                state.consecutive_skips = 0
+            else:
+                state.skipped_steps += 1
+                state.consecutive_skips += 1
+                log.warning("step %d: non-finite loss, reward or gradient; update skipped", step)
             optimizer.zero_grad(set_to_none=True)
+            state.step, state.data_position = step, state.data_position + gas
             elapsed = time.perf_counter() - started
 
-            if rollout_log is not None:
-                rollout_log.append([{"step": step, "document": d, **r} for d, r in enumerate(records)])
-            for key, value in sums.items():
-                window[key] = window.get(key, 0.0) + value
-            window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
-            window["seconds"] = window.get("seconds", 0.0) + elapsed
-            window_steps += 1
+            if cfg.ebft.log_rollouts:
+                gathered = gather_object(records) if world > 1 else records
+                if rollout_log is not None:
+                    rollout_log.append([{"step": step, **r} for r in sorted(gathered, key=lambda r: r["document"])])
+            if finite:
+                window.add({**sums, "grad_norm": grad_norm, "seconds": elapsed})
             if step % cfg.logging_steps == 0 or step == total_steps:
-                last = step_metrics(window, settings)
-                last["grad_norm"] = window["grad_norm"] / window_steps
-                last["learning_rate"] = lr
-                last["tokens_per_second"] = (window["doc_tokens"] + window["rl_tokens"]) / max(window["seconds"], 1e-9)
-                last["step_seconds"] = window["seconds"] / window_steps
-                last["peak_memory_mib"] = peak_memory_bytes(device) / 2**20
+                last = _logged(window, settings, lr, device) if window.steps else {}
+                last["ebft/skipped_steps"] = float(state.skipped_steps)
                 logger.log(step, last)
-                window, window_steps = {}, 0
+                window = Window()
             bar.advance(1, postfix=f"reward {last.get('ebft/mean_reward', float('nan')):+.3f}")
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps and is_main:
-                save_checkpoint(model, tokenizer, out_dir / f"checkpoint-{step}", step)
+
+            if state.consecutive_skips >= cfg.max_consecutive_skipped_steps:
+                saved = save(f"checkpoint-{step}")
+                raise TooManySkippedSteps(
+                    f"{state.consecutive_skips} consecutive steps had a non-finite loss, reward or gradient "
+                    f"(last at step {step}); stopped. The last good state is saved in {saved}. Lower the "
+                    "learning_rate, set max_grad_norm, or check the data."
+                )
+            stop_now = _reduce_sum(accelerator, torch.tensor([float(bool(stop))], device=device)).item() > 0
+            if stop_now:
+                saved = save(f"checkpoint-{step}")
+                raise TrainingInterrupted(
+                    f"interrupted at step {step}; checkpoint saved to {saved}. Resume with: "
+                    f"ebft train <config> --output_dir={out_dir} --resume_from_checkpoint=latest"
+                )
+            if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+                save(f"checkpoint-{step}")
     if is_main:
-        write_model(model, tokenizer, out_dir, total_steps)
+        ckpt.write_model(model, tokenizer, out_dir)
+    accelerator.wait_for_everyone()
     return TrainResult(output_dir=out_dir, steps=total_steps, last_metrics=last)
+
+
+def _logged(window: Window, s: StridedSettings, lr: float, device) -> dict[str, float]:
+    sums, steps = window.sums, window.steps
+    out = step_metrics(sums, s)
+    out["grad_norm"] = sums["grad_norm"] / steps
+    out["learning_rate"] = lr
+    out["tokens_per_second"] = (sums["doc_tokens"] + sums["rl_tokens"]) / max(sums["seconds"], 1e-9)
+    out["step_seconds"] = sums["seconds"] / steps
+    out["peak_memory_mib"] = peak_memory_bytes(device) / 2**20
+    return out

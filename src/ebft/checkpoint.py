@@ -1,0 +1,149 @@
+"""Checkpoints that survive crashes and resume exactly.
+
+A checkpoint folder ``checkpoint-N`` holds the model (or LoRA adapter) and tokenizer in HF format,
+plus everything needed to continue as if never stopped: optimizer, scheduler, every process's RNG
+states, the data position and the step. It is written into ``checkpoint-N.tmp`` and renamed, so a
+crash mid-save leaves the previous checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ebft.errors import ConfigError
+
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where the run is: optimizer steps done, micro-batches consumed, faults seen."""
+
+    step: int = 0
+    data_position: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    window: dict = field(default_factory=dict)  # metric sums since the last logged step
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_model(model, tokenizer, directory: Path) -> None:
+    """The model (or LoRA adapter) and tokenizer in HF format."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def save_checkpoint(directory: Path, *, model, tokenizer, optimizer, scheduler, state: TrainState, accelerator) -> None:
+    """Write ``directory`` atomically. Every process writes its RNG state; the main process the rest."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        write_model(model, tokenizer, tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    accelerator.wait_for_everyone()
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoint folders in ``output_dir``, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).exists()]
+
+
+def rotate(output_dir: Path, keep: int | None) -> None:
+    """Delete the oldest checkpoints beyond ``keep``."""
+    if keep is None:
+        return
+    for old in checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old)
+
+
+def resolve_resume(output_dir: Path, setting: str | None) -> Path | None:
+    """The checkpoint folder named by ``resume_from_checkpoint`` (``latest``: the newest in output_dir)."""
+    if setting is None:
+        return None
+    if setting == "latest":
+        found = checkpoints(output_dir)
+        if not found:
+            raise ConfigError(f"resume_from_checkpoint: latest, but {output_dir} holds no checkpoint-N folder")
+        return found[-1]
+    path = Path(setting)
+    if not (path / STATE_FILE).exists():
+        raise ConfigError(f"resume_from_checkpoint: {setting} is not a checkpoint folder (no {STATE_FILE})")
+    return path
+
+
+def load_checkpoint(directory: Path, *, model, optimizer, scheduler, accelerator) -> TrainState:
+    """Restore weights, optimizer, scheduler and this process's RNG states; return the saved state."""
+    from safetensors.torch import load_file
+
+    adapter = directory / "adapter_model.safetensors"
+    if adapter.exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(adapter))
+    else:
+        weights = {}
+        for shard in sorted(directory.glob("model*.safetensors")):
+            weights.update(load_file(shard))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+            raise ConfigError(f"resume_from_checkpoint: {directory} does not match this model's weights")
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
+    rng_file = directory / f"rng_state_{accelerator.process_index}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return TrainState(**json.loads((directory / STATE_FILE).read_text()))
+
+
+def run_in_progress(output_dir: Path) -> list[str]:
+    """What in ``output_dir`` shows that another run already wrote there."""
+    if not output_dir.is_dir():
+        return []
+    marks = [p.name for p in (output_dir / "metrics.jsonl", output_dir / STATE_FILE) if p.exists()]
+    return marks + [p.name for p in checkpoints(output_dir)]
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop lines logged after ``last_step`` (they belong to the part of the run being redone)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
