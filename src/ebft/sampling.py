@@ -27,6 +27,11 @@ def sample_tokens(
     scaled = logits.float() / temperature
     if top_p < 1.0:
         scaled = scaled.masked_fill(~nucleus_keep(scaled, top_p), float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-    return flat.reshape(probs.shape[:-1])
+    probs = torch.softmax(scaled, dim=-1).reshape(-1, scaled.shape[-1])
+    bad = ~torch.isfinite(probs).all(dim=-1)
+    if bad.any():
+        # Non-finite logits (diverged weights): draw uniformly so the step completes; its loss is then
+        # non-finite too and the trainer skips the update.
+        probs = torch.where(bad[:, None], torch.full_like(probs, 1.0 / probs.shape[-1]), probs)
+    flat = torch.multinomial(probs, 1, generator=generator)
+    return flat.reshape(scaled.shape[:-1])
