@@ -220,33 +220,14 @@ def strided_microbatch(
     scores = score_rollouts(features, packed, plan, positions, layout, batch.labels, s)
 
     D, n, K, g = layout.num_docs, layout.n, layout.k, layout.g
-    tok_valid = layout.valid[:, None, :, None].expand(D, n, K, g)
-    adv_tok = scores.advantage[..., None].expand(D, n, K, g).detach()
-    predictors = layout.predictor_index()  # [D, n, K, g]
-    ce_mask = batch.labels[:, 1:] != -100  # [D, L-1]: target x_{p+1} is predicted at position p
     logp = torch.zeros(D, n, K, g, device=device)
     rl_sum = ce_sum = 0.0
     # The policy pass runs one packed row at a time and back-propagates at once, so only one
     # document's activations are alive; the loss is a sum over documents, so the gradient is unchanged.
     for d in range(D):
-        one = slice(d, d + 1)
-        loss_d, rl_d, ce_d, logp[d] = _policy_document(
-            policy,
-            packed[one],
-            build_plan(layout.select(d), use_flex=use_flex),
-            positions[one],
-            batch.input_ids[d],
-            predictors[d],
-            tokens[d],
-            tok_valid[d],
-            adv_tok[d],
-            ce_mask[d],
-            s,
-            totals,
-            autocast_dtype,
+        rl_d, ce_d, logp[d] = _policy_document(
+            policy, batch, d, layout, tokens, scores.advantage, s, totals, autocast_dtype, use_flex
         )
-        if loss_d.requires_grad:
-            loss_d.backward()
         rl_sum += rl_d
         ce_sum += ce_d
     loss = s.rl_coef * rl_sum / max(totals.rl_tokens, 1)
@@ -266,9 +247,9 @@ def strided_microbatch(
         "advantage_sq": float((adv.double() ** 2).sum()),
         "cfm": float(scores.cfm[layout.valid].sum()),
         "rl_sum": rl_sum,
-        "rl_tokens": float(tok_valid.sum()),
+        "rl_tokens": float(sample_valid.sum() * g),
         "ce_sum": ce_sum,
-        "ce_tokens": float(ce_mask.sum()) if s.ce_coef > 0 else 0.0,
+        "ce_tokens": float((batch.labels[:, 1:] != -100).sum()) if s.ce_coef > 0 else 0.0,
         "doc_tokens": float(batch.lengths.sum()),
     }
     records = rollout_records(batch, layout, tokens, logp, scores) if keep_rollouts else []
@@ -276,30 +257,46 @@ def strided_microbatch(
 
 
 def _policy_document(
-    policy, packed, plan, positions, doc_ids, predictors, tokens, tok_valid, adv_tok, ce_mask, s, totals, autocast_dtype
-):
-    """Forward one packed row with grad; return (scaled loss, RL sum, CE sum, log-probs [n, K, g])."""
-    device = packed.device
+    policy, batch: DocumentBatch, d: int, layout: StridedLayout, tokens, advantage, s, totals, autocast_dtype, use_flex
+) -> tuple[float, float, torch.Tensor]:
+    """Forward document d's packed row with grad and back-propagate its share of the step loss.
+
+    Returns (RL sum, CE sum, log-probs [n, K, g] used in the loss, zero on invalid slots).
+    """
+    device = batch.input_ids.device
+    lay = layout.select(d)
+    n, K, g = lay.n, lay.k, lay.g
+    tok_valid = lay.valid[0][None, :, None].expand(n, K, g)
+    doc_ids = batch.input_ids[d]
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     head = policy.get_output_embeddings()
     with autocast, strided_backend(policy):
-        hidden = strided_forward(backbone_of(policy), packed, positions, plan)[0]  # [S, H]
+        packed = pack(doc_ids[None], tokens[d : d + 1])
+        plan = build_plan(lay, use_flex=use_flex)
+        hidden = strided_forward(backbone_of(policy), packed, lay.position_ids(), plan)[0]  # [S, H]
         # RL: generated token (t, i, k) is scored by its own rollout's previous position (predictor_index).
         logp = token_logprobs(
-            hidden[predictors[tok_valid]], tokens[tok_valid], head, temperature=s.logprob_temperature, top_p=s.top_p
+            hidden[lay.predictor_index()[0][tok_valid]],
+            tokens[d][tok_valid],
+            head,
+            temperature=s.logprob_temperature,
+            top_p=s.top_p,
         )
-    rl_sum = -(adv_tok[tok_valid] * logp).sum()
+    rl_sum = -(advantage[d, :, :, None].expand(n, K, g)[tok_valid].detach() * logp).sum()
     loss = s.rl_coef * rl_sum / max(totals.rl_tokens, 1)
     ce_sum = torch.zeros((), device=device)
     if s.ce_coef > 0:
         # Teacher-forced CE on the document's labelled tokens, counted once (the row is shared by all samples).
+        ce_mask = batch.labels[d, 1:] != -100  # target x_{p+1} is predicted at position p
         with autocast:
             ce_logp = token_logprobs(hidden[: doc_ids.shape[0] - 1][ce_mask], doc_ids[1:][ce_mask], head)
         ce_sum = -ce_logp.sum()
         loss = loss + s.ce_coef * ce_sum / max(totals.ce_tokens, 1)
-    full = torch.zeros(tokens.shape, device=device)
+    if loss.requires_grad:
+        loss.backward()
+    full = torch.zeros(tokens.shape[1:], device=device)
     full[tok_valid] = logp.detach().float()
-    return loss, float(rl_sum.detach()), float(ce_sum.detach()), full
+    return float(rl_sum.detach()), float(ce_sum.detach()), full
 
 
 def document_generators(seed: int, step: int, first_doc: int, count: int, device) -> list[torch.Generator]:
