@@ -172,8 +172,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     docs = torch.randint(0, args.vocab, (args.docs, args.seq_len), generator=g)
     train_dataset = [
-        {"input_ids": docs[i], "attention_mask": torch.ones(args.seq_len, dtype=torch.long)}
-        for i in range(args.docs)
+        {"input_ids": docs[i], "attention_mask": torch.ones(args.seq_len, dtype=torch.long)} for i in range(args.docs)
     ]
 
     out_dir = tempfile.mkdtemp(prefix="axo_strided_bench_")
@@ -301,9 +300,7 @@ def main(argv=None) -> int:
     S, g_, s, a = args.seq_len, args.gen, args.stride, args.context
     nb = (S - g_ - a) // s + 1
     print(f"layout: seq_len={S} num_blocks={nb} full_len={S + g_ * nb} rows_per_step={args.docs * args.n}")
-    print(
-        f"rss_before_train_mib={current_rss_mib():.1f} peak_rss_before_train_mib={rss_mib():.1f}", flush=True
-    )
+    print(f"rss_before_train_mib={current_rss_mib():.1f} peak_rss_before_train_mib={rss_mib():.1f}", flush=True)
 
     t_start = time.perf_counter()
     trainer.train()

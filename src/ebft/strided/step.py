@@ -270,30 +270,32 @@ def _policy_document(
     doc_ids = batch.input_ids[d]
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     head = policy.get_output_embeddings()
-    with autocast, strided_backend(policy):
-        packed = pack(doc_ids[None], tokens[d : d + 1])
-        plan = build_plan(lay, use_flex=use_flex)
-        hidden = strided_forward(backbone_of(policy), packed, lay.position_ids(), plan)[0]  # [S, H]
-        # RL: generated token (t, i, k) is scored by its own rollout's previous position (predictor_index).
-        logp = token_logprobs(
-            hidden[lay.predictor_index()[0][tok_valid]],
-            tokens[d][tok_valid],
-            head,
-            temperature=s.logprob_temperature,
-            top_p=s.top_p,
-        )
-    rl_sum = -(advantage[d, :, :, None].expand(n, K, g)[tok_valid].detach() * logp).sum()
-    loss = s.rl_coef * rl_sum / max(totals.rl_tokens, 1)
-    ce_sum = torch.zeros((), device=device)
-    if s.ce_coef > 0:
-        # Teacher-forced CE on the document's labelled tokens, counted once (the row is shared by all samples).
-        ce_mask = batch.labels[d, 1:] != -100  # target x_{p+1} is predicted at position p
+    # The backend stays selected through backward: gradient checkpointing recomputes the layers there.
+    with strided_backend(policy):
         with autocast:
-            ce_logp = token_logprobs(hidden[: doc_ids.shape[0] - 1][ce_mask], doc_ids[1:][ce_mask], head)
-        ce_sum = -ce_logp.sum()
-        loss = loss + s.ce_coef * ce_sum / max(totals.ce_tokens, 1)
-    if loss.requires_grad:
-        loss.backward()
+            packed = pack(doc_ids[None], tokens[d : d + 1])
+            plan = build_plan(lay, use_flex=use_flex)
+            hidden = strided_forward(backbone_of(policy), packed, lay.position_ids(), plan)[0]  # [S, H]
+            # RL: generated token (t, i, k) is scored by its own rollout's previous position (predictor_index).
+            logp = token_logprobs(
+                hidden[lay.predictor_index()[0][tok_valid]],
+                tokens[d][tok_valid],
+                head,
+                temperature=s.logprob_temperature,
+                top_p=s.top_p,
+            )
+        rl_sum = -(advantage[d, :, :, None].expand(n, K, g)[tok_valid].detach() * logp).sum()
+        loss = s.rl_coef * rl_sum / max(totals.rl_tokens, 1)
+        ce_sum = torch.zeros((), device=device)
+        if s.ce_coef > 0:
+            # Teacher-forced CE on the document's labelled tokens, counted once (the row is shared by all samples).
+            ce_mask = batch.labels[d, 1:] != -100  # target x_{p+1} is predicted at position p
+            with autocast:
+                ce_logp = token_logprobs(hidden[: doc_ids.shape[0] - 1][ce_mask], doc_ids[1:][ce_mask], head)
+            ce_sum = -ce_logp.sum()
+            loss = loss + s.ce_coef * ce_sum / max(totals.ce_tokens, 1)
+        if loss.requires_grad:
+            loss.backward()
     full = torch.zeros(tokens.shape[1:], device=device)
     full[tok_valid] = logp.detach().float()
     return float(rl_sum.detach()), float(ce_sum.detach()), full
