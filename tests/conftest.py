@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sysconfig
 from pathlib import Path
 
@@ -28,3 +29,24 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(autouse=True)
+def _restore_ebft_logger():
+    """``main`` configures the ``ebft`` logger (rich handler, no propagation); undo it for later tests."""
+    logger = logging.getLogger("ebft")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _datasets_logging_outside_capsys():
+    """datasets' log handler writes to the sys.stderr of its first use; make that pytest's session stream.
+
+    Created under ``capsys`` it would keep that test's stream, closed afterwards, and a later datasets
+    log line would print logging's own "--- Logging error ---" traceback into another test's stderr.
+    """
+    from datasets.utils import logging as datasets_logging
+
+    datasets_logging.get_logger()

@@ -743,7 +743,9 @@ def _axolotl_compat(raw: dict[str, Any]) -> tuple[list[str], list[str]]:
                 problems.append(f"{key}: {UNSUPPORTED_AXOLOTL_KEYS[key]} (got {_show(value)})")
         elif value is not None:
             notes.append(f"{key}: ignored; {IGNORED_AXOLOTL_KEYS[key]}")
-    for i, spec in enumerate(raw.get("datasets") or []):
+    # A `datasets` that is not a list is reported by the schema; here it only has to be skipped.
+    datasets = raw.get("datasets")
+    for i, spec in enumerate(datasets if isinstance(datasets, list) else []):
         if isinstance(spec, dict) and "train_on_split" in spec:
             split = spec.pop("train_on_split")
             if "split" in spec and spec["split"] != split:

@@ -6,8 +6,10 @@ import copy
 import logging
 from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ebft.errors import ConfigError
@@ -22,14 +24,32 @@ def use_bf16(setting: bool | str, device: torch.device) -> bool:
     return bool(setting)
 
 
+def _require_local_folder(key: str, source: str) -> None:
+    """A path that can only be local and is not a folder: say so, instead of the hub's repo-id complaint."""
+    local = Path(source).expanduser()
+    if local.is_dir() or not (source.startswith(("/", ".", "~")) or local.exists()):
+        return
+    if local.exists():
+        raise ConfigError(f"{key}: {source!r} is a file, not a model folder")
+    raise ConfigError(f"{key}: no such folder {source!r}")
+
+
 def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
+    key = "tokenizer_config" if cfg.tokenizer_config else "base_model"
     source = cfg.tokenizer_config or cfg.base_model
+    _require_local_folder(key, source)
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"base_model / tokenizer_config: cannot load a tokenizer from {source!r}: {exc}") from exc
+        local = Path(source).expanduser()
+        if local.is_dir() and not any(local.glob("tokenizer*")):
+            raise ConfigError(
+                f"{key}: the folder {source!r} holds no tokenizer (no tokenizer.json or tokenizer_config.json); "
+                "save the tokenizer there or set tokenizer_config to a folder or hub id that has one"
+            ) from exc
+        raise ConfigError(f"{key}: cannot load a tokenizer from {source!r}: {exc}") from exc
     if cfg.special_tokens:
         tok.add_special_tokens(dict(cfg.special_tokens))
     if tok.pad_token is None:
@@ -52,12 +72,15 @@ def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
     # Full fine-tuning keeps fp32 master weights (autocast supplies bf16 compute); LoRA freezes the base,
     # so it can be stored in bf16 while the adapters stay fp32.
     dtype = torch.bfloat16 if (bf16 and cfg.adapter == "lora") else torch.float32
+    _require_local_folder("base_model", cfg.base_model)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.base_model, dtype=dtype, attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code
         )
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"base_model: cannot load {cfg.base_model!r}: {exc}") from exc
+    # RuntimeError: weights whose shapes do not match config.json; SafetensorError: a truncated or
+    # corrupt weights file (an interrupted download).
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise ConfigError(f"base_model: cannot load {cfg.base_model!r}: {type(exc).__name__}: {exc}") from exc
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and cfg.sequence_len > max_pos:
         raise ConfigError(f"sequence_len: {cfg.sequence_len} exceeds the model's max_position_embeddings ({max_pos})")

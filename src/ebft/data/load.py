@@ -58,11 +58,16 @@ def load_raw(spec) -> Dataset:
     else:
         args = (path, name)
         kwargs = {"split": split, "data_files": data_files}
+    from datasets.exceptions import DatasetGenerationError
+
     # datasets raises many exception types here (ValueError, FileNotFoundError, ConnectionError, ...).
     try:
         return load_dataset(*args, **kwargs)
     except Exception as exc:
-        raise DataError(f"dataset '{path}' (split '{split}'): {type(exc).__name__}: {exc}") from exc
+        # DatasetGenerationError only says that generation failed; its cause says why and where, e.g.
+        # "ArrowInvalid: JSON parse error: Invalid value. in row 1".
+        cause = exc.__cause__ if isinstance(exc, DatasetGenerationError) and exc.__cause__ is not None else exc
+        raise DataError(f"dataset '{path}' (split '{split}'): {type(cause).__name__}: {cause}") from exc
 
 
 def _looks_local(path: str) -> bool:
