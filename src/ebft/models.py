@@ -64,6 +64,23 @@ def load_tokenizer(cfg):
     return tok
 
 
+def check_model_config(cfg) -> None:
+    """Checks that need only the model's config.json, run before any data or weights load."""
+    from transformers import AutoConfig
+
+    _require_local_folder("base_model", cfg.base_model)
+    try:
+        config = AutoConfig.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"base_model: cannot load the config of {cfg.base_model!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    max_pos = getattr(config, "max_position_embeddings", None)
+    # Packed strided rows reuse the document's positions (a rollout token takes c_k + t < sequence_len).
+    if max_pos is not None and cfg.sequence_len > max_pos:
+        raise ConfigError(f"sequence_len: {cfg.sequence_len} exceeds the model's max_position_embeddings ({max_pos})")
+
+
 def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
     """The trainable model: full weights, or a PEFT LoRA wrapper over frozen base weights."""
     from transformers import AutoModelForCausalLM
@@ -81,9 +98,6 @@ def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
     # corrupt weights file (an interrupted download).
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ConfigError(f"base_model: cannot load {cfg.base_model!r}: {type(exc).__name__}: {exc}") from exc
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and cfg.sequence_len > max_pos:
-        raise ConfigError(f"sequence_len: {cfg.sequence_len} exceeds the model's max_position_embeddings ({max_pos})")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False

@@ -30,7 +30,7 @@ from ebft.data.collate import collate_documents
 from ebft.errors import ConfigError, EbftError
 from ebft.features import layer_indices
 from ebft.metrics import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
-from ebft.models import FeatureNetwork, load_policy, load_tokenizer, use_bf16
+from ebft.models import FeatureNetwork, check_model_config, load_policy, load_tokenizer, use_bf16
 from ebft.strided.step import (
     StepTotals,
     StridedSettings,
@@ -213,6 +213,7 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_config(cfg))
 
+    check_model_config(cfg)
     tokenizer = load_tokenizer(cfg)
     data = load_strided_datasets(cfg, tokenizer, search_dir=config_dir)
     model = load_policy(cfg, tokenizer, device)
