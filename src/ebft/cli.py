@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,24 +21,32 @@ def _parser() -> argparse.ArgumentParser:
         description="Energy-Based Fine-Tuning (feature matching) for Hugging Face causal language models.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    # --debug is accepted after the command too (`ebft train cfg.yaml --debug`); SUPPRESS keeps the
+    # value parsed before the command when it is not repeated after it.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("validate", "load and check a config, print the resolved config; loads no weights"),
         ("train", "train with EBFT as the config says"),
     ):
+        # No abbreviations: an override such as --he=1 must reach the config, not match --help.
         cmd = sub.add_parser(
             name,
             help=text,
             description=text + ". Any config key can be overridden: --ebft.stride=4 --max_steps=10.",
+            parents=[debug],
+            allow_abbrev=False,
         )
         cmd.add_argument("config", help="path to the YAML config")
-    _add_evaluate(sub)
+    _add_evaluate(sub, debug)
     quick = sub.add_parser(
         "quickstart",
         help="offline demo: pretrain a small model on this Python's sources, compare SFT and EBFT, write a report",
         description="Offline demo on this Python installation's standard-library sources: train a tokenizer and a "
         "small Llama from scratch, fine-tune it with SFT and with strided EBFT for the same number of steps, "
         "evaluate all three on held-out files and write report.html with plots.",
+        parents=[debug],
         allow_abbrev=False,
     )
     quick.add_argument("--out", default="ebft-quickstart", help="output folder (default: %(default)s)")
@@ -45,12 +54,13 @@ def _parser() -> argparse.ArgumentParser:
         "--minutes",
         type=float,
         default=None,
-        help="time budget that scales every phase (default: about 11, which fits in 15 minutes on 2 CPU cores)",
+        help="time budget in minutes on an idle 2-core machine; scales every phase (default: 8)",
     )
     plot = sub.add_parser(
         "plot",
         help="render a run's metrics.jsonl to PNG plots",
         description="Render RUN_DIR/metrics.jsonl to one PNG per metric (needs matplotlib: pip install 'ebft[plot]').",
+        parents=[debug],
         allow_abbrev=False,
     )
     plot.add_argument("run_dir", help="a training output folder holding metrics.jsonl")
@@ -58,12 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_evaluate(sub) -> None:
+def _add_evaluate(sub, debug: argparse.ArgumentParser) -> None:
     text = "evaluate the base model or a checkpoint on held-out documents (strided rollouts, CFM loss, CE)"
     cmd = sub.add_parser(
         "evaluate",
         help=text,
         description=text + ". Any config key can be overridden: --ebft.n_samples_per_prompt=8.",
+        parents=[debug],
         allow_abbrev=False,
     )
     cmd.add_argument("config", help="path to the YAML config (the training config)")
@@ -91,13 +102,17 @@ def _add_evaluate(sub) -> None:
 
 
 def _setup_logging() -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     if not log.handlers:
-        handler = RichHandler(show_time=False, show_path=False, markup=False)
+        # stderr, so `ebft validate cfg.yaml > resolved.yaml` gets clean YAML.
+        handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    # Under a multi-process launch only the main process reports progress; the others say only what is wrong.
+    main_process = os.environ.get("RANK", "0") == "0"
+    log.setLevel(logging.INFO if main_process else logging.WARNING)
     log.propagate = False
 
 
@@ -137,6 +152,8 @@ def _run(args, overrides: list[str]) -> int:
     if args.command == "validate":
         print(dump_config(cfg), end="")
         return 0
+    if args.command == "evaluate":
+        return _run_evaluate(args, cfg)
     from ebft.trainer import TrainingInterrupted, train
 
     try:

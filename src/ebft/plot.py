@@ -1,0 +1,112 @@
+"""PNG plots of metrics: ``ebft plot RUN_DIR`` and the quickstart's comparison figures.
+
+matplotlib is an optional extra (``pip install 'ebft[plot]'``), imported only when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ebft.errors import EbftError
+
+# Bookkeeping columns of metrics.jsonl that are not worth a figure.
+SKIPPED_KEYS = frozenset({"step", "peak_memory_mib", "step_seconds", "ebft/skipped_steps"})
+
+Curve = tuple[Sequence[float], Sequence[float]]  # (steps, values)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise EbftError("plotting needs matplotlib; install it with: pip install 'ebft[plot]'") from exc
+    matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file, in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise EbftError(f"{path}: no such file (a training run writes metrics.jsonl into its output_dir)")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise EbftError(f"{path}, line {number}: not JSON ({exc.msg})") from exc
+    return records
+
+
+def series(records: Sequence[Mapping], key: str) -> Curve:
+    """(steps, values) of one metric, leaving out records where it is missing, null or not finite."""
+    steps, values = [], []
+    for record in records:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            steps.append(record["step"])
+            values.append(float(value))
+    return steps, values
+
+
+def metric_keys(records: Sequence[Mapping]) -> list[str]:
+    """Numeric metrics present in the records, in first-seen order, without bookkeeping columns."""
+    keys: dict[str, None] = {}
+    for record in records:
+        for key, value in record.items():
+            if key not in SKIPPED_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                keys.setdefault(key)
+    return list(keys)
+
+
+def file_name(key: str) -> str:
+    """A metric name as a PNG file name: ``ebft/cfm_loss`` -> ``ebft_cfm_loss.png``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_") + ".png"
+
+
+def plot_curves(
+    curves: Mapping[str, Curve], path: str | Path, *, title: str, ylabel: str, xlabel: str = "step"
+) -> Path:
+    """One figure with a line per labelled curve, saved to ``path``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=110)
+    try:
+        for label, (steps, values) in curves.items():
+            ax.plot(steps, values, marker="o" if len(steps) <= 30 else None, markersize=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(curves) > 1:
+            ax.legend()
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """One PNG per metric of ``run_dir/metrics.jsonl`` in ``out_dir`` (default ``run_dir/plots``)."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    keys = metric_keys(records)
+    if not keys:
+        raise EbftError(f"{run_dir / 'metrics.jsonl'}: no numeric metrics to plot")
+    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    paths = []
+    for key in keys:
+        curve = series(records, key)
+        if curve[0]:
+            paths.append(plot_curves({key: curve}, out / file_name(key), title=f"{run_dir.name}: {key}", ylabel=key))
+    return paths

@@ -1,0 +1,256 @@
+"""The quickstart's report: a verdict per metric, PNG figures, ``report.html`` and a console summary.
+
+A verdict compares SFT and EBFT document by document on the same held-out documents
+(``eval_metrics.compare_paired``): a method wins a metric only when its mean advantage exceeds twice
+the standard error of the paired differences; otherwise the metric is a tie. The verdicts are stated
+whatever they are.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ebft.eval_metrics import compare_paired
+from ebft.evaluate import METRICS, format_value, json_safe
+
+NAMES = {"base": "base", "sft": "SFT", "ebft": "EBFT"}
+# Held-out curves drawn for both runs: (metric, title).
+CURVES = (
+    ("cfm_loss", "feature-matching loss (held-out, lower is better)"),
+    ("alignment", "alignment (held-out, higher is better)"),
+    ("diversity", "diversity (held-out, similarity between samples)"),
+    ("ce_loss", "cross-entropy (held-out, lower is better)"),
+)
+# EBFT's own training metrics (on its training rollouts).
+EBFT_TRAINING = ("ebft/cfm_loss", "ebft/alignment", "ebft/diversity", "ebft/mean_reward")
+
+__all__ = ["compare", "json_safe", "print_summary", "render_html", "write_plots"]
+
+
+def compare(finals: Mapping) -> list[dict]:
+    """One row per metric: base/SFT/EBFT values and the SFT-vs-EBFT verdict.
+
+    ``finals`` maps "base", "sft", "ebft" to ``EvalResult`` objects over the same documents. Answer-token
+    metrics are left out when every token is an answer token (raw text), since they repeat the others.
+    """
+    sft, ebft, base = finals["sft"], finals["ebft"], finals["base"]
+    data = sft.info.get("data", {})
+    same_tokens = data.get("answer_tokens") == data.get("tokens")
+    rows = []
+    for key, label, better in METRICS:
+        if same_tokens and key.startswith("answer_"):
+            continue
+        pairs = [
+            (x[key], y[key])
+            for x, y in zip(sft.documents, ebft.documents, strict=True)
+            if x[key] is not None and y[key] is not None and math.isfinite(x[key]) and math.isfinite(y[key])
+        ]
+        row = {
+            "metric": key,
+            "label": label,
+            "better": better,
+            "base": base.metrics.get(key),
+            "sft": sft.metrics.get(key),
+            "ebft": ebft.metrics.get(key),
+            "winner": "n/a",
+            "diff": None,
+            "stderr": None,
+        }
+        if pairs:
+            result = compare_paired([p[0] for p in pairs], [p[1] for p in pairs], higher_is_better=better == "higher")
+            row.update(
+                winner={"a": "SFT", "b": "EBFT", "tie": "tie"}[result.winner], diff=result.diff, stderr=result.stderr
+            )
+        rows.append(row)
+    return rows
+
+
+def verdict_sentences(rows: Sequence[Mapping]) -> list[str]:
+    """Plain statements: which metrics EBFT wins, which SFT wins, which are ties."""
+    groups: dict[str, list[str]] = {"EBFT": [], "SFT": [], "tie": []}
+    for row in rows:
+        if row["winner"] in groups:
+            groups[row["winner"]].append(row["label"])
+    out = []
+    for who in ("EBFT", "SFT"):
+        if groups[who]:
+            out.append(f"{who} wins on: {', '.join(groups[who])}.")
+        else:
+            out.append(f"{who} wins on no metric.")
+    if groups["tie"]:
+        out.append(f"No clear winner (difference within noise) on: {', '.join(groups['tie'])}.")
+    return out
+
+
+def write_plots(out: Path, summary: Mapping, run_plots: Mapping[str, Sequence[Path]]) -> dict[str, str]:
+    """Draw the report's figures into ``out/plots``; returns {name: path relative to out}."""
+    from ebft.plot import plot_curves, read_metrics, series
+
+    plots_dir = out / "plots"
+    made: dict[str, Path] = {}
+    curves = summary["curves"]
+    for key, title in CURVES:
+        lines = {
+            NAMES[run]: (
+                [p["step"] for p in points if p.get(key) is not None],
+                [p[key] for p in points if p.get(key) is not None],
+            )
+            for run, points in curves.items()
+        }
+        made[f"heldout_{key}"] = plot_curves(lines, plots_dir / f"heldout_{key}.png", title=title, ylabel=key)
+
+    sft_records = read_metrics(out / "sft" / "metrics.jsonl")
+    ebft_records = read_metrics(out / "ebft" / "metrics.jsonl")
+    train_ce = {"SFT": series(sft_records, "ce_loss")}
+    if series(ebft_records, "ebft/ce_loss")[0]:
+        train_ce["EBFT (its CE term)"] = series(ebft_records, "ebft/ce_loss")
+    made["training_ce"] = plot_curves(
+        train_ce, plots_dir / "training_ce.png", title="cross-entropy on training batches", ylabel="ce_loss"
+    )
+    made["training_ebft"] = plot_curves(
+        {key.removeprefix("ebft/"): series(ebft_records, key) for key in EBFT_TRAINING},
+        plots_dir / "training_ebft.png",
+        title="EBFT on its training rollouts",
+        ylabel="value",
+    )
+    made["pretrain_ce"] = plot_curves(
+        {"pretraining": series(read_metrics(out / "base" / "metrics.jsonl"), "ce_loss")},
+        plots_dir / "pretrain_ce.png",
+        title="pretraining from scratch: cross-entropy",
+        ylabel="ce_loss",
+    )
+    rel = {name: str(path.relative_to(out)) for name, path in made.items()}
+    for run, paths in run_plots.items():
+        for path in paths:
+            rel[f"{run}:{path.stem}"] = str(Path(path).relative_to(out))
+    return rel
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def _table(rows: Sequence[Mapping]) -> str:
+    columns = ("metric", "better", "base", "SFT", "EBFT", "winner", "EBFT - SFT")
+    head = "<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
+    body = []
+    for row in rows:
+        diff = "" if row["diff"] is None else f"{row['diff']:+.4f} &plusmn; {2 * row['stderr']:.4f}"
+        cls = {"EBFT": "ebft", "SFT": "sft"}.get(row["winner"], "tie")
+        body.append(
+            f"<tr><td>{html.escape(row['label'])}</td><td>{row['better']}</td>"
+            f"<td>{format_value(row['base'])}</td><td>{format_value(row['sft'])}</td>"
+            f"<td>{format_value(row['ebft'])}</td><td class='{cls}'>{row['winner']}</td><td>{diff}</td></tr>"
+        )
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; } td, th { border: 1px solid #ccc; padding: 4px 8px; }
+td { text-align: right; } td:first-child { text-align: left; } th { background: #f4f4f4; }
+td.ebft { background: #dff0d8; } td.sft { background: #d9edf7; } td.tie { color: #777; }
+p.note { background: #fcf8e3; padding: 6px; }
+img { max-width: 48%; margin: 0.5%; border: 1px solid #eee; } code { background: #f4f4f4; padding: 0 3px; }
+"""
+
+
+def render_html(summary: Mapping) -> str:
+    """The whole report as one HTML page (figures referenced by relative path)."""
+    rows = summary["comparison"]
+    plan, model, corpus = summary["plan"], summary["model"], summary["corpus"]
+    ft = summary["finetune"]
+    ev = summary["evaluation"]["base"]
+    seconds = summary["seconds"]
+    plots = summary["plots"]
+    verdicts = "".join(f"<li>{html.escape(s)}</li>" for s in verdict_sentences(rows))
+    notes = "".join(f"<p class='note'>{html.escape(note)}</p>" for note in summary.get("notes", []))
+    timing = ", ".join(f"{html.escape(k)} {_fmt_seconds(v)}" for k, v in seconds.items() if k != "total")
+    heldout_imgs = "".join(f"<img src='{plots[f'heldout_{key}']}' alt='{key}'>" for key, _ in CURVES)
+    training_imgs = "".join(
+        f"<img src='{plots[name]}' alt='{name}'>" for name in ("training_ebft", "training_ce", "pretrain_ce")
+    )
+    run_links = " ".join(f"<a href='{path}'>{html.escape(name)}</a>" for name, path in plots.items() if ":" in name)
+    ebft_settings = ", ".join(f"{k}={v}" for k, v in ft["ebft"].items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>ebft quickstart report</title><style>{_CSS}</style></head><body>
+<h1>EBFT vs SFT on Python source code</h1>
+<p>A {model["parameters"] / 1e6:.2f}M-parameter Llama ({model["num_layers"]} layers, hidden {model["hidden_size"]},
+BPE vocabulary {model["vocab_size"]}) was trained from scratch on {corpus["train_files"]} files of this Python's
+standard library ({html.escape(str(corpus["root"]))}) for {summary["pretrain"]["steps"]} steps. From that base
+model, SFT and strided EBFT each ran {ft["steps"]["sft"]} / {ft["steps"]["ebft"]} optimizer steps on the same
+training documents in the same order ({ft["documents_per_step"]} documents of {model["sequence_len"]} tokens per step,
+learning rate {ft["learning_rate"]:g}, {ft["lr_scheduler"]}). All three models were evaluated on
+{ev["data"]["documents"]} documents ({ev["data"]["blocks"]} blocks, {ev["data"]["tokens"]} tokens) drawn from
+{corpus["heldout_files"]} held-out files that no model saw in training. Total time {_fmt_seconds(seconds["total"])}
+({timing}).</p>
+{notes}
+<h2>Verdict</h2>
+<ul>{verdicts}</ul>
+{_table(rows)}
+<p>"winner" compares SFT and EBFT on the same held-out documents: a method wins a metric when its mean
+advantage over the other is more than twice the standard error of the per-document differences (the last
+column shows the difference and that margin); otherwise it is a tie. The base column is the starting point
+of both runs.</p>
+
+<h2>Held-out metrics during fine-tuning</h2>
+<p>Each point evaluates a saved checkpoint on {plan["probe_docs"]} held-out documents (step 0 is the base model),
+with the same rollouts settings as the table.</p>
+{heldout_imgs}
+
+<h2>Training curves</h2>
+{training_imgs}
+<p>Per-metric plots of each run (<code>ebft plot RUN_DIR</code>): {run_links}</p>
+
+<h2>How to read this</h2>
+<ul>
+<li><b>Feature-matching loss (CFM)</b>: how far the mean feature vector of the model's 4 sampled continuations is
+from the feature vector of the real continuation, per 8-token block, with features taken from the frozen base
+model's layers at 25/50/75% depth. It is estimated without bias from the samples (pairs of distinct samples
+only), so it can be slightly negative. This is what EBFT optimises. Lower is better.</li>
+<li><b>Alignment</b>: 2 x cosine similarity between a sample's features and the real continuation's. Higher is
+better. <b>Best of n</b> takes the best of the 4 samples per block (an oracle pick).</li>
+<li><b>Diversity</b>: 2 x the mean dot product between different samples' features; lower means the samples differ
+more from each other. Judged alone it rewards noise; it matters together with alignment (reward = alignment -
+diversity, and CFM = 1 - mean(alignment - diversity / 2)).</li>
+<li><b>Cross-entropy / perplexity</b>: teacher-forced next-token loss of the real held-out text, what SFT
+optimises. Lower is better.</li>
+<li>Rollouts use temperature {ft["ebft"]["temperature"]} and are seeded per document, so every model is evaluated
+on the same documents with the same random streams.</li>
+</ul>
+
+<h2>Settings</h2>
+<p>EBFT: {html.escape(ebft_settings)}. Configs: <a href="configs/finetune.yaml">configs/finetune.yaml</a>
+(both runs), <a href="configs/evaluate.yaml">configs/evaluate.yaml</a>,
+<a href="configs/pretrain.yaml">configs/pretrain.yaml</a>.
+Numbers: <a href="summary.json">summary.json</a>, <a href="eval/base.json">eval/base.json</a>,
+<a href="eval/sft.json">eval/sft.json</a>, <a href="eval/ebft.json">eval/ebft.json</a>.
+Re-evaluate a model: <code>ebft evaluate configs/evaluate.yaml --checkpoint ebft --split train</code>.</p>
+</body></html>
+"""
+
+
+def print_summary(summary: Mapping, console=None) -> None:
+    """The verdict table and sentences on the console."""
+    from rich import get_console
+    from rich.table import Table
+
+    console = console or get_console()
+    table = Table(title="ebft quickstart: held-out evaluation")
+    for column in ("metric", "better", "base", "SFT", "EBFT", "winner"):
+        table.add_column(column, justify="left" if column in ("metric", "better", "winner") else "right")
+    for row in summary["comparison"]:
+        table.add_row(
+            row["label"],
+            row["better"],
+            format_value(row["base"]),
+            format_value(row["sft"]),
+            format_value(row["ebft"]),
+            row["winner"],
+        )
+    console.print(table)
+    for sentence in verdict_sentences(summary["comparison"]):
+        console.print(sentence, markup=False, highlight=False)

@@ -1,0 +1,80 @@
+"""``ebft quickstart``: the corpus split, the plan, and a shortened run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ebft.errors import EbftError
+from ebft.quickstart import Plan, _prepare_out, is_held_out, stdlib_corpus
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_held_out_split_is_by_file_and_deterministic():
+    train, held_out = stdlib_corpus()
+    train_paths, held_paths = {f.path for f in train}, {f.path for f in held_out}
+    assert not train_paths & held_paths
+    assert all(is_held_out(p) for p in held_paths) and not any(is_held_out(p) for p in train_paths)
+    # About 10% of the files are held out (hash buckets 0-9 of 100).
+    assert 0.05 < len(held_out) / (len(train) + len(held_out)) < 0.15
+    assert not any(p.startswith("encodings/") or "/test/" in f"/{p}" for p in train_paths | held_paths)
+    assert [f.path for f in stdlib_corpus()[1]] == [f.path for f in held_out]
+
+
+def test_plan_scales_with_minutes():
+    short, default = Plan.for_minutes(1), Plan.for_minutes(10)
+    assert default.pretrain_steps == 10 * short.pretrain_steps
+    assert default.finetune_steps == 10 * short.finetune_steps
+    assert default.save_every * 5 == default.finetune_steps  # five points per curve
+    with pytest.raises(EbftError):
+        Plan.for_minutes(0)
+
+
+def test_refuses_a_foreign_output_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(EbftError, match="not written by ebft quickstart"):
+        _prepare_out(tmp_path)
+    assert (tmp_path / "notes.txt").exists()
+    # A previous quickstart's folder (it has the marker file) is cleared instead.
+    (tmp_path / "quickstart.json").write_text("{}")
+    _prepare_out(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quickstart_end_to_end(tmp_path):
+    from ebft.cli import main
+
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--minutes", "0.1"]) == 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    steps = summary["finetune"]["steps"]
+    assert steps["sft"] == steps["ebft"] == Plan.for_minutes(0.1).finetune_steps
+    # Held-out files never reach training.
+    train_paths = {json.loads(line)["path"] for line in (out / "data" / "train.jsonl").read_text().splitlines()}
+    assert not train_paths & set(summary["corpus"]["heldout_paths"])
+
+    rows = {row["metric"]: row for row in summary["comparison"]}
+    assert {"cfm_loss", "alignment", "diversity", "reward", "ce_loss", "perplexity"} <= set(rows)
+    for row in rows.values():
+        assert row["winner"] in {"SFT", "EBFT", "tie"}
+        if row["winner"] != "tie":  # a win is a difference beyond twice its standard error, in the right direction
+            assert abs(row["diff"]) > 2 * row["stderr"]
+            ebft_better = (row["diff"] > 0) == (row["better"] == "higher")
+            assert row["winner"] == ("EBFT" if ebft_better else "SFT")
+
+    # Curves: the base model at step 0, then every checkpoint of each run.
+    for run in ("sft", "ebft"):
+        assert [p["step"] for p in summary["curves"][run]][0] == 0
+        assert summary["curves"][run][-1]["step"] == steps[run]
+
+    report = (out / "report.html").read_text()
+    assert "wins on" in report
+    for name in ("heldout_cfm_loss", "heldout_alignment", "heldout_diversity", "heldout_ce_loss", "training_ebft"):
+        png = out / summary["plots"][name]
+        assert png.read_bytes().startswith(PNG_MAGIC)
+        assert summary["plots"][name] in report
+    for name in ("base", "sft", "ebft"):
+        assert json.loads((out / "eval" / f"{name}.json").read_text())["data"]["documents"] > 0
