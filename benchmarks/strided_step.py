@@ -177,6 +177,7 @@ def main() -> None:
     )
     print(f"ebft_seconds_per_step={statistics.mean(times):.3f}")
     print(f"ebft_median_seconds_per_step={statistics.median(times):.3f}")
+    print(f"ebft_fastest_seconds_per_step={min(times):.3f}")
     print(f"ebft_peak_rss_mib={peak_rss_mib():.0f}")
 
 
