@@ -183,25 +183,11 @@ def _token_ce(policy, batch, autocast) -> tuple[torch.Tensor, torch.Tensor, torc
 @torch.no_grad()
 def score_batch(policy, features, batch, settings, *, generators, autocast_dtype=None) -> list[dict[str, float]]:
     """Per-document sums (``eval_metrics.SUM_KEYS``) for one collated batch of documents."""
-    from ebft.strided.attention import build_plan
-    from ebft.strided.generate import generate_blocks, pack
-    from ebft.strided.step import layout_for, score_rollouts
+    from ebft.strided.step import roll_out, score_rollouts
 
     device = batch.input_ids.device
-    layout = layout_for(batch, settings)
-    positions = layout.position_ids()
-    tokens = generate_blocks(
-        policy,
-        batch.input_ids,
-        layout,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        position_ids=positions,
-        autocast_dtype=autocast_dtype,
-        generators=generators,
-    )  # [D, n, K, g]
-    packed = pack(batch.input_ids, tokens)
-    plan = build_plan(layout, use_flex=device.type == "cuda")
+    r = roll_out(policy, batch, settings, generators=generators, autocast_dtype=autocast_dtype)
+    layout, packed, plan, positions = r.layout, r.packed, r.plan, r.positions
     hidden = features(packed, positions, plan)
 
     def reuse(*_args):  # one feature pass serves both scorings below

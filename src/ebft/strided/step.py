@@ -183,6 +183,42 @@ def score_rollouts(
     )
 
 
+@dataclass
+class Rollouts:
+    """A micro-batch's sampled blocks and the packed rows built from them."""
+
+    layout: StridedLayout
+    positions: torch.Tensor  # [D, S] position ids of the packed rows
+    tokens: torch.Tensor  # [D, n, K, g] sampled tokens
+    packed: torch.Tensor  # [D, S] documents followed by their step-major rollouts
+    plan: StridedPlan  # sparse attention for the packed rows
+
+
+def roll_out(
+    policy: torch.nn.Module,
+    batch: DocumentBatch,
+    s: StridedSettings,
+    *,
+    generators: list[torch.Generator] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> Rollouts:
+    """Sample every block of every document (KV-cached) and pack the rows for the later passes."""
+    layout = layout_for(batch, s)
+    positions = layout.position_ids()
+    tokens = generate_blocks(
+        policy,
+        batch.input_ids,
+        layout,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        position_ids=positions,
+        autocast_dtype=autocast_dtype,
+        generators=generators,
+    )
+    plan = build_plan(layout, use_flex=batch.input_ids.device.type == "cuda")
+    return Rollouts(layout, positions, tokens, pack(batch.input_ids, tokens), plan)
+
+
 def strided_microbatch(
     policy: torch.nn.Module,
     features: FeatureNetwork,
@@ -202,22 +238,10 @@ def strided_microbatch(
     how the step is split into micro-batches.
     """
     device = batch.input_ids.device
-    layout = layout_for(batch, s)
-    positions = layout.position_ids()
-    tokens = generate_blocks(
-        policy,
-        batch.input_ids,
-        layout,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        position_ids=positions,
-        autocast_dtype=autocast_dtype,
-        generators=generators,
-    )  # [D, n, K, g]
-    packed = pack(batch.input_ids, tokens)  # [D, S]
-    use_flex = device.type == "cuda"
-    plan = build_plan(layout, use_flex=use_flex)
-    scores = score_rollouts(features, packed, plan, positions, layout, batch.labels, s)
+    r = roll_out(policy, batch, s, generators=generators, autocast_dtype=autocast_dtype)
+    layout, tokens = r.layout, r.tokens
+    scores = score_rollouts(features, r.packed, r.plan, r.positions, layout, batch.labels, s)
+    use_flex = r.plan.block_mask is not None
 
     D, n, K, g = layout.num_docs, layout.n, layout.k, layout.g
     logp = torch.zeros(D, n, K, g, device=device)
