@@ -47,6 +47,9 @@ HELD_OUT_PERCENT = 10
 VOCAB_SIZE = 2048
 MODEL = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "max_positions": 512}
 SEQUENCE_LEN = 256
+PRETRAIN_BATCH = 16  # documents per pretraining step
+# Rough characters per token of Python source under this tokenizer, to size the corpus to a budget.
+CHARS_PER_TOKEN = 4
 
 # Strided EBFT with the paper's layout and sampling (c = s = g = 8, n = 4, T = 0.6, 25/50/75% layers).
 # Two choices differ from the paper's code configs, for a 1.6M-parameter model and minutes of training:
@@ -82,6 +85,11 @@ class Plan:
     save_every: int
     heldout_docs: int
     probe_docs: int
+
+    @property
+    def corpus_chars(self) -> int:
+        """Training text worth reading: what pretraining can see in 1.5 passes (the whole corpus by default)."""
+        return int(1.5 * self.pretrain_steps * PRETRAIN_BATCH * SEQUENCE_LEN * CHARS_PER_TOKEN)
 
     @classmethod
     def for_minutes(cls, minutes: float) -> Plan:
@@ -149,6 +157,22 @@ def stdlib_corpus(root: str | Path | None = None) -> tuple[list[SourceFile], lis
     return train, held_out
 
 
+def within_budget(files: list[SourceFile], chars: int) -> list[SourceFile]:
+    """The files in a fixed pseudo-random order (by path hash) until ``chars`` characters are reached.
+
+    A short budget then trains on a small, still varied slice of the library instead of tokenizing all
+    of it for a few steps; at the default budget every file is kept.
+    """
+    order = sorted(files, key=lambda f: hashlib.sha256(f.path.encode("utf-8")).hexdigest())
+    kept, total = [], 0
+    for item in order:
+        if total >= chars:
+            break
+        kept.append(item)
+        total += len(item.text)
+    return sorted(kept, key=lambda f: f.path)
+
+
 def _write_jsonl(path: Path, files: list[SourceFile]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
@@ -180,7 +204,7 @@ def pretrain_config(init: Path, data: Path, out: Path, plan: Plan):
         init,
         data,
         out,
-        micro_batch_size=16,
+        micro_batch_size=PRETRAIN_BATCH,
         max_steps=plan.pretrain_steps,
         learning_rate=2e-3,
         lr_scheduler="cosine",
@@ -277,7 +301,8 @@ def run_quickstart(out_dir: str | Path, minutes: float = DEFAULT_MINUTES, *, con
         # 1-2a. Corpus, tokenizer, random model.
         t0 = time.perf_counter()
         with Progress(2, description="corpus + tokenizer", console=console) as bar:
-            train_files, heldout_files = stdlib_corpus()
+            all_train, heldout_files = stdlib_corpus()
+            train_files = within_budget(all_train, plan.corpus_chars)
             train_data = _write_jsonl(out / "data" / "train.jsonl", train_files)
             heldout_data = _write_jsonl(out / "data" / "heldout.jsonl", heldout_files)
             bar.advance(1)
@@ -369,6 +394,7 @@ def run_quickstart(out_dir: str | Path, minutes: float = DEFAULT_MINUTES, *, con
             "corpus": {
                 "root": sysconfig.get_paths()["stdlib"],
                 "train_files": len(train_files),
+                "train_files_available": len(all_train),
                 "heldout_files": len(heldout_files),
                 "heldout_paths": [f.path for f in heldout_files],
             },

@@ -163,6 +163,9 @@ def render_html(summary: Mapping) -> str:
     rows = summary["comparison"]
     plan, model, corpus = summary["plan"], summary["model"], summary["corpus"]
     ft = summary["finetune"]
+    files = f"{corpus['train_files']} files"
+    if corpus["train_files"] < corpus["train_files_available"]:
+        files += f" (a slice sized to the time budget, out of {corpus['train_files_available']} training files)"
     ev = summary["evaluation"]["base"]
     seconds = summary["seconds"]
     plots = summary["plots"]
@@ -179,7 +182,7 @@ def render_html(summary: Mapping) -> str:
 <html><head><meta charset="utf-8"><title>ebft quickstart report</title><style>{_CSS}</style></head><body>
 <h1>EBFT vs SFT on Python source code</h1>
 <p>A {model["parameters"] / 1e6:.2f}M-parameter Llama ({model["num_layers"]} layers, hidden {model["hidden_size"]},
-BPE vocabulary {model["vocab_size"]}) was trained from scratch on {corpus["train_files"]} files of this Python's
+BPE vocabulary {model["vocab_size"]}) was trained from scratch on {files} of this Python's
 standard library ({html.escape(str(corpus["root"]))}) for {summary["pretrain"]["steps"]} steps. From that base
 model, SFT and strided EBFT each ran {ft["steps"]["sft"]} / {ft["steps"]["ebft"]} optimizer steps on the same
 training documents in the same order ({ft["documents_per_step"]} documents of {model["sequence_len"]} tokens per step,
