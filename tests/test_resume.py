@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,20 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_model_di
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@contextmanager
+def _training(cfg: Path):
+    """`ebft train cfg` in a child process that never outlives the test (its max_steps is huge)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ebft", "train", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def _wait_for(path: Path, lines: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -167,12 +182,10 @@ def _wait_for(path: Path, lines: int, proc: subprocess.Popen, timeout: float = 1
 def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_dir, data_file, sig):
     cfg = _config(tmp_path, tiny_model_dir, data_file, max_steps=10_000)
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ebft", "train", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    _wait_for(run / "metrics.jsonl", 1, proc)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    with _training(cfg) as proc:
+        _wait_for(run / "metrics.jsonl", 1, proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert "Resume with" in err and "--resume_from_checkpoint=latest" in err
     saved = sorted(run.glob("checkpoint-*"))
@@ -184,14 +197,12 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_d
 def test_second_signal_exits_at_once(tmp_path, tiny_model_dir, data_file):
     cfg = _config(tmp_path, tiny_model_dir, data_file, max_steps=10_000, sequence_len=512)
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ebft", "train", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    _wait_for(run / "metrics.jsonl", 1, proc)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    with _training(cfg) as proc:
+        _wait_for(run / "metrics.jsonl", 1, proc)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT
     assert "exiting now" in err
 
