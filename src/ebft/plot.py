@@ -19,7 +19,7 @@ SKIPPED_KEYS = frozenset({"step", "peak_memory_mib", "step_seconds", "ebft/skipp
 Curve = tuple[Sequence[float], Sequence[float]]  # (steps, values)
 
 
-def _pyplot():
+def require_pyplot():
     try:
         import matplotlib
     except ImportError as exc:
@@ -76,7 +76,7 @@ def plot_curves(
     curves: Mapping[str, Curve], path: str | Path, *, title: str, ylabel: str, xlabel: str = "step"
 ) -> Path:
     """One figure with a line per labelled curve, saved to ``path``."""
-    plt = _pyplot()
+    plt = require_pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=110)
     try:
         for label, (steps, values) in curves.items():
