@@ -283,7 +283,7 @@ def run_quickstart(out_dir: str | Path, minutes: float = DEFAULT_MINUTES, *, con
     from ebft import report
     from ebft.evaluate import evaluate, write_json
     from ebft.metrics import Progress
-    from ebft.plot import require_pyplot, plot_run
+    from ebft.plot import plot_run, require_pyplot
     from ebft.scratch import build_model_dir
     from ebft.sft import train_sft
     from ebft.trainer import train
