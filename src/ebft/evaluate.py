@@ -245,10 +245,9 @@ def evaluate(
     description: str = "evaluate",
 ) -> EvalResult:
     """Evaluate ``cfg.base_model`` (or ``checkpoint``) on held-out documents; see the module docstring."""
+    from ebft import models
     from ebft.data.collate import collate_documents
-    from ebft.features import layer_indices
     from ebft.metrics import Progress
-    from ebft.models import FeatureNetwork, use_bf16
     from ebft.strided.step import StridedSettings, document_generators
 
     if cfg.ebft.mode != "strided":
@@ -272,15 +271,8 @@ def evaluate(
     indices = spread_indices(len(rows), max_docs)
     rows = rows.select(indices)
 
-    bf16 = use_bf16(cfg.bf16, device)
-    autocast_dtype = torch.bfloat16 if bf16 else None
-    feature_device = torch.device(cfg.ebft.feature_device) if cfg.ebft.feature_device else device
-    features = FeatureNetwork(
-        feature_source,
-        layer_indices(cfg.ebft.feature_layers, feature_source.config.num_hidden_layers),
-        device=feature_device,
-        autocast_dtype=autocast_dtype,
-    )
+    amp_dtype = models.autocast_dtype(cfg, device)
+    features = models.feature_network_for(cfg, feature_source, device)
     del feature_source  # a separately loaded base model lives on only as the features' frozen copy
     settings = StridedSettings.from_config(cfg.ebft)
     policy.eval()
@@ -295,9 +287,7 @@ def evaluate(
             # Sampling seeds are keyed by the document's place in the evaluation set (step 0 is never a
             # training step), so two models are evaluated on identically seeded rollouts.
             generators = document_generators(cfg.seed, 0, start, len(chunk), device)
-            per_doc = score_batch(
-                policy, features, batch, settings, generators=generators, autocast_dtype=autocast_dtype
-            )
+            per_doc = score_batch(policy, features, batch, settings, generators=generators, autocast_dtype=amp_dtype)
             for offset, sums in enumerate(per_doc):
                 for key, value in sums.items():
                     totals[key] += value

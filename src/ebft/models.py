@@ -236,3 +236,21 @@ def _capture(layers: nn.ModuleList, idx: int, store: dict[int, torch.Tensor]):
         yield
     finally:
         handle.remove()
+
+
+def feature_network_for(cfg, source: nn.Module, device: torch.device) -> FeatureNetwork:
+    """The config's feature network over ``source`` (the policy, or a separately loaded base model)."""
+    from ebft.features import layer_indices
+
+    feature_device = torch.device(cfg.ebft.feature_device) if cfg.ebft.feature_device else device
+    return FeatureNetwork(
+        source,
+        layer_indices(cfg.ebft.feature_layers, source.config.num_hidden_layers),
+        device=feature_device,
+        autocast_dtype=autocast_dtype(cfg, device),
+    )
+
+
+def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the config asks for it (see ``use_bf16``), else none (fp32)."""
+    return torch.bfloat16 if use_bf16(cfg.bf16, device) else None

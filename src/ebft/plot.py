@@ -72,6 +72,25 @@ def file_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_") + ".png"
 
 
+def _draw(ax, curves: Mapping[str, Curve], title: str, ylabel: str, xlabel: str) -> None:
+    for label, (steps, values) in curves.items():
+        ax.plot(steps, values, marker="o" if len(steps) <= 30 else None, markersize=3, label=label)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend()
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 def plot_curves(
     curves: Mapping[str, Curve], path: str | Path, *, title: str, ylabel: str, xlabel: str = "step"
 ) -> Path:
@@ -79,21 +98,28 @@ def plot_curves(
     plt = require_pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=110)
     try:
-        for label, (steps, values) in curves.items():
-            ax.plot(steps, values, marker="o" if len(steps) <= 30 else None, markersize=3, label=label)
-        ax.set_title(title)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if len(curves) > 1:
-            ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        _draw(ax, curves, title, ylabel, xlabel)
+        return _save(fig, path)
     finally:
         plt.close(fig)
-    return path
+
+
+def plot_panels(
+    panels: Mapping[str, Mapping[str, Curve]], path: str | Path, *, columns: int = 2, xlabel: str = "step"
+) -> Path:
+    """One figure with a panel (own y axis) per title, each with a line per labelled curve."""
+    plt = require_pyplot()
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.0 * columns, 3.2 * rows), dpi=110, squeeze=False)
+    try:
+        flat = axes.reshape(-1)
+        for ax, (title, curves) in zip(flat, panels.items(), strict=False):
+            _draw(ax, curves, title, "", xlabel)
+        for ax in flat[len(panels) :]:
+            ax.set_visible(False)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:

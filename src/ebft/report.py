@@ -25,7 +25,21 @@ CURVES = (
     ("ce_loss", "cross-entropy (held-out, lower is better)"),
 )
 # EBFT's own training metrics (on its training rollouts).
-EBFT_TRAINING = ("ebft/cfm_loss", "ebft/alignment", "ebft/diversity", "ebft/mean_reward")
+# (The CFM logged in training is the plug-in estimate, biased upward by the i = j terms.)
+EBFT_TRAINING = (
+    ("ebft/cfm_loss", "CFM (plug-in)"),
+    ("ebft/alignment", "alignment"),
+    ("ebft/diversity", "diversity"),
+    ("ebft/mean_reward", "reward"),
+)
+
+# How each embed_method turns a block's token features into one vector, in words.
+POOLING_WORDS = {
+    "last_token": "taken at each block's last token",
+    "mean_pooling": "averaged over each block's tokens",
+    "completion_mean": "averaged over each block's answer tokens",
+    "concat": "taken at 1/4, 1/2 and 3/4 of each block and concatenated",
+}
 
 __all__ = ["compare", "json_safe", "print_summary", "render_html", "write_plots"]
 
@@ -87,7 +101,7 @@ def verdict_sentences(rows: Sequence[Mapping]) -> list[str]:
 
 def write_plots(out: Path, summary: Mapping, run_plots: Mapping[str, Sequence[Path]]) -> dict[str, str]:
     """Draw the report's figures into ``out/plots``; returns {name: path relative to out}."""
-    from ebft.plot import plot_curves, read_metrics, series
+    from ebft.plot import plot_curves, plot_panels, read_metrics, series
 
     plots_dir = out / "plots"
     made: dict[str, Path] = {}
@@ -110,11 +124,9 @@ def write_plots(out: Path, summary: Mapping, run_plots: Mapping[str, Sequence[Pa
     made["training_ce"] = plot_curves(
         train_ce, plots_dir / "training_ce.png", title="cross-entropy on training batches", ylabel="ce_loss"
     )
-    made["training_ebft"] = plot_curves(
-        {key.removeprefix("ebft/"): series(ebft_records, key) for key in EBFT_TRAINING},
+    made["training_ebft"] = plot_panels(
+        {f"EBFT training rollouts: {label}": {"EBFT": series(ebft_records, key)} for key, label in EBFT_TRAINING},
         plots_dir / "training_ebft.png",
-        title="EBFT on its training rollouts",
-        ylabel="value",
     )
     made["pretrain_ce"] = plot_curves(
         {"pretraining": series(read_metrics(out / "base" / "metrics.jsonl"), "ce_loss")},
@@ -178,6 +190,11 @@ def render_html(summary: Mapping) -> str:
     )
     run_links = " ".join(f"<a href='{path}'>{html.escape(name)}</a>" for name, path in plots.items() if ":" in name)
     ebft_settings = ", ".join(f"{k}={v}" for k, v in ft["ebft"].items())
+    settings = ft["ebft"]
+    n, g = settings["n_samples_per_prompt"], settings["generate_max_len"]
+    pooling = POOLING_WORDS.get(settings["embed_method"], settings["embed_method"])
+    layers = "/".join(f"{100 * f:g}%" for f in settings["feature_layers"])
+    docs = ft["documents_per_step"]
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ebft quickstart report</title><style>{_CSS}</style></head><body>
 <h1>EBFT vs SFT on Python source code</h1>
@@ -206,16 +223,20 @@ with the same rollouts settings as the table.</p>
 
 <h2>Training curves</h2>
 {training_imgs}
-<p>Per-metric plots of each run (<code>ebft plot RUN_DIR</code>): {run_links}</p>
+<p>EBFT's metrics on its own training rollouts (each point averages a few steps of {docs} documents, so they are
+noisy; the CFM logged in training is the plug-in estimate, biased upward), the cross-entropy of the training
+batches (SFT's loss, and the CE term of EBFT's objective), and the pretraining loss.
+Per-metric plots of each run (<code>ebft plot RUN_DIR</code>): {run_links}</p>
 
 <h2>How to read this</h2>
 <ul>
-<li><b>Feature-matching loss (CFM)</b>: how far the mean feature vector of the model's 4 sampled continuations is
-from the feature vector of the real continuation, per 8-token block, with features taken from the frozen base
-model's layers at 25/50/75% depth. It is estimated without bias from the samples (pairs of distinct samples
-only), so it can be slightly negative. This is what EBFT optimises. Lower is better.</li>
+<li><b>Feature-matching loss (CFM)</b>: how far the mean feature vector of the model's {n} sampled continuations is
+from the feature vector of the real continuation, per {g}-token block. Features are the frozen base model's hidden
+states at {layers} of its depth, {pooling}, normalised to unit length. The loss is estimated without bias from
+the samples (pairs of distinct samples only), so it can be slightly negative. This is what EBFT optimises. Lower is
+better.</li>
 <li><b>Alignment</b>: 2 x cosine similarity between a sample's features and the real continuation's. Higher is
-better. <b>Best of n</b> takes the best of the 4 samples per block (an oracle pick).</li>
+better. <b>Best of n</b> takes the best of the {n} samples per block (an oracle pick).</li>
 <li><b>Diversity</b>: 2 x the mean dot product between different samples' features; lower means the samples differ
 more from each other. Judged alone it rewards noise; it matters together with alignment (reward = alignment -
 diversity, and CFM = 1 - mean(alignment - diversity / 2)).</li>
@@ -226,7 +247,8 @@ on the same documents with the same random streams.</li>
 </ul>
 
 <h2>Settings</h2>
-<p>EBFT: {html.escape(ebft_settings)}. Configs: <a href="configs/finetune.yaml">configs/finetune.yaml</a>
+<p>EBFT: {html.escape(ebft_settings)}. {html.escape(ft.get("rationale", ""))}
+Configs: <a href="configs/finetune.yaml">configs/finetune.yaml</a>
 (both runs), <a href="configs/evaluate.yaml">configs/evaluate.yaml</a>,
 <a href="configs/pretrain.yaml">configs/pretrain.yaml</a>.
 Numbers: <a href="summary.json">summary.json</a>, <a href="eval/base.json">eval/base.json</a>,

@@ -28,9 +28,8 @@ from ebft import checkpoint as ckpt
 from ebft.config import TrainConfig, dump_config
 from ebft.data.collate import collate_documents
 from ebft.errors import ConfigError, EbftError
-from ebft.features import layer_indices
 from ebft.metrics import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
-from ebft.models import FeatureNetwork, check_model_config, load_policy, load_tokenizer, use_bf16
+from ebft.models import autocast_dtype, check_model_config, feature_network_for, load_policy, load_tokenizer
 from ebft.strided.step import (
     StepTotals,
     StridedSettings,
@@ -217,16 +216,10 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
     tokenizer = load_tokenizer(cfg)
     data = load_strided_datasets(cfg, tokenizer, search_dir=config_dir)
     model = load_policy(cfg, tokenizer, device)
-    autocast_dtype = torch.bfloat16 if use_bf16(cfg.bf16, device) else None
-    feature_device = torch.device(cfg.ebft.feature_device) if cfg.ebft.feature_device else device
+    amp_dtype = autocast_dtype(cfg, device)
     # Built before any checkpoint is loaded: for full fine-tuning the feature network is a frozen copy of
     # the *base* weights, also on resume.
-    features = FeatureNetwork(
-        model,
-        layer_indices(cfg.ebft.feature_layers, model.config.num_hidden_layers),
-        device=feature_device,
-        autocast_dtype=autocast_dtype,
-    )
+    features = feature_network_for(cfg, model, device)
     settings = StridedSettings.from_config(cfg.ebft)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
@@ -304,7 +297,7 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
                     batch,
                     settings,
                     totals,
-                    autocast_dtype=autocast_dtype,
+                    autocast_dtype=amp_dtype,
                     generators=document_generators(cfg.seed, step, first_doc, batch.input_ids.shape[0], device),
                     keep_rollouts=cfg.ebft.log_rollouts,
                 )
