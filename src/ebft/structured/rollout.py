@@ -54,11 +54,13 @@ class Completion:
 
 class RolloutBackend(Protocol):
     def generate(
-        self, prompts: list[list[int]], n: int, max_tokens: list[int], seed: int
+        self, prompts: list[list[int]], n: int, max_tokens: list[int], seeds: list[int]
     ) -> list[list[Completion]]:
         """``n`` completions of each prompt; prompt i gets at most ``max_tokens[i]`` new tokens.
 
-        Returns P lists of n completions, in prompt order. ``seed`` makes the draw reproducible.
+        Returns P lists of n completions, in prompt order. Prompt i's completions must depend only on
+        the prompt, its cap, the weights and ``seeds[i]`` (not on the other prompts of the call), so a
+        run gives the same rollouts however its prompts are split across micro-batches and processes.
         """
         ...
 
