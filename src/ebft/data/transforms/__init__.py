@@ -1,7 +1,8 @@
 """Dataset transforms: ``type: module.function`` in a dataset entry.
 
 A transform is a factory ``transform(cfg, **kwargs) -> (fn, options)``. ``fn(example, tokenizer=None)``
-maps one raw row (or, with ``options["batched"]``, a dict of columns) to token fields. ``options``:
+maps one raw row (or, with ``options["batched"]``, a dict of columns) to token fields (strided mode)
+or to ``prompt``/``ground_truth`` fields (structured mode). ``options``:
 
 - ``remove_columns``: ``"__all__"`` drops every original column, a list drops the listed ones that
   exist, absent keeps them all;
@@ -9,9 +10,11 @@ maps one raw row (or, with ``options["batched"]``, a dict of columns) to token f
 - ``pack_length``: join the documents ``fn`` produced with one separator token (EOS unless
   ``pack_separator`` says otherwise) and cut the stream into chunks of this many tokens.
 
-The built-in names (``ebft_pretrain``, ``ebft_strided_structured``, ``ebft_strided_chat``) resolve to
-the modules of this package, so configs written for axolotl load unchanged; any other module is
-imported from ``sys.path`` (plus an optional search folder, normally the config file's folder).
+The built-in names resolve to the modules of this package, so configs written for axolotl load
+unchanged: strided ``ebft_pretrain``, ``ebft_strided_structured``, ``ebft_strided_chat``, and
+structured (rows of ``prompt``/``ground_truth``) ``ebft_opencode``, ``ebft_chat_multiturn``,
+``ebft_reasoning``. Any other module is imported from ``sys.path`` (plus an optional search folder,
+normally the config file's folder).
 """
 
 from __future__ import annotations
@@ -24,11 +27,26 @@ from types import ModuleType
 
 from ebft.errors import DataError
 
-BUILTIN_MODULES = ("ebft_pretrain", "ebft_strided_structured", "ebft_strided_chat")
+BUILTIN_MODULES = (
+    "ebft_pretrain",
+    "ebft_strided_structured",
+    "ebft_strided_chat",
+    "ebft_opencode",
+    "ebft_chat_multiturn",
+    "ebft_reasoning",
+)
+
+# axolotl transforms that this version does not ship, with what to use instead; named here so that
+# such a config fails with that advice rather than with "module has no function".
+UNAVAILABLE = {
+    "ebft_reasoning.transform_strided": "use ebft_strided_chat.transform, which labels every assistant turn",
+}
 
 
 def resolve_transform(type_name: str, search_dir: str | Path | None = None) -> Callable:
     """The transform factory named by ``type_name`` (``module.function``)."""
+    if type_name in UNAVAILABLE:
+        raise DataError(f"dataset type '{type_name}' is not available in this version; {UNAVAILABLE[type_name]}")
     module_name, _, attr = type_name.rpartition(".")
     if not module_name or not attr:
         raise DataError(
