@@ -23,7 +23,13 @@ Public API
 * :func:`dump_config` ``(cfg) -> str``: the resolved config as YAML; loading it again gives an
   equal config. Accepted-but-unused axolotl keys are not written (they change nothing).
 * :data:`IGNORED_AXOLOTL_KEYS` (accepted, one warning each, no effect) and
-  :data:`UNSUPPORTED_AXOLOTL_KEYS` (accepted only when off / empty; otherwise an error).
+  :data:`UNSUPPORTED_AXOLOTL_KEYS` (accepted only when off / empty; otherwise an error);
+  :data:`UNSUPPORTED_TRL_KEYS` is the same for keys inside ``trl:`` (0 also counts as off).
+* The schema: :class:`TrainConfig` and its sections :class:`EbftSection`, :class:`DatasetSpec`,
+  :class:`TrlSection` (with :class:`GenerationKwargs`) and :class:`VllmSection`. ``cfg.trl`` and
+  ``cfg.vllm`` are always section objects; ``trl: null`` in a file means all defaults.
+* :func:`vllm_client_address` ``(cfg) -> (host, port)`` that training connects to, and
+  :func:`vllm_serve_address` ``(cfg) -> (host, port)`` that ``ebft vllm-serve`` binds to.
 
 Building :class:`TrainConfig` directly (``TrainConfig.model_validate(d)``) runs the same schema and
 cross-field checks but raises pydantic's ValidationError and knows nothing of axolotl-only keys;
@@ -56,13 +62,19 @@ from ebft.errors import ConfigError
 __all__ = [
     "IGNORED_AXOLOTL_KEYS",
     "UNSUPPORTED_AXOLOTL_KEYS",
+    "UNSUPPORTED_TRL_KEYS",
     "DatasetSpec",
     "EbftSection",
+    "GenerationKwargs",
     "TrainConfig",
+    "TrlSection",
+    "VllmSection",
     "config_warnings",
     "dump_config",
     "load_config",
     "parse_config",
+    "vllm_client_address",
+    "vllm_serve_address",
 ]
 
 _ATTENTION_CHOSEN_BY_EBFT = (
@@ -304,6 +316,247 @@ class DatasetSpec(_Section):
         return self
 
 
+# trl: keys that TRL / axolotl configs may carry but that name something ebft cannot do. Accepted only
+# when off (null, false, 0, empty) and then dropped; any other value is an error with this reason.
+UNSUPPORTED_TRL_KEYS: dict[str, str] = {
+    "beta": "EBFT has no reference-model KL penalty; the feature-matching reward plays that role",
+    "sync_ref_model": "there is no reference model to keep in sync (EBFT has no KL penalty)",
+    "ref_model_sync_steps": "there is no reference model to keep in sync (EBFT has no KL penalty)",
+    "vllm_enable_sleep_mode": "sleep mode is for vLLM colocated with training; ebft runs vLLM as a separate server",
+    "use_liger_loss": "the Liger fused GRPO loss is not supported; ebft computes its own policy loss",
+    "reward_funcs": "the reward is feature matching against the ground truth; ebft takes no reward functions",
+    "reward_weights": "the reward is feature matching against the ground truth; ebft takes no reward functions",
+}
+
+# Sampling settings people put in generation_kwargs (vLLM's SamplingParams names) -> the trl key
+# that holds them here, so each setting has exactly one place.
+_SAMPLING_KWARG_TRL_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_tokens": "max_completion_length",
+    "max_new_tokens": "max_completion_length",
+    "max_completion_length": "max_completion_length",
+}
+
+_BIND_ALL_HOSTS = ("0.0.0.0", "::")
+_Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class GenerationKwargs(_Section):
+    """``trl.generation_kwargs``: extra sampling settings; only stop tokens, the rest are trl keys."""
+
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        description="Token ids that end a completion, in addition to the tokenizer's EOS "
+        "(e.g. [151645, 151643] for Qwen's <|im_end|> and <|endoftext|>); null = EOS only.",
+    )
+
+
+class TrlSection(_Section):
+    """The ``trl:`` block: structured mode's sampling, vLLM client and policy-loss settings."""
+
+    num_generations: int = Field(
+        4,
+        ge=1,
+        description="Completions sampled per prompt, the group its advantages compare (>= 1; structured "
+        "mode needs >= 2).",
+    )
+    max_completion_length: int = Field(256, ge=1, description="Most tokens generated per completion (>= 1).")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature (>= 0; 0 = greedy).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold, in (0, 1]; 1 = off.")
+    top_k: int | None = Field(
+        None,
+        ge=-1,
+        description="Sample from the k most likely tokens; 0, -1 or null = off (stored as null).",
+    )
+    min_p: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Drop tokens below min_p times the top token's probability, in [0, 1]; null or 0 = off.",
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, description="Penalty on tokens already in the prompt or completion (> 0; 1 = off)."
+    )
+    use_vllm: bool = Field(
+        False,
+        description="Sample completions from a vLLM server (`ebft vllm-serve CFG`) instead of transformers "
+        "generate on the training device.",
+    )
+    vllm_mode: Literal["server", "colocate"] = Field(
+        "server", description="How vLLM runs: only 'server' (a separate process) is supported."
+    )
+    vllm_server_host: str | None = Field(
+        None, min_length=1, description="Host of the vLLM server to connect to; null = vllm.host."
+    )
+    vllm_server_port: _Port | None = Field(None, description="Port of the vLLM server, 1..65535; null = vllm.port.")
+    vllm_server_timeout: float = Field(
+        240.0,
+        gt=0.0,
+        description="Seconds to wait for the vLLM server to come up, and for each request (> 0).",
+    )
+    vllm_lora_sync: bool = Field(
+        False,
+        description="Sync the policy to the vLLM server by saving the LoRA adapter and hot-loading it "
+        "(required with use_vllm).",
+    )
+    vllm_sync_interval: int = Field(
+        1, ge=1, description="Optimizer steps between policy syncs to the vLLM server (>= 1)."
+    )
+    vllm_importance_sampling_correction: bool = Field(
+        True,
+        description="Reweight the policy gradient by the ratio of training to sampling probabilities when "
+        "rollouts come from vLLM or an older policy (async).",
+    )
+    vllm_importance_sampling_cap: float = Field(
+        3.0,
+        gt=1.0,
+        description="Importance weights are clamped to [1/cap, cap] (> 1).",
+    )
+    use_data_producer: bool | None = Field(
+        None,
+        description="Accepted for axolotl configs; ebft always builds rollout batches in its own training loop.",
+    )
+    async_prefetch: bool = Field(
+        False,
+        description="Generate the next rollout batch on the vLLM server while training on the current one "
+        "(needs use_vllm).",
+    )
+    streaming_partial_batch: bool = Field(
+        False, description="Accepted for axolotl configs; ebft scores each rollout batch once it is complete."
+    )
+    skip_zero_advantage_batches: bool = Field(
+        False, description="Skip the update for a micro-batch whose advantages are all zero."
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="Divide advantages by the reward std of each prompt's group ('group', or true), of the "
+        "whole batch ('batch'), or not at all ('none', or false).",
+    )
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "grpo",
+        description="How token losses are averaged: grpo (per completion, then over completions), bnpo "
+        "(over the micro-batch's tokens), dr_grpo (by a constant max_completion_length), dapo (over the "
+        "step's tokens).",
+    )
+    epsilon: float = Field(0.2, gt=0.0, description="Lower clipping range of the policy ratio (> 0).")
+    epsilon_high: float | None = Field(
+        None, description="Upper clipping range of the policy ratio (>= epsilon); null = epsilon."
+    )
+    num_iterations: int = Field(
+        1, ge=1, description="Policy updates per rollout batch (>= 1); above 1 the ratio is clipped."
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions that hit max_completion_length out of the policy loss."
+    )
+    generation_kwargs: GenerationKwargs = Field(
+        default_factory=GenerationKwargs,
+        description="Extra sampling settings; only stop_token_ids (the others are trl keys of their own).",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for tokenizer.apply_chat_template when rendering prompts "
+        "(e.g. enable_thinking: false).",
+    )
+    log_completions: bool = Field(False, description="Print sampled completions while training.")
+    num_completions_to_print: int | None = Field(
+        None, ge=0, description="How many completions log_completions prints per step (>= 0); null = all."
+    )
+
+    @property
+    def clip_high(self) -> float:
+        """The upper clipping range: epsilon_high, or epsilon when that is not set."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @field_validator("generation_kwargs", "chat_template_kwargs", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        # An axolotl file often writes the key with nothing after it.
+        return {} if value is None else value
+
+    @field_validator("top_k")
+    @classmethod
+    def _one_spelling_of_off(cls, value: int | None) -> int | None:
+        # transformers spells "no top-k" 0 and vLLM -1; one stored spelling serves both backends.
+        return None if value in (0, -1) else value
+
+    @field_validator("vllm_mode")
+    @classmethod
+    def _server_only(cls, value: str) -> str:
+        if value == "colocate":
+            raise ValueError(
+                "ebft runs vLLM as a separate server (`ebft vllm-serve CFG`); colocate mode is not supported"
+            )
+        return value
+
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _scale_rewards_from_bool(cls, value: Any) -> Any:
+        # TRL's older boolean spelling, still used by axolotl configs.
+        if isinstance(value, bool):
+            return "group" if value else "none"
+        if value not in get_args(cls.model_fields["scale_rewards"].annotation):
+            raise ValueError("must be true, false, 'group', 'batch' or 'none'")
+        return value
+
+
+class VllmSection(_Section):
+    """The ``vllm:`` block: the vLLM server that ``ebft vllm-serve`` starts, and its address."""
+
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address the server binds to, and that training connects to unless trl.vllm_server_host "
+        "is set (0.0.0.0 / :: bind all interfaces and are reached at 127.0.0.1).",
+    )
+    port: _Port = Field(8000, description="Port of the server, 1..65535.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="Fraction of the server GPU's memory vLLM may use, in (0, 1]."
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=1,
+        description="Longest prompt + completion the server accepts (>= sequence_len); null = the model's own.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the server splits the model over (>= 1).")
+    enforce_eager: bool = Field(
+        False, description="Run the server without CUDA graphs (needed by some hybrid-attention models)."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weight dtype on the server; auto = the model's own."
+    )
+
+
+def vllm_client_address(cfg: TrainConfig) -> tuple[str, int]:
+    """(host, port) that training connects to: the trl.vllm_server_* keys, else the ``vllm:`` block.
+
+    A bind-all address (0.0.0.0, ::) says where the server listens, not where to reach it, so it is
+    reached on this machine at 127.0.0.1.
+    """
+    host = cfg.trl.vllm_server_host or cfg.vllm.host
+    port = cfg.trl.vllm_server_port or cfg.vllm.port
+    return ("127.0.0.1" if host in _BIND_ALL_HOSTS else host), port
+
+
+def vllm_serve_address(cfg: TrainConfig) -> tuple[str, int]:
+    """(host, port) that ``ebft vllm-serve`` binds to.
+
+    The ``vllm:`` block decides; an axolotl config often names the address only in the trl block
+    (``trl.vllm_server_host: 0.0.0.0``), so a trl value is used where the vllm one was left at its
+    default and the server then listens where training will look for it.
+    """
+    defaults = VllmSection()
+    host, port = cfg.vllm.host, cfg.vllm.port
+    if cfg.trl.vllm_server_host is not None and host == defaults.host:
+        host = cfg.trl.vllm_server_host
+    if cfg.trl.vllm_server_port is not None and port == defaults.port:
+        port = cfg.trl.vllm_server_port
+    return host, port
+
+
 def _transform_mode(transform: str | None) -> str | None:
     """The mode whose rows a known built-in transform produces; None for custom or no transform."""
     if transform is None:
@@ -331,12 +584,13 @@ class TrainConfig(_Section):
     # Method
     rl: Literal["ebft"] = Field(description="Training method; must be 'ebft'.")
     ebft: EbftSection = Field(description="EBFT settings (the `ebft:` block).")
-    trl: dict[str, Any] | None = Field(
-        None,
-        description="Structured mode: generation / GRPO settings (axolotl's `trl:` block), kept as given.",
+    trl: TrlSection = Field(
+        default_factory=TrlSection,
+        description="Structured mode: sampling, vLLM client and policy-loss settings (the `trl:` block).",
     )
-    vllm: dict[str, Any] | None = Field(
-        None, description="Structured mode: vLLM server settings (axolotl's `vllm:` block), kept as given."
+    vllm: VllmSection = Field(
+        default_factory=VllmSection,
+        description="Structured mode: the vLLM server of `ebft vllm-serve` (the `vllm:` block).",
     )
 
     # Data
@@ -438,6 +692,12 @@ class TrainConfig(_Section):
         """All settings as plain Python values (nested dicts and lists), e.g. for experiment trackers."""
         return self.model_dump()
 
+    @field_validator("trl", "vllm", mode="before")
+    @classmethod
+    def _null_section_is_defaults(cls, value: Any) -> Any:
+        # `trl:` with nothing after it is common in axolotl files and means "no settings".
+        return {} if value is None else value
+
     @field_validator("special_tokens")
     @classmethod
     def _known_special_tokens(cls, value: dict[str, str] | None) -> dict[str, str] | None:
@@ -477,21 +737,8 @@ class TrainConfig(_Section):
             )
         if self.adapter == "lora" and not self.lora_target_linear and not self.lora_target_modules:
             problems.append(("adapter", "set lora_target_linear: true or lora_target_modules"))
-        # Structured mode: an optimizer step must take whole groups of completions (TRL's rule for one
-        # process; axolotl's own examples use micro_batch_size 1 with 4 accumulation steps).
-        num_generations = (self.trl or {}).get("num_generations")
-        groups = isinstance(num_generations, int) and num_generations >= 1 and e.mode == "structured"
-        if groups and (self.micro_batch_size * self.gradient_accumulation_steps) % num_generations:
-            problems.append(
-                (
-                    "micro_batch_size",
-                    (
-                        f"micro_batch_size * gradient_accumulation_steps = {self.micro_batch_size} * "
-                        f"{self.gradient_accumulation_steps} must be a multiple of trl.num_generations "
-                        f"= {num_generations}"
-                    ),
-                )
-            )
+        if e.mode == "structured":
+            problems += self._structured_problems()
         for i, spec in enumerate(self.datasets):
             made_for = _transform_mode(spec.type)
             if made_for is not None and made_for != e.mode:
@@ -508,6 +755,65 @@ class TrainConfig(_Section):
             raise _Problems(problems)
         return self
 
+    def _structured_problems(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        trl = self.trl
+        # An optimizer step must take whole groups of completions (TRL's rule for one process;
+        # axolotl's own examples use micro_batch_size 1 with 4 accumulation steps).
+        if (self.micro_batch_size * self.gradient_accumulation_steps) % trl.num_generations:
+            problems.append(
+                (
+                    "micro_batch_size",
+                    f"micro_batch_size * gradient_accumulation_steps = {self.micro_batch_size} * "
+                    f"{self.gradient_accumulation_steps} must be a multiple of trl.num_generations "
+                    f"= {trl.num_generations}",
+                )
+            )
+        if trl.num_generations < 2:
+            problems.append(
+                (
+                    "trl.num_generations",
+                    "must be >= 2 in structured mode: group advantages compare the completions of one "
+                    f"prompt (got {trl.num_generations})",
+                )
+            )
+        if trl.max_completion_length >= self.sequence_len:
+            problems.append(
+                (
+                    "trl.max_completion_length",
+                    f"must be less than sequence_len = {self.sequence_len} to leave room for the prompt "
+                    f"(got {trl.max_completion_length})",
+                )
+            )
+        if trl.epsilon_high is not None and trl.epsilon_high < trl.epsilon:
+            problems.append(("trl.epsilon_high", f"must be >= trl.epsilon = {trl.epsilon} (got {trl.epsilon_high})"))
+        why_lora_sync = (
+            "ebft syncs the policy to the vLLM server by saving the LoRA adapter and hot-loading it "
+            "(full-weight sync is not supported), so otherwise the server would sample from the base model "
+            "for the whole run"
+        )
+        if trl.use_vllm and self.adapter != "lora":
+            problems.append(("trl.use_vllm", f"needs adapter: lora; {why_lora_sync} (got adapter: null)"))
+        if trl.use_vllm and not trl.vllm_lora_sync:
+            problems.append(("trl.vllm_lora_sync", f"must be true with trl.use_vllm: true; {why_lora_sync}"))
+        if trl.async_prefetch and not trl.use_vllm:
+            problems.append(
+                (
+                    "trl.async_prefetch",
+                    "needs trl.use_vllm: true; with transformers generate the rollouts run on the training "
+                    "device, so there is nothing to overlap with training",
+                )
+            )
+        if self.vllm.max_model_len is not None and self.vllm.max_model_len < self.sequence_len:
+            problems.append(
+                (
+                    "vllm.max_model_len",
+                    f"must be >= sequence_len = {self.sequence_len}, or the server rejects the longest "
+                    f"prompt + completion (got {self.vllm.max_model_len})",
+                )
+            )
+        return problems
+
 
 # ---------------------------------------------------------------------------------------------
 # Warnings that follow from the values
@@ -519,6 +825,22 @@ _LORA_DEFAULTS = {
 }
 _STRIDED_LAYOUT_KEYS = ("stride", "context_length", "generate_max_len", "min_completion_prefix")
 _STRUCTURED_ONLY_KEYS = ("adaptive_max_tokens", "gt_length_multiplier")
+# ebft sampling keys of strided mode -> the trl key that does their job in structured mode.
+_STRIDED_SAMPLING_KEYS = {
+    "n_samples_per_prompt": "num_generations",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "advantage_estimator": "scale_rewards",
+}
+_TRL_VLLM_ONLY_KEYS = (
+    "vllm_server_host",
+    "vllm_server_port",
+    "vllm_server_timeout",
+    "vllm_lora_sync",
+    "vllm_sync_interval",
+    "vllm_importance_sampling_correction",
+    "vllm_importance_sampling_cap",
+)
 
 
 def _value_warnings(cfg: TrainConfig) -> list[str]:
@@ -552,8 +874,8 @@ def _value_warnings(cfg: TrainConfig) -> list[str]:
         ]
         out += [
             f"{block}: used only in structured mode; ignored in strided mode"
-            for block in ("trl", "vllm")
-            if getattr(cfg, block) is not None
+            for block, default in (("trl", TrlSection()), ("vllm", VllmSection()))
+            if getattr(cfg, block) != default
         ]
     else:
         out += [
@@ -561,6 +883,12 @@ def _value_warnings(cfg: TrainConfig) -> list[str]:
             for key in _STRIDED_LAYOUT_KEYS
             if getattr(e, key) != getattr(defaults, key)
         ]
+        out += [
+            f"ebft.{key}: used only in strided mode; structured mode uses trl.{trl_key}"
+            for key, trl_key in _STRIDED_SAMPLING_KEYS.items()
+            if getattr(e, key) != getattr(defaults, key)
+        ]
+        out += _trl_warnings(cfg.trl)
     if e.alignment_coef == 0 and e.diversity_coef == 0 and e.rl_coef > 0:
         out.append("ebft.alignment_coef: alignment_coef and diversity_coef are both 0, so every reward is 0")
     if e.whitening_space != defaults.whitening_space and not e.use_whitening:
@@ -582,6 +910,33 @@ def _value_warnings(cfg: TrainConfig) -> list[str]:
         for key in ("wandb_entity", "wandb_name")
         if getattr(cfg, key) is not None and cfg.wandb_project is None
     ]
+    return out
+
+
+def _trl_warnings(trl: TrlSection) -> list[str]:
+    """Warnings about the trl block of a structured-mode config."""
+    defaults = TrlSection()
+    out: list[str] = []
+    if trl.repetition_penalty != 1:
+        out.append(
+            "trl.repetition_penalty: completions are sampled with the penalty but scored without it "
+            "(like TRL), so the policy gradient is slightly off-policy"
+        )
+    if trl.use_data_producer:
+        out.append(
+            "trl.use_data_producer: not needed; ebft always builds each rollout batch inside its own "
+            "training loop (sync and async alike)"
+        )
+    if trl.streaming_partial_batch:
+        out.append("trl.streaming_partial_batch: no effect; ebft scores each rollout batch once it is complete")
+    if trl.num_completions_to_print is not None and not trl.log_completions:
+        out.append("trl.num_completions_to_print: has no effect without trl.log_completions: true")
+    if not trl.use_vllm:
+        out += [
+            f"trl.{key}: has no effect without trl.use_vllm: true"
+            for key in _TRL_VLLM_ONLY_KEYS
+            if getattr(trl, key) != getattr(defaults, key)
+        ]
     return out
 
 
@@ -743,6 +1098,13 @@ def _axolotl_compat(raw: dict[str, Any]) -> tuple[list[str], list[str]]:
                 problems.append(f"{key}: {UNSUPPORTED_AXOLOTL_KEYS[key]} (got {_show(value)})")
         elif value is not None:
             notes.append(f"{key}: ignored; {IGNORED_AXOLOTL_KEYS[key]}")
+    # A `trl` that is not a mapping is reported by the schema; here it only has to be skipped.
+    trl = raw.get("trl")
+    for key in [k for k in trl if k in UNSUPPORTED_TRL_KEYS] if isinstance(trl, dict) else []:
+        value = trl.pop(key)
+        # 0 is off too here (beta: 0.0 is TRL's "no KL term").
+        if not _is_off(value) and not (type(value) in (int, float) and value == 0):
+            problems.append(f"trl.{key}: {UNSUPPORTED_TRL_KEYS[key]} (got {_show(value)})")
     # A `datasets` that is not a list is reported by the schema; here it only has to be skipped.
     datasets = raw.get("datasets")
     for i, spec in enumerate(datasets if isinstance(datasets, list) else []):
@@ -801,9 +1163,23 @@ def _valid_keys(container: Sequence[Any]) -> list[str]:
     keys = list(model.model_fields)
     if model is TrainConfig:
         keys += [*IGNORED_AXOLOTL_KEYS, *UNSUPPORTED_AXOLOTL_KEYS]
+    if model is TrlSection:
+        keys += list(UNSUPPORTED_TRL_KEYS)
     if model is DatasetSpec:
         keys.append("train_on_split")
     return keys
+
+
+def _unknown_generation_kwarg(key: str) -> str:
+    if key in _SAMPLING_KWARG_TRL_KEYS:
+        return f"not a generation_kwargs key; set trl.{_SAMPLING_KWARG_TRL_KEYS[key]} instead"
+    close = difflib.get_close_matches(key, list(GenerationKwargs.model_fields), n=1, cutoff=0.6)
+    if close:
+        return f"unknown key, did you mean {close[0]!r}?"
+    return (
+        "unknown key; generation_kwargs takes only stop_token_ids, the other sampling settings have trl keys "
+        "of their own (temperature, top_p, top_k, min_p, repetition_penalty, max_completion_length)"
+    )
 
 
 def _unknown_key_reason(key: str, valid: Sequence[str]) -> str:
@@ -862,6 +1238,8 @@ def _problem_lines(exc: ValidationError) -> list[str]:
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, _Problems):
             lines += [f"{_path((*loc, sub))}: {reason}" for sub, reason in cause.items]
+        elif err["type"] == "extra_forbidden" and _model_at(loc[:-1]) is GenerationKwargs:
+            lines.append(f"{path}: {_unknown_generation_kwarg(str(loc[-1]))}")
         elif err["type"] == "extra_forbidden":
             lines.append(f"{path}: {_unknown_key_reason(str(loc[-1]), _valid_keys(loc[:-1]))}")
         elif err["type"] == "missing" or (path == "ebft" and err["input"] is None):
