@@ -522,11 +522,3 @@ def test_missing_dataset_file_is_an_error(tmp_path, tiny_model_dir, capsys):
     path = _write_config(tmp_path, "nodata", _config(tiny_model_dir, missing))
     err = _fails(capsys, ["train", str(path)])
     assert str(missing) in err
-
-
-def test_structured_mode_cannot_train_yet(tmp_path, tiny_model_dir, pair_file, capsys):
-    config = _config(tiny_model_dir, pair_file, datasets=[{"path": str(pair_file), "type": "ebft_opencode.transform"}])
-    config["ebft"] = {"mode": "structured"}
-    path = _write_config(tmp_path, "structured", config)
-    err = _fails(capsys, ["train", str(path)])
-    assert "structured" in err and "ebft.mode: strided" in err

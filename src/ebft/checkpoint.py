@@ -58,8 +58,11 @@ def write_model(model, tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def save_checkpoint(directory: Path, *, model, tokenizer, optimizer, scheduler, state: TrainState, accelerator) -> None:
-    """Write ``directory`` atomically. Every process writes its RNG state; the main process the rest."""
+def save_checkpoint(
+    directory: Path, *, model, tokenizer, optimizer, scheduler, state: TrainState, accelerator, extra=None
+) -> None:
+    """Write ``directory`` atomically. Every process writes its RNG state (and, through ``extra(tmp)``,
+    whatever else its mode keeps, e.g. a rollout batch still to be reused); the main process the rest."""
     tmp = directory.with_name(directory.name + ".tmp")
     if accelerator.is_main_process:
         if tmp.exists():
@@ -70,6 +73,8 @@ def save_checkpoint(directory: Path, *, model, tokenizer, optimizer, scheduler, 
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if extra is not None:
+        extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if directory.exists():

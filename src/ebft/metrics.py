@@ -129,9 +129,11 @@ class MetricsLogger:
         config_dict: Mapping[str, Any] | None = None,
         is_main: bool = True,
         console: Console | None = None,
+        reward_line: bool = False,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.is_main = is_main
+        self.reward_line = reward_line
         self._file = None
         self._tensorboard = None
         self._wandb_run = None
@@ -184,6 +186,8 @@ class MetricsLogger:
         self._file.flush()
 
         # soft_wrap: one metrics line stays one line whatever the terminal width, so logs grep.
+        if self.reward_line:  # structured mode's own line (the seeds' format), then the step line
+            self._console.print(format_reward_line(values), markup=False, highlight=False, soft_wrap=True)
         self._console.print(format_console_line(step, values), markup=False, highlight=False, soft_wrap=True)
 
         # Trackers keep NaN/inf: both plot them, and a NaN loss is exactly what one wants to see.

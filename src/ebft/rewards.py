@@ -165,3 +165,29 @@ def advantages(
     base_a = (a.sum(-1, keepdim=True) - a) / (n - 1)
     base_d = (d.sum(-1, keepdim=True) - 2.0 * d) / (n - 2) if n > 2 else torch.zeros_like(d)
     return alignment_coef * (a - base_a) - diversity_coef * (d - base_d)
+
+
+RewardScaling = Literal["group", "batch", "none"]
+REWARD_SCALINGS: tuple[str, ...] = ("group", "batch", "none")
+# Added to the standard deviation in group_advantages (TRL's constant) so a constant group gives 0.
+SCALE_EPS = 1e-4
+
+
+def group_advantages(reward: torch.Tensor, scale: RewardScaling, batch_std: float | None = None) -> torch.Tensor:
+    """Structured-mode (GRPO) advantages of G groups of n completions: reward minus its group mean.
+
+    reward: ``[G, n]``. ``scale`` (``trl.scale_rewards``): ``group`` divides by each group's standard
+    deviation + 1e-4, ``batch`` by ``batch_std`` + 1e-4 (the standard deviation of every reward in the
+    rollout batch, across processes, which the caller computes), ``none`` leaves the centred reward.
+    Standard deviations are unbiased (n - 1).
+    """
+    if scale not in REWARD_SCALINGS:
+        raise ValueError(f"unknown scale_rewards {scale!r}; expected one of {REWARD_SCALINGS}")
+    centred = reward - reward.mean(-1, keepdim=True)
+    if scale == "group":
+        return centred / (reward.std(-1, keepdim=True) + SCALE_EPS)
+    if scale == "batch":
+        if batch_std is None:
+            raise ValueError("scale_rewards 'batch' needs the batch standard deviation")
+        return centred / (batch_std + SCALE_EPS)
+    return centred

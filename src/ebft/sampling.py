@@ -1,4 +1,4 @@
-"""Sampling from tempered, optionally nucleus-truncated next-token distributions."""
+"""Sampling from tempered, optionally truncated next-token distributions."""
 
 from __future__ import annotations
 
@@ -16,6 +16,27 @@ def nucleus_keep(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     before = probs.cumsum(dim=-1) - probs  # mass strictly before each sorted token
     keep_sorted = before < top_p
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def truncation_keep(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
+    """[..., V] bool: the tokens a sampler may draw after top-k, then top-p, then min-p truncation.
+
+    ``logits`` are already divided by the temperature. The order is that of transformers' logits
+    warpers; each cut is taken on the distribution renormalised over what the previous cut kept.
+    min-p keeps tokens with probability >= min_p * the largest probability. 0 disables top_k and min_p.
+    The most likely token always survives, so the set is never empty.
+    """
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        keep &= logits >= kth
+    if top_p < 1.0:
+        keep &= nucleus_keep(logits.masked_fill(~keep, float("-inf")), top_p)
+    if min_p > 0.0:
+        masked = logits.float().masked_fill(~keep, float("-inf"))
+        # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p); renormalising does not change it.
+        keep &= masked >= masked.amax(dim=-1, keepdim=True) + torch.log(torch.tensor(min_p))
+    return keep
 
 
 def sample_tokens(

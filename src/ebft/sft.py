@@ -2,7 +2,7 @@
 
 The baseline that the quickstart compares EBFT with (and its from-scratch pretraining loop). It reads
 a ``TrainConfig`` exactly as ``ebft train`` does and takes the same rows in the same order
-(``trainer.global_micro_batches``), with the same optimizer, schedule, accumulation and clipping, so
+(``loop.global_micro_batches``), with the same optimizer, schedule, accumulation and clipping, so
 that two runs from one config differ only in their objective. The ``ebft:`` RL keys are not used,
 except that the strided layout keys decide which rows are usable (as in training).
 
@@ -71,10 +71,11 @@ def train_sft(
     from ebft.config import dump_config
     from ebft.data.collate import collate_documents
     from ebft.data.load import load_strided_datasets
+    from ebft.loop import global_micro_batches
     from ebft.losses import token_logprobs
     from ebft.metrics import MetricsLogger, Progress
     from ebft.models import backbone_of, load_policy, load_tokenizer, use_bf16
-    from ebft.trainer import build_optimizer, build_scheduler, global_micro_batches
+    from ebft.trainer import build_optimizer, build_scheduler
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_seed(cfg.seed)

@@ -1,13 +1,14 @@
-"""The training loop: accelerate, optimizer, schedule, accumulation, logging, checkpoints (DESIGN 3).
+"""The training loop of both modes: accelerate, optimizer, schedule, logging, checkpoints (DESIGN 3).
 
-One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``micro_batch_size`` documents
-on each of the accelerate processes. Every micro-batch is rolled out with the current weights, so
-each step is on-policy (reference spec 7: one optimizer step per rollout batch).
+A mode's *runner* (``ebft.strided.runner``, ``ebft.structured.runner``) does one optimizer step's
+rollouts, scoring and backward passes over ``gradient_accumulation_steps`` micro-batches of
+``micro_batch_size`` on each accelerate process; this loop reduces its sums, all-reduces gradients,
+clips, steps, logs and checkpoints.
 
-Exactness across layouts: the documents of a step, and each document's rollout randomness (keyed by
-seed, step and the document's place in the step), do not depend on how the step is split into
-micro-batches or processes, and every loss is divided by the whole step's token counts; gradients
-are summed across micro-batches and processes. So 1 x 8 == 8 x 1 == 2 processes x 4.
+Exactness across layouts: the rows of a step, and each row's rollout randomness (keyed by seed, step
+or rollout batch, and the row's place in the global batch), do not depend on how the step is split
+into micro-batches or processes, and every loss is divided by step-global counts; gradients are
+summed across micro-batches and processes. So 1 x 8 == 8 x 1 == 2 processes x 4.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,17 +26,10 @@ import torch
 
 from ebft import checkpoint as ckpt
 from ebft.config import TrainConfig, dump_config
-from ebft.data.collate import collate_documents
 from ebft.errors import ConfigError, EbftError
+from ebft.loop import reduce_step_sums, reduce_sum
 from ebft.metrics import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
 from ebft.models import autocast_dtype, check_model_config, feature_network_for, load_policy, load_tokenizer
-from ebft.strided.step import (
-    StepTotals,
-    StridedSettings,
-    count_targets,
-    document_generators,
-    strided_microbatch,
-)
 
 log = logging.getLogger("ebft")
 
@@ -65,7 +58,10 @@ class Window:
 
     def add(self, values: dict[str, float]) -> None:
         for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
+            if key.endswith("_min"):
+                self.sums[key] = min(self.sums.get(key, math.inf), value)
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + value
         self.steps += 1
 
 
@@ -87,56 +83,6 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
 
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil((cfg.warmup_ratio or 0.0) * total_steps)
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def global_micro_batches(num_rows: int, size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
-    """Row indices of each global micro-batch of ``size`` documents, from micro-batch ``start`` on.
-
-    The rows form one stream, a fresh permutation (seeded by seed + epoch) per pass over the data, cut
-    into fixed-size pieces; a piece may straddle two epochs. Deterministic, so a resumed run continues
-    with exactly the documents the uninterrupted run would have seen.
-    """
-    epoch, offset, order = -1, 0, []
-    position = 0
-    while True:
-        while len(order) - offset < size:
-            epoch += 1
-            gen = torch.Generator().manual_seed(seed + epoch)
-            order = order[offset:] + torch.randperm(num_rows, generator=gen).tolist()
-            offset = 0
-        piece, offset = order[offset : offset + size], offset + size
-        if position >= start:
-            yield piece
-        position += 1
-
-
-def total_optimizer_steps(cfg: TrainConfig, num_rows: int, num_processes: int) -> int:
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    docs_per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * num_processes
-    return max(1, math.ceil(cfg.num_epochs * num_rows / docs_per_step))
-
-
-def step_metrics(sums: dict[str, float], s: StridedSettings) -> dict[str, float]:
-    """Turn summed micro-batch quantities into the logged means (seed metric names)."""
-    samples = max(sums["samples"], 1.0)
-    adv_mean = sums["advantage"] / samples
-    rl_loss = sums["rl_sum"] / max(sums["rl_tokens"], 1.0)
-    out = {
-        "ebft/alignment": sums["alignment"] / samples,
-        "ebft/diversity": sums["diversity"] / samples,
-        "ebft/mean_reward": sums["reward"] / samples,
-        "ebft/cfm_loss": sums["cfm"] / max(sums["blocks"], 1.0),
-        "ebft/rl_loss": rl_loss,
-        "ebft/advantages_std": math.sqrt(max(sums["advantage_sq"] / samples - adv_mean**2, 0.0)),
-        "ebft/num_blocks": sums["blocks"] / max(sums["docs"], 1.0),
-    }
-    loss = s.rl_coef * rl_loss
-    if s.ce_coef > 0:
-        out["ebft/ce_loss"] = sums["ce_sum"] / max(sums["ce_tokens"], 1.0)
-        loss += s.ce_coef * out["ebft/ce_loss"]
-    out["loss"] = loss
-    return out
 
 
 @contextmanager
@@ -167,10 +113,6 @@ def stop_on_signals():
             signal.signal(sig, old)
 
 
-def _reduce_sum(accelerator, values: torch.Tensor) -> torch.Tensor:
-    return accelerator.reduce(values, reduction="sum") if accelerator.num_processes > 1 else values
-
-
 def _all_reduce_grads(accelerator, params: list[torch.nn.Parameter]) -> None:
     """Sum gradients over processes: each process's loss is already divided by the global token counts."""
     if accelerator.num_processes == 1:
@@ -191,12 +133,6 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
 
-    from ebft.data.load import load_strided_datasets
-
-    if cfg.ebft.mode != "strided":
-        raise ConfigError(
-            "ebft.mode: 'structured' training is not available in this version of ebft; set ebft.mode: strided"
-        )
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, is_main = accelerator.device, accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -214,16 +150,10 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
 
     check_model_config(cfg)
     tokenizer = load_tokenizer(cfg)
-    data = load_strided_datasets(cfg, tokenizer, search_dir=config_dir)
-    model = load_policy(cfg, tokenizer, device)
-    amp_dtype = autocast_dtype(cfg, device)
-    # Built before any checkpoint is loaded: for full fine-tuning the feature network is a frozen copy of
-    # the *base* weights, also on resume.
-    features = feature_network_for(cfg, model, device)
-    settings = StridedSettings.from_config(cfg.ebft)
+    model, runner = _build(cfg, tokenizer, accelerator, config_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
-    total_steps = total_optimizer_steps(cfg, len(data.train), world)
+    total_steps = runner.total_steps()
     scheduler = build_scheduler(cfg, optimizer, total_steps)
 
     state, window = ckpt.TrainState(), Window()
@@ -231,16 +161,15 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
         state = ckpt.load_checkpoint(
             resume_dir, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator
         )
+        runner.load(resume_dir, rank)
         window = Window(**state.window) if state.window else Window()
         if is_main:
-            for name in ("metrics.jsonl", "rollouts.jsonl"):
+            for name in ("metrics.jsonl", runner.log_name):
                 ckpt.truncate_jsonl(out_dir / name, state.step)
         log.info("resuming from %s at step %d", resume_dir, state.step)
+    runner.start(state)
 
-    mb, gas = cfg.micro_batch_size, cfg.gradient_accumulation_steps
-    batches = global_micro_batches(len(data.train), mb * world, cfg.seed, start=state.data_position)
-    pad_id = tokenizer.pad_token_id
-    rollout_log = RolloutLog(out_dir / "rollouts.jsonl") if (cfg.ebft.log_rollouts and is_main) else None
+    record_log = RolloutLog(out_dir / runner.log_name) if (runner.keep_records and is_main) else None
     logger = MetricsLogger(
         out_dir,
         use_tensorboard=cfg.use_tensorboard,
@@ -250,6 +179,7 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
         config_dict=cfg.model_dump(mode="json"),
         is_main=is_main,
         console=console,
+        reward_line=cfg.ebft.mode == "structured",
     )
 
     def save(name: str) -> Path:
@@ -263,6 +193,7 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
             scheduler=scheduler,
             state=state,
             accelerator=accelerator,
+            extra=lambda tmp: runner.save(tmp, rank),
         )
         if is_main:
             ckpt.rotate(out_dir, cfg.save_total_limit)
@@ -271,104 +202,145 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
     last: dict[str, float] = {}
     model.train()
     progress = Progress(
-        total_steps, description="ebft strided", completed=state.step, is_main=is_main, console=logger.console
+        total_steps, description=runner.label, completed=state.step, is_main=is_main, console=logger.console
     )
-    with logger, progress as bar, stop_on_signals() as stop:
-        while state.step < total_steps:
-            step = state.step + 1
-            started = time.perf_counter()
-            pieces = [next(batches) for _ in range(gas)]
-            local = [
-                collate_documents([data.train[i] for i in piece[rank * mb : (rank + 1) * mb]], pad_id).to(device)
-                for piece in pieces
-            ]
-            counts = torch.tensor(
-                [[c.rl_tokens, c.ce_tokens] for c in (count_targets(b, settings) for b in local)], dtype=torch.float64
-            ).sum(0)
-            counts = _reduce_sum(accelerator, counts.to(device))
-            totals = StepTotals(int(counts[0]), int(counts[1]))
-            sums: dict[str, float] = {}
-            records: list[dict] = []
-            for index, batch in enumerate(local):
-                first_doc = index * mb * world + rank * mb  # the document's place in the global step
-                result = strided_microbatch(
-                    model,
-                    features,
-                    batch,
-                    settings,
-                    totals,
-                    autocast_dtype=amp_dtype,
-                    generators=document_generators(cfg.seed, step, first_doc, batch.input_ids.shape[0], device),
-                    keep_rollouts=cfg.ebft.log_rollouts,
-                )
-                for key, value in result.sums.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                sums["loss"] = sums.get("loss", 0.0) + result.loss
-                records.extend({"document": first_doc + d, **r} for d, r in enumerate(result.rollouts))
+    try:
+        with logger, progress as bar, stop_on_signals() as stop:
+            while state.step < total_steps:
+                step = state.step + 1
+                started = time.perf_counter()
+                out = runner.run(step, state)
+                sums = reduce_step_sums(accelerator, out.sums)
+                _all_reduce_grads(accelerator, params)
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                finite = all(math.isfinite(v) for k, v in sums.items() if not k.endswith("_min"))
+                finite = finite and math.isfinite(grad_norm)
+                lr = scheduler.get_last_lr()[0]
+                if finite:
+                    optimizer.step()
+                    scheduler.step()
+                    state.consecutive_skips = 0
+                else:
+                    state.skipped_steps += 1
+                    state.consecutive_skips += 1
+                    log.warning("step %d: non-finite loss, reward or gradient; update skipped", step)
+                optimizer.zero_grad(set_to_none=True)
+                state.step = step
+                runner.after_update(step)
+                elapsed = time.perf_counter() - started
 
-            keys = sorted(sums)
-            reduced = _reduce_sum(
-                accelerator, torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
-            )
-            sums = dict(zip(keys, reduced.tolist(), strict=True))
-            _all_reduce_grads(accelerator, params)
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            finite = all(math.isfinite(v) for v in sums.values()) and math.isfinite(grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            if finite:
-                optimizer.step()
-                scheduler.step()
-                state.consecutive_skips = 0
-            else:
-                state.skipped_steps += 1
-                state.consecutive_skips += 1
-                log.warning("step %d: non-finite loss, reward or gradient; update skipped", step)
-            optimizer.zero_grad(set_to_none=True)
-            state.step, state.data_position = step, state.data_position + gas
-            elapsed = time.perf_counter() - started
+                if runner.keep_records:
+                    gathered = gather_object(out.records) if world > 1 else out.records
+                    if record_log is not None and gathered:
+                        key = "document" if "document" in gathered[0] else "sample"
+                        record_log.append([{"step": step, **r} for r in sorted(gathered, key=lambda r: r[key])])
+                        _print_completions(logger.console, gathered, cfg)
+                if finite:
+                    window.add({**sums, "grad_norm": grad_norm, "seconds": elapsed})
+                if step % cfg.logging_steps == 0 or step == total_steps:
+                    last = _logged(window, runner, lr, device) if window.steps else {}
+                    last["ebft/skipped_steps"] = float(state.skipped_steps)
+                    logger.log(step, last)
+                    window = Window()
+                bar.advance(1, postfix=f"reward {last.get(runner.reward_key, float('nan')):+.3f}")
 
-            if cfg.ebft.log_rollouts:
-                gathered = gather_object(records) if world > 1 else records
-                if rollout_log is not None:
-                    rollout_log.append([{"step": step, **r} for r in sorted(gathered, key=lambda r: r["document"])])
-            if finite:
-                window.add({**sums, "grad_norm": grad_norm, "seconds": elapsed})
-            if step % cfg.logging_steps == 0 or step == total_steps:
-                last = _logged(window, settings, lr, device) if window.steps else {}
-                last["ebft/skipped_steps"] = float(state.skipped_steps)
-                logger.log(step, last)
-                window = Window()
-            bar.advance(1, postfix=f"reward {last.get('ebft/mean_reward', float('nan')):+.3f}")
-
-            if state.consecutive_skips >= cfg.max_consecutive_skipped_steps:
-                saved = save(f"checkpoint-{step}")
-                raise TooManySkippedSteps(
-                    f"{state.consecutive_skips} consecutive steps had a non-finite loss, reward or gradient "
-                    f"(last at step {step}); stopped. The last good state is saved in {saved}. Lower the "
-                    "learning_rate, set max_grad_norm, or check the data."
-                )
-            stop_now = _reduce_sum(accelerator, torch.tensor([float(bool(stop))], device=device)).item() > 0
-            if stop_now:
-                saved = save(f"checkpoint-{step}")
-                raise TrainingInterrupted(
-                    f"interrupted at step {step}; checkpoint saved to {saved}. Resume with: "
-                    f"ebft train <config> --output_dir={out_dir} --resume_from_checkpoint=latest"
-                )
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                save(f"checkpoint-{step}")
+                if state.consecutive_skips >= cfg.max_consecutive_skipped_steps:
+                    saved = save(f"checkpoint-{step}")
+                    raise TooManySkippedSteps(
+                        f"{state.consecutive_skips} consecutive steps had a non-finite loss, reward or gradient "
+                        f"(last at step {step}); stopped. The last good state is saved in {saved}. Lower the "
+                        "learning_rate, set max_grad_norm, or check the data."
+                    )
+                stop_now = reduce_sum(accelerator, torch.tensor([float(bool(stop))], device=device)).item() > 0
+                if stop_now:
+                    saved = save(f"checkpoint-{step}")
+                    raise TrainingInterrupted(
+                        f"interrupted at step {step}; checkpoint saved to {saved}. Resume with: "
+                        f"ebft train <config> --output_dir={out_dir} --resume_from_checkpoint=latest"
+                    )
+                if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+                    save(f"checkpoint-{step}")
+    finally:
+        runner.close()
     if is_main:
         ckpt.write_model(model, tokenizer, out_dir)
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=out_dir, steps=total_steps, last_metrics=last)
 
 
-def _logged(window: Window, s: StridedSettings, lr: float, device) -> dict[str, float]:
+def _build(cfg: TrainConfig, tokenizer, accelerator, config_dir: Path | None):
+    """Data, policy, feature network and the mode's runner. The feature network is built before any
+    checkpoint is loaded: for full fine-tuning it is a frozen copy of the *base* weights, also on resume."""
+    device = accelerator.device
+    amp = autocast_dtype(cfg, device)
+    if cfg.ebft.mode == "strided":
+        from ebft.data.load import load_strided_datasets
+        from ebft.strided.runner import StridedRunner
+
+        data = load_strided_datasets(cfg, tokenizer, search_dir=config_dir)
+        model = load_policy(cfg, tokenizer, device)
+        features = feature_network_for(cfg, model, device)
+        runner = StridedRunner(
+            cfg,
+            model=model,
+            features=features,
+            tokenizer=tokenizer,
+            data=data,
+            accelerator=accelerator,
+            autocast_dtype=amp,
+        )
+        return model, runner
+    from ebft.data.structured import load_structured_datasets
+    from ebft.structured.runner import StructuredRunner
+
+    data = load_structured_datasets(cfg, tokenizer, search_dir=config_dir)
+    model = load_policy(cfg, tokenizer, device)
+    features = feature_network_for(cfg, model, device)
+    runner = StructuredRunner(
+        cfg,
+        model=model,
+        features=features,
+        tokenizer=tokenizer,
+        data=data,
+        accelerator=accelerator,
+        autocast_dtype=amp,
+        backend=_rollout_backend(cfg, model, tokenizer),
+    )
+    return model, runner
+
+
+def _rollout_backend(cfg: TrainConfig, model, tokenizer):
+    from ebft.structured.rollout import Sampling
+
+    sampling = Sampling.from_trl(cfg.trl, tokenizer.eos_token_id)
+    if not cfg.trl.use_vllm:
+        from ebft.structured.hf import HFGenerate
+
+        return HFGenerate(model, sampling=sampling, pad_token_id=tokenizer.pad_token_id)
+    from ebft.structured.vllm import vllm_backend
+
+    return vllm_backend(cfg, sampling)
+
+
+def _print_completions(console, records: list[dict], cfg: TrainConfig) -> None:
+    count = getattr(getattr(cfg, "trl", None), "num_completions_to_print", None)
+    if console is None or not count or cfg.ebft.mode != "structured":
+        return
+    for r in records[:count]:
+        console.print(
+            f"[sample {r['sample']}] reward {r['reward']:+.3f} adv {r['advantage']:+.3f}\n"
+            f"  prompt: {r['prompt'][-200:]!r}\n  completion: {r['completion'][:400]!r}",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _logged(window: Window, runner, lr: float, device) -> dict[str, float]:
     sums, steps = window.sums, window.steps
-    out = step_metrics(sums, s)
+    out = runner.metrics(sums)
     out["grad_norm"] = sums["grad_norm"] / steps
     out["learning_rate"] = lr
-    out["tokens_per_second"] = (sums["doc_tokens"] + sums["rl_tokens"]) / max(sums["seconds"], 1e-9)
     out["step_seconds"] = sums["seconds"] / steps
     out["peak_memory_mib"] = peak_memory_bytes(device) / 2**20
     return out

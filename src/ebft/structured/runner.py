@@ -1,0 +1,295 @@
+"""Structured mode inside the training loop: rollout batches, their reuse, prefetch, and metrics.
+
+Sizes (TRL's convention): ``micro_batch_size`` counts completions, so a process trains on
+``micro_batch_size * gradient_accumulation_steps`` completions per optimizer step, i.e. that divided by
+``num_generations`` prompts. One rollout batch serves ``num_iterations`` consecutive optimizer steps
+(the later ones are off-policy and use the clipped surrogate against the stored log-probs).
+``data_position`` counts rollout batches taken from the prompt stream.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ebft.loop import StepOutput, global_micro_batches, reduce_sum
+from ebft.losses import LossNorm
+from ebft.structured.step import (
+    RolloutBuffer,
+    Sample,
+    StructuredSettings,
+    ce_sequences,
+    microbatch,
+    mix_seed,
+    old_logprobs,
+    roll_out,
+    score,
+)
+
+# Sequences per feature-network forward when scoring a rollout batch.
+FEATURE_BATCH = 16
+
+# Keys every process reports each step (the loop reduces them by position, so the set is fixed).
+_SUM_KEYS = (
+    "steps",
+    "samples",
+    "groups",
+    "alignment",
+    "diversity",
+    "reward",
+    "reward_sq",
+    "advantage",
+    "advantage_sq",
+    "cfm",
+    "completion_tokens",
+    "truncated",
+    "rl_loss",
+    "rl_tokens",
+    "entropy",
+    "clip_low",
+    "clip_high",
+    "ce_sum",
+    "ce_tokens",
+    "is_ratio_sum",
+    "is_tokens",
+    "skipped_micro_batches",
+    "loss",
+)
+
+
+class StructuredRunner:
+    label = "ebft structured"
+    reward_key = "ebft/reward"
+    log_name = "completions.jsonl"
+
+    def __init__(self, cfg, *, model, features, tokenizer, data, accelerator, autocast_dtype, backend):
+        self.cfg, self.model, self.features, self.tokenizer = cfg, model, features, tokenizer
+        self.data, self.accelerator, self.amp, self.backend = data, accelerator, autocast_dtype, backend
+        self.s = StructuredSettings.from_config(cfg, tokenizer.eos_token_id)
+        self.pad_id = tokenizer.pad_token_id
+        self.keep_records = cfg.trl.log_completions
+        self.local_prompts = cfg.micro_batch_size * cfg.gradient_accumulation_steps // self.s.num_generations
+        self.global_prompts = self.local_prompts * accelerator.num_processes
+        self.buffer: RolloutBuffer | None = None
+        self.stream = None
+        self._executor = ThreadPoolExecutor(max_workers=1) if cfg.trl.async_prefetch else None
+        self._prefetched: tuple[int, list[int], Future] | None = None
+
+    def total_steps(self) -> int:
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        batches = math.ceil(self.cfg.num_epochs * len(self.data.train) / self.global_prompts)
+        return max(1, batches) * self.s.num_iterations
+
+    def start(self, state) -> None:
+        self.stream = global_micro_batches(
+            len(self.data.train), self.global_prompts, self.cfg.seed, state.data_position
+        )
+
+    # -- rollout batches -------------------------------------------------------------------------
+
+    def _local_rows(self, piece: list[int]) -> tuple[list[int], list]:
+        rank = self.accelerator.process_index
+        positions = list(range(rank * self.local_prompts, (rank + 1) * self.local_prompts))
+        return positions, [self.data.train[piece[i]] for i in positions]
+
+    def _samples(self, generation: int, piece: list[int]) -> list[Sample]:
+        positions, rows = self._local_rows(piece)
+        # Keyed by the prompt's place in the global batch: the same rollouts for any process layout.
+        seeds = [mix_seed(self.cfg.seed, generation, p) for p in positions]
+        return roll_out(self.backend, rows, self.s, self.tokenizer, seeds)
+
+    def _next_samples(self, generation: int) -> tuple[list[int], list[Sample]]:
+        if self._prefetched is not None and self._prefetched[0] == generation:
+            _, piece, future = self._prefetched
+            samples = future.result()
+        else:
+            piece = next(self.stream)
+            samples = self._samples(generation, piece)
+        self._prefetched = None
+        if self._executor is not None:
+            # Generate the next batch on the server while this one trains (staleness: one batch, plus
+            # up to vllm_sync_interval steps before the server sees new weights; IS-corrected).
+            upcoming = next(self.stream)
+            self._prefetched = (
+                generation + 1,
+                upcoming,
+                self._executor.submit(self._samples, generation + 1, upcoming),
+            )
+        return piece, samples
+
+    def _make_buffer(self, generation: int, state) -> RolloutBuffer:
+        acc, s = self.accelerator, self.s
+        piece, samples = self._next_samples(generation)
+        _, rows = self._local_rows(piece)
+
+        def batch_std(reward: torch.Tensor) -> float:
+            r = reward.double().flatten()
+            stats = reduce_sum(acc, torch.stack([r.sum(), (r**2).sum(), r.new_tensor(r.numel())]).to(acc.device))
+            total, squares, count = (float(v) for v in stats)
+            return math.sqrt(max(squares - total**2 / count, 0.0) / max(count - 1, 1))
+
+        scores = score(self.features, rows, samples, s, self.pad_id, batch_size=FEATURE_BATCH, batch_std=batch_std)
+        buffer = RolloutBuffer(
+            rows=rows,
+            samples=samples,
+            scores=scores,
+            advantage=scores.advantage.flatten().cpu(),
+            generation=generation,
+        )
+        if s.num_iterations > 1:
+            buffer.old_logprobs = old_logprobs(self.model, samples, s, self.pad_id, self.cfg.micro_batch_size, self.amp)
+        state.data_position += 1
+        return buffer
+
+    # -- one optimizer step ----------------------------------------------------------------------
+
+    def run(self, step: int, state) -> StepOutput:
+        cfg, s, acc = self.cfg, self.s, self.accelerator
+        generation = (step - 1) // s.num_iterations
+        fresh = self.buffer is None or self.buffer.generation != generation
+        if fresh:
+            self.buffer = self._make_buffer(generation, state)
+        buf, G, mb = self.buffer, s.num_generations, cfg.micro_batch_size
+
+        ce_samples = ce_sequences(buf.rows, self.tokenizer, s) if s.ce_coef > 0 else []
+        local = torch.tensor(
+            [
+                len(buf.samples),
+                sum(sum(q.loss_mask[1:]) for q in buf.samples),
+                sum(sum(q.loss_mask[1:]) for q in ce_samples),
+            ],
+            dtype=torch.float64,
+        )
+        sequences, tokens, ce_tokens = (int(v) for v in reduce_sum(acc, local.to(acc.device)))
+        norm = LossNorm(
+            sequences=sequences,
+            tokens=tokens,
+            max_completion_length=s.max_completion_length,
+            micro_batches=cfg.gradient_accumulation_steps * acc.num_processes,
+        )
+        sums = dict.fromkeys(_SUM_KEYS, 0.0)
+        sums["is_ratio_min"] = math.inf
+        for k in range(cfg.gradient_accumulation_steps):
+            indices = list(range(k * mb, (k + 1) * mb))
+            ce_rows = [i // G for i in indices if i % G == 0]  # a prompt's CE goes with its first sample
+            part = microbatch(
+                self.model,
+                buf,
+                indices,
+                ce_rows,
+                s,
+                norm,
+                ce_tokens,
+                self.tokenizer,
+                pad_id=self.pad_id,
+                autocast_dtype=self.amp,
+            )
+            for key, value in part.items():
+                sums[key] = min(sums[key], value) if key.endswith("_min") else sums[key] + value
+        sums.update(self._rollout_sums(buf, ce_samples))
+        records = self._records(buf, step) if (fresh and self.keep_records) else []
+        return StepOutput(sums=sums, records=records)
+
+    def _rollout_sums(self, buf: RolloutBuffer, ce_samples: list[Sample]) -> dict[str, float]:
+        sc = buf.scores
+        adv = buf.advantage.double()
+        reward = sc.reward.double()
+        return {
+            "steps": 1.0,
+            "samples": float(len(buf.samples)),
+            "groups": float(len(buf.rows)),
+            "alignment": float(sc.alignment.sum()),
+            "diversity": float(sc.diversity.sum()),
+            "reward": float(reward.sum()),
+            "reward_sq": float((reward**2).sum()),
+            "advantage": float(adv.sum()),
+            "advantage_sq": float((adv**2).sum()),
+            "cfm": float(sc.cfm.sum()),
+            "completion_tokens": float(sum(len(q.sequence) - q.prompt_length for q in buf.samples)),
+            "truncated": float(sum(not q.finished for q in buf.samples)),
+            "ce_tokens": float(sum(sum(q.loss_mask[1:]) for q in ce_samples)),
+        }
+
+    def _records(self, buf: RolloutBuffer, step: int) -> list[dict]:
+        """completions.jsonl rows: prompt, completion, ground truth, reward terms and advantage."""
+        G, sc = self.s.num_generations, buf.scores
+        first = self.accelerator.process_index * self.local_prompts * G
+        out = []
+        for i, q in enumerate(buf.samples):
+            p, j = divmod(i, G)
+            row = buf.rows[p]
+            out.append(
+                {
+                    "sample": first + i,
+                    "prompt": self.tokenizer.decode(list(row.prompt_ids), skip_special_tokens=False),
+                    "completion": q.text,
+                    "ground_truth": row.ground_truth,
+                    "finished": q.finished,
+                    "completion_tokens": len(q.sequence) - q.prompt_length,
+                    "alignment": float(sc.alignment[p, j]),
+                    "diversity": float(sc.diversity[p, j]),
+                    "reward": float(sc.reward[p, j]),
+                    "advantage": float(buf.advantage[i]),
+                }
+            )
+        return out
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Window sums -> logged means (``ebft/*`` as in the seeds, the rest as TRL names them)."""
+        s = self.s
+        samples = max(sums["samples"], 1.0)
+        steps = max(sums["steps"], 1.0)
+        reward_mean = sums["reward"] / samples
+        adv_mean = sums["advantage"] / samples
+        rl_tokens = max(sums["rl_tokens"], 1.0)
+        out = {
+            "ebft/alignment": sums["alignment"] / samples,
+            "ebft/diversity": sums["diversity"] / samples,
+            "ebft/reward": reward_mean,
+            "ebft/reward_std": math.sqrt(max(sums["reward_sq"] / samples - reward_mean**2, 0.0)),
+            "ebft/cfm_loss": sums["cfm"] / max(sums["groups"], 1.0),
+            "ebft/advantages_std": math.sqrt(max(sums["advantage_sq"] / samples - adv_mean**2, 0.0)),
+            "ebft/rl_loss": sums["rl_loss"] / steps,
+            "completions/mean_length": sums["completion_tokens"] / samples,
+            "completions/clipped_ratio": sums["truncated"] / samples,
+            "entropy": sums["entropy"] / rl_tokens,
+            "clip_ratio/low_mean": sums["clip_low"] / rl_tokens,
+            "clip_ratio/high_mean": sums["clip_high"] / rl_tokens,
+            "loss": sums["loss"] / steps,
+            "tokens_per_second": sums["completion_tokens"] / max(sums["seconds"], 1e-9),
+        }
+        if s.ce_coef > 0:
+            out["ebft/ce_loss"] = sums["ce_sum"] / max(sums["ce_tokens"], 1.0)
+        if sums["is_tokens"] > 0:
+            out["is_ratio/mean"] = sums["is_ratio_sum"] / sums["is_tokens"]
+            out["is_ratio/min"] = sums["is_ratio_min"]
+        if s.skip_zero_advantage_batches:
+            out["skipped_micro_batches"] = sums["skipped_micro_batches"] / steps
+        return out
+
+    # -- around the optimizer step ---------------------------------------------------------------
+
+    def after_update(self, step: int) -> None:
+        self.backend.sync(self.model, step)
+
+    def save(self, directory: Path, rank: int) -> None:
+        """A rollout batch still to be reused (num_iterations > 1) goes into the checkpoint, so a resumed
+        run trains on exactly the completions the uninterrupted run would have."""
+        if self.buffer is not None and self.s.num_iterations > 1:
+            torch.save(self.buffer.state_dict(), Path(directory) / f"rollout_buffer_{rank}.pt")
+
+    def load(self, directory: Path, rank: int) -> None:
+        path = Path(directory) / f"rollout_buffer_{rank}.pt"
+        if path.exists():
+            self.buffer = RolloutBuffer(**torch.load(path, weights_only=False))
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        self.backend.close()
