@@ -26,6 +26,11 @@ def test_the_documented_examples_exist():
         "llama-1b-strided-prompt-completion.yaml",
         "llama-3b-strided-full-finetune.yaml",
         "qwen-strided-chat.yaml",
+        "llama-1b-structured-opencode.yaml",
+        "qwen3-4b-structured-vllm.yaml",
+        "qwen3-4b-structured-async.yaml",
+        "qwen3-4b-structured-multiturn.yaml",
+        "qwen3-4b-structured-reasoning.yaml",
     }
 
 
@@ -64,13 +69,27 @@ def _chat_rows() -> list[dict]:
     return rows
 
 
+def _reasoning_rows() -> list[dict]:
+    """ShareGPT-style conversations whose answers carry their reasoning in thought markers."""
+    rows = []
+    for text in _texts():
+        lines = text.splitlines()
+        answer = (
+            "<|begin_of_thought|>\n" + "\n".join(lines[1:6]) + "\n<|end_of_thought|>\n\n" + "\n".join(lines[6:12])
+        )
+        rows.append({"conversations": [{"from": "user", "value": lines[0][:60]}, {"from": "assistant", "value": answer}]})
+    return rows
+
+
 def _rows_for(spec) -> list[dict]:
     if spec.type == "ebft_pretrain.transform":
         return _text_rows(spec.field or "text")
-    if spec.type == "ebft_strided_structured.transform":
+    if spec.type in ("ebft_strided_structured.transform", "ebft_opencode.transform"):
         return _pair_rows()
-    if spec.type == "ebft_strided_chat.transform":
+    if spec.type in ("ebft_strided_chat.transform", "ebft_chat_multiturn.transform"):
         return _chat_rows()
+    if spec.type == "ebft_reasoning.transform_split_thinking":
+        return _reasoning_rows()
     pytest.fail(f"no local test data for transform {spec.type!r}: add a writer to tests/test_examples.py")
 
 
@@ -90,13 +109,22 @@ def _train_example(example: Path, tmp_path: Path, model_dir: Path, *extra: str) 
         "--datasets.0.split=train",
         "--max_steps=2",
         "--sequence_len=128",
-        "--micro_batch_size=2",
         "--gradient_accumulation_steps=1",
         "--logging_steps=1",
         "--bf16=false",
         f"--output_dir={out}",
-        *extra,
     ]
+    if cfg.ebft.mode == "structured":
+        # One prompt's group per micro-batch; short completions; the hub model's stop ids do not exist
+        # in the tiny vocabulary (its own EOS still stops generation).
+        overrides += [
+            f"--micro_batch_size={cfg.trl.num_generations}",
+            "--trl.max_completion_length=16",
+            "--trl.generation_kwargs.stop_token_ids=null",
+        ]
+    else:
+        overrides.append("--micro_batch_size=2")
+    overrides += extra
     assert main(["train", str(example), *overrides]) == 0
     return out, overrides
 
@@ -107,6 +135,12 @@ def _check_outputs(example: Path, out: Path, overrides: list[str]) -> None:
     assert [line["step"] for line in lines] == [1, 2]
     if cfg.ebft.ce_coef > 0:
         assert all("ebft/ce_loss" in line for line in lines)
+    reward = "ebft/reward" if cfg.ebft.mode == "structured" else "ebft/mean_reward"
+    assert all(isinstance(line[reward], float) for line in lines)
+    if cfg.ebft.mode == "structured" and cfg.trl.log_completions:
+        records = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+        assert len(records) == 2 * cfg.micro_batch_size  # every completion of both steps
+        assert {"prompt", "completion", "ground_truth", "reward", "advantage"} <= records[0].keys()
     assert load_config(out / "config.yaml") == cfg
     if cfg.adapter == "lora":
         assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
@@ -126,10 +160,19 @@ def test_example_validates_without_warnings(example, capsys):
     assert capsys.readouterr().err == ""
     cfg = load_config(example)
     assert config_warnings(cfg) == []
-    assert cfg.ebft.mode == "strided"
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
 def test_example_trains_as_written(example, tmp_path, tiny_model_dir):
-    out, overrides = _train_example(example, tmp_path, tiny_model_dir)
+    if load_config(example).trl.use_vllm:
+        from fake_vllm import FakeVLLMServer
+
+        # The vLLM examples run against a local server that speaks vLLM's endpoints with the tiny model.
+        with FakeVLLMServer(tiny_model_dir) as server:
+            address = [f"--trl.vllm_server_host={server.host}", f"--trl.vllm_server_port={server.port}"]
+            out, overrides = _train_example(example, tmp_path, tiny_model_dir, *address)
+            assert server.calls("/v1/completions"), "the example did not generate on the server"
+            assert server.calls("/v1/load_lora_adapter"), "the adapter was never synced to the server"
+    else:
+        out, overrides = _train_example(example, tmp_path, tiny_model_dir)
     _check_outputs(example, out, overrides)

@@ -104,7 +104,10 @@ def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
     if cfg.gradient_checkpointing:
         kwargs = dict(cfg.gradient_checkpointing_kwargs or {})
         kwargs.setdefault("use_reentrant", False)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if cfg.adapter == "lora":
         from peft import LoraConfig, get_peft_model
 
