@@ -230,3 +230,65 @@ def test_two_processes_match_one_process_with_twice_the_micro_batch(tmp_path, ti
     assert all(((wa[k] - wb[k]).abs() < 1e-6).all() for k in wa)
     rollouts = [json.loads(line) for line in (two / "rollouts.jsonl").read_text().splitlines()]
     assert [(r["step"], r["document"]) for r in rollouts] == [(1, 0), (1, 1), (2, 0), (2, 1)]  # main writes all
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory) -> Path:
+    rows = []
+    for text in stdlib_texts(12):
+        lines = [line for line in text.splitlines() if line.strip()]
+        rows.append({"input": lines[0][:60], "output": "\n".join(lines[1:4])})
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
+def test_structured_two_processes_match_one_process(tmp_path, tiny_model_dir, pair_file):
+    """Structured mode: 2 processes x 4 completions == 1 process x 8 completions (one prompt per process
+    vs two prompts on one): same prompts, same rollouts (seeded per prompt), same step-global loss."""
+    config = {
+        "base_model": str(tiny_model_dir),
+        "rl": "ebft",
+        "ebft": {"mode": "structured", "ce_coef": 0.05, "use_whitening": True},
+        "trl": {
+            "num_generations": 4,
+            "max_completion_length": 12,
+            "temperature": 1.0,
+            "scale_rewards": "batch",  # the reward spread is reduced across processes
+            "loss_type": "dapo",
+            "log_completions": True,
+        },
+        "datasets": [{"path": str(pair_file), "type": "ebft_opencode.transform"}],
+        "sequence_len": 96,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 2,
+        "learning_rate": 1e-3,
+        "optimizer": "sgd",
+        "bf16": False,
+        "seed": 0,
+    }
+    cfg = tmp_path / "structured.yaml"
+    cfg.write_text(yaml.safe_dump(config), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29518"]
+    res = subprocess.run(
+        [*launch, "-m", "ebft", "train", str(cfg), "--micro_batch_size=4", f"--output_dir={two}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert main(["train", str(cfg), "--micro_batch_size=8", f"--output_dir={one}"]) == 0
+    for a, b in zip(_metrics(two), _metrics(one), strict=True):
+        for key in ("loss", "ebft/alignment", "ebft/reward", "ebft/ce_loss", "grad_norm", "completions/mean_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(((wa[k] - wb[k]).abs() < 1e-6).all() for k in wa)
+    records = [json.loads(line) for line in (two / "completions.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["sample"]) for r in records] == [(s, i) for s in (1, 2) for i in range(8)]

@@ -338,7 +338,7 @@ def _print_completions(console, records: list[dict], cfg: TrainConfig) -> None:
 
 def _logged(window: Window, runner, lr: float, device) -> dict[str, float]:
     sums, steps = window.sums, window.steps
-    out = runner.metrics(sums)
+    out = runner.metrics(sums, steps)
     out["grad_norm"] = sums["grad_norm"] / steps
     out["learning_rate"] = lr
     out["step_seconds"] = sums["seconds"] / steps

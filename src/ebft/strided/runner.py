@@ -76,8 +76,10 @@ class StridedRunner:
         state.data_position += gas
         return StepOutput(sums=sums, records=records)
 
-    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        """Summed micro-batch quantities -> the logged means (the seeds' strided metric names)."""
+    def metrics(self, sums: dict[str, float], steps: int) -> dict[str, float]:
+        """Quantities summed over ``steps`` logged steps -> the logged means (the seeds' strided names).
+
+        Every mean here is a ratio of two sums, so ``steps`` is not needed."""
         s = self.settings
         samples = max(sums["samples"], 1.0)
         adv_mean = sums["advantage"] / samples

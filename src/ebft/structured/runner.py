@@ -34,7 +34,6 @@ FEATURE_BATCH = 16
 
 # Keys every process reports each step (the loop reduces them by position, so the set is fixed).
 _SUM_KEYS = (
-    "steps",
     "samples",
     "groups",
     "alignment",
@@ -199,7 +198,6 @@ class StructuredRunner:
         adv = buf.advantage.double()
         reward = sc.reward.double()
         return {
-            "steps": 1.0,
             "samples": float(len(buf.samples)),
             "groups": float(len(buf.rows)),
             "alignment": float(sc.alignment.sum()),
@@ -240,11 +238,11 @@ class StructuredRunner:
 
     # -- metrics ---------------------------------------------------------------------------------
 
-    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        """Window sums -> logged means (``ebft/*`` as in the seeds, the rest as TRL names them)."""
+    def metrics(self, sums: dict[str, float], steps: int) -> dict[str, float]:
+        """Sums over ``steps`` logged steps -> means (``ebft/*`` as in the seeds, the rest as TRL names them)."""
         s = self.s
         samples = max(sums["samples"], 1.0)
-        steps = max(sums["steps"], 1.0)
+        steps = max(steps, 1)
         reward_mean = sums["reward"] / samples
         adv_mean = sums["advantage"] / samples
         rl_tokens = max(sums["rl_tokens"], 1.0)
