@@ -1,5 +1,5 @@
-"""Command-line front door: ``ebft validate|train|evaluate CFG [--key=value ...]``, ``ebft quickstart``,
-``ebft plot RUN_DIR``."""
+"""Command-line front door: ``ebft validate|train|evaluate|vllm-serve CFG [--key=value ...]``,
+``ebft quickstart``, ``ebft plot RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("config", help="path to the YAML config")
     _add_evaluate(sub, debug)
+    _add_vllm_serve(sub, debug)
     quick = sub.add_parser(
         "quickstart",
         help="offline demo: pretrain a small model on this Python's sources, compare SFT and EBFT, write a report",
@@ -101,6 +102,23 @@ def _add_evaluate(sub, debug: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_vllm_serve(sub, debug: argparse.ArgumentParser) -> None:
+    text = "start the vLLM server that structured-mode training samples from (trl.use_vllm)"
+    cmd = sub.add_parser(
+        "vllm-serve",
+        help=text,
+        description=text + ", with LoRA hot-loading and the config's vllm: settings; needs vLLM "
+        "(pip install 'ebft[vllm]') and a CUDA GPU. Run it first, then `ebft train` with the same config. "
+        "Any config key can be overridden: --vllm.port=8001.",
+        parents=[debug],
+        allow_abbrev=False,
+    )
+    cmd.add_argument("config", help="path to the YAML config (the training config)")
+    cmd.add_argument(
+        "--print-command", action="store_true", help="print the server command line and exit (needs no vLLM)"
+    )
+
+
 def _setup_logging() -> None:
     from rich.console import Console
     from rich.logging import RichHandler
@@ -154,6 +172,10 @@ def _run(args, overrides: list[str]) -> int:
         return 0
     if args.command == "evaluate":
         return _run_evaluate(args, cfg)
+    if args.command == "vllm-serve":
+        from ebft.vllm_serve import vllm_serve
+
+        return vllm_serve(cfg, print_command=args.print_command)
     from ebft.trainer import TrainingInterrupted, train
 
     try:

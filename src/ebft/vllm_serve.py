@@ -1,0 +1,100 @@
+"""``ebft vllm-serve CFG``: start the vLLM server that structured-mode training samples from.
+
+It runs vLLM's own OpenAI-compatible server with what training relies on:
+
+* ``--enable-lora`` with ``--max-lora-rank`` covering ``lora_r`` and two adapter slots (the current
+  adapter and the one replacing it), plus ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``, which vLLM
+  requires before it exposes ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``;
+* ``--logprobs-mode processed_logprobs``: reported log-probs are those of the distribution actually
+  sampled (after repetition penalty, temperature, min-p, top-k, top-p; vLLM >= 0.10.2), which is what
+  the importance-sampling correction needs; the default would report the untempered model;
+* the address of the ``vllm:`` block (127.0.0.1 unless configured, see ``vllm_serve_address``), the
+  server settings of that block, and the run's seed.
+
+The server runs as a child process in its own session, and SIGINT / SIGTERM are passed on to it
+exactly once: Ctrl-C starts vLLM's graceful shutdown (which also stops its engine processes that hold
+the GPU) and a second Ctrl-C its forced one, and a job manager's SIGTERM does not leave an orphaned
+server behind. The command's exit status is the server's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import signal
+import subprocess
+import sys
+
+from ebft.errors import ConfigError, EbftError
+
+# The values vLLM accepts for --max-lora-rank (its LoRAConfig.max_lora_rank choices, 0.10 onwards).
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+
+
+def max_lora_rank(lora_r: int) -> int:
+    """The smallest rank vLLM accepts that holds a rank-``lora_r`` adapter."""
+    for rank in LORA_RANKS:
+        if lora_r <= rank:
+            return rank
+    raise ConfigError(f"lora_r: vLLM serves LoRA adapters of rank <= {LORA_RANKS[-1]} (got {lora_r})")
+
+
+def serve_command(cfg) -> list[str]:
+    """The argv that starts vLLM's OpenAI-compatible server for ``cfg`` (run with :data:`ENV` set)."""
+    from ebft.config import vllm_serve_address
+
+    host, port = vllm_serve_address(cfg)
+    v = cfg.vllm
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", cfg.base_model]
+    cmd += ["--host", host, "--port", str(port)]
+    cmd += ["--gpu-memory-utilization", str(v.gpu_memory_utilization)]
+    cmd += ["--tensor-parallel-size", str(v.tensor_parallel_size), "--dtype", v.dtype]
+    if v.max_model_len is not None:
+        cmd += ["--max-model-len", str(v.max_model_len)]
+    if v.enforce_eager:
+        cmd.append("--enforce-eager")
+    cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank(cfg.lora_r)), "--max-loras", "2"]
+    cmd += ["--logprobs-mode", "processed_logprobs"]
+    if cfg.trust_remote_code:
+        cmd.append("--trust-remote-code")
+    cmd += ["--seed", str(cfg.seed)]
+    return cmd
+
+
+def printable(cmd: list[str]) -> str:
+    """``cmd`` as one shell line, environment included, ready to paste."""
+    return shlex.join([f"{key}={value}" for key, value in ENV.items()] + cmd)
+
+
+def vllm_serve(cfg, *, print_command: bool = False) -> int:
+    """Print the command (``print_command``) or run the server until it exits; its exit status."""
+    cmd = serve_command(cfg)
+    if print_command:
+        print(printable(cmd))
+        return 0
+    if importlib.util.find_spec("vllm") is None:
+        raise EbftError(
+            "vLLM is not installed; install it with `pip install 'ebft[vllm]'` (it needs a CUDA GPU and its own "
+            "torch build) — or train without `trl.use_vllm` (rollouts then use transformers generate)"
+        )
+    return _run(cmd, {**os.environ, **ENV})
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> int:
+    # Its own session: a terminal's Ctrl-C reaches only this process, which forwards it once (see the
+    # module docstring); otherwise vLLM would get every signal twice and skip its graceful shutdown.
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, _frame) -> None:
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    # Killed by a signal: the shell's convention, 128 + its number.
+    return 128 - status if status < 0 else status
