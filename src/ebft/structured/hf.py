@@ -73,8 +73,12 @@ class HFGenerate:
                 min_p=s.min_p if s.min_p > 0 else None,
             )
         else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            # Greedy decoding gives one completion per prompt (transformers refuses num_return_sequences > 1
+            # without sampling); its n samples are copies of it.
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, num_return_sequences=1)
         generated = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        if s.temperature <= 0:
+            generated = generated.repeat_interleave(n, dim=0)
         new = generated[:, width:].tolist()  # [P * n, T]; sample j of prompt i is row i * n + j
         return [
             [cut_completion(new[i * n + j], s.stop_token_ids, caps[i]) for j in range(n)] for i in range(len(prompts))

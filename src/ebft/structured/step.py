@@ -138,7 +138,9 @@ def _single_turn(row: PromptRow, c: Completion, s: StructuredSettings, tokenizer
         feature_length=len(row.prompt_ids) + len(content),
         finished=c.finished,
         text=tokenizer.decode(content, skip_special_tokens=True),
-        behaviour_logprobs=list(c.logprobs) if (c.logprobs is not None and trained) else None,
+        # A masked completion has no loss tokens, so none of its log-probs (an empty list, not None: None
+        # would turn the importance weights off for every completion that shares its micro-batch).
+        behaviour_logprobs=None if c.logprobs is None else (list(c.logprobs) if trained else []),
     )
 
 
