@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -243,9 +244,14 @@ def _oracle_ce(model, config: Path, indices: list[int]) -> float:
 
 @pytest.fixture(scope="module")
 def base_eval(tiny_model_dir, tmp_path_factory):
+    # main() configures the ebft logger before any test's own restore fixture saved it: undo that here,
+    # or later modules' caplog would see nothing.
+    logger = logging.getLogger("ebft")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
     tmp = tmp_path_factory.mktemp("eval-base")
     config = _write_config(tmp, tiny_model_dir)
-    return tmp, config, _evaluate(config, tmp)
+    yield tmp, config, _evaluate(config, tmp)
+    logger.handlers[:], logger.propagate, logger.level = saved
 
 
 def test_evaluate_cli_end_to_end(base_eval, tiny_model_dir):

@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_evaluate(sub, debug: argparse.ArgumentParser) -> None:
-    text = "evaluate the base model or a checkpoint on held-out documents (strided rollouts, CFM loss, CE)"
+    text = "evaluate the base model or a checkpoint on held-out rows (rollouts scored by features, CFM loss, CE)"
     cmd = sub.add_parser(
         "evaluate",
         help=text,
@@ -98,7 +98,14 @@ def _add_evaluate(sub, debug: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--execute",
         action="store_true",
-        help="run the unit tests of structured code rows in a sandbox and report pass@1 / pass@k",
+        help="run each completion's code against the unit tests of structured code rows (a tests field) in a "
+        "sandbox and report pass@1 / pass@n; nothing is executed without this flag",
+    )
+    cmd.add_argument(
+        "--exec-timeout",
+        type=float,
+        default=3.0,
+        help="with --execute: wall-clock seconds for one completion's code and tests (default 3)",
     )
 
 
@@ -196,6 +203,7 @@ def _run_evaluate(args, cfg) -> int:
         split=args.split,
         max_docs=args.max_docs,
         execute=args.execute,
+        exec_timeout=args.exec_timeout,
         config_dir=Path(args.config).resolve().parent,
     )
     render_table(result)

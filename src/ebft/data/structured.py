@@ -1,9 +1,10 @@
 """Load datasets for structured mode: raw rows -> transform -> checked prompt rows with token ids.
 
 Every ``cfg.datasets`` entry is read with ``load_raw`` and run through its transform (``type:``; none
-means the rows already hold ``prompt``/``ground_truth`` and optionally ``remaining_turns``). Each
-output row is checked and tokenised into a ``PromptRow``; rows that cannot be used are skipped,
-counted and the first one named, as in strided mode, and ``val_set_size`` rows are held out.
+means the rows already hold ``prompt``/``ground_truth`` and optionally ``remaining_turns`` and
+``tests``). Each output row is checked and tokenised into a ``PromptRow``; rows that cannot be used
+are skipped, counted and the first one named, as in strided mode, and ``val_set_size`` rows are
+held out.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class PromptRow:
         multi-turn rows the rendered conversation ``prompt + [assistant ground_truth] +
         remaining_turns`` after its prompt tokens (see ``conversation_tokens``).
     source: where the row came from, "dataset 'path', row N", for messages.
+    tests: the unit tests of a code row (test code such as assert statements, each run after the
+        code by ``ebft evaluate --execute``), from the transform's optional ``tests`` field; () without.
     """
 
     prompt: str | list[dict]
@@ -45,6 +48,7 @@ class PromptRow:
     prompt_ids: tuple[int, ...]
     gt_ids: tuple[int, ...]
     source: str
+    tests: tuple[str, ...] = ()
 
 
 @dataclass
@@ -147,6 +151,7 @@ def prompt_row(
 ) -> PromptRow:
     """The checked, tokenised row; ValueError says why a row cannot be used."""
     prompt, ground_truth, remaining = checked_fields(result)
+    tests = checked_tests(result)
     prompt_ids = render_prompt_ids(tokenizer, prompt, chat_template_kwargs)
     room = sequence_len - max_completion_length
     if len(prompt_ids) > room:
@@ -169,6 +174,7 @@ def prompt_row(
         prompt_ids=tuple(prompt_ids),
         gt_ids=tuple(gt_ids[: sequence_len - len(prompt_ids)]),
         source=source,
+        tests=tests,
     )
 
 
@@ -203,6 +209,19 @@ def checked_fields(result) -> tuple[str | list[dict], str, list[dict]]:
     if remaining and isinstance(prompt, str):
         raise ValueError("remaining_turns needs a chat prompt (a list of messages); the prompt is a string")
     return prompt, ground_truth, remaining
+
+
+def checked_tests(result: Mapping) -> tuple[str, ...]:
+    """The row's optional ``tests``: a string (one test) or a list of strings; ValueError otherwise."""
+    tests = result.get("tests")
+    if tests is None:
+        return ()
+    if isinstance(tests, str):
+        tests = [tests]
+    if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
+        raise ValueError(f"tests must be a string or a list of strings, got {tests!r:.80}")
+    # A blank test passes any code, so it would count the row as tested with nothing tested.
+    return tuple(t for t in tests if t.strip())
 
 
 def check_messages(messages: list, field: str) -> None:
