@@ -32,12 +32,15 @@ def tiny_tokenizer(tiny_model_dir):
 
 
 @pytest.fixture(autouse=True)
-def _restore_ebft_logger():
-    """``main`` configures the ``ebft`` logger (rich handler, no propagation); undo it for later tests."""
+def _reset_ebft_logger():
+    """``main`` configures the ``ebft`` logger (rich handler, no propagation). Every test starts from the
+    unconfigured logger, also when a module-scoped fixture ran ``main`` before this fixture could act."""
     logger = logging.getLogger("ebft")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
+    logger.handlers.clear()
+    logger.propagate, logger.level = True, logging.NOTSET
     yield
-    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+    logger.handlers.clear()
+    logger.propagate, logger.level = True, logging.NOTSET
 
 
 @pytest.fixture(scope="session", autouse=True)
