@@ -324,7 +324,7 @@ def _rollout_backend(cfg: TrainConfig, model, tokenizer):
 
 
 def _print_completions(console, records: list[dict], cfg: TrainConfig) -> None:
-    count = getattr(getattr(cfg, "trl", None), "num_completions_to_print", None)
+    count = cfg.trl.num_completions_to_print
     if console is None or not count or cfg.ebft.mode != "structured":
         return
     for r in records[:count]:
