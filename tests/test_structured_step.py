@@ -749,6 +749,22 @@ def test_multi_turn_samples_keep_their_own_conversation(tiny_tokenizer):
     assert alone.calls[1]["prompts"] == later[0]["prompts"][G : 2 * G]
 
 
+@pytest.mark.parametrize("reply", ["s", "assistant", "\n", "|>", "a plain reply"])
+def test_multi_turn_mask_of_a_reply_that_also_occurs_in_the_markup(tiny_tokenizer, reply):
+    """A later reply is looked for after its own header: "s" must not match the "s" of the previous
+    message's "</s>", nor "assistant" the header's special token, nor "\n" the newline after "</s>"."""
+    from ebft.structured.chat import conversation_tokens
+
+    tok = tiny_tokenizer
+    row = _row(tok, [_user("hi there")], "gt")
+    conversation = [*row.prompt, _assistant("first answer"), _user("more please"), _assistant(reply)]
+    tokens = conversation_tokens(tok, conversation, 1, [True, False, True])
+    text, ids, mask = _expected_tokens(tok, row, conversation)
+    assert tokens.ids == ids
+    assert tokens.generated_mask == mask
+    assert tok.decode([t for t, m in zip(ids, mask, strict=True) if m]) == "first answer" + reply
+
+
 def test_multi_turn_truncated_turn_masks_the_whole_conversation(tiny_tokenizer):
     tok = tiny_tokenizer
     rows = _multi_turn_rows(tok)[:2]

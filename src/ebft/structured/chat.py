@@ -72,7 +72,18 @@ def conversation_tokens(
     text = _chat_text(tokenizer, messages, False, chat_template_kwargs)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
-    spans = content_spans(text, [m["content"] for m in messages[prompt_count:]], _common_prefix(prompt_text, text))
+    # A generated message's content comes after its own header: where the conversation up to it, rendered
+    # with the generation prompt, parts from the whole text. Searching from there, not from the end of the
+    # previous content, keeps a reply that also occurs in the markup between turns ("s" of "</s>", a
+    # newline) from matching the markup.
+    floors = [
+        _common_prefix(_chat_text(tokenizer, messages[: prompt_count + i], True, chat_template_kwargs), text)
+        if flag
+        else 0
+        for i, flag in enumerate(generated)
+    ]
+    contents = [m["content"] for m in messages[prompt_count:]]
+    spans = content_spans(text, contents, _common_prefix(prompt_text, text), floors)
     missing = next(
         (i for i, (span, flag) in enumerate(zip(spans, generated, strict=True)) if flag and span is None), None
     )
@@ -90,20 +101,27 @@ def conversation_tokens(
     )
 
 
-def content_spans(text: str, contents: Sequence[str], start: int) -> list[tuple[int, int] | None]:
+def content_spans(
+    text: str, contents: Sequence[str], start: int, floors: Sequence[int] | None = None
+) -> list[tuple[int, int] | None]:
     """Character span ``[begin, end)`` of each content in ``text``, in order, searching forward from ``start``.
 
     A content is looked up verbatim, then stripped; an empty one is the empty span at the cursor (an
-    empty reply has no tokens); None when neither occurs (the cursor stays put).
+    empty reply has no tokens); None when neither occurs (the cursor stays put). ``floors[i]``, when
+    beyond the cursor, is where content i starts at the earliest: it is looked up from there first.
     """
     spans: list[tuple[int, int] | None] = []
     cursor = start
-    for content in contents:
+    for i, content in enumerate(contents):
         span = None
-        for needle in (content, content.strip()):
-            begin = text.find(needle, cursor) if needle else cursor
-            if begin >= 0:
-                span = (begin, begin + len(needle))
+        origins = [floors[i], cursor] if floors is not None and floors[i] > cursor else [cursor]
+        for origin in origins:
+            for needle in (content, content.strip()):
+                begin = text.find(needle, origin) if needle else origin
+                if begin >= 0:
+                    span = (begin, begin + len(needle))
+                    break
+            if span is not None:
                 cursor = span[1]
                 break
         spans.append(span)
