@@ -273,41 +273,25 @@ def _build(cfg: TrainConfig, tokenizer, accelerator, config_dir: Path | None):
     """Data, policy, feature network and the mode's runner. The feature network is built before any
     checkpoint is loaded: for full fine-tuning it is a frozen copy of the *base* weights, also on resume."""
     device = accelerator.device
-    amp = autocast_dtype(cfg, device)
     if cfg.ebft.mode == "strided":
-        from ebft.data.load import load_strided_datasets
-        from ebft.strided.runner import StridedRunner
-
-        data = load_strided_datasets(cfg, tokenizer, search_dir=config_dir)
-        model = load_policy(cfg, tokenizer, device)
-        features = feature_network_for(cfg, model, device)
-        runner = StridedRunner(
-            cfg,
-            model=model,
-            features=features,
-            tokenizer=tokenizer,
-            data=data,
-            accelerator=accelerator,
-            autocast_dtype=amp,
-        )
-        return model, runner
-    from ebft.data.structured import load_structured_datasets
-    from ebft.structured.runner import StructuredRunner
-
-    data = load_structured_datasets(cfg, tokenizer, search_dir=config_dir)
+        from ebft.data.load import load_strided_datasets as load_data
+        from ebft.strided.runner import StridedRunner as Runner
+    else:
+        from ebft.data.structured import load_structured_datasets as load_data
+        from ebft.structured.runner import StructuredRunner as Runner
+    data = load_data(cfg, tokenizer, search_dir=config_dir)
     model = load_policy(cfg, tokenizer, device)
-    features = feature_network_for(cfg, model, device)
-    runner = StructuredRunner(
-        cfg,
-        model=model,
-        features=features,
-        tokenizer=tokenizer,
-        data=data,
-        accelerator=accelerator,
-        autocast_dtype=amp,
-        backend=_rollout_backend(cfg, model, tokenizer),
-    )
-    return model, runner
+    parts = {
+        "model": model,
+        "features": feature_network_for(cfg, model, device),
+        "tokenizer": tokenizer,
+        "data": data,
+        "accelerator": accelerator,
+        "autocast_dtype": autocast_dtype(cfg, device),
+    }
+    if cfg.ebft.mode == "structured":
+        parts["backend"] = _rollout_backend(cfg, model, tokenizer)
+    return model, Runner(cfg, **parts)
 
 
 def _rollout_backend(cfg: TrainConfig, model, tokenizer):
