@@ -525,9 +525,9 @@ def test_ce_term_is_teacher_forced_nll_of_ground_truth_and_eos(tiny_model_dir, t
 # 4. Log-probs under the sampler's distribution
 
 
-def _oracle_truncated_logp(z: torch.Tensor, target: int, top_k: int, top_p: float, min_p: float):
-    """log-prob and entropy of ``target`` under top-k, then top-p, then min-p of softmax(z), each cut
-    renormalised, computed on the sorted distribution (float64)."""
+def _oracle_truncated_dist(z: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """[V] log-probs of top-k, then top-p, then min-p of softmax(z), each cut renormalised, computed on the
+    sorted distribution (float64); -inf outside the kept set."""
     order = torch.argsort(z.double(), descending=True)
     zs = z.double()[order]
     keep = torch.ones_like(zs, dtype=torch.bool)
@@ -540,13 +540,17 @@ def _oracle_truncated_logp(z: torch.Tensor, target: int, top_k: int, top_p: floa
     if min_p > 0.0:
         p = torch.softmax(zs.masked_fill(~keep, -math.inf), -1)
         keep &= p >= min_p * p.max()
-    member = torch.zeros_like(keep)
-    member[order] = keep
-    assert member[target], "the sampled token lies outside the truncated set"
     logp = torch.full_like(zs, -math.inf)
     logp[order[keep]] = torch.log_softmax(zs[keep], -1)
-    probs = logp.exp()
-    entropy = -(probs[probs > 0] * logp[probs > 0]).sum()
+    return logp
+
+
+def _oracle_truncated_logp(z: torch.Tensor, target: int, top_k: int, top_p: float, min_p: float):
+    """log-prob of ``target`` and entropy of the truncated distribution (``_oracle_truncated_dist``)."""
+    logp = _oracle_truncated_dist(z, top_k, top_p, min_p)
+    assert torch.isfinite(logp[target]), "the sampled token lies outside the truncated set"
+    kept = torch.isfinite(logp)
+    entropy = -(logp[kept].exp() * logp[kept]).sum()
     return logp[target], entropy
 
 
@@ -944,3 +948,30 @@ def test_hf_generate_greedy_is_argmax_decoding(tiny_model_dir, tiny_tokenizer):
     assert out[0] == [Completion(tuple(greedy_free[: first_stop + 1]), True)] * 2
     free = HFGenerate(model, sampling=Sampling(0.0), pad_token_id=tok.pad_token_id).generate([prompt], 1, [12], [5])
     assert free[0] == [Completion(tuple(greedy_free), False)]
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, min_p",
+    [(1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.0), (1.0, 20, 0.9, 0.0), (1.0, 0, 0.6, 0.02)],
+)
+def test_hf_generate_samples_the_distribution_that_is_scored(
+    tiny_model_dir, tiny_tokenizer, temperature, top_k, top_p, min_p
+):
+    """The policy gradient is on-policy only if generate draws from exactly the distribution that
+    policy_logprobs scores. For first tokens x ~ q (generate), E_q[log p(x)] = -H(p) iff q = p (up to the
+    KL divergence); 4000 draws put the mean within a few standard errors."""
+    tok = tiny_tokenizer
+    sampling = Sampling(temperature, top_p, top_k, min_p, stop_token_ids=(tok.eos_token_id,))
+    model = _load(tiny_model_dir, lm_head_scale=3.0)
+    prompt = _ids(tok, "def main():")
+    (draws,) = HFGenerate(model, sampling=sampling, pad_token_id=tok.pad_token_id).generate([prompt], 4000, [1], [3])
+    with torch.no_grad():
+        z = model(torch.tensor([prompt])).logits[0, -1].float() / temperature
+        logp = _oracle_truncated_dist(z, top_k, top_p, min_p)
+    kept = torch.isfinite(logp)
+    entropy = -(logp[kept].exp() * logp[kept]).sum()
+    sampled = torch.tensor([c.ids[0] for c in draws])
+    assert kept[sampled].all()  # nothing outside the truncated set
+    values = logp[sampled]
+    stderr = float(values.std()) / math.sqrt(len(values))
+    assert abs(float(values.mean()) + float(entropy)) < 4 * stderr + 1e-3
