@@ -753,6 +753,48 @@ def test_multi_turn_samples_keep_their_own_conversation(tiny_tokenizer):
     assert alone.calls[1]["prompts"] == later[0]["prompts"][G : 2 * G]
 
 
+def test_multi_turn_generates_nothing_past_sequence_len(tiny_tokenizer):
+    """A sample is cut at sequence_len; a later turn must not ask for tokens beyond it (they would be thrown
+    away, and a vLLM server with max_model_len = sequence_len rejects such a request)."""
+    tok = tiny_tokenizer
+    seq_len = 64
+    s = _settings(tok, num_generations=2, sequence_len=seq_len, max_completion_length=16)
+    rows = [
+        # the second user turn alone is ~60 tokens: the reply after it has no room at all
+        _row(
+            tok,
+            [_user("alpha go")],
+            "gt",
+            [_user("alpha " + "self " * 60), _assistant("x"), _user("more"), _assistant("y")],
+        ),
+        # the second context (about 30 tokens) leaves room for fewer than 16 new tokens
+        _row(tok, [_user("bravo go")], "gt", [_user("bravo " + "self " * 18), _assistant("x")]),
+        # fits: untouched
+        _row(tok, [_user("charlie go")], "gt", [_user("charlie two"), _assistant("y")]),
+    ]
+    backend = FakeBackend(tok)
+    samples = roll_out(backend, rows, s, tok, [1, 2, 3])
+    for call in backend.calls:
+        for prompt, cap in zip(call["prompts"], call["max_tokens"], strict=True):
+            assert len(prompt) + cap <= seq_len
+    assert all(len(q.sequence) <= seq_len for q in samples)
+    # alpha's second reply would start past the end: nothing is generated for it, and the sample is truncated
+    alpha = [tok.decode(p, skip_special_tokens=False) for c in backend.calls[1:] for p in c["prompts"]]
+    assert not any(text.startswith("<|user|>\nalpha") for text in alpha)
+    assert [q.finished for q in samples[:2]] == [False, False]
+    # bravo's reply is capped at the room left ("re bravo s0 t1" + EOS fits in it, so it still finishes)
+    bravo_caps = [
+        cap
+        for c in backend.calls[1:]
+        for p, cap in zip(c["prompts"], c["max_tokens"], strict=True)
+        if tok.decode(p).startswith("<|user|>\nbravo")
+    ]
+    assert len(bravo_caps) == 2 and all(cap < 16 for cap in bravo_caps)
+    # charlie fits: the same as with an unlimited sequence_len
+    wide = roll_out(FakeBackend(tok), rows[2:], replace(s, sequence_len=SEQ_LEN), tok, [3])
+    assert samples[4:] == wide and all(q.finished for q in wide)
+
+
 @pytest.mark.parametrize("reply", ["s", "assistant", "\n", "|>", "a plain reply"])
 def test_multi_turn_mask_of_a_reply_that_also_occurs_in_the_markup(tiny_tokenizer, reply):
     """A later reply is looked for after its own header: "s" must not match the "s" of the previous

@@ -187,10 +187,21 @@ def _multi_turn(
                 generated[key].append(False)
             if todo:
                 target = todo.pop(0)
+                context = render_prompt_ids(tokenizer, convs[key], s.chat_template_kwargs)
+                # The sample is cut at sequence_len: a reply gets at most the room left before it.
+                room = s.sequence_len - len(context)
+                if room <= 0:
+                    # Nothing from here on is kept: end the conversation with an empty reply (its header is
+                    # part of the context the sample is cut in) and generate nothing; the sample is truncated.
+                    convs[key].append({"role": "assistant", "content": ""})
+                    generated[key].append(True)
+                    finished[key] = False
+                    todo.clear()
+                    continue
                 waiting.append(key)
-                contexts.append(render_prompt_ids(tokenizer, convs[key], s.chat_template_kwargs))
+                contexts.append(context)
                 gt_len = len(tokenizer(target.get("content", ""), add_special_tokens=False)["input_ids"])
-                caps.append(completion_cap(gt_len, s))
+                caps.append(min(completion_cap(gt_len, s), room))
                 turn_seeds.append(mix_seed(seeds[key[0]], key[1], turn + 1))
         if not waiting:
             break
