@@ -517,3 +517,14 @@ def test_async_prefetch_gives_the_same_rollout_batches(tmp_path, tiny_model_dir,
         assert sync.sums == pre.sums
     # vLLM-style log-probs came back, so the importance weights were applied (to finished completions only).
     assert all(out.sums["is_tokens"] > 0 for out in outputs[True])
+
+
+@pytest.mark.parametrize("count, printed", [(None, 8), (3, 3), (0, 0)])
+def test_log_completions_prints_completions(tmp_path, tiny_model_dir, data_dir, capsys, count, printed):
+    """trl.num_completions_to_print: null prints every completion of the step (8 = 2 prompts x 4)."""
+    trl = {"num_completions_to_print": count} if count is not None else {}
+    _train(tmp_path, "printed", _config(tiny_model_dir, data_dir / "pairs.jsonl", trl=trl, max_steps=1))
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if line.startswith("[sample ")]
+    assert len(lines) == printed
+    assert [line.split("]")[0] for line in lines] == [f"[sample {i}" for i in range(printed)]

@@ -308,8 +308,8 @@ def _rollout_backend(cfg: TrainConfig, model, tokenizer):
 
 
 def _print_completions(console, records: list[dict], cfg: TrainConfig) -> None:
-    count = cfg.trl.num_completions_to_print
-    if console is None or not count or cfg.ebft.mode != "structured":
+    count = cfg.trl.num_completions_to_print  # None: all of them
+    if console is None or count == 0 or cfg.ebft.mode != "structured":
         return
     for r in records[:count]:
         console.print(
