@@ -528,3 +528,20 @@ def test_log_completions_prints_completions(tmp_path, tiny_model_dir, data_dir, 
     lines = [line for line in (captured.out + captured.err).splitlines() if line.startswith("[sample ")]
     assert len(lines) == printed
     assert [line.split("]")[0] for line in lines] == [f"[sample {i}" for i in range(printed)]
+
+
+def test_lora_run_trains_the_adapter_only(tmp_path, tiny_model_dir, data_dir, capsys):
+    """With LoRA the feature network is the policy's own base weights (adapter disabled)."""
+    config = _config(
+        tiny_model_dir,
+        data_dir / "chat.jsonl",
+        "ebft_chat_multiturn.transform",
+        adapter="lora",
+        lora_target_linear=True,
+    )
+    out = _train(tmp_path, "lora", config)
+    captured = capsys.readouterr()
+    _check_run(out, steps=2, prompts_per_step=2, G=4, console=captured.out + captured.err)
+    assert not (out / "model.safetensors").exists()
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert any(float(w.abs().max()) > 0 for k, w in adapter.items() if "lora_B" in k)  # B starts at zero
