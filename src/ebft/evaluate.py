@@ -289,27 +289,12 @@ def score_prompts(
     P x G samples in ``roll_out`` order (sample j of row p at p * G + j). One prompt is one "block"."""
     from ebft.rewards import reward_terms
     from ebft.structured.runner import FEATURE_BATCH
-    from ebft.structured.step import embed
+    from ebft.structured.step import embed_pairs
 
     s, P, G = settings, len(rows), settings.num_generations
     pad = tokenizer.pad_token_id
     # Both sides as training scores them (``step.score``): whole sequences through the frozen network.
-    gen = embed(
-        features,
-        [q.sequence[: q.feature_length] for q in samples],
-        [q.prompt_length for q in samples],
-        s,
-        pad,
-        FEATURE_BATCH,
-    ).reshape(P, G, -1)
-    gt = embed(
-        features,
-        [list(r.prompt_ids) + list(r.gt_ids) for r in rows],
-        [len(r.prompt_ids) for r in rows],
-        s,
-        pad,
-        FEATURE_BATCH,
-    )
+    gen, gt = embed_pairs(features, rows, samples, s, pad, FEATURE_BATCH)
 
     def terms(use_whitening: bool):
         return reward_terms(

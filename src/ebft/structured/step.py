@@ -308,24 +308,17 @@ def embed(
     return torch.cat(out)
 
 
-def score(
+def embed_pairs(
     features: FeatureNetwork,
     rows: list[PromptRow],
     samples: list[Sample],
     s: StructuredSettings,
     pad_id: int,
-    *,
     batch_size: int,
-    batch_std: Callable[[torch.Tensor], float] | None = None,
-) -> Scores:
-    """Feature-matching rewards (paper eq. 7) and group advantages of every completion.
-
-    Both sides are whole sequences through the frozen network: prompt + completion (or the rolled-out
-    conversation) and prompt + ground truth (the ground-truth conversation). ``batch_std`` maps this
-    process's rewards to the standard deviation over the whole rollout batch (all processes); it is
-    needed for ``scale_rewards: batch`` only.
-    """
-    P, G = len(rows), s.num_generations
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features of both sides, whole sequences through the frozen network: prompt + completion
+    (or the rolled-out conversation) -> gen ``[P, G, E]``, prompt + ground truth (the ground-truth
+    conversation) -> gt ``[P, E]``. ``samples`` in ``roll_out`` order."""
     gen = embed(
         features,
         [q.sequence[: q.feature_length] for q in samples],
@@ -342,8 +335,28 @@ def score(
         pad_id,
         batch_size,
     )
+    return gen.reshape(len(rows), s.num_generations, -1), gt
+
+
+def score(
+    features: FeatureNetwork,
+    rows: list[PromptRow],
+    samples: list[Sample],
+    s: StructuredSettings,
+    pad_id: int,
+    *,
+    batch_size: int,
+    batch_std: Callable[[torch.Tensor], float] | None = None,
+) -> Scores:
+    """Feature-matching rewards (paper eq. 7) and group advantages of every completion.
+
+    Both sides are embedded by ``embed_pairs``. ``batch_std`` maps this
+    process's rewards to the standard deviation over the whole rollout batch (all processes); it is
+    needed for ``scale_rewards: batch`` only.
+    """
+    gen, gt = embed_pairs(features, rows, samples, s, pad_id, batch_size)
     terms = rewards.reward_terms(
-        gen.reshape(P, G, -1),
+        gen,
         gt,
         alignment_coef=s.alignment_coef,
         diversity_coef=s.diversity_coef,
