@@ -931,6 +931,38 @@ def test_importance_weights_with_masked_truncated_completions(tiny_model_dir, ti
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
 
+def test_importance_weights_only_where_the_sampler_reported_log_probs(tiny_model_dir, tiny_tokenizer):
+    """A sample without sampler log-probs (a re-tokenised multi-turn reply) keeps weight 1, while the
+    others in its micro-batch are still weighted by pi_old / pi_sampler."""
+    tok = tiny_tokenizer
+    s = _settings(tok, num_generations=2, loss_type="dapo", is_correction=True, is_cap=3.0)
+    model = _load(tiny_model_dir, lm_head_scale=4.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    row = _row(tok, [_user("question")], "answer")
+    a_ids = tuple(_ids(tok, "first reply") + [tok.eos_token_id])
+    b_ids = tuple(_ids(tok, "second") + [tok.eos_token_id])
+    with torch.no_grad():
+        current = _teacher_forced_logp(model, list(row.prompt_ids) + list(a_ids))[len(row.prompt_ids) - 1 :]
+    # Sample a: the sampler's log-probs are log 4 below the policy's, so w = min(4, cap 3) = 3 per token.
+    # Sample b: no log-probs reported, so w = 1.
+    a = Completion(a_ids, True, tuple((current - math.log(4.0)).tolist()))
+    b = Completion(b_ids, True)
+    samples = [_single_turn(row, c, s, tok) for c in (a, b)]
+    advantage = torch.tensor([1.0, -1.0])
+    zeros = torch.zeros(1, 2)
+    buffer = RolloutBuffer([row], samples, Scores(zeros, zeros, zeros, zeros, zeros[:, 0]), advantage, 0)
+    (sums,) = _run_step(model, buffer, s, tok, [[0, 1]])
+    got = _flat_grad(params)
+    assert sums["is_tokens"] == len(a_ids)  # only the reported tokens enter the IS metrics
+    assert sums["is_ratio_sum"] == pytest.approx(4.0 * len(a_ids), rel=1e-4)  # raw ratio 4 before the clamp
+    tokens = len(a_ids) + len(b_ids)  # dapo: mean over every loss token of the step
+    logp_a = _teacher_forced_logp(model, samples[0].sequence)[len(row.prompt_ids) - 1 :]
+    logp_b = _teacher_forced_logp(model, samples[1].sequence)[len(row.prompt_ids) - 1 :]
+    loss = (-3.0 * 1.0 * logp_a.sum() - 1.0 * (-1.0) * logp_b.sum()) / tokens
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. HFGenerate
 

@@ -209,7 +209,7 @@ class StructuredRunner:
             "advantage": float(adv.sum()),
             "advantage_sq": float((adv**2).sum()),
             "cfm": float(sc.cfm.sum()),
-            "completion_tokens": float(sum(len(q.sequence) - q.prompt_length for q in buf.samples)),
+            "completion_tokens": float(sum(q.generated_tokens for q in buf.samples)),
             "truncated": float(sum(not q.finished for q in buf.samples)),
             "ce_tokens": float(sum(sum(q.loss_mask[1:]) for q in ce_samples)),
         }
@@ -229,7 +229,7 @@ class StructuredRunner:
                     "completion": q.text,
                     "ground_truth": row.ground_truth,
                     "finished": q.finished,
-                    "completion_tokens": len(q.sequence) - q.prompt_length,
+                    "completion_tokens": q.generated_tokens,
                     "alignment": float(sc.alignment[p, j]),
                     "diversity": float(sc.diversity[p, j]),
                     "reward": float(sc.reward[p, j]),

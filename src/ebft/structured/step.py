@@ -114,7 +114,8 @@ class Sample:
     per token, True on tokens the policy generated (the policy-gradient targets); feature_length: the
     tokens the feature network pools over (single-turn: without the trailing stop token, which the
     ground truth does not have); behaviour_logprobs: the sampler's log-prob of each loss token in
-    order, when the backend reported them; text: the completion, decoded, for logs.
+    order, when the backend reported them; text: the completion, decoded, for logs;
+    generated_tokens: how many tokens the policy wrote (multi-turn: its replies, not the user turns).
     """
 
     sequence: list[int]
@@ -124,6 +125,7 @@ class Sample:
     finished: bool
     text: str
     behaviour_logprobs: list[float] | None = None
+    generated_tokens: int = 0
 
 
 def _single_turn(row: PromptRow, c: Completion, s: StructuredSettings, tokenizer) -> Sample:
@@ -138,9 +140,9 @@ def _single_turn(row: PromptRow, c: Completion, s: StructuredSettings, tokenizer
         feature_length=len(row.prompt_ids) + len(content),
         finished=c.finished,
         text=tokenizer.decode(content, skip_special_tokens=True),
-        # A masked completion has no loss tokens, so none of its log-probs (an empty list, not None: None
-        # would turn the importance weights off for every completion that shares its micro-batch).
+        # A masked completion has no loss tokens, so it keeps none of its log-probs.
         behaviour_logprobs=None if c.logprobs is None else (list(c.logprobs) if trained else []),
+        generated_tokens=len(c.ids),
     )
 
 
@@ -225,6 +227,7 @@ def _multi_turn(
             feature_length=len(ids),
             finished=finished[key],
             text=tokenizer.decode(ids[tokens.prompt_length :], skip_special_tokens=False),
+            generated_tokens=sum(mask),
         )
     return out
 
@@ -510,15 +513,21 @@ def microbatch(
         else:
             old = logp.detach()
         weight = None
-        if s.is_correction and all(q.behaviour_logprobs is not None for q in samples):
-            behaviour = torch.tensor([v for q in samples for v in q.behaviour_logprobs], device=logp.device)
+        reported = [q.behaviour_logprobs is not None for q in samples]
+        if s.is_correction and any(reported):
             # Off-policy correction for samples drawn by a stale or numerically different sampler
-            # (vLLM): w = pi_old / pi_behaviour per token, clamped to [1/cap, cap] both ways.
+            # (vLLM): w = pi_old / pi_behaviour per token, clamped to [1/cap, cap] both ways. Samples whose
+            # sampler log-probs are unknown (multi-turn replies, re-tokenised) keep weight 1.
+            covered = torch.tensor(reported, device=logp.device)[seq]
+            values = [v for q in samples if q.behaviour_logprobs is not None for v in q.behaviour_logprobs]
+            behaviour = old.clone()
+            behaviour[covered] = torch.tensor(values, device=logp.device, dtype=old.dtype)
             raw = torch.exp(old - behaviour)
             weight = raw.clamp(1.0 / s.is_cap, s.is_cap)
-            sums["is_ratio_sum"] = float(raw.sum())
-            sums["is_ratio_min"] = float(raw.min())
-            sums["is_tokens"] = float(raw.numel())
+            if bool(covered.any()):
+                sums["is_ratio_sum"] = float(raw[covered].sum())
+                sums["is_ratio_min"] = float(raw[covered].min())
+                sums["is_tokens"] = float(covered.sum())
         token_adv = adv.to(logp.device)[seq]
         sur = losses.clipped_surrogate(logp, old, token_adv, eps_low=s.eps_low, eps_high=s.eps_high, weight=weight)
         rl = losses.aggregate(sur.loss, seq, len(samples), s.loss_type, norm)
