@@ -96,6 +96,22 @@ def _model_copy(env: Env, name: str, *, tokenizer: bool = False, **config_change
     return folder
 
 
+def _structured(env: Env, rows: list[dict] | None = None, *, transform: str = "ebft_opencode.transform", **changes):
+    """A structured-mode run on ``rows`` (default: two good question/answer rows)."""
+    path = env.tmp / "pairs.jsonl"
+    rows = (
+        rows
+        if rows is not None
+        else [{"input": "Add one.", "output": "x + 1"}, {"input": "Square.", "output": "x * x"}]
+    )
+    path.write_text(_jsonl(rows), encoding="utf-8")
+    config = env.config(datasets=[{"path": str(path), "type": transform}], sequence_len=64, micro_batch_size=4)
+    config["ebft"] = {"mode": "structured"}
+    config["trl"] = {"num_generations": 4, "max_completion_length": 16, **changes.pop("trl", {})}
+    config.update(changes)
+    return env.train(config)
+
+
 # ---------------------------------------------------------------------------------------------
 # Case builders: each writes its files under env.tmp and returns the argv for main.
 
@@ -375,6 +391,48 @@ CASES: list[tuple[str, Builder, int, list[str]]] = [
         lambda env: env.train(env.config(), "--datasets.3.path=x.jsonl"),
         2,
         ["datasets.3: no such list item", "the list has 1 item"],
+    ),
+    (
+        "structured: micro-batch not a multiple of num_generations",
+        lambda env: _structured(env, micro_batch_size=3),
+        2,
+        ["micro_batch_size * gradient_accumulation_steps = 3 * 1 must be a multiple of trl.num_generations = 4"],
+    ),
+    (
+        "structured: vLLM without a LoRA adapter",
+        lambda env: _structured(env, trl={"use_vllm": True}),
+        2,
+        ["trl.use_vllm: needs adapter: lora"],
+    ),
+    (
+        "structured: unknown trl key",
+        lambda env: _structured(env, trl={"num_generation": 4}),
+        2,
+        ["trl.num_generation: unknown key, did you mean 'num_generations'?"],
+    ),
+    (
+        "structured: a KL penalty",
+        lambda env: _structured(env, trl={"beta": 0.04}),
+        2,
+        ["trl.beta: EBFT has no reference-model KL penalty"],
+    ),
+    (
+        "structured: rows without the transform's fields",
+        lambda env: _structured(env, [{"question": "q", "answer": "a"}] * 2),
+        2,
+        ["no rows to train on", "pairs.jsonl", "row 0", "input"],
+    ),
+    (
+        "structured: prompt longer than sequence_len leaves room for",
+        lambda env: _structured(env, [{"input": "word " * 200, "output": "x"}]),
+        2,
+        ["no rows to train on", "prompt is", "max_completion_length"],
+    ),
+    (
+        "structured: strided transform in structured mode",
+        lambda env: _structured(env, transform="ebft_pretrain.transform"),
+        2,
+        ["datasets.0.type", "strided-mode rows", "ebft.mode is 'structured'"],
     ),
     (
         "override that looks like an abbreviated --help",
