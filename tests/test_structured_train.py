@@ -498,20 +498,22 @@ def test_async_prefetch_gives_the_same_rollout_batches(tmp_path, tiny_model_dir,
             for step in (1, 2, 3):
                 outputs[prefetch].append(runner.run(step, state))
                 state.step = step
-                if prefetch:
+                if prefetch and step < runner.total_steps():
                     # The next batch was submitted during this step, off the main thread.
                     generation, _, future = runner._prefetched
                     assert generation == step
                     future.result()
                     assert backend.calls[-1][0] is False
+                elif prefetch:  # the run's last batch: nothing left to prefetch
+                    assert runner._prefetched is None
         finally:
             runner.close()
         states[prefetch] = state.data_position
         first_turn_calls = [seeds for _, seeds in backend.calls]
         outputs[prefetch, "calls"] = first_turn_calls
     assert states[False] == states[True] == 3  # batches consumed, not counting the prefetched one
-    # Same seeds in the same order (the prefetching run has asked for batch 4 already).
-    assert outputs[True, "calls"][:3] == outputs[False, "calls"]
+    # Same seeds in the same order, and no batch generated beyond the run's last step.
+    assert outputs[True, "calls"] == outputs[False, "calls"]
     for sync, pre in zip(outputs[False], outputs[True], strict=True):
         assert sync.records == pre.records
         assert sync.sums == pre.sums

@@ -111,7 +111,8 @@ class StructuredRunner:
             piece = next(self.stream)
             samples = self._samples(generation, piece)
         self._prefetched = None
-        if self._executor is not None:
+        last = (self.total_steps() - 1) // self.s.num_iterations  # the run's final rollout batch
+        if self._executor is not None and generation < last:
             # Generate the next batch on the server while this one trains (staleness: one batch, plus
             # up to vllm_sync_interval steps before the server sees new weights; IS-corrected).
             upcoming = next(self.stream)
