@@ -1,0 +1,322 @@
+"""Time structured-mode EBFT optimizer steps (transformers generate, no vLLM), phase by phase, on CPU.
+
+    python benchmarks/structured_step.py --workdir /tmp/ebft_structured_bench --threads 2
+
+The run goes through ``ebft.trainer.train`` itself (StructuredRunner, HFGenerate rollouts, the frozen
+feature network, rewards, group advantages, the clipped surrogate, clip + AdamW), with a config built
+in Python. Nothing in the step is reimplemented here; the runner module's ``roll_out``, ``score`` and
+``microbatch`` are wrapped only to time each phase.
+
+``--workdir`` first receives the shared inputs, made once and reused (the axolotl baseline,
+benchmarks/axolotl_structured_step.py, reads the same folder):
+
+* ``model/``: a byte-level BPE tokenizer (vocab --vocab, trained on this interpreter's standard-library
+  sources with ``ebft.scratch.train_tokenizer``) and a Llama built from a config with random weights
+  (hidden --hidden, --layers layers, --heads heads, seed 0), saved with ``save_pretrained``;
+* ``data.jsonl``: rows ``{"prompt": str, "ground_truth": str}`` cut from the same sources, each prompt
+  exactly --prompt-tokens tokens and each ground truth exactly --gt-tokens tokens, and both still that
+  long when re-encoded from their text (and prompt + ground truth as one text: their sum).
+
+Every completion is forced to --max-completion tokens: the policy's generation config gets
+``min_new_tokens = max_completion_length`` (transformers then masks EOS until then; the axolotl script
+passes the same key through ``trl.generation_kwargs``), and ``adaptive_max_tokens`` is off.
+
+Prints one line per step (seconds, phase split, peak RSS), then ``ebft_*`` summary lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ebft_structured_bench"))
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--gt-tokens", type=int, default=128)
+    p.add_argument("--rows", type=int, default=64, help="rows written to data.jsonl")
+    p.add_argument("--num-generations", type=int, default=4)
+    p.add_argument("--max-completion", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=4, help="completions per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args()
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# -- shared inputs ---------------------------------------------------------------------------------
+
+
+def source_texts(limit_bytes: int = 4_000_000) -> list[str]:
+    """Standard-library sources, in a fixed order, up to ``limit_bytes``."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts, size = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        texts.append(text)
+        size += len(text)
+        if size >= limit_bytes:
+            break
+    return texts
+
+
+def cut_rows(tokenizer, texts: list[str], n_rows: int, prompt_len: int, gt_len: int) -> list[dict]:
+    """Consecutive (prompt, ground truth) token windows whose decoded texts re-encode to the same lengths."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    rows: list[dict] = []
+    for text in texts:
+        ids = encode(text)
+        start = 0
+        while start + prompt_len + gt_len <= len(ids) and len(rows) < n_rows:
+            prompt = tokenizer.decode(ids[start : start + prompt_len])
+            gt = tokenizer.decode(ids[start + prompt_len : start + prompt_len + gt_len])
+            if (
+                len(encode(prompt)) == prompt_len
+                and len(encode(gt)) == gt_len
+                and len(encode(prompt + gt)) == prompt_len + gt_len
+            ):
+                rows.append({"prompt": prompt, "ground_truth": gt})
+                start += prompt_len + gt_len
+            else:
+                start += 1
+        if len(rows) >= n_rows:
+            break
+    if len(rows) < n_rows:
+        raise SystemExit(f"only {len(rows)} usable rows of {prompt_len}+{gt_len} tokens in the sources")
+    return rows
+
+
+def prepare(args: argparse.Namespace) -> Path:
+    """Write (or reuse) workdir/model and workdir/data.jsonl; returns the workdir."""
+    work = Path(args.workdir)
+    manifest = {
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "heads": args.heads,
+        "seed": 0,
+        "prompt_tokens": args.prompt_tokens,
+        "gt_tokens": args.gt_tokens,
+        "rows": args.rows,
+    }
+    stamp = work / "manifest.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == manifest:
+        return work
+    from transformers import AutoTokenizer
+
+    from ebft.scratch import build_model_dir
+
+    work.mkdir(parents=True, exist_ok=True)
+    texts = source_texts()
+    build_model_dir(
+        work / "model",
+        texts,
+        vocab_size=args.vocab,
+        seed=0,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    rows = cut_rows(tokenizer, texts, args.rows, args.prompt_tokens, args.gt_tokens)
+    with open(work / "data.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    stamp.write_text(json.dumps(manifest))
+    return work
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def config(args: argparse.Namespace, work: Path, output_dir: Path):
+    from ebft.config import parse_config
+
+    return parse_config(
+        {
+            "base_model": str(work / "model"),
+            "rl": "ebft",
+            "ebft": {
+                "mode": "structured",
+                "feature_layers": [0.25, 0.5, 0.75],
+                "embed_method": "last_token",
+                "use_whitening": True,
+                "alignment_coef": 1.0,
+                "diversity_coef": 1.0,
+                "ce_coef": 0.0,
+                "adaptive_max_tokens": False,
+            },
+            "trl": {
+                "num_generations": args.num_generations,
+                "max_completion_length": args.max_completion,
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "scale_rewards": "group",
+                "loss_type": "grpo",
+                "epsilon": 0.2,
+            },
+            "datasets": [{"path": str(work / "data.jsonl")}],
+            "sequence_len": args.prompt_tokens + args.max_completion,
+            "micro_batch_size": args.micro_batch,
+            "gradient_accumulation_steps": args.grad_accum,
+            "max_steps": args.warmup + args.steps,
+            "learning_rate": args.lr,
+            "lr_scheduler": "constant",
+            "optimizer": "adamw_torch",
+            "max_grad_norm": 1.0,
+            "adapter": "lora",
+            "lora_r": args.lora_r,
+            "lora_alpha": 2 * args.lora_r,
+            "lora_target_linear": True,
+            "bf16": False,
+            "gradient_checkpointing": False,
+            "logging_steps": 1,
+            "seed": 0,
+            "output_dir": str(output_dir),
+        },
+        source="benchmarks/structured_step.py",
+    )
+
+
+def main() -> None:
+    args = parse()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = prepare(args)
+
+    from ebft import trainer
+    from ebft.structured import runner as runner_module
+
+    # Phase timers around the runner's own calls (same functions, same arguments).
+    phases = {"generation": 0.0, "features+rewards": 0.0, "policy fwd+bwd": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                phases[name] += time.perf_counter() - t0
+
+        return wrapper
+
+    runner_module.roll_out = timed("generation", runner_module.roll_out)
+    runner_module.score = timed("features+rewards", runner_module.score)
+    runner_module.microbatch = timed("policy fwd+bwd", runner_module.microbatch)
+
+    # Full-length completions: transformers' generate reads min_new_tokens from the model's generation config.
+    built = trainer._rollout_backend
+
+    def backend(cfg, model, tokenizer):
+        model.get_base_model().generation_config.min_new_tokens = cfg.trl.max_completion_length
+        return built(cfg, model, tokenizer)
+
+    trainer._rollout_backend = backend
+
+    # Per-step wall time from the start of runner.run to the end of after_update (the loop's own
+    # `elapsed` spans the same calls and is logged as step_seconds).
+    steps: list[dict] = []
+    run, after = runner_module.StructuredRunner.run, runner_module.StructuredRunner.after_update
+
+    def run_timed(self, step, state):
+        for k in phases:
+            phases[k] = 0.0
+        self._bench_t0 = time.perf_counter()
+        return run(self, step, state)
+
+    def after_timed(self, step):
+        after(self, step)
+        seconds = time.perf_counter() - self._bench_t0
+        steps.append({"step": step, "seconds": seconds, **phases, "peak_rss_mib": peak_rss_mib()})
+        split = ", ".join(f"{k} {v:.2f} s" for k, v in phases.items())
+        rest = seconds - sum(phases.values())
+        tag = "warmup" if step <= args.warmup else "timed"
+        print(
+            f"step {step} ({tag}): {seconds:.2f} s [{split}, rest {rest:.2f} s], peak RSS {peak_rss_mib():.0f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    runner_module.StructuredRunner.run = run_timed
+    runner_module.StructuredRunner.after_update = after_timed
+
+    P = args.micro_batch * args.grad_accum // args.num_generations
+    G, Lp, Lg, C = args.num_generations, args.prompt_tokens, args.gt_tokens, args.max_completion
+    depth = max(int(f * args.layers) for f in (0.25, 0.5, 0.75))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {os.getloadavg()}")
+    print(
+        f"per step: {P} prompts x {G} completions of {C} tokens, prompt {Lp} and ground truth {Lg} tokens, "
+        f"micro-batch {args.micro_batch}, gradient accumulation {args.grad_accum}"
+    )
+    # Token-forwards (a token through the whole network = 1). Generation: the prompt once per sample
+    # (n copies in the batch) and C - 1 cached decoding steps; features: completions and ground truths
+    # through layers 1..depth only; policy: prompt + completion, backward ~2x on top.
+    gen_tf = P * G * (Lp + C - 1)
+    feat_tokens = P * G * (Lp + C) + P * (Lp + Lg)
+    print(
+        f"token-forwards per step: generation {gen_tf}, features {feat_tokens} tokens x {depth}/{args.layers} "
+        f"layers = {feat_tokens * depth / args.layers:.0f}, policy {P * G * (Lp + C)} (+ backward)"
+    )
+
+    with tempfile.TemporaryDirectory(prefix="ebft_structured_out_") as out:
+        cfg = config(args, work, Path(out) / "run")
+        started = time.perf_counter()
+        trainer.train(cfg)
+        total = time.perf_counter() - started
+        metrics = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    for m in metrics:
+        print(
+            f"step {m['step']}: step_seconds {m['step_seconds']:.2f}, completions/mean_length "
+            f"{m['completions/mean_length']:.0f}, clipped_ratio {m['completions/clipped_ratio']:.2f}, "
+            f"reward {m['ebft/reward']:+.3f}, loss {m['loss']:+.4f}"
+        )
+    lengths = {m["completions/mean_length"] for m in metrics}
+    if lengths != {float(C)}:
+        print(f"warning: completions were not all {C} tokens (mean lengths {sorted(lengths)})")
+    timed_steps = [s for s in steps if s["step"] > args.warmup]
+    times = [s["seconds"] for s in timed_steps]
+    fastest = min(timed_steps, key=lambda s: s["seconds"])
+    print(f"train() wall time {total:.1f} s; load average at end {os.getloadavg()}")
+    print(f"ebft_step_seconds={[round(t, 2) for t in times]}")
+    print(f"ebft_seconds_per_step={statistics.mean(times):.3f}")
+    print(f"ebft_median_seconds_per_step={statistics.median(times):.3f}")
+    print(f"ebft_fastest_seconds_per_step={fastest['seconds']:.3f}")
+    print(
+        "ebft_fastest_step_phases="
+        + ", ".join(f"{k} {fastest[k]:.2f} s" for k in phases)
+        + f", rest {fastest['seconds'] - sum(fastest[k] for k in phases):.2f} s"
+    )
+    print(f"ebft_peak_rss_mib={peak_rss_mib():.0f}")
+
+
+if __name__ == "__main__":
+    main()
