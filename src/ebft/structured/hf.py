@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ebft.sampling import truncation_keep
 from ebft.structured.rollout import Completion, Sampling
 
 
@@ -16,18 +17,47 @@ def cut_completion(tokens: list[int], stop_ids: tuple[int, ...], cap: int) -> Co
     return Completion(ids=tuple(tokens[:cap]), finished=False)
 
 
-class HFGenerate:
-    """``model.generate`` with the ``n`` samples of a prompt batched, stop token ids and the trl sampling
-    settings. ``_generate`` takes several left-padded prompts, generates up to the largest cap and cuts
-    each completion at its own prompt's cap: for autoregressive sampling that is the same distribution
-    as generating each with its own limit. Log-probs are not reported; the trainer scores completions
-    with the policy itself (the sampler *is* the policy here).
+class SeededSampler:
+    """A transformers logits processor that draws every row from its own random stream.
+
+    With ``do_sample=False`` transformers takes the argmax of the processed scores; returning
+    tempered, truncated logits plus Gumbel noise makes that argmax an exact draw from the sampling
+    distribution (Gumbel-max). The noise of row r comes from ``generators[r]`` alone, so a row's tokens
+    depend only on its prompt, its seed and the weights, never on the other rows of the batch. The
+    truncation is ``truncation_keep``, the very function the trainer's log-probs use.
     """
 
-    def __init__(self, model, *, sampling: Sampling, pad_token_id: int):
+    def __init__(self, sampling: Sampling, generators: list[torch.Generator]):
+        self.sampling = sampling
+        self.generators = generators
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        s = self.sampling
+        z = scores.float() / s.temperature
+        # Diverged weights (NaN logits): draw uniformly so the step completes; its loss is then non-finite
+        # too and the trainer skips the update.
+        z = torch.where(torch.isnan(z).any(-1, keepdim=True), torch.zeros_like(z), z)
+        z = z.masked_fill(~truncation_keep(z, s.top_p, s.top_k, s.min_p), float("-inf"))
+        u = torch.stack([torch.rand(z.shape[-1], generator=g, device=z.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))
+        return z + gumbel
+
+
+class HFGenerate:
+    """``model.generate`` for many prompts at once: left padding, ``n`` samples per prompt, stop token
+    ids, repetition penalty, and the trl sampling settings through ``SeededSampler`` (per-sample random
+    streams keyed by the prompt's seed, so batching never changes a prompt's completions). Each call
+    generates up to the largest cap of its prompts and cuts every completion at its own prompt's cap:
+    for autoregressive sampling that is the same distribution as generating each with its own limit.
+    Log-probs are not reported; the trainer scores completions with the policy itself (the sampler *is*
+    the policy here).
+    """
+
+    def __init__(self, model, *, sampling: Sampling, pad_token_id: int, rows_per_call: int = 64):
         self.model = model
         self.sampling = sampling
         self.pad_token_id = pad_token_id
+        self.rows_per_call = rows_per_call
 
     def generate(
         self, prompts: list[list[int]], n: int, max_tokens: list[int], seeds: list[int]
@@ -36,50 +66,57 @@ class HFGenerate:
         was_training = self.model.training
         self.model.eval()
         out: list[list[Completion]] = []
+        step = max(1, self.rows_per_call // n)
         try:
-            # One generate call per prompt (its n samples batched): transformers draws from the global
-            # RNG, so only this keeps a prompt's samples independent of which prompts share the call.
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-                for prompt, cap, seed in zip(prompts, max_tokens, seeds, strict=True):
-                    torch.manual_seed(seed)
-                    out += self._generate([prompt], n, [cap], device)
+            with torch.no_grad():
+                for start in range(0, len(prompts), step):
+                    end = start + step
+                    out += self._generate(prompts[start:end], n, max_tokens[start:end], seeds[start:end], device)
         finally:
             self.model.train(was_training)
         return out
 
-    def _generate(self, prompts, n, caps, device) -> list[list[Completion]]:
+    def _generate(self, prompts, n, caps, seeds, device) -> list[list[Completion]]:
         s = self.sampling
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        greedy = s.temperature <= 0
+        copies = 1 if greedy else n  # greedy samples are all the same completion
+        rows = [p for p in prompts for _ in range(copies)]  # sample j of prompt i is row i * copies + j
+        width = max(len(p) for p in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+        for i, p in enumerate(rows):  # left padding: every prompt ends at the last column
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
-        kwargs = {
-            "max_new_tokens": max(caps),
-            "num_return_sequences": n,
-            "eos_token_id": list(s.stop_token_ids) or None,
-            "pad_token_id": self.pad_token_id,
-            "repetition_penalty": s.repetition_penalty,
-            "use_cache": True,
-        }
-        if s.temperature > 0:
-            # Every knob is passed explicitly: a model's own generation_config (e.g. top_k 50) must not apply.
-            kwargs.update(
-                do_sample=True,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                top_k=s.top_k,
-                min_p=s.min_p if s.min_p > 0 else None,
-            )
-        else:
-            # Greedy decoding gives one completion per prompt (transformers refuses num_return_sequences > 1
-            # without sampling); its n samples are copies of it.
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, num_return_sequences=1)
-        generated = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        if s.temperature <= 0:
+        processors = []
+        if not greedy:
+            generators = []
+            for seed in seeds:
+                for j in range(n):
+                    gen = torch.Generator(device=device)
+                    gen.manual_seed((seed * 1_000_003 + j) % 2**63)
+                    generators.append(gen)
+            processors.append(SeededSampler(s, generators))
+        from transformers import LogitsProcessorList
+
+        generated = self.model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max(caps),
+            eos_token_id=list(s.stop_token_ids) or None,
+            pad_token_id=self.pad_token_id,
+            repetition_penalty=s.repetition_penalty,
+            use_cache=True,
+            # Sampling happens in SeededSampler; transformers only takes the argmax. Its own warpers are
+            # switched off so that a model's generation_config (e.g. top_k 50) cannot apply.
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            logits_processor=LogitsProcessorList(processors),
+        )
+        if greedy:
             generated = generated.repeat_interleave(n, dim=0)
-        new = generated[:, width:].tolist()  # [P * n, T]; sample j of prompt i is row i * n + j
+        new = generated[:, width:].tolist()  # [P * n, T]
         return [
             [cut_completion(new[i * n + j], s.stop_token_ids, caps[i]) for j in range(n)] for i in range(len(prompts))
         ]
