@@ -494,7 +494,7 @@ ERROR_CASES = {
         ["load_in_4bit: quantised (4-bit) base models are not supported"],
     ),
     "deepspeed": ({"deepspeed": "ds_zero3.json"}, ["deepspeed: DeepSpeed is not supported"]),
-    "fsdp": ({"fsdp": ["full_shard"]}, ["fsdp: FSDP is not supported yet"]),
+    "fsdp": ({"fsdp": ["full_shard"]}, ["fsdp: the FSDP1 option list is not supported"]),
     "torch_compile with checkpointing": (
         {"torch_compile": True, "gradient_checkpointing": True},
         ["torch_compile: cannot be combined with gradient_checkpointing in strided mode"],

@@ -4,6 +4,11 @@ A checkpoint folder ``checkpoint-N`` holds the model (or LoRA adapter) and token
 plus everything needed to continue as if never stopped: optimizer, scheduler, every process's RNG
 states, the data position and the step. It is written into ``checkpoint-N.tmp`` and renamed, so a
 crash mid-save leaves the previous checkpoints intact.
+
+Under FSDP (``sharded=True``) the weights and the optimizer state are gathered whole onto the main
+process, which writes the same HF files; the optimizer state is then keyed by parameter name (not
+by position), so such a checkpoint resumes only a sharded run. Loading reads on the main process and
+broadcasts.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ebft import distributed
 from ebft.errors import ConfigError
 
 STATE_FILE = "trainer_state.json"
@@ -51,24 +57,38 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_model(model, tokenizer, directory: Path) -> None:
-    """The model (or LoRA adapter) and tokenizer in HF format."""
+def write_model(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
+    """The model (or LoRA adapter) and tokenizer in HF format; ``state_dict``: the full weights of a
+    sharded model (``distributed.full_state_dict``), None to read them from the model."""
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
 
 
 def save_checkpoint(
-    directory: Path, *, model, tokenizer, optimizer, scheduler, state: TrainState, accelerator, extra=None
+    directory: Path,
+    *,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    accelerator,
+    extra=None,
+    sharded: bool = False,
 ) -> None:
     """Write ``directory`` atomically. Every process writes its RNG state (and, through ``extra(tmp)``,
     whatever else its mode keeps, e.g. a rollout batch still to be reused); the main process the rest."""
     tmp = directory.with_name(directory.name + ".tmp")
+    weights = optim_state = None
+    if sharded:  # collectives: every process takes part, the main process receives the whole
+        weights = distributed.full_state_dict(model)
+        optim_state = distributed.full_optimizer_state_dict(model, optimizer)
     if accelerator.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
-        write_model(model, tokenizer, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_model(model, tokenizer, tmp, state_dict=weights)
+        torch.save(optim_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     accelerator.wait_for_everyone()
@@ -114,12 +134,14 @@ def resolve_resume(output_dir: Path, setting: str | None) -> Path | None:
     return path
 
 
-def load_checkpoint(directory: Path, *, model, optimizer, scheduler, accelerator) -> TrainState:
+def load_checkpoint(directory: Path, *, model, optimizer, scheduler, accelerator, sharded: bool = False) -> TrainState:
     """Restore weights, optimizer, scheduler and this process's RNG states; return the saved state."""
     from safetensors.torch import load_file
 
     adapter = directory / "adapter_model.safetensors"
-    if adapter.exists():
+    if sharded:
+        _load_sharded(directory, model, optimizer, accelerator.is_main_process)
+    elif adapter.exists():
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(adapter))
@@ -130,12 +152,40 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, accelerator
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
             raise ConfigError(f"resume_from_checkpoint: {directory} does not match this model's weights")
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+    if not sharded:
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
     rng_file = directory / f"rng_state_{accelerator.process_index}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return TrainState(**json.loads((directory / STATE_FILE).read_text()))
+
+
+def _load_sharded(directory: Path, model, optimizer, is_main: bool) -> None:
+    """Weights and optimizer state of a sharded run: the main process reads the files, FSDP broadcasts.
+
+    Every process checks the names first (from the file headers, cheap), so a mismatch stops all of
+    them instead of leaving the others waiting in the broadcast."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    adapter = directory / "adapter_model.safetensors"
+    files = [adapter] if adapter.exists() else sorted(directory.glob("model*.safetensors"))
+    rename = distributed.adapter_key_to_module_key if adapter.exists() else (lambda key: key)
+    names = set()
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            names.update(rename(key) for key in f.keys())  # noqa: SIM118 (safe_open is not a dict)
+    expected = set(model.state_dict())
+    missing = set() if adapter.exists() else {k for k in expected - names if not k.endswith("lm_head.weight")}
+    if not files or names - expected or missing:
+        raise ConfigError(f"resume_from_checkpoint: {directory} does not match this model's weights")
+    weights, optim_state = {}, {}
+    if is_main:
+        for path in files:
+            weights.update({rename(key): value for key, value in load_file(path).items()})
+        optim_state = torch.load(directory / "optimizer.pt", weights_only=False)
+    distributed.load_full_state(model, optimizer, weights, optim_state)
 
 
 def run_in_progress(output_dir: Path) -> list[str]:

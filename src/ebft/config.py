@@ -63,6 +63,9 @@ __all__ = [
     "IGNORED_AXOLOTL_KEYS",
     "UNSUPPORTED_AXOLOTL_KEYS",
     "UNSUPPORTED_TRL_KEYS",
+    "FSDP_IGNORED_KEYS",
+    "FSDP_LIMITED_KEYS",
+    "FsdpSection",
     "DatasetSpec",
     "EbftSection",
     "GenerationKwargs",
@@ -129,8 +132,6 @@ UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
     "load_in_4bit": "quantised (4-bit) base models are not supported",
     "gptq": "GPTQ-quantised base models are not supported",
     "deepspeed": "DeepSpeed is not supported; run multi-GPU with `accelerate launch -m ebft train ...`",
-    "fsdp": "FSDP is not supported yet; run multi-GPU with `accelerate launch -m ebft train ...` (DDP)",
-    "fsdp_config": "FSDP is not supported yet; run multi-GPU with `accelerate launch -m ebft train ...` (DDP)",
     "activation_offloading": "activation offloading is not implemented (and axolotl rejects it with flex_attention)",
     "lora_model_dir": "starting from an existing LoRA adapter is not supported",
     "auto_resume_from_checkpoints": "use `resume_from_checkpoint: latest`",
@@ -503,6 +504,51 @@ class TrlSection(_Section):
         return value
 
 
+# fsdp_config keys of axolotl's FSDP2 config that change nothing here: key -> why. A key set to
+# anything but off gives one warning.
+FSDP_IGNORED_KEYS: dict[str, str] = {
+    "cpu_ram_efficient_loading": "every process loads the whole model on CPU and FSDP then shards it; "
+    "loading the weights on the main process only is not implemented",
+    "sync_module_states": "every process loads the same weights from disk, so they start in sync",
+    "use_orig_params": "FSDP2 always trains the original parameters",
+    "backward_prefetch": "an FSDP1 setting; FSDP2 prefetches the next layer by itself",
+    "forward_prefetch": "an FSDP1 setting; FSDP2 prefetches the next layer by itself",
+    "limit_all_gathers": "an FSDP1 setting; FSDP2 limits in-flight all-gathers by itself",
+}
+
+# fsdp_config keys naming something ebft's FSDP2 cannot do: key -> (values accepted, why).
+FSDP_LIMITED_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "auto_wrap_policy": (
+        ("TRANSFORMER_BASED_WRAP",),
+        "ebft shards each decoder layer, and the rest of the model as one group (TRANSFORMER_BASED_WRAP)",
+    ),
+    "state_dict_type": (
+        ("FULL_STATE_DICT",),
+        "checkpoints always hold whole HF-format weights, gathered on the main process",
+    ),
+    "sharding_strategy": (("FULL_SHARD", 1), "only FULL_SHARD is implemented"),
+    "offload_params": ((False,), "offloading parameters to CPU is not implemented"),
+    "activation_checkpointing": ((False,), "set gradient_checkpointing: true instead (the same recomputation)"),
+    "mixed_precision_policy": ((), "the precision is set by `bf16` (autocast over fp32 weights)"),
+    "mixed_precision": ((), "the precision is set by `bf16` (autocast over fp32 weights)"),
+}
+
+
+class FsdpSection(_Section):
+    """The ``fsdp_config:`` block with ``fsdp_version: 2`` (axolotl's keys; ``fsdp_``-prefixed ones too)."""
+
+    reshard_after_forward: bool = Field(
+        True,
+        description="Free each decoder layer's gathered weights after its forward and gather them again in "
+        "backward (less memory, more communication).",
+    )
+    transformer_layer_cls_to_wrap: str | None = Field(
+        None,
+        description="The decoder layer class the config expects (checked against the model); ebft shards "
+        "every layer of the decoder body whatever this says.",
+    )
+
+
 class VllmSection(_Section):
     """The ``vllm:`` block: the vLLM server that ``ebft vllm-serve`` starts, and its address."""
 
@@ -652,6 +698,12 @@ class TrainConfig(_Section):
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         None, description="Keyword arguments for gradient checkpointing (e.g. use_reentrant)."
     )
+    fsdp_version: Literal[2] | None = Field(
+        None,
+        description="2: shard the policy with FSDP2 over the processes of `accelerate launch` / torchrun; "
+        "null: every process holds the whole model (DDP-style).",
+    )
+    fsdp_config: FsdpSection | None = Field(None, description="FSDP2 settings (with fsdp_version: 2).")
 
     # Output
     output_dir: str = Field("./outputs/ebft", min_length=1, description="Directory for checkpoints and logs.")
@@ -714,6 +766,18 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _cross_field(self) -> TrainConfig:
         problems: list[tuple[str, str]] = []
+        if self.fsdp_version == 2 and self.fsdp_config is None:
+            self.fsdp_config = FsdpSection()
+        if self.fsdp_config is not None and self.fsdp_version != 2:
+            problems.append(("fsdp_config", "needs fsdp_version: 2 (ebft implements FSDP2 only)"))
+        if self.fsdp_version == 2 and self.ebft.mode == "structured" and self.trl.use_vllm:
+            problems.append(
+                (
+                    "fsdp_version",
+                    "cannot be combined with trl.use_vllm: the adapter sync to the vLLM server reads unsharded "
+                    "weights; use the transformers generate backend (use_vllm: false)",
+                )
+            )
         e = self.ebft
         if e.mode == "strided" and e.context_length + e.generate_max_len > self.sequence_len:
             problems.append(
@@ -1091,6 +1155,7 @@ def _axolotl_compat(raw: dict[str, Any]) -> tuple[list[str], list[str]]:
             "does not reproduce the flex_attention BlockMask (CheckpointError); remove torch_compile "
             f"(got {_show(raw['torch_compile'])})"
         )
+    _fsdp_compat(raw, notes, problems)
     for key in [k for k in raw if k in UNSUPPORTED_AXOLOTL_KEYS or k in IGNORED_AXOLOTL_KEYS]:
         value = raw.pop(key)
         if key in UNSUPPORTED_AXOLOTL_KEYS:
@@ -1122,6 +1187,49 @@ def _axolotl_compat(raw: dict[str, Any]) -> tuple[list[str], list[str]]:
                     "key and loads the whole split); rename it to split"
                 )
     return notes, problems
+
+
+def _fsdp_compat(raw: dict[str, Any], notes: list[str], problems: list[str]) -> None:
+    """axolotl's FSDP keys -> ``fsdp_version`` and ``fsdp_config`` as the schema has them (in place)."""
+    fsdp1 = raw.pop("fsdp", None)
+    if not _is_off(fsdp1):
+        problems.append(
+            "fsdp: the FSDP1 option list is not supported; use fsdp_version: 2 with an fsdp_config mapping "
+            f"(got {_show(fsdp1)})"
+        )
+    section = raw.get("fsdp_config")
+    if not isinstance(section, dict):
+        if _is_off(section):
+            raw.pop("fsdp_config", None)
+    else:
+        # axolotl's older spelling prefixes every key with fsdp_ (fsdp_reshard_after_forward, ...).
+        for key in [k for k in section if k.startswith("fsdp_") and k != "fsdp_version"]:
+            value = section.pop(key)
+            if key[5:] in section and section[key[5:]] != value:
+                problems.append(f"fsdp_config.{key}: conflicts with fsdp_config.{key[5:]} (got {_show(value)})")
+            section.setdefault(key[5:], value)
+        if "fsdp_version" in section:
+            inner = section.pop("fsdp_version")
+            if raw.get("fsdp_version", inner) != inner:
+                problems.append(f"fsdp_config.fsdp_version: conflicts with fsdp_version (got {_show(inner)})")
+            raw.setdefault("fsdp_version", inner)
+        for key in [k for k in section if k in FSDP_IGNORED_KEYS]:
+            value = section.pop(key)
+            if not _is_off(value):
+                notes.append(f"fsdp_config.{key}: ignored; {FSDP_IGNORED_KEYS[key]}")
+        for key in [k for k in section if k in FSDP_LIMITED_KEYS]:
+            value = section.pop(key)
+            accepted, why = FSDP_LIMITED_KEYS[key]
+            if value is not None and value not in accepted:
+                problems.append(f"fsdp_config.{key}: {why} (got {_show(value)})")
+    version = raw.get("fsdp_version")
+    if version is not None and version != 2 and not isinstance(version, bool):
+        raw.pop("fsdp_version")
+        problems.append(
+            f"fsdp_version: only FSDP2 is implemented; set fsdp_version: 2 (got {_show(version)})"
+            if version in (1, "1")
+            else f"fsdp_version: must be 2 or null (got {_show(version)})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1167,6 +1275,8 @@ def _valid_keys(container: Sequence[Any]) -> list[str]:
         keys += list(UNSUPPORTED_TRL_KEYS)
     if model is DatasetSpec:
         keys.append("train_on_split")
+    if model is FsdpSection:
+        keys += [*FSDP_IGNORED_KEYS, *FSDP_LIMITED_KEYS]
     return keys
 
 

@@ -64,8 +64,10 @@ def token_logprobs(
     backward instead of saving its [chunk, V] fp32 log-softmax, so peak memory is one chunk of logits.
     """
     if hidden.shape[0] == 0:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return (empty, empty.clone()) if with_entropy else empty
+        # Through the head even with no rows: its parameters then get a (zero) gradient on every process,
+        # so under FSDP every process reduce-scatters the same gradients.
+        empty = head(hidden).float().sum(-1)
+        return (empty, hidden.new_zeros(0, dtype=torch.float32)) if with_entropy else empty
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     logps, entropies = [], []
     for start in range(0, hidden.shape[0], chunk_size):

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ebft import checkpoint as ckpt
+from ebft import distributed
 from ebft.config import TrainConfig, dump_config
 from ebft.errors import ConfigError, EbftError
 from ebft.loop import reduce_step_sums, reduce_sum
@@ -150,7 +151,7 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
 
     check_model_config(cfg)
     tokenizer = load_tokenizer(cfg)
-    model, runner = _build(cfg, tokenizer, accelerator, config_dir)
+    model, runner, sharding = _build(cfg, tokenizer, accelerator, config_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
     total_steps = runner.total_steps()
@@ -159,7 +160,12 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
     state, window = ckpt.TrainState(), Window()
     if resume_dir is not None:
         state = ckpt.load_checkpoint(
-            resume_dir, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator
+            resume_dir,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            accelerator=accelerator,
+            sharded=sharding.sharded,
         )
         runner.load(resume_dir, rank)
         window = Window(**state.window) if state.window else Window()
@@ -194,6 +200,7 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
             state=state,
             accelerator=accelerator,
             extra=lambda tmp: runner.save(tmp, rank),
+            sharded=sharding.sharded,
         )
         if is_main:
             ckpt.rotate(out_dir, cfg.save_total_limit)
@@ -211,9 +218,10 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
                 started = time.perf_counter()
                 out = runner.run(step, state)
                 sums = reduce_step_sums(accelerator, out.sums)
-                _all_reduce_grads(accelerator, params)
+                if not sharding.sharded:  # FSDP has already summed (and sharded) them
+                    _all_reduce_grads(accelerator, params)
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                grad_norm = distributed.clip_grad_norm(params, max_norm)
                 finite = all(math.isfinite(v) for k, v in sums.items() if not k.endswith("_min"))
                 finite = finite and math.isfinite(grad_norm)
                 lr = scheduler.get_last_lr()[0]
@@ -263,15 +271,17 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
                     save(f"checkpoint-{step}")
     finally:
         runner.close()
+    weights = distributed.full_state_dict(model) if sharding.sharded else None  # a collective
     if is_main:
-        ckpt.write_model(model, tokenizer, out_dir)
+        ckpt.write_model(model, tokenizer, out_dir, state_dict=weights)
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=out_dir, steps=total_steps, last_metrics=last)
 
 
 def _build(cfg: TrainConfig, tokenizer, accelerator, config_dir: Path | None):
-    """Data, policy, feature network and the mode's runner. The feature network is built before any
-    checkpoint is loaded: for full fine-tuning it is a frozen copy of the *base* weights, also on resume."""
+    """Data, policy, feature network, the policy's sharding and the mode's runner. The feature network
+    is built before any checkpoint is loaded (for full fine-tuning it is a frozen copy of the *base*
+    weights, also on resume) and before FSDP shards the policy (sharded modules cannot be copied)."""
     device = accelerator.device
     if cfg.ebft.mode == "strided":
         from ebft.data.load import load_strided_datasets as load_data
@@ -281,17 +291,30 @@ def _build(cfg: TrainConfig, tokenizer, accelerator, config_dir: Path | None):
         from ebft.structured.runner import StructuredRunner as Runner
     data = load_data(cfg, tokenizer, search_dir=config_dir)
     model = load_policy(cfg, tokenizer, device)
+    features = feature_network_for(cfg, model, device)
+    sharding = distributed.Sharding(model)
+    if cfg.fsdp_version == 2 and accelerator.num_processes > 1:
+        sharding = distributed.shard(
+            model,
+            device,
+            reshard_after_forward=cfg.fsdp_config.reshard_after_forward,
+            layer_class=cfg.fsdp_config.transformer_layer_cls_to_wrap,
+        )
+        log.info("FSDP2: policy sharded over %d processes", accelerator.num_processes)
+    elif cfg.fsdp_version == 2:
+        log.warning("fsdp_version: 2 with a single process: nothing to shard, training unsharded")
     parts = {
         "model": model,
-        "features": feature_network_for(cfg, model, device),
+        "features": features,
         "tokenizer": tokenizer,
         "data": data,
         "accelerator": accelerator,
         "autocast_dtype": autocast_dtype(cfg, device),
+        "sharding": sharding,
     }
     if cfg.ebft.mode == "structured":
         parts["backend"] = _rollout_backend(cfg, model, tokenizer)
-    return model, Runner(cfg, **parts)
+    return model, Runner(cfg, **parts), sharding
 
 
 def _rollout_backend(cfg: TrainConfig, model, tokenizer):

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ebft.data.collate import collate_documents
+from ebft.distributed import Sharding
 from ebft.loop import StepOutput, global_micro_batches, reduce_sum
 from ebft.strided.step import StepTotals, StridedSettings, count_targets, document_generators, strided_microbatch
 
@@ -22,8 +23,9 @@ class StridedRunner:
     reward_key = "ebft/mean_reward"
     log_name = "rollouts.jsonl"
 
-    def __init__(self, cfg, *, model, features, tokenizer, data, accelerator, autocast_dtype):
+    def __init__(self, cfg, *, model, features, tokenizer, data, accelerator, autocast_dtype, sharding=None):
         self.cfg, self.model, self.features = cfg, model, features
+        self.sharding = sharding or Sharding(model)
         self.data, self.accelerator, self.amp = data, accelerator, autocast_dtype
         self.settings = StridedSettings.from_config(cfg.ebft)
         self.pad_id = tokenizer.pad_token_id
@@ -68,6 +70,7 @@ class StridedRunner:
                 autocast_dtype=self.amp,
                 generators=document_generators(cfg.seed, step, first_doc, batch.input_ids.shape[0], device),
                 keep_rollouts=self.keep_records,
+                sharding=self.sharding,
             )
             for key, value in result.sums.items():
                 sums[key] = sums.get(key, 0.0) + value

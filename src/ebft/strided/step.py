@@ -15,6 +15,7 @@ import torch
 from ebft import features as feat
 from ebft import rewards
 from ebft.data.collate import DocumentBatch
+from ebft.distributed import Sharding
 from ebft.losses import token_logprobs
 from ebft.models import FeatureNetwork, backbone_of
 from ebft.strided.attention import StridedPlan, build_plan, strided_backend, strided_forward
@@ -229,18 +230,22 @@ def strided_microbatch(
     autocast_dtype: torch.dtype | None = None,
     generators: list[torch.Generator] | None = None,
     keep_rollouts: bool = False,
+    sharding: Sharding | None = None,
 ) -> MicroBatchResult:
     """Run one micro-batch, back-propagate its loss (divided by the optimizer step's totals) into the
     policy's ``.grad``, and return the loss value and the metric sums.
 
     ``generators``: one per document (see ``generate_blocks``); the trainer derives them from the seed,
     the step and the document's place in the step, so rollouts are reproducible and independent of
-    how the step is split into micro-batches.
+    how the step is split into micro-batches. ``sharding``: how the policy runs under FSDP
+    (``ebft.distributed``); default unsharded.
     """
     device = batch.input_ids.device
-    r = roll_out(policy, batch, s, generators=generators, autocast_dtype=autocast_dtype)
+    sharding = sharding or Sharding(policy)
+    with sharding.gathered():
+        r = roll_out(policy, batch, s, generators=generators, autocast_dtype=autocast_dtype)
+        scores = score_rollouts(features, r.packed, r.plan, r.positions, r.layout, batch.labels, s)
     layout, tokens = r.layout, r.tokens
-    scores = score_rollouts(features, r.packed, r.plan, r.positions, layout, batch.labels, s)
     use_flex = r.plan.block_mask is not None
 
     D, n, K, g = layout.num_docs, layout.n, layout.k, layout.g
@@ -250,7 +255,7 @@ def strided_microbatch(
     # document's activations are alive; the loss is a sum over documents, so the gradient is unchanged.
     for d in range(D):
         rl_d, ce_d, logp[d] = _policy_document(
-            policy, batch, d, layout, tokens, scores.advantage, s, totals, autocast_dtype, use_flex
+            sharding, batch, d, layout, tokens, scores.advantage, s, totals, autocast_dtype, use_flex
         )
         rl_sum += rl_d
         ce_sum += ce_d
@@ -281,7 +286,16 @@ def strided_microbatch(
 
 
 def _policy_document(
-    policy, batch: DocumentBatch, d: int, layout: StridedLayout, tokens, advantage, s, totals, autocast_dtype, use_flex
+    sharding: Sharding,
+    batch: DocumentBatch,
+    d: int,
+    layout: StridedLayout,
+    tokens,
+    advantage,
+    s,
+    totals,
+    autocast_dtype,
+    use_flex,
 ) -> tuple[float, float, torch.Tensor]:
     """Forward document d's packed row with grad and back-propagate its share of the step loss.
 
@@ -293,12 +307,14 @@ def _policy_document(
     tok_valid = lay.valid[0][None, :, None].expand(n, K, g)
     doc_ids = batch.input_ids[d]
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    head = policy.get_output_embeddings()
-    # The backend stays selected through backward: gradient checkpointing recomputes the layers there.
-    with strided_backend(policy):
+    packed = pack(doc_ids[None], tokens[d : d + 1])
+    plan = build_plan(lay, use_flex=use_flex)
+    # Teacher-forced CE on the document's labelled tokens, counted once (the row is shared by all samples).
+    ce_mask = batch.labels[d, 1:] != -100  # target x_{p+1} is predicted at position p
+
+    def forward(policy):
+        head = policy.get_output_embeddings()
         with autocast:
-            packed = pack(doc_ids[None], tokens[d : d + 1])
-            plan = build_plan(lay, use_flex=use_flex)
             hidden = strided_forward(backbone_of(policy), packed, lay.position_ids(), plan)[0]  # [S, H]
             # RL: generated token (t, i, k) is scored by its own rollout's previous position (predictor_index).
             logp = token_logprobs(
@@ -308,14 +324,17 @@ def _policy_document(
                 temperature=s.logprob_temperature,
                 top_p=s.top_p,
             )
+            if s.ce_coef == 0:
+                return logp, None
+            return logp, token_logprobs(hidden[: doc_ids.shape[0] - 1][ce_mask], doc_ids[1:][ce_mask], head)
+
+    # The backend stays selected through backward: gradient checkpointing recomputes the layers there.
+    with strided_backend(sharding.model):
+        logp, ce_logp = sharding.grad_pass(forward)
         rl_sum = -(advantage[d, :, :, None].expand(n, K, g)[tok_valid].detach() * logp).sum()
         loss = s.rl_coef * rl_sum / max(totals.rl_tokens, 1)
         ce_sum = torch.zeros((), device=device)
-        if s.ce_coef > 0:
-            # Teacher-forced CE on the document's labelled tokens, counted once (the row is shared by all samples).
-            ce_mask = batch.labels[d, 1:] != -100  # target x_{p+1} is predicted at position p
-            with autocast:
-                ce_logp = token_logprobs(hidden[: doc_ids.shape[0] - 1][ce_mask], doc_ids[1:][ce_mask], head)
+        if ce_logp is not None:
             ce_sum = -ce_logp.sum()
             loss = loss + s.ce_coef * ce_sum / max(totals.ce_tokens, 1)
         if loss.requires_grad:

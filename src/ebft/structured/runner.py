@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ebft.distributed import Sharding
 from ebft.loop import StepOutput, global_micro_batches, reduce_sum
 from ebft.losses import LossNorm
 from ebft.structured.step import (
@@ -64,8 +65,9 @@ class StructuredRunner:
     reward_key = "ebft/reward"
     log_name = "completions.jsonl"
 
-    def __init__(self, cfg, *, model, features, tokenizer, data, accelerator, autocast_dtype, backend):
+    def __init__(self, cfg, *, model, features, tokenizer, data, accelerator, autocast_dtype, backend, sharding=None):
         self.cfg, self.model, self.features, self.tokenizer = cfg, model, features, tokenizer
+        self.sharding = sharding or Sharding(model)
         self.data, self.accelerator, self.amp, self.backend = data, accelerator, autocast_dtype, backend
         self.s = StructuredSettings.from_config(cfg, tokenizer.eos_token_id)
         self.pad_id = tokenizer.pad_token_id
@@ -124,6 +126,11 @@ class StructuredRunner:
         return piece, samples
 
     def _make_buffer(self, generation: int, state) -> RolloutBuffer:
+        # Rollouts, scoring and old log-probs take no gradient: under FSDP they run on gathered weights.
+        with self.sharding.gathered():
+            return self._scored_buffer(generation, state)
+
+    def _scored_buffer(self, generation: int, state) -> RolloutBuffer:
         acc, s = self.accelerator, self.s
         piece, samples = self._next_samples(generation)
         _, rows = self._local_rows(piece)
@@ -189,6 +196,7 @@ class StructuredRunner:
                 self.tokenizer,
                 pad_id=self.pad_id,
                 autocast_dtype=self.amp,
+                sharding=self.sharding,
             )
             for key, value in part.items():
                 sums[key] = min(sums[key], value) if key.endswith("_min") else sums[key] + value

@@ -19,6 +19,7 @@ import torch
 from ebft import features as feat
 from ebft import losses, rewards
 from ebft.data.structured import PromptRow
+from ebft.distributed import Sharding
 from ebft.models import FeatureNetwork, backbone_of
 from ebft.structured.chat import conversation_tokens, render_prompt_ids
 from ebft.structured.rollout import Completion, RolloutBackend, Sampling
@@ -490,12 +491,15 @@ def microbatch(
     *,
     pad_id: int,
     autocast_dtype: torch.dtype | None = None,
+    sharding: Sharding | None = None,
 ) -> dict[str, float]:
     """Loss of the completions ``indices`` of ``buffer`` (and CE of the prompts ``ce_rows``); runs
     backward and returns summed quantities for the step's metrics.
 
     Loss = rl_coef * aggregated clipped surrogate + ce_coef * CE (token mean over the step).
+    ``sharding``: how the policy runs under FSDP (``ebft.distributed``); default unsharded.
     """
+    sharding = sharding or Sharding(model)
     sums: dict[str, float] = {}
     samples = [buffer.samples[i] for i in indices]
     adv = buffer.advantage[indices]
@@ -504,9 +508,14 @@ def microbatch(
     if s.skip_zero_advantage_batches and bool((adv == 0).all()):
         skip_rl = True
         sums["skipped_micro_batches"] = 1.0
+    if skip_rl and sharding.sharded and s.rl_coef != 0:
+        # This process skips for reasons of its own data; under FSDP it still runs the pass (weight 0)
+        # because the other processes' passes wait for its collectives.
+        logp, _ = sharding.grad_pass(policy_logprobs, samples, s, pad_id, autocast_dtype=autocast_dtype)
+        total = 0.0 * logp.sum()
     if not skip_rl:
-        logp, seq, entropy = policy_logprobs(
-            model, samples, s, pad_id, autocast_dtype=autocast_dtype, with_entropy=True
+        logp, seq, entropy = sharding.grad_pass(
+            policy_logprobs, samples, s, pad_id, autocast_dtype=autocast_dtype, with_entropy=True
         )
         if buffer.old_logprobs is not None:
             old = torch.cat([buffer.old_logprobs[i] for i in indices]).to(logp.device)
@@ -541,7 +550,9 @@ def microbatch(
         )
     if s.ce_coef > 0 and ce_rows:
         ce_samples = ce_sequences([buffer.rows[p] for p in ce_rows], tokenizer, s)
-        ce_logp, _ = policy_logprobs(model, ce_samples, _untempered(s), pad_id, autocast_dtype=autocast_dtype)
+        ce_logp, _ = sharding.grad_pass(
+            policy_logprobs, ce_samples, _untempered(s), pad_id, autocast_dtype=autocast_dtype
+        )
         ce = -ce_logp.sum() / max(ce_tokens, 1)
         total = s.ce_coef * ce if total is None else total + s.ce_coef * ce
         sums["ce_sum"] = float(-ce_logp.detach().sum())
