@@ -77,7 +77,8 @@ def _reasoning_rows() -> list[dict]:
         answer = (
             "<|begin_of_thought|>\n" + "\n".join(lines[1:6]) + "\n<|end_of_thought|>\n\n" + "\n".join(lines[6:12])
         )
-        rows.append({"conversations": [{"from": "user", "value": lines[0][:60]}, {"from": "assistant", "value": answer}]})
+        turns = [{"from": "user", "value": lines[0][:60]}, {"from": "assistant", "value": answer}]
+        rows.append({"conversations": turns})
     return rows
 
 
