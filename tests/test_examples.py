@@ -74,9 +74,7 @@ def _reasoning_rows() -> list[dict]:
     rows = []
     for text in _texts():
         lines = text.splitlines()
-        answer = (
-            "<|begin_of_thought|>\n" + "\n".join(lines[1:6]) + "\n<|end_of_thought|>\n\n" + "\n".join(lines[6:12])
-        )
+        answer = "<|begin_of_thought|>\n" + "\n".join(lines[1:6]) + "\n<|end_of_thought|>\n\n" + "\n".join(lines[6:12])
         turns = [{"from": "user", "value": lines[0][:60]}, {"from": "assistant", "value": answer}]
         rows.append({"conversations": turns})
     return rows
