@@ -144,6 +144,34 @@ def test_structured_two_sharded_processes_match_one_process(tmp_path, tiny_model
     _assert_same_run(two, one, ("loss", "ebft/alignment", "ebft/reward", "ebft/ce_loss", "grad_norm"))
 
 
+def test_structured_sharded_with_accumulation_checkpointing_and_reuse(tmp_path, tiny_model_dir, pair_file):
+    """The paths the other tests leave out: several micro-batches per step (a reduce-scatter after every
+    backward), gradient checkpointing (layers recomputed inside the sharded backward) and a rollout batch
+    reused for 2 steps (old log-probs taken under the gathered weights). 2 x (2 micro-batches of 2
+    completions) == 1 x (2 micro-batches of 4)."""
+    config = {
+        "base_model": str(tiny_model_dir),
+        "rl": "ebft",
+        "ebft": {"mode": "structured"},
+        "trl": {"num_generations": 2, "max_completion_length": 10, "temperature": 1.0, "num_iterations": 2},
+        "datasets": [{"path": str(pair_file), "type": "ebft_opencode.transform"}],
+        "sequence_len": 96,
+        "gradient_accumulation_steps": 2,
+        "gradient_checkpointing": True,
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "optimizer": "sgd",
+        "bf16": False,
+        "seed": 1,
+        "fsdp_version": 2,
+    }
+    cfg = _write(tmp_path, config)
+    two, one = tmp_path / "two", tmp_path / "one"
+    _two_processes(cfg, "--micro_batch_size=2", f"--output_dir={two}")
+    assert main(["train", str(cfg), "--micro_batch_size=4", f"--output_dir={one}"]) == 0
+    _assert_same_run(two, one, ("loss", "ebft/alignment", "ebft/reward", "grad_norm", "clip_ratio/low_mean"))
+
+
 @pytest.mark.parametrize("optimizer", ["adamw_torch", "sgd"])
 def test_sharded_resume_reproduces_the_uninterrupted_sharded_run(tmp_path, tiny_model_dir, data_file, optimizer):
     """A checkpoint written under FSDP (weights and optimizer state gathered on the main process) resumes
