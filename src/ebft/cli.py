@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ebft.errors import EbftError
+from ebft.errors import EbftError, TrainingInterrupted
 
 log = logging.getLogger("ebft")
 
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 130 if isinstance(exc, TrainingInterrupted) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -183,13 +183,9 @@ def _run(args, overrides: list[str]) -> int:
         from ebft.vllm_serve import vllm_serve
 
         return vllm_serve(cfg, print_command=args.print_command)
-    from ebft.trainer import TrainingInterrupted, train
+    from ebft.trainer import train
 
-    try:
-        result = train(cfg, config_dir=Path(args.config).resolve().parent)
-    except TrainingInterrupted as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 130
+    result = train(cfg, config_dir=Path(args.config).resolve().parent)
     log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
     return 0
 

@@ -1,4 +1,5 @@
-"""User-facing errors: the CLI prints their message (no traceback) and exits with code 2."""
+"""User-facing errors: the CLI prints their message (no traceback) and exits with code 2 (130 for an
+interrupted run)."""
 
 
 class EbftError(Exception):
@@ -11,3 +12,7 @@ class ConfigError(EbftError):
 
 class DataError(EbftError):
     """A dataset cannot be loaded or yields no usable rows."""
+
+
+class TrainingInterrupted(EbftError):
+    """The run was stopped by a signal after saving what it could; the message says how to go on."""

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ebft.errors import EbftError
+from ebft.errors import EbftError, TrainingInterrupted
 
 log = logging.getLogger("ebft")
 
@@ -343,7 +343,13 @@ def run_quickstart(out_dir: str | Path, minutes: float = DEFAULT_MINUTES, *, con
         seconds["sft"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         ebft_cfg = ft_cfg.model_copy(update={"output_dir": str(out / "ebft")})
-        ebft = train(ebft_cfg, console=console)
+        try:
+            ebft = train(ebft_cfg, console=console)
+        except TrainingInterrupted:
+            # train's own message suggests resuming with `ebft train`; the quickstart has no such entry point.
+            raise TrainingInterrupted(
+                f"quickstart interrupted during EBFT fine-tuning; run `ebft quickstart --out {out}` again to start over"
+            ) from None
         seconds["ebft"] = time.perf_counter() - t0
 
         # 4. Evaluation on held-out files.

@@ -27,16 +27,12 @@ import torch
 from ebft import checkpoint as ckpt
 from ebft import distributed
 from ebft.config import TrainConfig, dump_config
-from ebft.errors import ConfigError, EbftError
+from ebft.errors import ConfigError, EbftError, TrainingInterrupted
 from ebft.loop import reduce_step_sums, reduce_sum
 from ebft.metrics import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
 from ebft.models import autocast_dtype, check_model_config, feature_network_for, load_policy, load_tokenizer
 
 log = logging.getLogger("ebft")
-
-
-class TrainingInterrupted(EbftError):
-    """The run was stopped by a signal after saving a checkpoint."""
 
 
 class TooManySkippedSteps(EbftError):
