@@ -598,7 +598,7 @@ def _run_structured(cfg, rows, indices, tokenizer, policy, features, amp_dtype, 
     if cfg.trl.use_vllm:
         notes.append("trl.use_vllm is set, but evaluation samples with transformers generate on this machine")
         log.info(notes[-1])
-    backend = HFGenerate(policy, sampling=s.sampling, pad_token_id=tokenizer.pad_token_id)
+    backend = HFGenerate(policy, sampling=s.sampling, pad_token_id=tokenizer.pad_token_id, autocast_dtype=amp_dtype)
     totals = dict.fromkeys((*eval_metrics.SUM_KEYS, *STRUCTURED_SUM_KEYS), 0.0)
     documents: list[dict] = []
     executions: list[RowExecution] = []

@@ -320,7 +320,12 @@ def _rollout_backend(cfg: TrainConfig, model, tokenizer):
     if not cfg.trl.use_vllm:
         from ebft.structured.hf import HFGenerate
 
-        return HFGenerate(model, sampling=sampling, pad_token_id=tokenizer.pad_token_id)
+        return HFGenerate(
+            model,
+            sampling=sampling,
+            pad_token_id=tokenizer.pad_token_id,
+            autocast_dtype=autocast_dtype(cfg, next(model.parameters()).device),
+        )
     from ebft.structured.vllm import vllm_backend
 
     return vllm_backend(cfg, sampling)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from ebft.sampling import truncation_keep
@@ -53,11 +55,22 @@ class HFGenerate:
     the policy here).
     """
 
-    def __init__(self, model, *, sampling: Sampling, pad_token_id: int, rows_per_call: int = 64):
+    def __init__(
+        self,
+        model,
+        *,
+        sampling: Sampling,
+        pad_token_id: int,
+        rows_per_call: int = 64,
+        autocast_dtype: torch.dtype | None = None,
+    ):
         self.model = model
         self.sampling = sampling
         self.pad_token_id = pad_token_id
         self.rows_per_call = rows_per_call
+        # The precision the trainer scores completions in (bf16 autocast where configured), so that the
+        # sampler and the scored policy agree as closely as the arithmetic allows.
+        self.autocast_dtype = autocast_dtype
 
     def generate(
         self, prompts: list[list[int]], n: int, max_tokens: list[int], seeds: list[int]
@@ -67,8 +80,11 @@ class HFGenerate:
         self.model.eval()
         out: list[list[Completion]] = []
         step = max(1, self.rows_per_call // n)
+        amp = (
+            torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None else nullcontext()
+        )
         try:
-            with torch.no_grad():
+            with torch.no_grad(), amp:
                 for start in range(0, len(prompts), step):
                     end = start + step
                     out += self._generate(prompts[start:end], n, max_tokens[start:end], seeds[start:end], device)
