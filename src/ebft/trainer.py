@@ -271,6 +271,12 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
     if is_main:
         ckpt.write_model(model, tokenizer, out_dir, state_dict=weights)
     accelerator.wait_for_everyone()
+    if world > 1:
+        # Tear the process group down while every process is still here: left to interpreter exit, gloo's
+        # threads are destroyed in no particular order and a process can abort (SIGABRT) after a good run.
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return TrainResult(output_dir=out_dir, steps=total_steps, last_metrics=last)
 
 
