@@ -82,3 +82,25 @@ def test_quickstart_end_to_end(tmp_path):
         assert summary["plots"][name] in report
     for name in ("base", "sft", "ebft"):
         assert json.loads((out / "eval" / f"{name}.json").read_text())["data"]["documents"] > 0
+
+
+def test_interrupted_quickstart_says_to_run_it_again(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the EBFT phase: exit 130 and the way on is the quickstart itself (there is no
+    `ebft train` config to resume). The training phases are replaced so that only the orchestration runs."""
+    import types
+
+    import ebft.sft
+    import ebft.trainer
+    from ebft.cli import main
+    from ebft.errors import TrainingInterrupted
+
+    def interrupted(cfg, console=None):
+        raise TrainingInterrupted("interrupted at step 1; Resume with: ebft train <config> ...")
+
+    monkeypatch.setattr(ebft.sft, "train_sft", lambda cfg, **_: types.SimpleNamespace(steps=10**9))
+    monkeypatch.setattr(ebft.trainer, "train", interrupted)
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--minutes", "0.1"]) == 130
+    err = capsys.readouterr().err
+    assert f"run `ebft quickstart --out {out}` again" in err
+    assert "ebft train" not in err
