@@ -8,8 +8,10 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -454,7 +456,7 @@ def test_training_backend_from_the_config(config, fake, tmp_path):
     assert (backend.client.host, backend.client.port, backend.client.timeout) == ("127.0.0.1", fake.port, 240.0)
     assert fake.calls("/health") != []  # it waited for the server
     assert backend.sync_interval == 3 and backend.model_name == cfg.base_model
-    assert backend.adapter_dir == tmp_path / "out" / "vllm_adapters" and backend.lora_name == "ebft-rank0"
+    assert backend.adapter_dir == tmp_path / "out" / "vllm_adapters" and backend.lora_name == "ebft"
 
 
 def test_structured_training_samples_from_the_server(fake, tiny_model_dir, tmp_path):
@@ -498,3 +500,54 @@ def test_structured_training_samples_from_the_server(fake, tiny_model_dir, tmp_p
     assert all(step % 2 == 0 for step in steps[1:]) and steps == sorted(steps)
     assert set(models) <= {fake.served_model_name, *loaded} and models[-1] == loaded[-2]
     assert fake.adapters == {} and not (tmp_path / "out" / "vllm_adapters").exists()
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
+def test_two_processes_share_one_adapter_per_sync(fake, tiny_model_dir, tmp_path):
+    """Under 2 processes only the main one saves and loads the adapter; both then generate with it."""
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"input": t.splitlines()[0][:60], "output": "\n".join(t.splitlines()[1:6])[:200]} for t in stdlib_texts(8)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = {
+        "base_model": fake.served_model_name,
+        "rl": "ebft",
+        "ebft": {"mode": "structured"},
+        "trl": {
+            "num_generations": 2,
+            "max_completion_length": 8,
+            "temperature": 1.0,
+            "use_vllm": True,
+            "vllm_lora_sync": True,
+            "vllm_server_port": fake.port,
+        },
+        "datasets": [{"path": str(data), "type": "ebft_opencode.transform"}],
+        "sequence_len": 128,
+        "micro_batch_size": 2,
+        "max_steps": 3,
+        "learning_rate": 1e-3,
+        "bf16": False,
+        "seed": 0,
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_target_linear": True,
+        "output_dir": str(tmp_path / "out"),
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29541"]
+    res = subprocess.run(
+        [*launch, "-m", "ebft", "train", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    loaded = [c.body["lora_name"] for c in fake.calls("/v1/load_lora_adapter")]
+    # One load after every step (sync_interval 1), made once for both processes.
+    assert [int(name.rsplit("-step", 1)[1]) for name in loaded] == [1, 2, 3]
+    models = [c.body["model"] for c in fake.calls(COMPLETIONS)]
+    assert len(models) == 3 * 2  # 3 steps x 2 processes x 1 prompt each
+    assert models[:2] == [fake.served_model_name] * 2  # step 1: the base model, on both processes
+    assert sorted(models[2:]) == sorted([loaded[0]] * 2 + [loaded[1]] * 2)  # later steps: the shared adapter
+    assert fake.adapters == {}

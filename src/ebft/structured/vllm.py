@@ -33,6 +33,7 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -205,6 +206,10 @@ def _completion(choice: dict) -> Completion:
     return Completion(ids=ids, finished=reason == "stop", logprobs=tuple(float(v) for v in values))
 
 
+# Prefix of the adapter "name" the main process shares when its sync failed (a name never starts so).
+_FAILED = "\x00failed: "
+
+
 class VLLMBackend:
     """``RolloutBackend`` on a vLLM server, generating with the policy's latest synced LoRA adapter.
 
@@ -216,6 +221,11 @@ class VLLMBackend:
     The adapter a sync replaces stays loaded (and its folder on disk) until the next sync: a rollout
     that started before this sync (async prefetch) still finds the adapter it names. The server's two
     LoRA slots (``--max-loras 2``) hold both.
+
+    Under several processes (identical weights after every step) only the ``leader`` saves, loads and
+    unloads; ``share(name)`` is a collective that hands the leader's adapter name to every process, so
+    the server holds one adapter per sync, not one per process. Every process calls ``sync`` at the
+    same steps (the trainer calls it after each step), so the collective always matches.
     """
 
     def __init__(
@@ -228,8 +238,12 @@ class VLLMBackend:
         sync_interval: int,
         base_model_name: str,
         max_concurrent: int = 32,
+        leader: bool = True,
+        share: Callable[[str], str] | None = None,
     ):
         self.client = client
+        self.leader = leader
+        self.share = share
         self.sampling = sampling
         self.lora_name = lora_name
         self.adapter_dir = Path(adapter_dir)
@@ -237,8 +251,9 @@ class VLLMBackend:
         self.base_model_name = base_model_name
         self.max_concurrent = max_concurrent
         self._session = secrets.token_hex(3)
-        self._loaded: list[tuple[str, Path]] = []  # (name, folder) on the server, oldest first
+        self._loaded: list[tuple[str, Path | None]] = []  # (name, folder) on the server, oldest first
         self._started = False  # sync has been called (the first call is the start of training)
+        self._synced_step: int | None = None
 
     @property
     def model_name(self) -> str:
@@ -277,9 +292,28 @@ class VLLMBackend:
             return
         if not hasattr(model, "peft_config"):
             raise ConfigError("vLLM rollouts sync the policy as a LoRA adapter; set adapter: lora")
-        name = f"{self.lora_name}-{self._session}-step{step}"
-        if any(loaded == name for loaded, _ in self._loaded):
+        if step == self._synced_step:
             return  # already synced after this step
+        self._synced_step = step
+        name = f"{self.lora_name}-{self._session}-step{step}"
+        failure = None
+        if self.leader:
+            try:
+                self._load(model, name, step)
+            except EbftError as exc:
+                failure = exc
+                name = _FAILED + str(exc)
+        if self.share is not None:
+            name = self.share(name)  # the leader's name once its load is done (or why it failed)
+            if not self.leader and not name.startswith(_FAILED):
+                self._loaded = [*self._loaded[-1:], (name, None)]  # names only: the leader owns the folders
+        if failure is not None:
+            raise failure
+        if name.startswith(_FAILED):  # every process stops, not only the one whose request failed
+            raise VLLMError(f"the main process could not sync the adapter to the vLLM server: {name[len(_FAILED) :]}")
+        log.debug("vLLM now generates with adapter %s", name)
+
+    def _load(self, model, name: str, step: int) -> None:
         folder = self.adapter_dir / f"{self.lora_name}-step-{step:06d}"
         tmp = folder.with_name(folder.name + ".tmp")
         for stale in (tmp, folder):  # left by a crashed run at the same step
@@ -297,12 +331,13 @@ class VLLMBackend:
         self._loaded.append((name, folder))
         while len(self._loaded) > 2:
             self._unload(*self._loaded.pop(0))
-        log.debug("vLLM now generates with adapter %s (%s)", name, folder)
 
     def close(self) -> None:
         """Unload every adapter this backend loaded and delete their folders (and adapter_dir once empty)."""
         while self._loaded:
-            self._unload(*self._loaded.pop(0))
+            name, folder = self._loaded.pop(0)
+            if self.leader:
+                self._unload(name, folder)
         with contextlib.suppress(OSError):  # absent, or still holding another process's adapters
             self.adapter_dir.rmdir()
 
@@ -320,20 +355,30 @@ def vllm_backend(cfg, sampling: Sampling) -> VLLMBackend:
     """The backend training uses with ``trl.use_vllm``: the server of ``ebft vllm-serve`` (same config),
     waited for up to ``trl.vllm_server_timeout`` seconds, which is also each request's timeout.
 
-    Under a multi-process launch each process syncs its own copy of the (identical) adapter, under
-    its own name and folder, so processes never write or unload each other's; the server then holds
-    two adapters per process, more than its two LoRA slots, and swaps them (slower, still correct).
+    Under a multi-process launch the main process syncs the (identical) adapter for all of them and
+    broadcasts its name.
     """
     from ebft.config import vllm_client_address
 
     host, port = vllm_client_address(cfg)
     client = VLLMClient(host, port, timeout=cfg.trl.vllm_server_timeout)
     client.wait_until_ready(cfg.trl.vllm_server_timeout)
-    rank = int(os.environ.get("RANK", "0"))
+    from accelerate import PartialState
+
+    state = PartialState()
+    share = None
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        def share(name: str) -> str:
+            return broadcast_object_list([name], from_process=0)[0]
+
     return VLLMBackend(
         client,
         sampling=sampling,
-        lora_name=f"ebft-rank{rank}",
+        leader=state.is_main_process,
+        share=share,
+        lora_name="ebft",
         adapter_dir=Path(cfg.output_dir) / "vllm_adapters",
         sync_interval=cfg.trl.vllm_sync_interval,
         # vLLM serves the base model under its --model argument, which `ebft vllm-serve` sets to this.
