@@ -31,6 +31,7 @@ from ebft.structured.step import (
     StructuredSettings,
     _single_turn,
     completion_cap,
+    loss_token_count,
     microbatch,
     old_logprobs,
     policy_logprobs,
@@ -828,6 +829,46 @@ def test_multi_turn_truncated_turn_masks_the_whole_conversation(tiny_tokenizer):
 
 # ---------------------------------------------------------------------------------------------
 # 6. Adaptive max tokens
+
+
+class _ByteReplies:
+    """Replies spelled one byte-level token per character ("re" as "r", "e", ...): decoding and
+    re-encoding merges them, so the re-rendered conversation holds other tokens than the sampled ones.
+    Reports sampler log-probs (-0.5 per token). Records the contexts it was given."""
+
+    def __init__(self, tok):
+        self.tok, self.contexts = tok, []
+
+    def generate(self, prompts, n, max_tokens, seeds):
+        out = []
+        for prompt, cap in zip(prompts, max_tokens, strict=True):
+            self.contexts.append(list(prompt))
+            chars = [self.tok.convert_tokens_to_ids(ch) for ch in f"reply{len(self.contexts)}"]
+            ids = tuple([*chars, self.tok.eos_token_id][:cap])
+            out.append([Completion(ids, finished=len(ids) == len(chars) + 1, logprobs=(-0.5,) * len(ids))] * n)
+        return out
+
+
+def test_multi_turn_loss_scores_the_sampled_ids_in_their_own_contexts(tiny_model_dir, tiny_tokenizer):
+    """The policy gradient must score exactly what was sampled where it was sampled: each reply's ids
+    after the context it was generated from, not the re-rendered, re-tokenised conversation."""
+    tok = tiny_tokenizer
+    s = _settings(tok, num_generations=1)
+    row = _multi_turn_rows(tok)[1]  # two assistant turns
+    backend = _ByteReplies(tok)
+    (sample,) = roll_out(backend, [row], s, tok, [5])
+    replies = [tuple(tok.convert_tokens_to_ids(ch) for ch in f"reply{k}") + (tok.eos_token_id,) for k in (1, 2)]
+    # The sampled ids are not what re-encoding the text gives (the test is only meaningful if so).
+    assert _ids(tok, "reply1") != list(replies[0][:-1])
+    assert sample.turns == tuple(zip((tuple(c) for c in backend.contexts), replies, strict=True))
+    assert sample.behaviour_logprobs == [-0.5] * sum(len(r) for r in replies)
+    assert loss_token_count(sample) == sum(len(r) for r in replies)
+    model = _load(tiny_model_dir)
+    with torch.no_grad():
+        logp, seq = policy_logprobs(model, [sample], s, tok.pad_token_id)
+        want = torch.cat([_teacher_forced_logp(model, list(ctx) + list(r))[len(ctx) - 1 :] for ctx, r in sample.turns])
+    assert (seq == 0).all()
+    torch.testing.assert_close(logp, want, atol=1e-5, rtol=1e-5)
 
 
 def test_completion_cap_hand_cases(tiny_tokenizer):

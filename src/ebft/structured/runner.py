@@ -23,6 +23,7 @@ from ebft.structured.step import (
     Sample,
     StructuredSettings,
     ce_sequences,
+    loss_token_count,
     microbatch,
     mix_seed,
     old_logprobs,
@@ -168,8 +169,8 @@ class StructuredRunner:
         local = torch.tensor(
             [
                 len(buf.samples),
-                sum(sum(q.loss_mask[1:]) for q in buf.samples),
-                sum(sum(q.loss_mask[1:]) for q in ce_samples),
+                sum(loss_token_count(q) for q in buf.samples),
+                sum(loss_token_count(q) for q in ce_samples),
             ],
             dtype=torch.float64,
         )
@@ -220,7 +221,7 @@ class StructuredRunner:
             "cfm": float(sc.cfm.sum()),
             "completion_tokens": float(sum(q.generated_tokens for q in buf.samples)),
             "truncated": float(sum(not q.finished for q in buf.samples)),
-            "ce_tokens": float(sum(sum(q.loss_mask[1:]) for q in ce_samples)),
+            "ce_tokens": float(sum(loss_token_count(q) for q in ce_samples)),
         }
 
     def _records(self, buf: RolloutBuffer, step: int) -> list[dict]:

@@ -116,7 +116,11 @@ class Sample:
     tokens the feature network pools over (single-turn: without the trailing stop token, which the
     ground truth does not have); behaviour_logprobs: the sampler's log-prob of each loss token in
     order, when the backend reported them; text: the completion, decoded, for logs;
-    generated_tokens: how many tokens the policy wrote (multi-turn: its replies, not the user turns).
+    generated_tokens: how many tokens the policy wrote (multi-turn: its replies, not the user turns);
+    turns (multi-turn): every reply as (the context ids it was generated from, its ids), exactly as
+    sampled. The policy loss is taken on these, not on the re-rendered conversation, whose tokens can
+    differ from the sampled ones (a chat template re-renders history, decoding and re-encoding is not
+    always the identity); ``trained`` is False for a sample excluded from the loss.
     """
 
     sequence: list[int]
@@ -127,6 +131,25 @@ class Sample:
     text: str
     behaviour_logprobs: list[float] | None = None
     generated_tokens: int = 0
+    turns: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
+    trained: bool = True
+
+
+def loss_views(q: Sample) -> list[tuple[list[int], list[bool]]]:
+    """The token sequences the policy loss reads for ``q`` and, per token, whether it is a loss target.
+
+    A single-turn sample is one view (its sequence and loss mask); a multi-turn sample is one view per
+    reply, the reply after the exact context it was sampled from, so every loss token is scored in the
+    context that produced it.
+    """
+    if not q.turns:
+        return [(q.sequence, q.loss_mask)]
+    return [(list(ctx) + list(reply), [False] * len(ctx) + [q.trained] * len(reply)) for ctx, reply in q.turns]
+
+
+def loss_token_count(q: Sample) -> int:
+    """Loss tokens of ``q`` (a view's first token has nothing to predict it)."""
+    return sum(sum(mask[1:]) for _, mask in loss_views(q))
 
 
 def _single_turn(row: PromptRow, c: Completion, s: StructuredSettings, tokenizer) -> Sample:
@@ -172,6 +195,7 @@ def _multi_turn(
     generated: dict[tuple[int, int], list[bool]] = {}
     finished: dict[tuple[int, int], bool] = {}
     pending: dict[tuple[int, int], list[dict]] = {}
+    turns: dict[tuple[int, int], list[tuple[tuple[int, ...], Completion]]] = {}
     for p, row in enumerate(rows):
         if not row.remaining_turns:
             continue
@@ -181,6 +205,7 @@ def _multi_turn(
             generated[p, j] = [True]
             finished[p, j] = c.finished
             pending[p, j] = list(row.remaining_turns)
+            turns[p, j] = [(tuple(row.prompt_ids), c)]
     turn = 0
     while True:
         waiting, contexts, caps, turn_seeds = [], [], [], []
@@ -210,7 +235,8 @@ def _multi_turn(
             break
         turn += 1
         replies = backend.generate(contexts, 1, caps, turn_seeds)
-        for key, reply in zip(waiting, replies, strict=True):
+        for key, context, reply in zip(waiting, contexts, replies, strict=True):
+            turns[key].append((tuple(context), reply[0]))
             convs[key].append({"role": "assistant", "content": _content(reply[0], s, tokenizer)})
             generated[key].append(True)
             finished[key] = finished[key] and reply[0].finished
@@ -221,6 +247,10 @@ def _multi_turn(
         tokens = conversation_tokens(tokenizer, conv, len(row.prompt), generated[key], s.chat_template_kwargs)
         ids, mask = tokens.ids[: s.sequence_len], tokens.generated_mask[: s.sequence_len]
         trained = finished[key] or not s.mask_truncated_completions
+        behaviour = None
+        if all(c.logprobs is not None for _, c in turns[key]):
+            # The sampler's log-probs line up with the replies' ids, the loss tokens of the turn views.
+            behaviour = [v for _, c in turns[key] for v in c.logprobs] if trained else []
         out[key] = Sample(
             sequence=list(ids),
             prompt_length=tokens.prompt_length,
@@ -228,7 +258,10 @@ def _multi_turn(
             feature_length=len(ids),
             finished=finished[key],
             text=tokenizer.decode(ids[tokens.prompt_length :], skip_special_tokens=False),
-            generated_tokens=sum(mask),
+            behaviour_logprobs=behaviour,
+            generated_tokens=sum(len(c.ids) for _, c in turns[key]),
+            turns=tuple((context, tuple(c.ids)) for context, c in turns[key]),
+            trained=trained,
         )
     return out
 
@@ -392,18 +425,20 @@ def policy_logprobs(
     top-k, top-p, min-p).
     """
     device = next(model.parameters()).device
-    ids, _ = _right_padded([q.sequence for q in samples], pad_id)
+    views = [(i, seq, loss) for i, q in enumerate(samples) for seq, loss in loss_views(q)]
+    ids, _ = _right_padded([seq for _, seq, _ in views], pad_id)
     width = ids.shape[1]
-    mask = torch.zeros(len(samples), width, dtype=torch.bool)
-    for i, q in enumerate(samples):
-        mask[i, : len(q.loss_mask)] = torch.tensor(q.loss_mask, dtype=torch.bool)
+    mask = torch.zeros(len(views), width, dtype=torch.bool)
+    for v, (_, _, loss) in enumerate(views):
+        mask[v, : len(loss)] = torch.tensor(loss, dtype=torch.bool)
     mask[:, 0] = False  # nothing predicts the first token
+    owner = torch.tensor([i for i, _, _ in views], device=device)
     ids, mask = ids.to(device), mask.to(device)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     with amp:
         positions = torch.arange(width, device=device).expand_as(ids)
         hidden = backbone_of(model)(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
-    rows, cols = mask.nonzero(as_tuple=True)  # row-major: sample by sample, tokens in order
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major: view by view (sample by sample), tokens in order
     sm = s.sampling
     result = losses.token_logprobs(
         hidden[rows, cols - 1],
@@ -417,8 +452,8 @@ def policy_logprobs(
     )
     if with_entropy:
         logp, entropy = result
-        return logp, rows, entropy
-    return result, rows
+        return logp, owner[rows], entropy
+    return result, owner[rows]
 
 
 def ce_sequences(rows: list[PromptRow], tokenizer, s: StructuredSettings) -> list[Sample]:
@@ -504,7 +539,7 @@ def microbatch(
     samples = [buffer.samples[i] for i in indices]
     adv = buffer.advantage[indices]
     total = None
-    skip_rl = s.rl_coef == 0 or not any(any(q.loss_mask) for q in samples)
+    skip_rl = s.rl_coef == 0 or not any(loss_token_count(q) for q in samples)
     if s.skip_zero_advantage_batches and bool((adv == 0).all()):
         skip_rl = True
         sums["skipped_micro_batches"] = 1.0
