@@ -749,3 +749,76 @@ def test_random_rows_load_or_fail_cleanly(case, layout, val_set_size, tiny_token
         assert 0 < len(row["input_ids"]) <= cfg.sequence_len
         assert len(row["labels"]) == len(row["input_ids"])
         assert all(0 <= t < len(tiny_tokenizer) for t in row["input_ids"])
+
+
+# Row shapes the structured transforms expect (None: rows that already hold prompt and ground_truth).
+_STRUCTURED_PLAUSIBLE = {
+    "ebft_opencode.transform": st.fixed_dictionaries({"input": _texts, "output": _texts}),
+    "ebft_chat_multiturn.transform": st.fixed_dictionaries(
+        {"messages": _messages | st.tuples(_user_turn, _assistant_turn, _user_turn, _assistant_turn).map(list)}
+    ),
+    "ebft_chat_multiturn.transform_all_turns": st.fixed_dictionaries(
+        {"messages": _messages | st.tuples(_user_turn, _assistant_turn).map(list)}
+    ),
+    "ebft_reasoning.transform_split_thinking": st.fixed_dictionaries(
+        {"messages": st.tuples(_user_turn, _assistant_turn).map(list) | _messages}
+    ),
+    None: st.fixed_dictionaries(
+        {"prompt": _texts | _messages, "ground_truth": _texts},
+        optional={"remaining_turns": _messages, "tests": _row_values},
+    ),
+}
+
+
+@st.composite
+def _structured_cases(draw) -> tuple[dict, list[dict]]:
+    transform = draw(st.sampled_from(list(_STRUCTURED_PLAUSIBLE)))
+    rows = []
+    for _ in range(draw(st.integers(1, 5))):
+        row = dict(draw(_STRUCTURED_PLAUSIBLE[transform]))
+        if draw(st.booleans()):  # damage: a field dropped or replaced
+            key = draw(st.sampled_from(sorted(row) or ROW_FIELDS))
+            if draw(st.booleans()):
+                row.pop(key, None)
+            else:
+                row[key] = draw(_row_values)
+        rows.append(row)
+    return ({"type": transform} if transform else {}), rows
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=_structured_cases(), val_set_size=st.sampled_from([0.0, 0.5, 1]))
+def test_random_structured_rows_load_or_fail_cleanly(case, val_set_size, tiny_tokenizer, rows_folder):
+    """Structured-mode loading: any row either becomes a usable prompt row or is a clean error/skip."""
+    from ebft.data.structured import load_structured_datasets
+
+    entry, rows = case
+    path = rows_folder / f"{uuid.uuid4().hex}.jsonl"
+    path.write_text(_jsonl(rows), encoding="utf-8")
+    cfg = parse_config(
+        {
+            "base_model": "m",
+            "rl": "ebft",
+            "ebft": {"mode": "structured"},
+            "trl": {"num_generations": 2, "max_completion_length": 8},
+            "micro_batch_size": 2,
+            "datasets": [{"path": str(path), **entry}],
+            "sequence_len": 48,
+            "val_set_size": val_set_size,
+        }
+    )
+    try:
+        data = load_structured_datasets(cfg, tiny_tokenizer)
+    except EbftError as exc:
+        assert str(exc).strip()
+        event("clean error: " + re.sub(r"'[^']*'", "'...'", str(exc))[:40])
+        return
+    event("loaded, some rows skipped" if data.skipped else "loaded")
+    kept = list(data.train) + (list(data.val) if data.val is not None else [])
+    assert kept
+    for row in kept:
+        # Room for a whole completion after the prompt, and a ground truth that fits with it.
+        assert 0 < len(row.prompt_ids) <= cfg.sequence_len - cfg.trl.max_completion_length
+        assert len(row.prompt_ids) + len(row.gt_ids) <= cfg.sequence_len
+        assert isinstance(row.ground_truth, str) and row.ground_truth
+        assert all(0 <= t < len(tiny_tokenizer) for t in (*row.prompt_ids, *row.gt_ids))
