@@ -715,10 +715,8 @@ WARNING_CASES = {
         [],
     ),
     "greedy": ({"ebft.temperature": 0.0}, ["ebft.temperature: 0 means greedy decoding"]),
-    "top_p": (
-        {"ebft.top_p": 0.9},
-        ["ebft.top_p: rollouts are sampled from the top-p truncated distribution"],
-    ),
+    # The strided log-probs are taken under the same renormalised top-p truncation: still on-policy.
+    "top_p": ({"ebft.top_p": 0.9}, []),
     "zero reward": (
         {"ebft.alignment_coef": 0.0, "ebft.diversity_coef": 0.0},
         ["ebft.alignment_coef: alignment_coef and diversity_coef are both 0"],

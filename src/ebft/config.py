@@ -926,11 +926,6 @@ def _value_warnings(cfg: TrainConfig) -> list[str]:
                 "ebft.temperature: 0 means greedy decoding; all samples of a block are identical, so "
                 "every advantage and the RL term are zero (only the CE term trains)"
             )
-        if e.top_p < 1:
-            out.append(
-                f"ebft.top_p: rollouts are sampled from the top-p truncated distribution ({e.top_p}) but "
-                "scored with the full softmax, so the policy gradient is slightly off-policy"
-            )
         out += [
             f"ebft.{key}: used only in structured mode; ignored in strided mode"
             for key in _STRUCTURED_ONLY_KEYS
