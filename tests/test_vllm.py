@@ -459,7 +459,8 @@ def test_training_backend_from_the_config(config, fake, tmp_path):
     assert backend.adapter_dir == tmp_path / "out" / "vllm_adapters" and backend.lora_name == "ebft"
 
 
-def test_structured_training_samples_from_the_server(fake, tiny_model_dir, tmp_path):
+def _vllm_training_config(fake, tmp_path: Path, *, max_steps: int, **trl) -> Path:
+    """A small structured LoRA config whose rollouts come from ``fake``; ``trl`` keys are added."""
     data = tmp_path / "pairs.jsonl"
     rows = [{"input": t.splitlines()[0][:60], "output": "\n".join(t.splitlines()[1:6])[:200]} for t in stdlib_texts(8)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -474,12 +475,12 @@ def test_structured_training_samples_from_the_server(fake, tiny_model_dir, tmp_p
             "use_vllm": True,
             "vllm_lora_sync": True,
             "vllm_server_port": fake.port,
-            "vllm_sync_interval": 2,
+            **trl,
         },
         "datasets": [{"path": str(data), "type": "ebft_opencode.transform"}],
         "sequence_len": 128,
         "micro_batch_size": 2,
-        "max_steps": 4,
+        "max_steps": max_steps,
         "learning_rate": 1e-3,
         "bf16": False,
         "seed": 0,
@@ -490,6 +491,11 @@ def test_structured_training_samples_from_the_server(fake, tiny_model_dir, tmp_p
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_structured_training_samples_from_the_server(fake, tiny_model_dir, tmp_path):
+    path = _vllm_training_config(fake, tmp_path, max_steps=4, vllm_sync_interval=2)
     assert main(["train", str(path)]) == 0
     models = [c.body["model"] for c in fake.calls(COMPLETIONS)]
     loaded = [c.body["lora_name"] for c in fake.calls("/v1/load_lora_adapter")]
@@ -505,35 +511,7 @@ def test_structured_training_samples_from_the_server(fake, tiny_model_dir, tmp_p
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
 def test_two_processes_share_one_adapter_per_sync(fake, tiny_model_dir, tmp_path):
     """Under 2 processes only the main one saves and loads the adapter; both then generate with it."""
-    data = tmp_path / "pairs.jsonl"
-    rows = [{"input": t.splitlines()[0][:60], "output": "\n".join(t.splitlines()[1:6])[:200]} for t in stdlib_texts(8)]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    config = {
-        "base_model": fake.served_model_name,
-        "rl": "ebft",
-        "ebft": {"mode": "structured"},
-        "trl": {
-            "num_generations": 2,
-            "max_completion_length": 8,
-            "temperature": 1.0,
-            "use_vllm": True,
-            "vllm_lora_sync": True,
-            "vllm_server_port": fake.port,
-        },
-        "datasets": [{"path": str(data), "type": "ebft_opencode.transform"}],
-        "sequence_len": 128,
-        "micro_batch_size": 2,
-        "max_steps": 3,
-        "learning_rate": 1e-3,
-        "bf16": False,
-        "seed": 0,
-        "adapter": "lora",
-        "lora_r": 4,
-        "lora_target_linear": True,
-        "output_dir": str(tmp_path / "out"),
-    }
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _vllm_training_config(fake, tmp_path, max_steps=3)
     launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29541"]
     res = subprocess.run(
         [*launch, "-m", "ebft", "train", str(path)],
