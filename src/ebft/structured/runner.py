@@ -22,7 +22,6 @@ from ebft.structured.step import (
     RolloutBuffer,
     Sample,
     StructuredSettings,
-    ce_sequences,
     loss_token_count,
     microbatch,
     mix_seed,
@@ -165,7 +164,7 @@ class StructuredRunner:
             self.buffer = self._make_buffer(generation, state)
         buf, G, mb = self.buffer, s.num_generations, cfg.micro_batch_size
 
-        ce_samples = ce_sequences(buf.rows, self.tokenizer, s) if s.ce_coef > 0 else []
+        ce_samples = buf.references(self.tokenizer, s) if s.ce_coef > 0 else []
         local = torch.tensor(
             [
                 len(buf.samples),
@@ -201,11 +200,12 @@ class StructuredRunner:
             )
             for key, value in part.items():
                 sums[key] = min(sums[key], value) if key.endswith("_min") else sums[key] + value
-        sums.update(self._rollout_sums(buf, ce_samples))
+        sums.update(self._rollout_sums(buf))
+        sums["ce_tokens"] = float(local[2])
         records = self._records(buf, step) if (fresh and self.keep_records) else []
         return StepOutput(sums=sums, records=records)
 
-    def _rollout_sums(self, buf: RolloutBuffer, ce_samples: list[Sample]) -> dict[str, float]:
+    def _rollout_sums(self, buf: RolloutBuffer) -> dict[str, float]:
         sc = buf.scores
         adv = buf.advantage.double()
         reward = sc.reward.double()
@@ -221,7 +221,6 @@ class StructuredRunner:
             "cfm": float(sc.cfm.sum()),
             "completion_tokens": float(sum(q.generated_tokens for q in buf.samples)),
             "truncated": float(sum(not q.finished for q in buf.samples)),
-            "ce_tokens": float(sum(loss_token_count(q) for q in ce_samples)),
         }
 
     def _records(self, buf: RolloutBuffer, step: int) -> list[dict]:

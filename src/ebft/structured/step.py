@@ -491,6 +491,13 @@ class RolloutBuffer:
     advantage: torch.Tensor
     generation: int
     old_logprobs: list[torch.Tensor] | None = None
+    _references: list[Sample] | None = field(default=None, repr=False)
+
+    def references(self, tokenizer, s: StructuredSettings) -> list[Sample]:
+        """The rows' ``ce_sequences``, rendered once per batch however many steps reuse it."""
+        if self._references is None:
+            self._references = ce_sequences(self.rows, tokenizer, s)
+        return self._references
 
     def state_dict(self) -> dict:
         return {
@@ -584,7 +591,8 @@ def microbatch(
             clip_high=float(sur.high_clipped.sum()),
         )
     if s.ce_coef > 0 and ce_rows:
-        ce_samples = ce_sequences([buffer.rows[p] for p in ce_rows], tokenizer, s)
+        references = buffer.references(tokenizer, s)
+        ce_samples = [references[p] for p in ce_rows]
         ce_logp, _ = sharding.grad_pass(
             policy_logprobs, ce_samples, _untempered(s), pad_id, autocast_dtype=autocast_dtype
         )
