@@ -694,6 +694,21 @@ def _dataset_cases(draw) -> tuple[dict, list[dict]]:
     return entry, draw(st.lists(_row(kind), min_size=1, max_size=6))
 
 
+def _kept_rows_or_clean_error(load, cfg, tokenizer) -> list:
+    """The rows ``load(cfg, tokenizer)`` kept (train and validation; never none), or [] after checking
+    that its failure was a clean EbftError with a message."""
+    try:
+        data = load(cfg, tokenizer)
+    except EbftError as exc:
+        assert str(exc).strip()
+        event("clean error: " + re.sub(r"'[^']*'", "'...'", str(exc))[:40])
+        return []
+    event("loaded, some rows skipped" if data.skipped else "loaded")
+    kept = list(data.train) + (list(data.val) if data.val is not None else [])
+    assert kept
+    return kept
+
+
 @pytest.fixture(scope="module")
 def rows_folder(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("random-rows")
@@ -735,16 +750,8 @@ def test_random_rows_load_or_fail_cleanly(case, layout, val_set_size, tiny_token
             "val_set_size": val_set_size,
         }
     )
-    try:
-        data = load_strided_datasets(cfg, tiny_tokenizer)
-    except EbftError as exc:
-        assert str(exc).strip()
-        event("clean error: " + re.sub(r"'[^']*'", "'...'", str(exc))[:40])
-        return
-    event("loaded, some rows skipped" if data.skipped else "loaded")
+    kept = _kept_rows_or_clean_error(load_strided_datasets, cfg, tiny_tokenizer)
     # Whatever was kept is usable: token ids in the vocabulary, matching labels, within sequence_len.
-    kept = list(data.train) + (list(data.val) if data.val is not None else [])
-    assert kept
     for row in kept:
         assert 0 < len(row["input_ids"]) <= cfg.sequence_len
         assert len(row["labels"]) == len(row["input_ids"])
@@ -807,15 +814,7 @@ def test_random_structured_rows_load_or_fail_cleanly(case, val_set_size, tiny_to
             "val_set_size": val_set_size,
         }
     )
-    try:
-        data = load_structured_datasets(cfg, tiny_tokenizer)
-    except EbftError as exc:
-        assert str(exc).strip()
-        event("clean error: " + re.sub(r"'[^']*'", "'...'", str(exc))[:40])
-        return
-    event("loaded, some rows skipped" if data.skipped else "loaded")
-    kept = list(data.train) + (list(data.val) if data.val is not None else [])
-    assert kept
+    kept = _kept_rows_or_clean_error(load_structured_datasets, cfg, tiny_tokenizer)
     for row in kept:
         # Room for a whole completion after the prompt, and a ground truth that fits with it.
         assert 0 < len(row.prompt_ids) <= cfg.sequence_len - cfg.trl.max_completion_length
