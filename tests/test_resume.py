@@ -207,21 +207,25 @@ def test_second_signal_exits_at_once(tmp_path, tiny_model_dir, data_file):
     assert "exiting now" in err
 
 
+def _train_on_two_processes(cfg: Path, port: int, *args: str) -> None:
+    """``ebft train`` under ``accelerate launch`` with 2 CPU processes (gloo); it must succeed."""
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port)]
+    res = subprocess.run(
+        [*launch, "-m", "ebft", "train", str(cfg), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
 def test_two_processes_match_one_process_with_twice_the_micro_batch(tmp_path, tiny_model_dir, data_file):
     """2 processes x micro-batch 1 == 1 process x micro-batch 2: same documents, rollouts and update."""
     cfg = _config(tmp_path, tiny_model_dir, data_file, max_steps=2, lora_dropout=0.0, optimizer="sgd")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two, one = tmp_path / "two", tmp_path / "one"
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517"]
-    res = subprocess.run(
-        [*launch, "-m", "ebft", "train", str(cfg), "--micro_batch_size=1", f"--output_dir={two}"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    _train_on_two_processes(cfg, 29517, "--micro_batch_size=1", f"--output_dir={two}")
     assert main(["train", str(cfg), "--micro_batch_size=2", f"--output_dir={one}"]) == 0
     for a, b in zip(_metrics(two), _metrics(one), strict=True):
         for key in ("loss", "ebft/alignment", "ebft/diversity", "ebft/ce_loss", "grad_norm"):
@@ -270,17 +274,8 @@ def test_structured_two_processes_match_one_process(tmp_path, tiny_model_dir, pa
     }
     cfg = tmp_path / "structured.yaml"
     cfg.write_text(yaml.safe_dump(config), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two, one = tmp_path / "two", tmp_path / "one"
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29518"]
-    res = subprocess.run(
-        [*launch, "-m", "ebft", "train", str(cfg), "--micro_batch_size=4", f"--output_dir={two}"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    _train_on_two_processes(cfg, 29518, "--micro_batch_size=4", f"--output_dir={two}")
     assert main(["train", str(cfg), "--micro_batch_size=8", f"--output_dir={one}"]) == 0
     for a, b in zip(_metrics(two), _metrics(one), strict=True):
         for key in ("loss", "ebft/alignment", "ebft/reward", "ebft/ce_loss", "grad_norm", "completions/mean_length"):
