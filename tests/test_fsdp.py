@@ -15,7 +15,7 @@ import yaml
 from ebft.cli import main
 from ebft.config import config_warnings, load_config
 from ebft.errors import ConfigError
-from tests.conftest import stdlib_texts
+from conftest import stdlib_texts
 
 _PORT = iter(range(29631, 29700))
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from ebft.cli import main
-from tests.conftest import stdlib_texts
+from conftest import stdlib_texts
 
 
 @pytest.fixture(scope="module")
