@@ -1,0 +1,220 @@
+"""Axolotl compatibility: every axolotl / TRL key that ebft recognises but does not use, or cannot honour,
+in tables a reader can scan, and the pass that strips them from a raw config before the schema sees it.
+
+Nothing is rewritten silently: an ignored key gives one warning, an unsupported key is accepted only
+when off, and a renamed key (``datasets[].train_on_split``, ``fsdp_config.fsdp_*``) is read with a
+warning or refused when it conflicts with the new spelling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ebft.config.base import show
+
+_ATTENTION_CHOSEN_BY_EBFT = (
+    "ebft picks the attention backend itself (SDPA with a boolean mask on CPU and for cached decoding, "
+    "a flex_attention BlockMask for the training and feature passes on CUDA)"
+)
+
+# Axolotl keys that an axolotl config may carry but that change nothing here: key -> why / what
+# ebft does instead. Each one present (and not null) gives one warning.
+IGNORED_AXOLOTL_KEYS: dict[str, str] = {
+    "flash_attention": _ATTENTION_CHOSEN_BY_EBFT,
+    "flex_attention": _ATTENTION_CHOSEN_BY_EBFT,
+    "sdp_attention": _ATTENTION_CHOSEN_BY_EBFT,
+    "xformers_attention": _ATTENTION_CHOSEN_BY_EBFT,
+    "attn_implementation": _ATTENTION_CHOSEN_BY_EBFT,
+    "torch_compile": "ebft does not torch.compile the model; flex_attention compiles its own kernels",
+    "torch_dtype": "the training precision is set by `bf16`",
+    "tf32": "ebft leaves torch's TF32 matmul setting at its default",
+    "model_type": "the model is always loaded with AutoModelForCausalLM",
+    "tokenizer_type": "the tokenizer is always loaded with AutoTokenizer",
+    "chat_template": "the tokenizer's own chat template is used by the chat transforms",
+    "strict": "ebft always rejects unknown keys",
+    "dataset_prepared_path": "datasets are tokenised in memory at start-up; nothing is cached at this path",
+    "dataset_processes": "dataset transforms run in the training process",
+    "pad_to_sequence_len": "micro-batches are padded to their longest document, not to sequence_len",
+    "sample_packing": "packing is chosen per dataset with `datasets[].pack` (ebft_pretrain.transform)",
+    "eval_sample_packing": "packing is chosen per dataset with `datasets[].pack` (ebft_pretrain.transform)",
+    "train_on_inputs": "the dataset transform decides which tokens are CE targets (prompts never are)",
+    "group_by_length": "ebft does not reorder the data by length",
+    "remove_unused_columns": "each transform names the columns it removes (`remove_columns`)",
+    "eval_steps": "there is no periodic evaluation during training; run `ebft evaluate` on a checkpoint",
+    "evals_per_epoch": "there is no periodic evaluation during training; run `ebft evaluate` on a checkpoint",
+    "eval_table_size": "there is no periodic evaluation during training; run `ebft evaluate` on a checkpoint",
+    "early_stopping_patience": "ebft has no early stopping; training runs for max_steps / num_epochs",
+    "saves_per_epoch": "checkpoints are written every `save_steps` optimizer steps",
+    "save_strategy": "checkpoints are written every `save_steps` optimizer steps",
+    "save_safetensors": "checkpoints are always written as safetensors",
+    "wandb_watch": "not supported; gradients and parameters are not sent to wandb",
+    "wandb_log_model": "not supported; checkpoints stay in output_dir",
+    "wandb_run_id": "not supported here; set the WANDB_RUN_ID environment variable instead",
+    "wandb_mode": "not supported here; set the WANDB_MODE environment variable instead",
+    "ddp": "multi-process training is set up by `accelerate launch`, not by this key",
+    "device_map": "each process places the model on its own device (accelerate); no device_map",
+    "local_rank": "set by the launcher",
+}
+
+# Axolotl keys naming something ebft cannot do. Accepted only when off (null, false, empty);
+# any other value is an error with this reason.
+UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
+    "fp16": "fp16 training is not supported; use `bf16: true` or `bf16: false` (fp32)",
+    "load_in_8bit": "quantised (8-bit) base models are not supported",
+    "load_in_4bit": "quantised (4-bit) base models are not supported",
+    "gptq": "GPTQ-quantised base models are not supported",
+    "deepspeed": "DeepSpeed is not supported; run multi-GPU with `accelerate launch -m ebft train ...`",
+    "activation_offloading": "activation offloading is not implemented (and axolotl rejects it with flex_attention)",
+    "lora_model_dir": "starting from an existing LoRA adapter is not supported",
+    "auto_resume_from_checkpoints": "use `resume_from_checkpoint: latest`",
+    "hub_model_id": "ebft never uploads to the Hub; push output_dir yourself",
+    "push_to_hub": "ebft never uploads to the Hub; push output_dir yourself",
+}
+
+
+# trl: keys that TRL / axolotl configs may carry but that name something ebft cannot do. Accepted only
+# when off (null, false, 0, empty) and then dropped; any other value is an error with this reason.
+UNSUPPORTED_TRL_KEYS: dict[str, str] = {
+    "beta": "EBFT has no reference-model KL penalty; the feature-matching reward plays that role",
+    "sync_ref_model": "there is no reference model to keep in sync (EBFT has no KL penalty)",
+    "ref_model_sync_steps": "there is no reference model to keep in sync (EBFT has no KL penalty)",
+    "vllm_enable_sleep_mode": "sleep mode is for vLLM colocated with training; ebft runs vLLM as a separate server",
+    "use_liger_loss": "the Liger fused GRPO loss is not supported; ebft computes its own policy loss",
+    "reward_funcs": "the reward is feature matching against the ground truth; ebft takes no reward functions",
+    "reward_weights": "the reward is feature matching against the ground truth; ebft takes no reward functions",
+}
+
+# Sampling settings people put in generation_kwargs (vLLM's SamplingParams names) -> the trl key
+# that holds them here, so each setting has exactly one place.
+SAMPLING_KWARG_TRL_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_tokens": "max_completion_length",
+    "max_new_tokens": "max_completion_length",
+    "max_completion_length": "max_completion_length",
+}
+
+
+# fsdp_config keys of axolotl's FSDP2 config that change nothing here: key -> why. A key set to
+# anything but off gives one warning.
+FSDP_IGNORED_KEYS: dict[str, str] = {
+    "cpu_ram_efficient_loading": "every process loads the whole model on CPU and FSDP then shards it; "
+    "loading the weights on the main process only is not implemented",
+    "sync_module_states": "every process loads the same weights from disk, so they start in sync",
+    "use_orig_params": "FSDP2 always trains the original parameters",
+    "backward_prefetch": "an FSDP1 setting; FSDP2 prefetches the next layer by itself",
+    "forward_prefetch": "an FSDP1 setting; FSDP2 prefetches the next layer by itself",
+    "limit_all_gathers": "an FSDP1 setting; FSDP2 limits in-flight all-gathers by itself",
+}
+
+# fsdp_config keys naming something ebft's FSDP2 cannot do: key -> (values accepted, why).
+FSDP_LIMITED_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "auto_wrap_policy": (
+        ("TRANSFORMER_BASED_WRAP",),
+        "ebft shards each decoder layer, and the rest of the model as one group (TRANSFORMER_BASED_WRAP)",
+    ),
+    "state_dict_type": (
+        ("FULL_STATE_DICT",),
+        "checkpoints always hold whole HF-format weights, gathered on the main process",
+    ),
+    "sharding_strategy": (("FULL_SHARD", 1), "only FULL_SHARD is implemented"),
+    "offload_params": ((False,), "offloading parameters to CPU is not implemented"),
+    "activation_checkpointing": ((False,), "set gradient_checkpointing: true instead (the same recomputation)"),
+    "mixed_precision_policy": ((), "the precision is set by `bf16` (autocast over fp32 weights)"),
+    "mixed_precision": ((), "the precision is set by `bf16` (autocast over fp32 weights)"),
+}
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or value == "" or value == {} or value == []
+
+
+def axolotl_compat(raw: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Strip axolotl-only keys from ``raw`` in place; returns (warnings, problem lines)."""
+    notes: list[str] = []
+    problems: list[str] = []
+    strided = isinstance(raw.get("ebft"), dict) and raw["ebft"].get("mode") == "strided"
+    if strided and not _is_off(raw.get("torch_compile")) and not _is_off(raw.get("gradient_checkpointing")):
+        problems.append(
+            "torch_compile: cannot be combined with gradient_checkpointing in strided mode: recomputation "
+            "does not reproduce the flex_attention BlockMask (CheckpointError); remove torch_compile "
+            f"(got {show(raw['torch_compile'])})"
+        )
+    _fsdp_compat(raw, notes, problems)
+    for key in [k for k in raw if k in UNSUPPORTED_AXOLOTL_KEYS or k in IGNORED_AXOLOTL_KEYS]:
+        value = raw.pop(key)
+        if key in UNSUPPORTED_AXOLOTL_KEYS:
+            if not _is_off(value):
+                problems.append(f"{key}: {UNSUPPORTED_AXOLOTL_KEYS[key]} (got {show(value)})")
+        elif value is not None:
+            notes.append(f"{key}: ignored; {IGNORED_AXOLOTL_KEYS[key]}")
+    # A `trl` that is not a mapping is reported by the schema; here it only has to be skipped.
+    trl = raw.get("trl")
+    for key in [k for k in trl if k in UNSUPPORTED_TRL_KEYS] if isinstance(trl, dict) else []:
+        value = trl.pop(key)
+        # 0 is off too here (beta: 0.0 is TRL's "no KL term").
+        if not _is_off(value) and not (type(value) in (int, float) and value == 0):
+            problems.append(f"trl.{key}: {UNSUPPORTED_TRL_KEYS[key]} (got {show(value)})")
+    # A `datasets` that is not a list is reported by the schema; here it only has to be skipped.
+    datasets = raw.get("datasets")
+    for i, spec in enumerate(datasets if isinstance(datasets, list) else []):
+        if isinstance(spec, dict) and "train_on_split" in spec:
+            split = spec.pop("train_on_split")
+            if "split" in spec and spec["split"] != split:
+                problems.append(
+                    f"datasets.{i}.train_on_split: conflicts with split {show(spec['split'])}; "
+                    f"keep only split (got {show(split)})"
+                )
+            else:
+                spec["split"] = split
+                notes.append(
+                    f"datasets.{i}.train_on_split: read as split: {split} (axolotl's RL loader ignores this "
+                    "key and loads the whole split); rename it to split"
+                )
+    return notes, problems
+
+
+def _fsdp_compat(raw: dict[str, Any], notes: list[str], problems: list[str]) -> None:
+    """axolotl's FSDP keys -> ``fsdp_version`` and ``fsdp_config`` as the schema has them (in place)."""
+    fsdp1 = raw.pop("fsdp", None)
+    if not _is_off(fsdp1):
+        problems.append(
+            "fsdp: the FSDP1 option list is not supported; use fsdp_version: 2 with an fsdp_config mapping "
+            f"(got {show(fsdp1)})"
+        )
+    section = raw.get("fsdp_config")
+    if not isinstance(section, dict):
+        if _is_off(section):
+            raw.pop("fsdp_config", None)
+    else:
+        # axolotl's older spelling prefixes every key with fsdp_ (fsdp_reshard_after_forward, ...).
+        for key in [k for k in section if k.startswith("fsdp_") and k != "fsdp_version"]:
+            value = section.pop(key)
+            if key[5:] in section and section[key[5:]] != value:
+                problems.append(f"fsdp_config.{key}: conflicts with fsdp_config.{key[5:]} (got {show(value)})")
+            section.setdefault(key[5:], value)
+        if "fsdp_version" in section:
+            inner = section.pop("fsdp_version")
+            if raw.get("fsdp_version", inner) != inner:
+                problems.append(f"fsdp_config.fsdp_version: conflicts with fsdp_version (got {show(inner)})")
+            raw.setdefault("fsdp_version", inner)
+        for key in [k for k in section if k in FSDP_IGNORED_KEYS]:
+            value = section.pop(key)
+            if not _is_off(value):
+                notes.append(f"fsdp_config.{key}: ignored; {FSDP_IGNORED_KEYS[key]}")
+        for key in [k for k in section if k in FSDP_LIMITED_KEYS]:
+            value = section.pop(key)
+            accepted, why = FSDP_LIMITED_KEYS[key]
+            if value is not None and value not in accepted:
+                problems.append(f"fsdp_config.{key}: {why} (got {show(value)})")
+    version = raw.get("fsdp_version")
+    if version is not None and version != 2 and not isinstance(version, bool):
+        raw.pop("fsdp_version")
+        problems.append(
+            f"fsdp_version: only FSDP2 is implemented; set fsdp_version: 2 (got {show(version)})"
+            if version in (1, "1")
+            else f"fsdp_version: must be 2 or null (got {show(version)})"
+        )

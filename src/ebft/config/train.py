@@ -1,0 +1,324 @@
+"""The whole config, :class:`TrainConfig`: flat training keys plus the sections, and every check that
+involves more than one key (run before any model loads); the vLLM addresses that follow from it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+
+from ebft.config.base import Problems, Section, unknown_key_reason
+from ebft.config.sections import DatasetSpec, EbftSection, FsdpSection, StrOrStrList, TrlSection, VllmSection
+
+# Dataset transforms shipped with the EBFT docs, by the mode whose rows they produce. A transform
+# of the other mode cannot work, so the pairing is checked before any data loads.
+_STRIDED_TRANSFORM_MODULES = ("ebft_pretrain", "ebft_strided_structured", "ebft_strided_chat")
+_STRIDED_TRANSFORMS = ("ebft_reasoning.transform_strided",)
+_STRUCTURED_TRANSFORM_MODULES = ("ebft_opencode", "ebft_chat_multiturn", "ebft_reasoning")
+
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+_BIND_ALL_HOSTS = ("0.0.0.0", "::")
+
+
+def _transform_mode(transform: str | None) -> str | None:
+    """The mode whose rows a known built-in transform produces; None for custom or no transform."""
+    if transform is None:
+        return None
+    module = transform.split(".")[0]
+    if transform in _STRIDED_TRANSFORMS or module in _STRIDED_TRANSFORM_MODULES:
+        return "strided"
+    if module in _STRUCTURED_TRANSFORM_MODULES:
+        return "structured"
+    return None
+
+
+class TrainConfig(Section):
+    """The whole config file. Field order is the order of :func:`dump_config`."""
+
+    # Model
+    base_model: str = Field(min_length=1, description="Hub id or local directory of the causal LM to fine-tune.")
+    tokenizer_config: str | None = Field(None, description="Hub id or directory of the tokenizer; default base_model.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repository.")
+    special_tokens: dict[str, str] | None = Field(
+        None,
+        description="Tokens to set on the tokenizer: any of bos_token, eos_token, pad_token, unk_token.",
+    )
+
+    # Method
+    rl: Literal["ebft"] = Field(description="Training method; must be 'ebft'.")
+    ebft: EbftSection = Field(description="EBFT settings (the `ebft:` block).")
+    trl: TrlSection = Field(
+        default_factory=TrlSection,
+        description="Structured mode: sampling, vLLM client and policy-loss settings (the `trl:` block).",
+    )
+    vllm: VllmSection = Field(
+        default_factory=VllmSection,
+        description="Structured mode: the vLLM server of `ebft vllm-serve` (the `vllm:` block).",
+    )
+
+    # Data
+    datasets: list[DatasetSpec] = Field(min_length=1, description="Training datasets, concatenated in order.")
+    val_set_size: float = Field(
+        0.0,
+        ge=0.0,
+        description="Held-out validation rows: 0 = none; in (0, 1) = that fraction of the rows; "
+        ">= 1 = that many rows (a whole number).",
+    )
+    sequence_len: int = Field(2048, ge=1, description="Maximum tokens per document (>= 1).")
+
+    # Schedule
+    micro_batch_size: int = Field(1, ge=1, description="Documents (or prompts) per device per forward (>= 1).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step (>= 1).")
+    num_epochs: float = Field(1.0, gt=0.0, description="Passes over the training data (> 0); max_steps wins if set.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run (>= 1); null = from num_epochs.")
+
+    # Optimizer
+    learning_rate: float = Field(1e-5, gt=0.0, description="Peak learning rate (> 0).")
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "sgd"] = Field(
+        "adamw_torch", description="Optimizer: adamw_torch, adamw_torch_fused or sgd."
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps (>= 0); set this or warmup_ratio.")
+    warmup_ratio: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Warmup as a fraction of all steps, in [0, 1); set this or warmup_steps.",
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (>= 0).")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1, in [0, 1).")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam beta2, in [0, 1).")
+    adam_epsilon: float = Field(1e-8, gt=0.0, description="Adam epsilon (> 0).")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0.0, description="Clip the gradient norm to this value (> 0); null = no clipping."
+    )
+    seed: int = Field(42, ge=0, description="Random seed for data order, sampling and initialisation (>= 0).")
+
+    # LoRA
+    adapter: Literal["lora"] | None = Field(None, description="'lora' trains a LoRA adapter; null = all weights.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank (>= 1).")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (>= 1); the scale is alpha / r.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input, in [0, 1).")
+    lora_target_modules: StrOrStrList | None = Field(
+        None, description="Modules to adapt: a list of module names, or one regular expression (as in PEFT)."
+    )
+    lora_target_linear: bool | None = Field(None, description="Adapt every linear layer except the output head.")
+
+    # Precision and memory
+    bf16: Literal[True, False, "auto"] = Field(
+        "auto",
+        description="bfloat16 training: true, false (fp32) or auto (bf16 where the device supports it).",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
+        None, description="Keyword arguments for gradient checkpointing (e.g. use_reentrant)."
+    )
+    fsdp_version: Literal[2] | None = Field(
+        None,
+        description="2: shard the policy with FSDP2 over the processes of `accelerate launch` / torchrun; "
+        "null: every process holds the whole model (DDP-style).",
+    )
+    fsdp_config: FsdpSection | None = Field(None, description="FSDP2 settings (with fsdp_version: 2).")
+
+    # Output
+    output_dir: str = Field("./outputs/ebft", min_length=1, description="Directory for checkpoints and logs.")
+    logging_steps: int = Field(1, ge=1, description="Log metrics every this many optimizer steps (>= 1).")
+    save_steps: int | None = Field(
+        None, ge=1, description="Checkpoint every this many optimizer steps (>= 1); null = only at the end."
+    )
+    save_total_limit: int | None = Field(
+        None, ge=1, description="Keep at most this many checkpoint-N folders (the newest); null = keep all."
+    )
+    resume_from_checkpoint: str | None = Field(
+        None,
+        min_length=1,
+        description="Continue a run from a checkpoint folder, or `latest` for the newest one in output_dir.",
+    )
+    max_consecutive_skipped_steps: int = Field(
+        10,
+        ge=1,
+        description="Stop (saving the last good state) after this many consecutive steps whose loss, reward "
+        "or gradient was not finite; each such step is skipped without an update.",
+    )
+    use_tensorboard: bool = Field(False, description="Also log metrics to TensorBoard in output_dir.")
+    wandb_project: str | None = Field(None, description="Weights & Biases project; null = no wandb logging.")
+    wandb_entity: str | None = Field(None, description="Weights & Biases entity (team or user).")
+    wandb_name: str | None = Field(None, description="Weights & Biases run name.")
+
+    # Warnings found while loading the file (ignored axolotl keys, renamed keys); see config_warnings.
+    _load_warnings: list[str] = PrivateAttr(default_factory=list)
+
+    def __eq__(self, other: object) -> bool:
+        # Two configs are equal when they configure the same run; how the file was spelled (which
+        # produced the load-time warnings) is not part of that.
+        if not isinstance(other, TrainConfig):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    def to_dict(self) -> dict[str, Any]:
+        """All settings as plain Python values (nested dicts and lists), e.g. for experiment trackers."""
+        return self.model_dump()
+
+    @field_validator("trl", "vllm", mode="before")
+    @classmethod
+    def _null_section_is_defaults(cls, value: Any) -> Any:
+        # `trl:` with nothing after it is common in axolotl files and means "no settings".
+        return {} if value is None else value
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _known_special_tokens(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        problems = [
+            (name, unknown_key_reason(name, _SPECIAL_TOKEN_NAMES))
+            for name in (value or {})
+            if name not in _SPECIAL_TOKEN_NAMES
+        ]
+        problems += [(name, "must be a non-empty string") for name, tok in (value or {}).items() if tok == ""]
+        if problems:
+            raise Problems(problems)
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> TrainConfig:
+        problems: list[tuple[str, str]] = []
+        if self.fsdp_version == 2 and self.fsdp_config is None:
+            self.fsdp_config = FsdpSection()
+        if self.fsdp_config is not None and self.fsdp_version != 2:
+            problems.append(("fsdp_config", "needs fsdp_version: 2 (ebft implements FSDP2 only)"))
+        if self.fsdp_version == 2 and self.ebft.mode == "structured" and self.trl.use_vllm:
+            problems.append(
+                (
+                    "fsdp_version",
+                    "cannot be combined with trl.use_vllm: the adapter sync to the vLLM server reads unsharded "
+                    "weights; use the transformers generate backend (use_vllm: false)",
+                )
+            )
+        e = self.ebft
+        if e.mode == "strided" and e.context_length + e.generate_max_len > self.sequence_len:
+            problems.append(
+                (
+                    "sequence_len",
+                    (
+                        f"no strided block fits: needs ebft.context_length + ebft.generate_max_len = "
+                        f"{e.context_length} + {e.generate_max_len} = {e.context_length + e.generate_max_len} "
+                        f"tokens (got {self.sequence_len})"
+                    ),
+                )
+            )
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            problems.append(("warmup_steps", "set warmup_steps or warmup_ratio, not both"))
+        if self.val_set_size >= 1 and self.val_set_size != int(self.val_set_size):
+            problems.append(
+                (
+                    "val_set_size",
+                    f"from 1 up it counts rows, so it must be a whole number (got {self.val_set_size})",
+                )
+            )
+        if self.adapter == "lora" and not self.lora_target_linear and not self.lora_target_modules:
+            problems.append(("adapter", "set lora_target_linear: true or lora_target_modules"))
+        if e.mode == "structured":
+            problems += self._structured_problems()
+        for i, spec in enumerate(self.datasets):
+            made_for = _transform_mode(spec.type)
+            if made_for is not None and made_for != e.mode:
+                problems.append(
+                    (
+                        f"datasets.{i}.type",
+                        (
+                            f"{spec.type!r} produces {made_for}-mode rows but ebft.mode is {e.mode!r}; "
+                            f"set ebft.mode: {made_for} or use a {e.mode}-mode transform"
+                        ),
+                    )
+                )
+        if problems:
+            raise Problems(problems)
+        return self
+
+    def _structured_problems(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        trl = self.trl
+        # An optimizer step must take whole groups of completions (TRL's rule for one process;
+        # axolotl's own examples use micro_batch_size 1 with 4 accumulation steps).
+        if (self.micro_batch_size * self.gradient_accumulation_steps) % trl.num_generations:
+            problems.append(
+                (
+                    "micro_batch_size",
+                    f"micro_batch_size * gradient_accumulation_steps = {self.micro_batch_size} * "
+                    f"{self.gradient_accumulation_steps} must be a multiple of trl.num_generations "
+                    f"= {trl.num_generations}",
+                )
+            )
+        if trl.num_generations < 2:
+            problems.append(
+                (
+                    "trl.num_generations",
+                    "must be >= 2 in structured mode: group advantages compare the completions of one "
+                    f"prompt (got {trl.num_generations})",
+                )
+            )
+        if trl.max_completion_length >= self.sequence_len:
+            problems.append(
+                (
+                    "trl.max_completion_length",
+                    f"must be less than sequence_len = {self.sequence_len} to leave room for the prompt "
+                    f"(got {trl.max_completion_length})",
+                )
+            )
+        if trl.epsilon_high is not None and trl.epsilon_high < trl.epsilon:
+            problems.append(("trl.epsilon_high", f"must be >= trl.epsilon = {trl.epsilon} (got {trl.epsilon_high})"))
+        why_lora_sync = (
+            "ebft syncs the policy to the vLLM server by saving the LoRA adapter and hot-loading it "
+            "(full-weight sync is not supported), so otherwise the server would sample from the base model "
+            "for the whole run"
+        )
+        if trl.use_vllm and self.adapter != "lora":
+            problems.append(("trl.use_vllm", f"needs adapter: lora; {why_lora_sync} (got adapter: null)"))
+        if trl.use_vllm and not trl.vllm_lora_sync:
+            problems.append(("trl.vllm_lora_sync", f"must be true with trl.use_vllm: true; {why_lora_sync}"))
+        if trl.async_prefetch and not trl.use_vllm:
+            problems.append(
+                (
+                    "trl.async_prefetch",
+                    "needs trl.use_vllm: true; with transformers generate the rollouts run on the training "
+                    "device, so there is nothing to overlap with training",
+                )
+            )
+        if self.vllm.max_model_len is not None and self.vllm.max_model_len < self.sequence_len:
+            problems.append(
+                (
+                    "vllm.max_model_len",
+                    f"must be >= sequence_len = {self.sequence_len}, or the server rejects the longest "
+                    f"prompt + completion (got {self.vllm.max_model_len})",
+                )
+            )
+        return problems
+
+
+def vllm_client_address(cfg: TrainConfig) -> tuple[str, int]:
+    """(host, port) that training connects to: the trl.vllm_server_* keys, else the ``vllm:`` block.
+
+    A bind-all address (0.0.0.0, ::) says where the server listens, not where to reach it, so it is
+    reached on this machine at 127.0.0.1.
+    """
+    host = cfg.trl.vllm_server_host or cfg.vllm.host
+    port = cfg.trl.vllm_server_port or cfg.vllm.port
+    return ("127.0.0.1" if host in _BIND_ALL_HOSTS else host), port
+
+
+def vllm_serve_address(cfg: TrainConfig) -> tuple[str, int]:
+    """(host, port) that ``ebft vllm-serve`` binds to.
+
+    The ``vllm:`` block decides; an axolotl config often names the address only in the trl block
+    (``trl.vllm_server_host: 0.0.0.0``), so a trl value is used where the vllm one was left at its
+    default and the server then listens where training will look for it.
+    """
+    defaults = VllmSection()
+    host, port = cfg.vllm.host, cfg.vllm.port
+    if cfg.trl.vllm_server_host is not None and host == defaults.host:
+        host = cfg.trl.vllm_server_host
+    if cfg.trl.vllm_server_port is not None and port == defaults.port:
+        port = cfg.trl.vllm_server_port
+    return host, port

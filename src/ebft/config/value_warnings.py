@@ -1,0 +1,130 @@
+"""Warnings that follow from a config's values (a setting that does nothing in this mode, a fallback),
+and :func:`config_warnings`, which adds them to the ones found while loading the file.
+
+Value-based (not "was the key written") so that a dumped and reloaded config warns the same.
+"""
+
+from __future__ import annotations
+
+from ebft.config.sections import EbftSection, TrlSection, VllmSection
+from ebft.config.train import TrainConfig
+
+_LORA_DEFAULTS = {
+    name: TrainConfig.model_fields[name].default
+    for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear")
+}
+_STRIDED_LAYOUT_KEYS = ("stride", "context_length", "generate_max_len", "min_completion_prefix")
+_STRUCTURED_ONLY_KEYS = ("adaptive_max_tokens", "gt_length_multiplier")
+# ebft sampling keys of strided mode -> the trl key that does their job in structured mode.
+_STRIDED_SAMPLING_KEYS = {
+    "n_samples_per_prompt": "num_generations",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "advantage_estimator": "scale_rewards",
+}
+_TRL_VLLM_ONLY_KEYS = (
+    "vllm_server_host",
+    "vllm_server_port",
+    "vllm_server_timeout",
+    "vllm_lora_sync",
+    "vllm_sync_interval",
+    "vllm_importance_sampling_correction",
+    "vllm_importance_sampling_cap",
+)
+
+
+def _value_warnings(cfg: TrainConfig) -> list[str]:
+    # Value-based (not "was the key written") so that a dumped and reloaded config warns the same.
+    e = cfg.ebft
+    defaults = EbftSection()
+    out: list[str] = []
+    if e.mode == "strided":
+        if e.n_samples_per_prompt == 1:
+            if e.advantage_estimator in ("rloo", "group_norm"):
+                out.append(
+                    f"ebft.advantage_estimator: {e.advantage_estimator} needs n_samples_per_prompt >= 2; "
+                    "with 1 sample it falls back to reinforce (advantage = raw reward)"
+                )
+            if e.diversity_coef != 0:
+                out.append("ebft.diversity_coef: diversity disabled, it needs n_samples_per_prompt >= 2")
+        if e.temperature == 0:
+            out.append(
+                "ebft.temperature: 0 means greedy decoding; all samples of a block are identical, so "
+                "every advantage and the RL term are zero (only the CE term trains)"
+            )
+        out += [
+            f"ebft.{key}: used only in structured mode; ignored in strided mode"
+            for key in _STRUCTURED_ONLY_KEYS
+            if getattr(e, key) != getattr(defaults, key)
+        ]
+        out += [
+            f"{block}: used only in structured mode; ignored in strided mode"
+            for block, default in (("trl", TrlSection()), ("vllm", VllmSection()))
+            if getattr(cfg, block) != default
+        ]
+    else:
+        out += [
+            f"ebft.{key}: used only in strided mode; ignored in structured mode"
+            for key in _STRIDED_LAYOUT_KEYS
+            if getattr(e, key) != getattr(defaults, key)
+        ]
+        out += [
+            f"ebft.{key}: used only in strided mode; structured mode uses trl.{trl_key}"
+            for key, trl_key in _STRIDED_SAMPLING_KEYS.items()
+            if getattr(e, key) != getattr(defaults, key)
+        ]
+        out += _trl_warnings(cfg.trl)
+    if e.alignment_coef == 0 and e.diversity_coef == 0 and e.rl_coef > 0:
+        out.append("ebft.alignment_coef: alignment_coef and diversity_coef are both 0, so every reward is 0")
+    if e.whitening_space != defaults.whitening_space and not e.use_whitening:
+        out.append("ebft.whitening_space: has no effect without ebft.use_whitening: true")
+    if cfg.adapter is None:
+        out += [
+            f"{key}: has no effect without adapter: lora"
+            for key, default in _LORA_DEFAULTS.items()
+            if getattr(cfg, key) != default
+        ]
+    if cfg.gradient_checkpointing_kwargs is not None and not cfg.gradient_checkpointing:
+        out.append("gradient_checkpointing_kwargs: has no effect without gradient_checkpointing: true")
+    if cfg.lr_scheduler == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
+        out.append("lr_scheduler: 'constant' has no warmup; use 'constant_with_warmup' to warm up")
+    if cfg.max_steps is not None and cfg.num_epochs != TrainConfig.model_fields["num_epochs"].default:
+        out.append(f"num_epochs: ignored because max_steps = {cfg.max_steps} is set")
+    out += [
+        f"{key}: has no effect without wandb_project"
+        for key in ("wandb_entity", "wandb_name")
+        if getattr(cfg, key) is not None and cfg.wandb_project is None
+    ]
+    return out
+
+
+def _trl_warnings(trl: TrlSection) -> list[str]:
+    """Warnings about the trl block of a structured-mode config."""
+    defaults = TrlSection()
+    out: list[str] = []
+    if trl.repetition_penalty != 1:
+        out.append(
+            "trl.repetition_penalty: completions are sampled with the penalty but scored without it "
+            "(like TRL), so the policy gradient is slightly off-policy"
+        )
+    if trl.use_data_producer:
+        out.append(
+            "trl.use_data_producer: not needed; ebft always builds each rollout batch inside its own "
+            "training loop (sync and async alike)"
+        )
+    if trl.streaming_partial_batch:
+        out.append("trl.streaming_partial_batch: no effect; ebft scores each rollout batch once it is complete")
+    if trl.num_completions_to_print is not None and not trl.log_completions:
+        out.append("trl.num_completions_to_print: has no effect without trl.log_completions: true")
+    if not trl.use_vllm:
+        out += [
+            f"trl.{key}: has no effect without trl.use_vllm: true"
+            for key in _TRL_VLLM_ONLY_KEYS
+            if getattr(trl, key) != getattr(defaults, key)
+        ]
+    return out
+
+
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Everything worth telling the user about ``cfg``, one ``key.path: message`` line each."""
+    return [*cfg._load_warnings, *_value_warnings(cfg)]
