@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import stdlib_texts
 
-from ebft import eval_metrics as em
+from ebft.evaluate import metrics as em
 from ebft.rewards import reward_terms
 
 # ---------------------------------------------------------------- CFM estimate
@@ -177,7 +177,7 @@ def test_compare_paired():
 
 
 def test_spread_indices():
-    from ebft.evaluate import spread_indices
+    from ebft.evaluate.load import spread_indices
 
     assert spread_indices(10, 4) == [0, 2, 5, 7]
     assert spread_indices(3, None) == [0, 1, 2]
@@ -312,7 +312,7 @@ def test_full_checkpoint_policy_and_base_features(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ebft.config import load_config
-    from ebft.evaluate import load_models
+    from ebft.evaluate.load import load_models
 
     changed = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():

@@ -13,10 +13,11 @@ import pytest
 import torch
 import yaml
 
-from ebft import evaluate as ev
 from ebft.config import DatasetSpec
 from ebft.data.structured import load_structured_datasets, prompt_row
 from ebft.data.transforms import ebft_opencode
+from ebft.evaluate import execute as ev
+from ebft.evaluate.output import METRICS
 
 G = 3  # completions per prompt
 CAP = 8  # trl.max_completion_length; the adaptive cap never exceeds it
@@ -120,7 +121,7 @@ def _hf_model(model_dir):
 def test_structured_report_shape_and_internal_identities(base_eval):
     _tmp, _config, report = base_eval
     m = report["metrics"]
-    keys = {key for key, _label, _better in ev.METRICS} | {"completion_length", "truncated_fraction"}
+    keys = {key for key, _label, _better in METRICS} | {"completion_length", "truncated_fraction"}
     assert set(m) == keys  # no pass@ keys without --execute
     assert all(math.isfinite(v) for v in m.values())
     assert report["data"] == {

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from ebft.sandbox import namespace_prefix, run_code
+from ebft.evaluate.sandbox import namespace_prefix, run_code
 
 MODES = [
     pytest.param(

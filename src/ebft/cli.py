@@ -191,7 +191,8 @@ def _run(args, overrides: list[str]) -> int:
 
 
 def _run_evaluate(args, cfg) -> int:
-    from ebft.evaluate import evaluate, render_table, write_json
+    from ebft.evaluate.output import render_table, write_json
+    from ebft.evaluate.run import evaluate
 
     result = evaluate(
         cfg,

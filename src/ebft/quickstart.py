@@ -286,7 +286,8 @@ def run_quickstart(out_dir: str | Path, minutes: float = DEFAULT_MINUTES, *, con
     from rich.console import Console
 
     from ebft import report
-    from ebft.evaluate import evaluate, write_json
+    from ebft.evaluate.output import write_json
+    from ebft.evaluate.run import evaluate
     from ebft.metrics import Progress
     from ebft.plot import plot_run, require_pyplot
     from ebft.scratch import build_model_dir

@@ -1,7 +1,7 @@
 """The quickstart's report: a verdict per metric, PNG figures, ``report.html`` and a console summary.
 
 A verdict compares SFT and EBFT document by document on the same held-out documents
-(``eval_metrics.compare_paired``): a method wins a metric only when its mean advantage exceeds twice
+(``evaluate.metrics.compare_paired``): a method wins a metric only when its mean advantage exceeds twice
 the standard error of the paired differences; otherwise the metric is a tie. The verdicts are stated
 whatever they are.
 """
@@ -13,8 +13,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ebft.eval_metrics import compare_paired
-from ebft.evaluate import METRICS, format_value, json_safe
+from ebft.evaluate.metrics import compare_paired
+from ebft.evaluate.output import METRICS, format_value, json_safe
 
 NAMES = {"base": "base", "sft": "SFT", "ebft": "EBFT"}
 # Held-out curves drawn for both runs: (metric, title).

@@ -163,3 +163,8 @@ def compare_paired(a: Sequence[float], b: Sequence[float], *, higher_is_better: 
         return Comparison(diff=mean, stderr=stderr, winner="tie")
     b_better = mean > 0 if higher_is_better else mean < 0
     return Comparison(diff=mean, stderr=stderr, winner="b" if b_better else "a")
+
+
+def new_sums() -> dict[str, float]:
+    """Zeroed per-document sums, one per ``SUM_KEYS`` entry."""
+    return dict.fromkeys(SUM_KEYS, 0.0)

@@ -1,0 +1,104 @@
+"""What is evaluated: the models (base, full checkpoint or LoRA adapter, and the base model's feature
+source) and the held-out rows."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ebft.errors import ConfigError, EbftError
+
+log = logging.getLogger("ebft")
+
+
+def spread_indices(total: int, limit: int | None) -> list[int]:
+    """``limit`` indices spread evenly over ``range(total)`` (all of them when limit is None or >= total).
+
+    Packed chunks follow the source files in order, so the first N chunks would cover only the first
+    few files; an even spread covers the whole held-out set.
+    """
+    if limit is None or limit >= total:
+        return list(range(total))
+    if limit < 1:
+        raise EbftError(f"--max-docs must be >= 1, got {limit}")
+    return [(i * total) // limit for i in range(limit)]
+
+
+def _checkpoint_kind(checkpoint: Path) -> str:
+    if (checkpoint / "adapter_config.json").is_file():
+        return "lora"
+    if (checkpoint / "config.json").is_file():
+        return "full"
+    if not checkpoint.exists():
+        raise EbftError(f"--checkpoint {checkpoint}: no such folder")
+    raise EbftError(
+        f"--checkpoint {checkpoint}: neither a model folder (config.json) nor a LoRA adapter folder "
+        "(adapter_config.json)"
+    )
+
+
+def _plain(cfg, base_model: str):
+    """The config, loading ``base_model`` as plain weights: no fresh adapter, no checkpointing."""
+    return cfg.model_copy(update={"base_model": base_model, "adapter": None, "gradient_checkpointing": False})
+
+
+def load_models(cfg, checkpoint: str | Path | None, device: torch.device):
+    """(tokenizer, policy, feature source, kind) for the base model or a checkpoint.
+
+    kind: "base", "full" (a whole model folder) or "lora" (an adapter over ``cfg.base_model``).
+    The feature source is always the base model's weights: the policy itself where they are shared
+    (base, or LoRA under ``disable_adapter``), else a separately loaded base model.
+    """
+    from ebft.models import load_policy, load_tokenizer
+
+    if checkpoint is None:
+        tokenizer = load_tokenizer(cfg)
+        policy = load_policy(_plain(cfg, cfg.base_model), tokenizer, device)
+        return tokenizer, policy, policy, "base"
+    path = Path(checkpoint)
+    kind = _checkpoint_kind(path)
+    # Training saves the tokenizer with every checkpoint; prefer it (it has any added special tokens).
+    has_tokenizer = (path / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(cfg.model_copy(update={"tokenizer_config": str(path)}) if has_tokenizer else cfg)
+    base = load_policy(_plain(cfg, cfg.base_model), tokenizer, device)
+    if kind == "full":
+        policy = load_policy(_plain(cfg, str(path)), tokenizer, device)
+        return tokenizer, policy, base, kind
+    from peft import PeftModel
+
+    try:
+        policy = PeftModel.from_pretrained(base, str(path)).to(device)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"--checkpoint {path}: cannot load the LoRA adapter onto {cfg.base_model!r}: {exc}") from exc
+    return tokenizer, policy, policy, kind
+
+
+def held_out_rows(cfg, tokenizer, split: str | None, config_dir: Path | None = None):
+    """(rows, description) of the documents (strided) or prompt rows (structured) to evaluate on.
+
+    ``split`` given: every dataset entry read at that split, in full. Otherwise the validation part
+    of the training data when ``val_set_size`` > 0 (the same rows training held out: same data, same
+    seed), else the datasets as written, with a warning that they may be the training data.
+    ``config_dir``: where custom transform modules are looked up (as in training).
+    """
+    if cfg.ebft.mode == "structured":
+        from ebft.data.structured import load_structured_datasets as load
+    else:
+        from ebft.data.load import load_strided_datasets as load
+
+    if split is not None:
+        specs = [spec.model_copy(update={"split": split}) for spec in cfg.datasets]
+        data = load(cfg.model_copy(update={"datasets": specs, "val_set_size": 0.0}), tokenizer, search_dir=config_dir)
+        return data.train, f"datasets at split '{split}'"
+    if cfg.val_set_size > 0:
+        data = load(cfg, tokenizer, search_dir=config_dir)
+        return data.val, f"validation rows (val_set_size={cfg.val_set_size:g}, seed {cfg.seed})"
+    splits = ", ".join(sorted({spec.split for spec in cfg.datasets}))
+    log.warning(
+        "val_set_size is 0 and no --split was given: evaluating on the config's datasets as written "
+        "(split %s), which may be the training data",
+        splits,
+    )
+    return load(cfg, tokenizer, search_dir=config_dir).train, f"datasets as written (split {splits})"

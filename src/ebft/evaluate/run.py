@@ -1,0 +1,82 @@
+"""``evaluate``: load the models and the held-out rows, run the config's mode, and assemble the result."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ebft.errors import EbftError
+from ebft.evaluate.execute import EXEC_TIMEOUT
+from ebft.evaluate.load import held_out_rows, load_models, spread_indices
+from ebft.evaluate.result import EvalResult
+from ebft.evaluate.strided import run_strided
+from ebft.evaluate.structured import run_structured
+
+
+def evaluate(
+    cfg,
+    *,
+    checkpoint: str | Path | None = None,
+    split: str | None = None,
+    max_docs: int | None = None,
+    execute: bool = False,
+    exec_timeout: float = EXEC_TIMEOUT,
+    config_dir: str | Path | None = None,
+    console=None,
+    description: str = "evaluate",
+) -> EvalResult:
+    """Evaluate ``cfg.base_model`` (or ``checkpoint``) on held-out rows; see the module docstring."""
+    from ebft import models
+    from ebft.metrics import Progress
+
+    structured = cfg.ebft.mode == "structured"
+    if execute and not structured:
+        raise EbftError(
+            "--execute runs the unit tests carried by structured code rows (prompt, ground truth and tests, "
+            "ebft.mode: structured); strided documents carry no tests"
+        )
+    if exec_timeout <= 0:
+        raise EbftError(f"--exec-timeout must be > 0 seconds, got {exec_timeout:g}")
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer, policy, feature_source, kind = load_models(cfg, checkpoint, device)
+    rows, source = held_out_rows(cfg, tokenizer, split, Path(config_dir) if config_dir else None)
+    if rows is None or len(rows) == 0:
+        raise EbftError(f"no documents to evaluate in the {source}")
+    indices = spread_indices(len(rows), max_docs)
+    if execute and not any(rows[i].tests for i in indices):
+        raise EbftError(
+            "--execute needs rows with unit tests: a `tests` field, e.g. OpenCodeInstruct's unit_tests via "
+            f"ebft_opencode.transform; none of the {len(indices)} rows evaluated from the {source} has one"
+        )
+
+    amp_dtype = models.autocast_dtype(cfg, device)
+    features = models.feature_network_for(cfg, feature_source, device)
+    del feature_source  # a separately loaded base model lives on only as the features' frozen copy
+    policy.eval()
+    with Progress(len(indices), description=description, console=console) as bar:
+        if structured:
+            run = run_structured(
+                cfg, rows, indices, tokenizer, policy, features, amp_dtype, bar, execute=execute, timeout=exec_timeout
+            )
+        else:
+            run = run_strided(cfg, rows.select(indices), indices, tokenizer, policy, features, amp_dtype, bar)
+
+    info = {
+        "model": {
+            "base_model": cfg.base_model,
+            "checkpoint": None if checkpoint is None else str(checkpoint),
+            "kind": kind,
+        },
+        "data": {"source": source, **run.data},
+        "settings": {**run.settings, "seed": cfg.seed},
+        "seconds": time.perf_counter() - started,
+    }
+    if run.execution is not None:
+        info["execution"] = run.execution
+    if run.notes:
+        info["notes"] = run.notes
+    return EvalResult(metrics=run.metrics, documents=run.documents, info=info)
