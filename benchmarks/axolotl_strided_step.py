@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     print(f"axolotl_strided_module={strided.__file__}")
     print(f"flex_attention_importable={strided._FLEX_ATTENTION_AVAILABLE}")
 
-    # --- model: tiny Llama, same sizes as ebft.scratch.llama_config, fp32, seed 0 ---
+    # --- model: tiny Llama, same sizes as ebft.quickstart.scratch.llama_config, fp32, seed 0 ---
     cfg = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,

@@ -55,7 +55,7 @@ def main() -> None:
     from ebft.data.collate import collate_documents
     from ebft.features import layer_indices
     from ebft.models import FeatureNetwork
-    from ebft.scratch import llama_config
+    from ebft.quickstart.scratch import llama_config
     from ebft.strided.step import (
         StepTotals,
         StridedSettings,

@@ -11,7 +11,7 @@ in Python. Nothing in the step is reimplemented here; the runner module's ``roll
 benchmarks/axolotl_structured_step.py, reads the same folder):
 
 * ``model/``: a byte-level BPE tokenizer (vocab --vocab, trained on this interpreter's standard-library
-  sources with ``ebft.scratch.train_tokenizer``) and a Llama built from a config with random weights
+  sources with ``ebft.quickstart.scratch.train_tokenizer``) and a Llama built from a config with random weights
   (hidden --hidden, --layers layers, --heads heads, seed 0), saved with ``save_pretrained``;
 * ``data.jsonl``: rows ``{"prompt": str, "ground_truth": str}`` cut from the same sources, each prompt
   exactly --prompt-tokens tokens and each ground truth exactly --gt-tokens tokens, and both still that
@@ -130,7 +130,7 @@ def prepare(args: argparse.Namespace) -> Path:
         return work
     from transformers import AutoTokenizer
 
-    from ebft.scratch import build_model_dir
+    from ebft.quickstart.scratch import build_model_dir
 
     work.mkdir(parents=True, exist_ok=True)
     texts = source_texts()

@@ -18,7 +18,7 @@ def stdlib_texts(limit: int = 40) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from ebft.scratch import build_model_dir
+    from ebft.quickstart.scratch import build_model_dir
 
     out = tmp_path_factory.mktemp("tiny-llama")
     return build_model_dir(out, stdlib_texts(), vocab_size=384, seed=0, hidden_size=64, num_layers=4)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from ebft.cli import main
-from ebft.plot import file_name, metric_keys, read_metrics, series
+from ebft.quickstart.plot import file_name, metric_keys, read_metrics, series
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

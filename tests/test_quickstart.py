@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from ebft.errors import EbftError
-from ebft.quickstart import Plan, _prepare_out, is_held_out, stdlib_corpus
+from ebft.quickstart.corpus import is_held_out, stdlib_corpus
+from ebft.quickstart.run import Plan, _prepare_out
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -89,7 +90,7 @@ def test_interrupted_quickstart_says_to_run_it_again(tmp_path, monkeypatch, caps
     `ebft train` config to resume). The training phases are replaced so that only the orchestration runs."""
     import types
 
-    import ebft.sft
+    import ebft.quickstart.sft
     import ebft.trainer
     from ebft.cli import main
     from ebft.errors import TrainingInterrupted
@@ -97,7 +98,7 @@ def test_interrupted_quickstart_says_to_run_it_again(tmp_path, monkeypatch, caps
     def interrupted(cfg, console=None):
         raise TrainingInterrupted("interrupted at step 1; Resume with: ebft train <config> ...")
 
-    monkeypatch.setattr(ebft.sft, "train_sft", lambda cfg, **_: types.SimpleNamespace(steps=10**9))
+    monkeypatch.setattr(ebft.quickstart.sft, "train_sft", lambda cfg, **_: types.SimpleNamespace(steps=10**9))
     monkeypatch.setattr(ebft.trainer, "train", interrupted)
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--minutes", "0.1"]) == 130

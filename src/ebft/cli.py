@@ -211,7 +211,7 @@ def _run_evaluate(args, cfg) -> int:
 
 def _run_tool(args) -> int:
     if args.command == "plot":
-        from ebft.plot import plot_run
+        from ebft.quickstart.plot import plot_run
 
         paths = plot_run(args.run_dir, args.out)
         log.info("wrote %d plots to %s", len(paths), paths[0].parent if paths else args.out)
@@ -220,7 +220,7 @@ def _run_tool(args) -> int:
     # demo's target is a small, possibly shared CPU machine); sleeping waits cost little on idle cores.
     # It only takes effect before torch is loaded, as in a fresh `ebft quickstart` process.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from ebft.quickstart import DEFAULT_MINUTES, run_quickstart
+    from ebft.quickstart.run import DEFAULT_MINUTES, run_quickstart
 
     result = run_quickstart(args.out, DEFAULT_MINUTES if args.minutes is None else args.minutes)
     log.info("report: %s", result.report)

@@ -6,7 +6,7 @@ Phases (each with its own progress bar):
    their path (deterministic, independent of which other files exist);
 2. base model: a byte-level BPE tokenizer and a small Llama trained from scratch with cross-entropy;
 3. fine-tuning from that base, on the same training documents in the same order, for the same number
-   of optimizer steps with the same optimizer: (a) SFT (``ebft.sft``), (b) strided EBFT
+   of optimizer steps with the same optimizer: (a) SFT (``quickstart.sft``), (b) strided EBFT
    (``ebft.trainer.train``); both save a checkpoint at regular intervals;
 4. evaluation (``ebft.evaluate``) of base, SFT and EBFT on held-out files, and of every checkpoint on a
    smaller probe set for the curves;
@@ -17,7 +17,6 @@ Phases (each with its own progress bar):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,18 +29,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ebft.errors import EbftError, TrainingInterrupted
+from ebft.quickstart.corpus import stdlib_corpus, within_budget, write_jsonl
 
 log = logging.getLogger("ebft")
 
 DEFAULT_MINUTES = 8.0
 SEED = 0
 MARKER = "quickstart.json"  # identifies a folder written by the quickstart (safe to overwrite)
-
-# Corpus. Files over this size are generated tables (pydoc topics, decimal tables), not code; the
-# encodings package is mostly generated character maps. Tests and installed packages are not stdlib.
-MAX_FILE_BYTES = 200_000
-EXCLUDED_PARTS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings"})
-HELD_OUT_PERCENT = 10
 
 # Model and data shapes: ~1.6M parameters, fast enough for minutes of CPU training.
 VOCAB_SIZE = 2048
@@ -130,60 +124,6 @@ class Plan:
             heldout_docs=max(4, round(self.heldout_docs * fraction)),
             probe_docs=max(2, round(self.probe_docs * fraction)),
         )
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    path: str  # relative to the stdlib folder, posix style
-    text: str
-
-
-def is_held_out(relative_path: str) -> bool:
-    """A file is held out when the hash of its path falls in the first HELD_OUT_PERCENT of 100 buckets."""
-    digest = hashlib.sha256(relative_path.encode("utf-8")).hexdigest()
-    return int(digest, 16) % 100 < HELD_OUT_PERCENT
-
-
-def stdlib_corpus(root: str | Path | None = None) -> tuple[list[SourceFile], list[SourceFile]]:
-    """(training files, held-out files) of the standard library at ``root`` (default: this Python's)."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    train, held_out = [], []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if EXCLUDED_PARTS & set(rel.parts[:-1]) or path.stat().st_size > MAX_FILE_BYTES:
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            continue
-        item = SourceFile(rel.as_posix(), text)
-        (held_out if is_held_out(item.path) else train).append(item)
-    if not train or not held_out:
-        raise EbftError(f"{root}: found too few Python files for a train/held-out split")
-    return train, held_out
-
-
-def within_budget(files: list[SourceFile], chars: int) -> list[SourceFile]:
-    """The files in a fixed pseudo-random order (by path hash) until ``chars`` characters are reached.
-
-    A short budget then trains on a small, still varied slice of the library instead of tokenizing all
-    of it for a few steps; at the default budget every file is kept.
-    """
-    order = sorted(files, key=lambda f: hashlib.sha256(f.path.encode("utf-8")).hexdigest())
-    kept, total = [], 0
-    for item in order:
-        if total >= chars:
-            break
-        kept.append(item)
-        total += len(item.text)
-    return sorted(kept, key=lambda f: f.path)
-
-
-def _write_jsonl(path: Path, files: list[SourceFile]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for item in files:
-            handle.write(json.dumps({"text": item.text, "path": item.path}) + "\n")
-    return path
 
 
 def _config(base_model: Path, data: Path, output_dir: Path, **train_keys):
@@ -285,13 +225,13 @@ def run_quickstart(out_dir: str | Path, minutes: float = DEFAULT_MINUTES, *, con
     import torch
     from rich.console import Console
 
-    from ebft import report
     from ebft.evaluate.output import write_json
     from ebft.evaluate.run import evaluate
     from ebft.metrics import Progress
-    from ebft.plot import plot_run, require_pyplot
-    from ebft.scratch import build_model_dir
-    from ebft.sft import train_sft
+    from ebft.quickstart import report
+    from ebft.quickstart.plot import plot_run, require_pyplot
+    from ebft.quickstart.scratch import build_model_dir
+    from ebft.quickstart.sft import train_sft
     from ebft.trainer import train
 
     require_pyplot()  # the report needs matplotlib: fail now with the install hint, not after minutes of training
@@ -311,8 +251,8 @@ def run_quickstart(out_dir: str | Path, minutes: float = DEFAULT_MINUTES, *, con
         with Progress(2, description="corpus + tokenizer", console=console) as bar:
             all_train, heldout_files = stdlib_corpus()
             train_files = within_budget(all_train, plan.corpus_chars)
-            train_data = _write_jsonl(out / "data" / "train.jsonl", train_files)
-            heldout_data = _write_jsonl(out / "data" / "heldout.jsonl", heldout_files)
+            train_data = write_jsonl(out / "data" / "train.jsonl", train_files)
+            heldout_data = write_jsonl(out / "data" / "heldout.jsonl", heldout_files)
             bar.advance(1)
             init = build_model_dir(
                 out / "init", (f.text for f in train_files), vocab_size=VOCAB_SIZE, seed=SEED, **MODEL

@@ -101,7 +101,7 @@ def verdict_sentences(rows: Sequence[Mapping]) -> list[str]:
 
 def write_plots(out: Path, summary: Mapping, run_plots: Mapping[str, Sequence[Path]]) -> dict[str, str]:
     """Draw the report's figures into ``out/plots``; returns {name: path relative to out}."""
-    from ebft.plot import plot_curves, plot_panels, read_metrics, series
+    from ebft.quickstart.plot import plot_curves, plot_panels, read_metrics, series
 
     plots_dir = out / "plots"
     made: dict[str, Path] = {}
