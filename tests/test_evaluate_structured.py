@@ -187,7 +187,7 @@ def test_alignment_reward_and_cfm_match_an_independent_recomputation(base_eval, 
     from ebft.config import load_config
     from ebft.structured.hf import HFGenerate
     from ebft.structured.rollout import Sampling
-    from ebft.structured.step import mix_seed
+    from ebft.structured.sample import mix_seed
 
     _tmp, config, report = base_eval
     cfg = load_config(config)

@@ -23,20 +23,16 @@ from ebft.models import FeatureNetwork
 from ebft.sampling import truncation_keep
 from ebft.structured.hf import HFGenerate, cut_completion
 from ebft.structured.rollout import Completion, Sampling
+from ebft.structured.sample import Sample, loss_token_count
+from ebft.structured.scoring import Scores, score
+from ebft.structured.settings import ADAPTIVE_FLOOR, StructuredSettings, completion_cap
 from ebft.structured.step import (
-    ADAPTIVE_FLOOR,
     RolloutBuffer,
-    Sample,
-    Scores,
-    StructuredSettings,
     _single_turn,
-    completion_cap,
-    loss_token_count,
     microbatch,
     old_logprobs,
     policy_logprobs,
     roll_out,
-    score,
 )
 
 SEQ_LEN = 256

@@ -48,11 +48,11 @@ def score_prompts(
     P x G samples in ``roll_out`` order (sample j of row p at p * G + j). One prompt is one "block"."""
     from ebft.rewards import reward_terms
     from ebft.structured.runner import FEATURE_BATCH
-    from ebft.structured.step import embed_pairs
+    from ebft.structured.scoring import embed_pairs
 
     s, P, G = settings, len(rows), settings.num_generations
     pad = tokenizer.pad_token_id
-    # Both sides as training scores them (``step.score``): whole sequences through the frozen network.
+    # Both sides as training scores them (``structured.scoring.score``): whole sequences through the frozen network.
     gen, gt = embed_pairs(features, rows, samples, s, pad, FEATURE_BATCH)
 
     def terms(use_whitening: bool):
@@ -119,7 +119,9 @@ STRUCTURED_NOTE = (
 
 def run_structured(cfg, rows, indices, tokenizer, policy, features, amp_dtype, bar, *, execute, timeout) -> ModeRun:
     from ebft.structured.hf import HFGenerate
-    from ebft.structured.step import StructuredSettings, mix_seed, roll_out
+    from ebft.structured.sample import mix_seed
+    from ebft.structured.settings import StructuredSettings
+    from ebft.structured.step import roll_out
 
     s = StructuredSettings.from_config(cfg, tokenizer.eos_token_id)
     G = s.num_generations

@@ -1,0 +1,113 @@
+"""Scoring a rollout batch: whole sequences through the frozen feature network, feature-matching rewards
+and group advantages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ebft import features as feat
+from ebft import rewards
+from ebft.data.structured import PromptRow
+from ebft.models import FeatureNetwork
+from ebft.structured.sample import Sample, right_padded
+from ebft.structured.settings import StructuredSettings
+
+
+@dataclass
+class Scores:
+    """Reward terms of P groups of G completions (float32).
+
+    alignment, diversity, reward, advantage: ``[P, G]``; cfm: ``[P]``.
+    """
+
+    alignment: torch.Tensor
+    diversity: torch.Tensor
+    reward: torch.Tensor
+    advantage: torch.Tensor
+    cfm: torch.Tensor
+
+
+def embed(
+    features: FeatureNetwork,
+    seqs: list[list[int]],
+    prompt_lengths: list[int],
+    s: StructuredSettings,
+    pad_id: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """Pooled features of whole sequences: N token lists -> [N, E] (float32, on the features' device)."""
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start : start + batch_size]
+        ids, lengths = right_padded(chunk, pad_id)
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        hidden = features(ids, positions)  # per layer [B, S, H]
+        tokens = feat.combine_layers(hidden, s.feature_norm)  # [B, S, E]
+        col = torch.arange(ids.shape[1], device=tokens.device)
+        valid = col < lengths.to(tokens.device)[:, None]
+        prompt = torch.tensor(prompt_lengths[start : start + batch_size], device=tokens.device)
+        out.append(feat.pool(tokens, valid, s.embed_method, col >= prompt[:, None]))
+    return torch.cat(out)
+
+
+def embed_pairs(
+    features: FeatureNetwork,
+    rows: list[PromptRow],
+    samples: list[Sample],
+    s: StructuredSettings,
+    pad_id: int,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features of both sides, whole sequences through the frozen network: prompt + completion
+    (or the rolled-out conversation) -> gen ``[P, G, E]``, prompt + ground truth (the ground-truth
+    conversation) -> gt ``[P, E]``. ``samples`` in ``roll_out`` order."""
+    gen = embed(
+        features,
+        [q.sequence[: q.feature_length] for q in samples],
+        [q.prompt_length for q in samples],
+        s,
+        pad_id,
+        batch_size,
+    )
+    gt = embed(
+        features,
+        [list(r.prompt_ids) + list(r.gt_ids) for r in rows],
+        [len(r.prompt_ids) for r in rows],
+        s,
+        pad_id,
+        batch_size,
+    )
+    return gen.reshape(len(rows), s.num_generations, -1), gt
+
+
+def score(
+    features: FeatureNetwork,
+    rows: list[PromptRow],
+    samples: list[Sample],
+    s: StructuredSettings,
+    pad_id: int,
+    *,
+    batch_size: int,
+    batch_std: Callable[[torch.Tensor], float] | None = None,
+) -> Scores:
+    """Feature-matching rewards (paper eq. 7) and group advantages of every completion.
+
+    Both sides are embedded by ``embed_pairs``. ``batch_std`` maps this
+    process's rewards to the standard deviation over the whole rollout batch (all processes); it is
+    needed for ``scale_rewards: batch`` only.
+    """
+    gen, gt = embed_pairs(features, rows, samples, s, pad_id, batch_size)
+    terms = rewards.reward_terms(
+        gen,
+        gt,
+        alignment_coef=s.alignment_coef,
+        diversity_coef=s.diversity_coef,
+        use_whitening=s.use_whitening,
+        whitening_space=s.whitening_space,
+    )
+    spread = batch_std(terms.reward) if s.scale_rewards == "batch" else None
+    adv = rewards.group_advantages(terms.reward, s.scale_rewards, spread)
+    return Scores(terms.alignment, terms.diversity, terms.reward, adv, terms.cfm)
