@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -126,13 +127,79 @@ def _all_reduce_grads(accelerator, params: list[torch.nn.Parameter]) -> None:
         start += n
 
 
+@dataclass
+class Session:
+    """Everything the loop works with, made once by ``_set_up``. ``window`` and ``last`` change each
+    logged step; ``state`` each step."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    out_dir: Path
+    tokenizer: Any
+    model: torch.nn.Module
+    runner: Any
+    sharding: distributed.Sharding
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total_steps: int
+    state: ckpt.TrainState
+    window: Window
+    logger: MetricsLogger
+    record_log: RolloutLog | None
+    last: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass
+class StepOutcome:
+    """One optimizer step as the loop saw it: the runner's output, its sums reduced over processes,
+    the gradient norm before clipping, the learning rate it used, whether it was applied."""
+
+    out: Any
+    sums: dict[str, float]
+    grad_norm: float
+    lr: float
+    finite: bool
+    seconds: float
+
+
 def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> TrainResult:
+    """Run (or resume) ``cfg`` to its last step: set-up, then per step the update, logging and checkpoints;
+    the final model is written to output_dir. ``config_dir``: where custom transform modules are found."""
+    run = _set_up(cfg, config_dir, console)
+    run.model.train()
+    progress = Progress(
+        run.total_steps,
+        description=run.runner.label,
+        completed=run.state.step,
+        is_main=run.is_main,
+        console=run.logger.console,
+    )
+    try:
+        with run.logger, progress as bar, stop_on_signals() as stop:
+            while run.state.step < run.total_steps:
+                step = run.state.step + 1
+                outcome = _step(run, step)
+                _log(run, step, outcome)
+                bar.advance(1, postfix=f"reward {run.last.get(run.runner.reward_key, float('nan')):+.3f}")
+                _checkpoint_or_stop(run, step, stop)
+    finally:
+        run.runner.close()
+    _finish(run)
+    return TrainResult(output_dir=run.out_dir, steps=run.total_steps, last_metrics=run.last)
+
+
+def _set_up(cfg: TrainConfig, config_dir: Path | None, console) -> Session:
+    """Accelerate, the output folder, model, runner, optimizer and schedule; the checkpoint resumed from."""
     from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import set_seed
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device, is_main = accelerator.device, accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
+    is_main, rank = accelerator.is_main_process, accelerator.process_index
     out_dir = Path(cfg.output_dir)
     resume_dir = ckpt.resolve_resume(out_dir, cfg.resume_from_checkpoint)
     if resume_dir is None and (found := ckpt.run_in_progress(out_dir)):
@@ -183,101 +250,127 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
         console=console,
         reward_line=cfg.ebft.mode == "structured",
     )
-
-    def save(name: str) -> Path:
-        target = out_dir / name
-        state.window = {"sums": dict(window.sums), "steps": window.steps}
-        ckpt.save_checkpoint(
-            target,
-            model=model,
-            tokenizer=tokenizer,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            state=state,
-            accelerator=accelerator,
-            extra=lambda tmp: runner.save(tmp, rank),
-            sharded=sharding.sharded,
-        )
-        if is_main:
-            ckpt.rotate(out_dir, cfg.save_total_limit)
-        return target
-
-    last: dict[str, float] = {}
-    model.train()
-    progress = Progress(
-        total_steps, description=runner.label, completed=state.step, is_main=is_main, console=logger.console
+    return Session(
+        cfg=cfg,
+        accelerator=accelerator,
+        out_dir=out_dir,
+        tokenizer=tokenizer,
+        model=model,
+        runner=runner,
+        sharding=sharding,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        total_steps=total_steps,
+        state=state,
+        window=window,
+        logger=logger,
+        record_log=record_log,
     )
-    try:
-        with logger, progress as bar, stop_on_signals() as stop:
-            while state.step < total_steps:
-                step = state.step + 1
-                started = time.perf_counter()
-                out = runner.run(step, state)
-                sums = reduce_step_sums(accelerator, out.sums)
-                if not sharding.sharded:  # FSDP has already summed (and sharded) them
-                    _all_reduce_grads(accelerator, params)
-                max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-                grad_norm = distributed.clip_grad_norm(params, max_norm)
-                finite = all(math.isfinite(v) for k, v in sums.items() if not k.endswith("_min"))
-                finite = finite and math.isfinite(grad_norm)
-                lr = scheduler.get_last_lr()[0]
-                if finite:
-                    optimizer.step()
-                    scheduler.step()
-                    state.consecutive_skips = 0
-                else:
-                    state.skipped_steps += 1
-                    state.consecutive_skips += 1
-                    log.warning("step %d: non-finite loss, reward or gradient; update skipped", step)
-                optimizer.zero_grad(set_to_none=True)
-                state.step = step
-                runner.after_update(step)
-                elapsed = time.perf_counter() - started
 
-                if runner.keep_records:
-                    gathered = gather_object(out.records) if world > 1 else out.records
-                    if record_log is not None and gathered:
-                        key = "document" if "document" in gathered[0] else "sample"
-                        record_log.append([{"step": step, **r} for r in sorted(gathered, key=lambda r: r[key])])
-                        _print_completions(logger.console, gathered, cfg)
-                if finite:
-                    window.add({**sums, "grad_norm": grad_norm, "seconds": elapsed})
-                if step % cfg.logging_steps == 0 or step == total_steps:
-                    last = _logged(window, runner, lr, device) if window.steps else {}
-                    last["ebft/skipped_steps"] = float(state.skipped_steps)
-                    logger.log(step, last)
-                    window = Window()
-                bar.advance(1, postfix=f"reward {last.get(runner.reward_key, float('nan')):+.3f}")
 
-                if state.consecutive_skips >= cfg.max_consecutive_skipped_steps:
-                    saved = save(f"checkpoint-{step}")
-                    raise TooManySkippedSteps(
-                        f"{state.consecutive_skips} consecutive steps had a non-finite loss, reward or gradient "
-                        f"(last at step {step}); stopped. The last good state is saved in {saved}. Lower the "
-                        "learning_rate, set max_grad_norm, or check the data."
-                    )
-                stop_now = reduce_sum(accelerator, torch.tensor([float(bool(stop))], device=device)).item() > 0
-                if stop_now:
-                    saved = save(f"checkpoint-{step}")
-                    raise TrainingInterrupted(
-                        f"interrupted at step {step}; checkpoint saved to {saved}. Resume with: "
-                        f"ebft train <config> --output_dir={out_dir} --resume_from_checkpoint=latest"
-                    )
-                if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                    save(f"checkpoint-{step}")
-    finally:
-        runner.close()
-    weights = distributed.full_state_dict(model) if sharding.sharded else None  # a collective
-    if is_main:
-        ckpt.write_model(model, tokenizer, out_dir, state_dict=weights)
-    accelerator.wait_for_everyone()
-    if world > 1:
+def _step(run: Session, step: int) -> StepOutcome:
+    """The runner's rollouts and backward passes, then one update: gradients summed over processes,
+    clipped, and applied only when the loss, rewards and gradient are finite."""
+    cfg, state = run.cfg, run.state
+    started = time.perf_counter()
+    out = run.runner.run(step, state)
+    sums = reduce_step_sums(run.accelerator, out.sums)
+    if not run.sharding.sharded:  # FSDP has already summed (and sharded) them
+        _all_reduce_grads(run.accelerator, run.params)
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+    grad_norm = distributed.clip_grad_norm(run.params, max_norm)
+    finite = all(math.isfinite(v) for k, v in sums.items() if not k.endswith("_min"))
+    finite = finite and math.isfinite(grad_norm)
+    lr = run.scheduler.get_last_lr()[0]
+    if finite:
+        run.optimizer.step()
+        run.scheduler.step()
+        state.consecutive_skips = 0
+    else:
+        state.skipped_steps += 1
+        state.consecutive_skips += 1
+        log.warning("step %d: non-finite loss, reward or gradient; update skipped", step)
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step = step
+    run.runner.after_update(step)
+    return StepOutcome(out, sums, grad_norm, lr, finite, time.perf_counter() - started)
+
+
+def _log(run: Session, step: int, outcome: StepOutcome) -> None:
+    """Rollout records of this step, and the window's means every ``logging_steps`` (and at the end)."""
+    from accelerate.utils import gather_object
+
+    cfg = run.cfg
+    if run.runner.keep_records:
+        records = outcome.out.records
+        gathered = gather_object(records) if run.accelerator.num_processes > 1 else records
+        if run.record_log is not None and gathered:
+            key = "document" if "document" in gathered[0] else "sample"
+            run.record_log.append([{"step": step, **r} for r in sorted(gathered, key=lambda r: r[key])])
+            _print_completions(run.logger.console, gathered, cfg)
+    if outcome.finite:
+        run.window.add({**outcome.sums, "grad_norm": outcome.grad_norm, "seconds": outcome.seconds})
+    if step % cfg.logging_steps == 0 or step == run.total_steps:
+        last = _logged(run.window, run.runner, outcome.lr, run.accelerator.device) if run.window.steps else {}
+        last["ebft/skipped_steps"] = float(run.state.skipped_steps)
+        run.logger.log(step, last)
+        run.last, run.window = last, Window()
+
+
+def _checkpoint_or_stop(run: Session, step: int, stop: list[int]) -> None:
+    """Save every ``save_steps``; save and stop after too many skipped steps or on a signal (on any process)."""
+    cfg, state = run.cfg, run.state
+    if state.consecutive_skips >= cfg.max_consecutive_skipped_steps:
+        saved = _save(run, f"checkpoint-{step}")
+        raise TooManySkippedSteps(
+            f"{state.consecutive_skips} consecutive steps had a non-finite loss, reward or gradient "
+            f"(last at step {step}); stopped. The last good state is saved in {saved}. Lower the "
+            "learning_rate, set max_grad_norm, or check the data."
+        )
+    flag = torch.tensor([float(bool(stop))], device=run.accelerator.device)
+    if reduce_sum(run.accelerator, flag).item() > 0:
+        saved = _save(run, f"checkpoint-{step}")
+        raise TrainingInterrupted(
+            f"interrupted at step {step}; checkpoint saved to {saved}. Resume with: "
+            f"ebft train <config> --output_dir={run.out_dir} --resume_from_checkpoint=latest"
+        )
+    if cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps:
+        _save(run, f"checkpoint-{step}")
+
+
+def _save(run: Session, name: str) -> Path:
+    target = run.out_dir / name
+    run.state.window = {"sums": dict(run.window.sums), "steps": run.window.steps}
+    rank = run.accelerator.process_index
+    ckpt.save_checkpoint(
+        target,
+        model=run.model,
+        tokenizer=run.tokenizer,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        state=run.state,
+        accelerator=run.accelerator,
+        extra=lambda tmp: run.runner.save(tmp, rank),
+        sharded=run.sharding.sharded,
+    )
+    if run.is_main:
+        ckpt.rotate(run.out_dir, run.cfg.save_total_limit)
+    return target
+
+
+def _finish(run: Session) -> None:
+    """The final model (or adapter) and tokenizer in output_dir; the process group torn down."""
+    weights = distributed.full_state_dict(run.model) if run.sharding.sharded else None  # a collective
+    if run.is_main:
+        ckpt.write_model(run.model, run.tokenizer, run.out_dir, state_dict=weights)
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.num_processes > 1:
         # Tear the process group down while every process is still here: left to interpreter exit, gloo's
         # threads are destroyed in no particular order and a process can abort (SIGABRT) after a good run.
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    return TrainResult(output_dir=out_dir, steps=total_steps, last_metrics=last)
 
 
 def _build(cfg: TrainConfig, tokenizer, accelerator, config_dir: Path | None):
