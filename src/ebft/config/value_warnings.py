@@ -34,7 +34,6 @@ _TRL_VLLM_ONLY_KEYS = (
 
 
 def _value_warnings(cfg: TrainConfig) -> list[str]:
-    # Value-based (not "was the key written") so that a dumped and reloaded config warns the same.
     e = cfg.ebft
     defaults = EbftSection()
     out: list[str] = []
