@@ -223,7 +223,9 @@ class FeatureNetwork:
                 stack.enter_context(strided_backend(self.body))
                 last = strided_forward(self.body, ids, pos, plan)
         captured[self.depth] = last
-        return [captured[i].float() for i in self.layers]
+        # detach: with gradient checkpointing on, transformers marks the embedding output requires_grad even
+        # under no_grad, and layer 0's state would then drag an autograd graph through the rewards.
+        return [captured[i].detach().float() for i in self.layers]
 
 
 @contextmanager
