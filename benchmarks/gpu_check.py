@@ -52,7 +52,7 @@ SCALES = {
         "gas": 2,
         "steps": 3,
         "structured": {"shape": "llama-3.2-1b", "prompts": 2, "prompt_tokens": 256, "completion_tokens": 256},
-        "caps": {"checks": 150, "strided": 75, "structured": 75, "fsdp": 150},
+        "caps": {"checks": 150, "strided": 90, "structured": 60, "fsdp": 150},
         "deadline": 450,
     },
     "quick": {
@@ -65,8 +65,8 @@ SCALES = {
         "gas": 1,
         "steps": 2,
         "structured": {"shape": "llama-3.2-1b", "prompts": 2, "prompt_tokens": 256, "completion_tokens": 256},
-        "caps": {"checks": 60, "strided": 35, "structured": 35, "fsdp": 60},
-        "deadline": 140,
+        "caps": {"checks": 70, "strided": 45, "structured": 30, "fsdp": 60},
+        "deadline": 150,
     },
     "dry-run": {
         "check_shape": "tiny-a",
@@ -139,7 +139,8 @@ def _alarm(signum, frame):
 
 
 def run_part(report: dict, name: str, cap: float, fn, deadline_at: float, device) -> None:
-    """Run ``fn(part_deadline)`` under its cap (SIGALRM) and the global deadline; record the outcome."""
+    """Run ``fn(part_deadline, found)`` under its cap (SIGALRM) and the global deadline; record the outcome
+    and the checks the part appended to ``found``, also those made before a timeout or an error."""
     import torch
 
     entry = {"name": name, "cap_seconds": cap}
@@ -151,17 +152,19 @@ def run_part(report: dict, name: str, cap: float, fn, deadline_at: float, device
     started = time.monotonic()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    found = []
+    previous = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, budget)
     try:
-        result, checks = fn(started + budget)
-        entry |= {"status": "ok", "result": result}
-        report["checks"] += [{"part": name, **asdict(c)} for c in checks]
+        entry |= {"status": "ok", "result": fn(started + budget, found)}
     except TimeoutError as exc:
         entry |= {"status": "timeout", "error": str(exc)}
     except Exception as exc:  # a failing CUDA path is a result to report; the other parts still run
         entry |= {"status": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    report["checks"] += [{"part": name, **asdict(c)} for c in found]
     entry["seconds"] = round(time.monotonic() - started, 1)
     report["parts"].append(entry)
     gc.collect()
@@ -170,7 +173,7 @@ def run_part(report: dict, name: str, cap: float, fn, deadline_at: float, device
 
 
 def plan(args, scale: dict, device, workdir: Path) -> list[tuple[str, float, object]]:
-    """(part name, cap, fn(part_deadline) -> (result, checks)) in run order."""
+    """(part name, cap, fn(part_deadline, found) -> result) in run order; a str instead of fn: why skipped."""
     import torch
     from gpu_check_checks import cached_decoding_check, check_documents, gradient_checks, packed_row_checks
     from gpu_check_fsdp import fsdp_part
@@ -180,7 +183,7 @@ def plan(args, scale: dict, device, workdir: Path) -> list[tuple[str, float, obj
     gc_on = not args.no_gradient_checkpointing
     warmup = 1
 
-    def checks(_deadline):
+    def checks(_deadline, found):
         from ebft.strided.step import StridedSettings
 
         shape = scale["check_shape"]
@@ -192,21 +195,22 @@ def plan(args, scale: dict, device, workdir: Path) -> list[tuple[str, float, obj
         if device.type == "cuda":
             paths["flex-compiled"] = {"use_flex": True}
         step_path = ("flex-compiled" if device.type == "cuda" else "sparse-sdpa") + " training step"
-        out = [cached_decoding_check(model, batch, settings)]
+        found.append(cached_decoding_check(model, batch, settings))
         for precision in scale["precisions"]:
-            out += packed_row_checks(model, batch, settings, precision, paths)
-            out += gradient_checks(model, batch, settings, precision, step_path, 1.0 if args.selftest_mismatch else 0.0)
-        return {"shape": shape, "document_lengths": list(scale["check_lengths"]), "paths": list(paths)}, out
+            found += packed_row_checks(model, batch, settings, precision, paths)
+            perturb = 1.0 if args.selftest_mismatch else 0.0
+            found += gradient_checks(model, batch, settings, precision, step_path, perturb)
+        return {"shape": shape, "document_lengths": list(scale["check_lengths"]), "paths": list(paths)}
 
     def strided(shape, adapter):
-        def fn(deadline):
+        def fn(deadline, _found):
             kw = {"seq_len": scale["seq_len"], "micro": scale["micro"], "gas": scale["gas"], "gc": gc_on}
             result = strided_run(shape, adapter, device, warmup=warmup, steps=scale["steps"], deadline=deadline, **kw)
-            return result | {"mfu": float(f"{result['policy_tflops'] / args.peak_tflops:.4g}")}, []
+            return result | {"mfu": float(f"{result['policy_tflops'] / args.peak_tflops:.4g}")}
 
         return fn
 
-    def structured(deadline):
+    def structured(deadline, _found):
         st = scale["structured"]
         result = structured_run(
             st["shape"],
@@ -222,10 +226,12 @@ def plan(args, scale: dict, device, workdir: Path) -> list[tuple[str, float, obj
             steps=max(scale["steps"] - 1, 1),
             deadline=deadline,
         )
-        return result | {"mfu": float(f"{result['policy_tflops'] / args.peak_tflops:.4g}")}, []
+        return result | {"mfu": float(f"{result['policy_tflops'] / args.peak_tflops:.4g}")}
 
-    def fsdp(deadline):
-        return fsdp_part(workdir / "fsdp", cpu=args.fsdp_cpu, deadline=deadline)
+    def fsdp(deadline, found):
+        result, checks = fsdp_part(workdir / "fsdp", cpu=args.fsdp_cpu, deadline=deadline)
+        found += checks
+        return result
 
     parts = []
     if "checks" in wanted:
@@ -269,6 +275,7 @@ def table(report: dict) -> str:
             lines.append(
                 f"{p['name']:<34} {r['fastest_step_seconds']:>8.3f} {r['tokens_per_second']:>10.0f} "
                 f"{r['peak_memory_mib']:>9} {r['policy_tflops']:>15.2f} {r['mfu']:>7.1%}"
+                + ("  (warm-up step only: includes compilation)" if r["timed_steps"] == 0 else "")
             )
     return "\n".join(lines)
 
@@ -287,13 +294,20 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     # Last resort when the main thread is stuck in native code (a hung kernel or collective) and the
     # per-part alarm cannot fire: dump every thread's stack and exit 1. The JSON so far is already written.
-    faulthandler.dump_traceback_later(deadline + 30, exit=True)
+    faulthandler.dump_traceback_later(deadline + 20, exit=True)
     import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and not args.dry_run:
         print("no CUDA device: run with --dry-run (tiny shapes) or on a GPU machine", file=sys.stderr)
         return 2
+    if device.type == "cuda":
+        import torch._dynamo
+
+        # One process here compiles flex_attention for two precisions, two head sizes, with and without
+        # grad, at several lengths: more variants than dynamo's default limit of 8, past which it would
+        # silently fall back to eager flex (O(S^2) memory). A training run needs two or three.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     from gpu_check_checks import TOLERANCE
     from gpu_check_runs import FLOP_FORMULA
 
@@ -309,7 +323,6 @@ def main(argv=None) -> int:
         "checks": [],
     }
     out = Path(args.out)
-    previous = signal.signal(signal.SIGALRM, _alarm)
     try:
         with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
             for name, cap, fn in plan(args, scale, device, Path(work)):
@@ -321,7 +334,6 @@ def main(argv=None) -> int:
                 report["passed"] = exit_status(report) == 0
                 out.write_text(json.dumps(report, indent=2))
     finally:
-        signal.signal(signal.SIGALRM, previous)
         faulthandler.cancel_dump_traceback_later()
     print(table(report))
     print(f"\n{'PASSED' if report['passed'] else 'FAILED'} in {report['total_seconds']} s; report: {out}")

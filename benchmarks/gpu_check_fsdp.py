@@ -69,6 +69,7 @@ def commands(cfg: Path, work: Path, *, cpu: bool, port: int) -> dict[str, list[s
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     else:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+        launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         launch += ["--main_process_port", str(port)]
     return {
         "two": [*launch, *train, "--micro_batch_size=1", f"--output_dir={work / 'two'}"],

@@ -204,10 +204,8 @@ def _measure(runner, cfg, policy, clock, device, *, warmup: int, steps: int, dea
     state = TrainState()
     runner.start(state)
     policy.train()
-    records = []
-    for step in range(1, warmup + steps + 1):
-        if records and step > warmup + 1 and time.monotonic() + 1.3 * records[-1]["seconds"] > deadline:
-            break
+
+    def one_step(step: int) -> dict:
         clock.seconds = 0.0
         sync()
         t0 = time.perf_counter()
@@ -221,20 +219,31 @@ def _measure(runner, cfg, policy, clock, device, *, warmup: int, steps: int, dea
         state.step = step
         sync()
         t2 = time.perf_counter()
-        records.append(
-            {
-                "seconds": t2 - t0,
-                "rollout_and_features": clock.seconds,
-                "policy": t1 - t0 - clock.seconds,
-                "optimizer": t2 - t1,
-                "policy_flops": flops_of_step(runner),
-                "sums": out.sums,
-            }
-        )
+        return {
+            "seconds": t2 - t0,
+            "rollout_and_features": clock.seconds,
+            "policy": t1 - t0 - clock.seconds,
+            "optimizer": t2 - t1,
+            "policy_flops": flops_of_step(runner),
+            "sums": out.sums,
+        }
+
+    records, stopped = [], None
+    for step in range(1, warmup + steps + 1):
+        if records and step > warmup + 1 and time.monotonic() + 1.3 * records[-1]["seconds"] > deadline:
+            break
+        try:
+            records.append(one_step(step))
+        except TimeoutError:  # the part's cap: keep what was measured, if anything
+            if not records:
+                raise
+            stopped = f"the time cap interrupted step {step}"
+            break
     timed = records[warmup:] or records[-1:]  # a warm-up step stands in when no timed step fit
     best = min(timed, key=lambda r: r["seconds"])
     metrics = runner.metrics({**best["sums"], "seconds": best["seconds"]}, 1)
     return {
+        "stopped": stopped,
         "first_step_seconds": round(records[0]["seconds"], 3),
         "step_seconds": [round(r["seconds"], 3) for r in timed],
         "timed_steps": len(records) - warmup if len(records) > warmup else 0,
@@ -297,7 +306,10 @@ def strided_run(
         "doc_tokens": docs * seq_len,
         "generated_tokens": docs * int(layout.valid.sum()) * layout.n * layout.g,
     }
-    return {"packed_row_tokens": T, **sizes, "gradient_checkpointing": gc, "precision": _precision(cfg, device), **out}
+    # roll_out picks the attention path: the compiled flex BlockMask on CUDA, the chunked SDPA plan elsewhere.
+    attention = "flex-compiled" if device.type == "cuda" else "sparse-sdpa"
+    extra = {"attention": attention, "gradient_checkpointing": gc, "precision": _precision(cfg, device)}
+    return {"packed_row_tokens": T, **sizes, **extra, **out}
 
 
 def structured_run(

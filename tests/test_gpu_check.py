@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,23 @@ def test_fsdp_part_two_processes_match_one_on_cpu(gpu_check, tmp_path):
     assert all(c["passed"] for c in report["checks"])
     result = report["parts"][0]["result"]
     assert len(result["step_seconds_two_processes"]) == 2 and result["peak_memory_mib_two_processes"] > 0
+
+
+def test_a_part_past_its_cap_is_stopped_and_keeps_its_checks(gpu_check):
+    from gpu_check_checks import Check
+
+    cpu = torch.device("cpu")
+    report = {"parts": [], "checks": []}
+
+    def slow(_deadline, found):
+        found.append(Check("logits", "fp32", "sparse-sdpa", 0.0, 1e-3, True))
+        while True:
+            time.sleep(0.01)
+
+    gpu_check.run_part(report, "slow", 0.3, slow, time.monotonic() + 100, cpu)
+    assert report["parts"][0]["status"] == "timeout" and report["parts"][0]["seconds"] < 5
+    assert [c["part"] for c in report["checks"]] == ["slow"]  # made before the cap: still reported
+    # Less than MIN_PART (15 s) left before the global deadline: the part does not start.
+    gpu_check.run_part(report, "late", 60, slow, time.monotonic() + 20, cpu)
+    assert report["parts"][1] == {"name": "late", "cap_seconds": 60, "status": "skipped", "reason": "global deadline"}
+    assert gpu_check.exit_status(report) == 1
