@@ -91,25 +91,21 @@ def _block_rows(batch, layout, tokens: torch.Tensor):
     Returns ids [R, W], the packed rows of its g tokens [R, g] and their positions in the own
     sequence [R, g], and the document of each row [R].
     """
-    doc, i_idx, k_idx = [], [], []
-    for d in range(layout.num_docs):
-        for k in range(int(layout.valid[d].sum())):
-            for i in range(layout.n):
-                doc.append(d), i_idx.append(i), k_idx.append(k)
-    device = tokens.device
-    doc_t, i_t, k_t = (torch.tensor(v, device=device) for v in (doc, i_idx, k_idx))
-    anchors = layout.anchors.to(device)[doc_t, k_t]  # [R]
-    g = layout.g
-    width = int(anchors.max()) + g
-    ids = torch.zeros(len(doc), width, dtype=torch.long, device=device)
-    for r in range(len(doc)):
+    triples = [
+        (d, i, k) for d in range(layout.num_docs) for k in range(int(layout.valid[d].sum())) for i in range(layout.n)
+    ]
+    device, g = tokens.device, layout.g
+    row_doc, row_sample, row_block = (torch.tensor(v, device=device) for v in zip(*triples, strict=True))
+    anchors = layout.anchors.to(device)[row_doc, row_block]  # [R]
+    ids = torch.zeros(len(triples), int(anchors.max()) + g, dtype=torch.long, device=device)
+    for r, (d, i, k) in enumerate(triples):
         c = int(anchors[r])
-        ids[r, :c] = batch.input_ids[doc[r], :c]
-        ids[r, c : c + g] = tokens[doc[r], i_idx[r], k_idx[r]]
+        ids[r, :c] = batch.input_ids[d, :c]
+        ids[r, c : c + g] = tokens[d, i, k]
     steps = torch.arange(g, device=device)
-    packed_rows = layout.gen_index().to(device)[i_t, k_t]  # [R, g]
+    packed_rows = layout.gen_index().to(device)[row_sample, row_block]  # [R, g]
     own_rows = anchors[:, None] + steps  # [R, g]
-    return ids, packed_rows, own_rows, doc_t
+    return ids, packed_rows, own_rows, row_doc
 
 
 def _pick(hidden: torch.Tensor, batch_rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -133,7 +129,7 @@ def packed_row_checks(model, batch, settings, precision: str, paths: dict[str, d
     vocab = model.config.vocab_size
     tokens = torch.randint(3, vocab, (layout.num_docs, layout.n, layout.k, layout.g), generator=gen, device=device)
     packed, positions = pack(batch.input_ids, tokens), layout.position_ids().to(device)
-    ids, packed_rows, own_rows, doc = _block_rows(batch, layout, tokens)
+    ids, packed_rows, own_rows, row_doc = _block_rows(batch, layout, tokens)
     own_positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
     valid = layout.valid.to(device)[:, None, :, None].expand_as(tokens)
     block_tokens = tokens.permute(0, 2, 1, 3)[valid.permute(0, 2, 1, 3)].reshape(-1, layout.g)  # [R, g], (d, k, i)
@@ -158,14 +154,14 @@ def packed_row_checks(model, batch, settings, precision: str, paths: dict[str, d
             plan = build_plan(layout, **plan_kwargs)
             with amp, strided_backend(model):
                 hidden = strided_forward(body, packed, positions, plan)
-                got_logits = head(_pick(hidden, doc, packed_rows)).float()
+                got_logits = head(_pick(hidden, row_doc, packed_rows)).float()
                 got_logp = token_logprobs(
-                    _pick(hidden, doc, pred_rows).reshape(-1, hidden.shape[-1]),
+                    _pick(hidden, row_doc, pred_rows).reshape(-1, hidden.shape[-1]),
                     block_tokens.reshape(-1),
                     head,
                     temperature=temperature,
                 ).reshape(block_tokens.shape)
-            got_feats = torch.stack([_pick(h, doc, packed_rows) for h in features(packed, positions, plan)])
+            got_feats = torch.stack([_pick(h, row_doc, packed_rows) for h in features(packed, positions, plan)])
             out.append(compare("logits", precision, path, got_logits, want_logits))
             out.append(compare("logprobs", precision, path, got_logp, want_logp))
             out.append(compare("features", precision, path, got_feats, want_feats))
