@@ -81,18 +81,26 @@ def check_model_config(cfg) -> None:
         raise ConfigError(f"sequence_len: {cfg.sequence_len} exceeds the model's max_position_embeddings ({max_pos})")
 
 
+def policy_dtype(cfg, device: torch.device) -> torch.dtype:
+    """The dtype the policy's weights are stored in.
+
+    Full fine-tuning keeps fp32 master weights (autocast supplies bf16 compute); LoRA freezes the base,
+    so it can be stored in bf16 while the adapters stay fp32.
+    """
+    return torch.bfloat16 if (use_bf16(cfg.bf16, device) and cfg.adapter == "lora") else torch.float32
+
+
 def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
     """The trainable model: full weights, or a PEFT LoRA wrapper over frozen base weights."""
     from transformers import AutoModelForCausalLM
 
-    bf16 = use_bf16(cfg.bf16, device)
-    # Full fine-tuning keeps fp32 master weights (autocast supplies bf16 compute); LoRA freezes the base,
-    # so it can be stored in bf16 while the adapters stay fp32.
-    dtype = torch.bfloat16 if (bf16 and cfg.adapter == "lora") else torch.float32
     _require_local_folder("base_model", cfg.base_model)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.base_model, dtype=dtype, attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code
+            cfg.base_model,
+            dtype=policy_dtype(cfg, device),
+            attn_implementation="sdpa",
+            trust_remote_code=cfg.trust_remote_code,
         )
     # RuntimeError: weights whose shapes do not match config.json; SafetensorError: a truncated or
     # corrupt weights file (an interrupted download).
@@ -100,6 +108,13 @@ def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
         raise ConfigError(f"base_model: cannot load {cfg.base_model!r}: {type(exc).__name__}: {exc}") from exc
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
+    return prepare_policy(model, cfg, device)
+
+
+def prepare_policy(model: nn.Module, cfg, device: torch.device) -> nn.Module:
+    """A loaded causal LM made into the config's policy: no KV cache in training, gradient checkpointing,
+    LoRA when ``adapter: lora``, on ``device``. (``load_policy`` ends here; benchmarks that build a model
+    from a config in memory start here.)"""
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         kwargs = dict(cfg.gradient_checkpointing_kwargs or {})
@@ -208,7 +223,9 @@ class FeatureNetwork:
                 stack.enter_context(strided_backend(self.body))
                 last = strided_forward(self.body, ids, pos, plan)
         captured[self.depth] = last
-        return [captured[i].float() for i in self.layers]
+        # detach: with gradient checkpointing on, transformers marks the embedding output requires_grad even
+        # under no_grad, and layer 0's state would then drag an autograd graph through the rewards.
+        return [captured[i].detach().float() for i in self.layers]
 
 
 @contextmanager

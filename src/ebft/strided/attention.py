@@ -46,14 +46,21 @@ class StridedPlan:
     chunks: list[Chunk]
     restore: torch.Tensor  # [G]: position in the chunk-ordered output of each generated packed row
     block_mask: object | None = None  # flex_attention BlockMask (CUDA), used instead of the chunks
+    compile_flex: bool = True  # False: flex_attention runs eagerly, a reference for the compiled kernel
 
 
-def build_plan(layout: StridedLayout, *, chunk_queries: int = CHUNK_QUERIES, use_flex: bool = False) -> StridedPlan:
-    """Split the generated queries into chunks of whole blocks (all their steps and samples)."""
+def build_plan(
+    layout: StridedLayout, *, chunk_queries: int = CHUNK_QUERIES, use_flex: bool = False, compile_flex: bool = True
+) -> StridedPlan:
+    """Split the generated queries into chunks of whole blocks (all their steps and samples).
+
+    ``use_flex``: one flex_attention BlockMask instead (CUDA), compiled on CUDA unless ``compile_flex`` is False.
+    """
     if use_flex:
         from ebft.strided.layout import flex_block_mask
 
-        return StridedPlan(layout.doc_len, [], torch.empty(0), block_mask=flex_block_mask(layout))
+        mask = flex_block_mask(layout)
+        return StridedPlan(layout.doc_len, [], torch.empty(0), block_mask=mask, compile_flex=compile_flex)
     dev = layout.anchors.device
     L, n, K, g = layout.doc_len, layout.n, layout.k, layout.g
     gen_index = layout.gen_index()  # [n, K, g] packed positions
@@ -97,14 +104,17 @@ def _sdpa(q, k, v, mask, scaling, dropout, is_causal=False):
 _compiled_flex = None
 
 
-def _flex(q, k, v, block_mask, scaling):
+def _flex(q, k, v, block_mask, scaling, compiled: bool):
     global _compiled_flex
-    if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
+    fn = flex_attention
+    if compiled and q.is_cuda:
         # flex_attention is only fast (and memory-lean) when compiled; compile once per process.
-        _compiled_flex = torch.compile(flex_attention) if q.is_cuda else flex_attention
-    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention)
+        fn = _compiled_flex
+    return fn(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def strided_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -113,7 +123,7 @@ def strided_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if plan is None:
         raise RuntimeError("the ebft_strided attention needs the ebft_plan keyword; use strided_forward()")
     if plan.block_mask is not None:
-        out = _flex(query, key, value, plan.block_mask, scaling)
+        out = _flex(query, key, value, plan.block_mask, scaling, plan.compile_flex)
         return out.transpose(1, 2).contiguous(), None
     L = plan.doc_len
     # Document queries see only document keys, causally; right padding never precedes a real token.
