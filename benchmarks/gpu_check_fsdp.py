@@ -33,7 +33,7 @@ def prepare(work: Path) -> Path:
     import yaml
 
     from ebft.config import load_config
-    from ebft.scratch import build_model_dir
+    from ebft.quickstart.scratch import build_model_dir
 
     texts = _texts()
     model = build_model_dir(work / "model", texts, vocab_size=512, seed=0, hidden_size=128, num_layers=4)

@@ -332,7 +332,7 @@ def structured_run(
 
     from ebft.data.structured import PromptRow
     from ebft.models import feature_network_for
-    from ebft.scratch import train_tokenizer
+    from ebft.quickstart.scratch import train_tokenizer
     from ebft.structured.hf import HFGenerate
     from ebft.structured.rollout import Sampling
     from ebft.structured.runner import StructuredRunner
