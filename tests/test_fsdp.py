@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import stdlib_texts
 
 from ebft.cli import main
 from ebft.config import config_warnings, load_config
 from ebft.errors import ConfigError
-from conftest import stdlib_texts
 
 _PORT = iter(range(29631, 29700))
 

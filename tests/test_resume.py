@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import stdlib_texts
 
 from ebft.cli import main
-from conftest import stdlib_texts
 
 
 @pytest.fixture(scope="module")
