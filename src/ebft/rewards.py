@@ -91,6 +91,24 @@ def whiten(gen: torch.Tensor, gt: torch.Tensor, space: WhiteningSpace = "feature
     return gen_w.float(), gt_w.float().contiguous()
 
 
+def duplicate_sources(ids: torch.Tensor) -> torch.Tensor:
+    """For every sample, the first sample of its group with exactly the same tokens.
+
+    ids: ``[G, n, L]`` token ids of each sample (callers pad unequal lengths with a value that is no
+    token id, e.g. -1, so that only equal sequences compare equal). Returns ``[G, n]`` long, entry j
+    the smallest i with ``ids[g, i] == ids[g, j]`` (j itself when the sample is unique).
+    """
+    if ids.ndim != 3:
+        raise ValueError(f"expected ids [G, n, L], got {tuple(ids.shape)}")
+    same = (ids[:, :, None, :] == ids[:, None, :, :]).all(-1)  # [G, n, n]; the diagonal is always True
+    return same.int().argmax(-1)  # argmax returns the first maximum
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x ``[G, n, ...]``, index ``[G, n]`` -> ``x[g, index[g, j], ...]``."""
+    return x.gather(1, index.reshape(*index.shape, *([1] * (x.ndim - 2))).expand_as(x))
+
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """L2-normalise along the last dim; zero vectors stay zero."""
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
@@ -104,6 +122,7 @@ def reward_terms(
     diversity_coef: float,
     use_whitening: bool,
     whitening_space: WhiteningSpace = "feature",
+    same_as: torch.Tensor | None = None,
 ) -> RewardTerms:
     """Alignment, diversity and reward of every sample, and the CFM loss of every group.
 
@@ -111,9 +130,17 @@ def reward_terms(
     Without whitening the vectors are first L2-normalised; with whitening they are whitened
     (``whiten``) and not normalised again. The reward is paper eq. 7 (axolotl's variant (i),
     eq. 49): cosine for alignment, raw dot products for diversity, both scaled by 2.
+
+    same_as: ``[G, n]`` from ``duplicate_sources``: samples with identical tokens take their source's
+    feature row, so that precision noise between copies (bf16 features of the same tokens computed at
+    different positions) is not amplified by whitening into unrelated rewards; their per-sample terms
+    are then copied from the source too, so copies score bit for bit alike whatever order the matrix
+    kernels sum in.
     """
     _check_group_shapes(gen, gt)
     n = gen.shape[1]
+    if same_as is not None:
+        gen = _take(gen, same_as)
     if use_whitening:
         phi, phi_gt = whiten(gen, gt, whitening_space)  # [G, n, E] each
     else:
@@ -127,6 +154,8 @@ def reward_terms(
         diversity = 2.0 / (n - 1) * off_diagonal
     else:
         diversity = torch.zeros_like(alignment)
+    if same_as is not None:
+        alignment, diversity = _take(alignment, same_as), _take(diversity, same_as)
     reward = alignment_coef * alignment - diversity_coef * diversity
     # Plug-in estimate of eq. 2 on the same vectors the reward sees.
     cfm = (phi.mean(1) - phi_gt.mean(1)).square().sum(-1)  # [G]

@@ -48,7 +48,7 @@ def score_prompts(
     P x G samples in ``roll_out`` order (sample j of row p at p * G + j). One prompt is one "block"."""
     from ebft.rewards import reward_terms
     from ebft.structured.runner import FEATURE_BATCH
-    from ebft.structured.scoring import embed_pairs
+    from ebft.structured.scoring import duplicate_samples, embed_pairs
 
     s, P, G = settings, len(rows), settings.num_generations
     pad = tokenizer.pad_token_id
@@ -63,6 +63,7 @@ def score_prompts(
             diversity_coef=s.diversity_coef,
             use_whitening=use_whitening,
             whitening_space=s.whitening_space,
+            same_as=duplicate_samples(samples, P, G).to(gen.device),
         )
 
     scores = terms(s.use_whitening)

@@ -158,6 +158,8 @@ def score_rollouts(
     valid = layout.valid.to(packed.device)  # [D, K]
     groups_gen = gen_vec.permute(0, 2, 1, 3)[valid]  # [G, n, E']
     groups_gt = gt_vec[valid]  # [G, E']
+    # A group is the n samples of one (document, block); copies are found by their generated tokens.
+    block_ids = packed[:, gen_idx.reshape(-1)].reshape(D, n, K, g).permute(0, 2, 1, 3)[valid]  # [G, n, g]
     terms = rewards.reward_terms(
         groups_gen,
         groups_gt,
@@ -165,6 +167,7 @@ def score_rollouts(
         diversity_coef=s.diversity_coef,
         use_whitening=s.use_whitening,
         whitening_space=s.whitening_space,
+        same_as=rewards.duplicate_sources(block_ids),
     )
     adv = rewards.advantages(terms, s.advantage_estimator, s.alignment_coef, s.diversity_coef)
 

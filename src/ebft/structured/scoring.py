@@ -83,6 +83,13 @@ def embed_pairs(
     return gen.reshape(len(rows), s.num_generations, -1), gt
 
 
+def duplicate_samples(samples: list[Sample], num_prompts: int, num_generations: int) -> torch.Tensor:
+    """``rewards.duplicate_sources`` of P groups of G samples (``roll_out`` order), ``[P, G]``: copies are
+    found by the tokens the feature network reads."""
+    ids, _ = right_padded([q.sequence[: q.feature_length] for q in samples], -1)  # -1: no token id
+    return rewards.duplicate_sources(ids.reshape(num_prompts, num_generations, -1))
+
+
 def score(
     features: FeatureNetwork,
     rows: list[PromptRow],
@@ -107,6 +114,7 @@ def score(
         diversity_coef=s.diversity_coef,
         use_whitening=s.use_whitening,
         whitening_space=s.whitening_space,
+        same_as=duplicate_samples(samples, len(rows), s.num_generations).to(gen.device),
     )
     spread = batch_std(terms.reward) if s.scale_rewards == "batch" else None
     adv = rewards.group_advantages(terms.reward, s.scale_rewards, spread)
