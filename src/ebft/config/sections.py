@@ -53,7 +53,10 @@ class EbftSection(Section):
         "the concatenation (joint), or none.",
     )
     use_whitening: bool = Field(
-        False, description="Whiten the pooled features of each group of samples (SVD) before the reward."
+        False,
+        description="Whiten the pooled features of each group of samples (SVD) before the reward. Needs a "
+        "group: strided mode with n_samples_per_prompt: 1 and whitening is refused (one sample whitened "
+        "against itself has alignment +-2 whatever it says).",
     )
     whitening_space: Literal["feature", "sample"] = Field(
         "feature",
@@ -123,6 +126,21 @@ class EbftSection(Section):
     def _something_to_train(self) -> EbftSection:
         if self.rl_coef == 0 and self.ce_coef == 0:
             raise Problems([("rl_coef", "rl_coef and ce_coef are both 0, so the loss is always 0")])
+        return self
+
+    @model_validator(mode="after")
+    def _whitening_needs_a_group(self) -> EbftSection:
+        if self.mode == "strided" and self.use_whitening and self.n_samples_per_prompt == 1:
+            raise Problems(
+                [
+                    (
+                        "use_whitening",
+                        "needs n_samples_per_prompt >= 2: one sample whitened against itself has alignment +-2 "
+                        "whatever it says, so the reward carries no information; set use_whitening: false or "
+                        "raise n_samples_per_prompt (got n_samples_per_prompt: 1)",
+                    )
+                ]
+            )
         return self
 
 
