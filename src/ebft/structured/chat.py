@@ -8,7 +8,7 @@ tokens instead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from ebft.errors import DataError
@@ -47,6 +47,8 @@ def conversation_tokens(
     prompt_count: int,
     generated: Sequence[bool],
     chat_template_kwargs: Mapping | None = None,
+    *,
+    end_of_turn: Collection[int] = (),
 ) -> ConversationTokens:
     """The whole conversation rendered (no generation prompt) and tokenised, with its prompt and generated parts.
 
@@ -59,6 +61,11 @@ def conversation_tokens(
     text by searching forward from where the rendered prompt ends (verbatim, or stripped for
     templates that trim contents); ValueError when the template does not render it at all, since
     its tokens could then not be masked.
+
+    ``end_of_turn``: stop token ids. When given, a generated message's mask also covers the markup the
+    template writes after its content up to and including the first of these ids (``<|im_end|>``,
+    ``</s>``, ...), which is what the policy has to produce to end its turn; markup that holds no such
+    id before the next message is left out.
     """
     if not 1 <= prompt_count <= len(messages):
         raise ValueError(f"prompt_count {prompt_count} is outside [1, {len(messages)}] for {len(messages)} messages")
@@ -92,13 +99,45 @@ def conversation_tokens(
             f"the chat template does not render the content of message {prompt_count + missing} verbatim, "
             "so its tokens cannot be found"
         )
+    offsets = encoded["offset_mapping"]
+    mask = token_mask(offsets, [s for s, flag in zip(spans, generated, strict=True) if flag])
+    if end_of_turn:
+        mask = _with_turn_ends(mask, ids, offsets, spans, generated, len(text), set(end_of_turn))
     return ConversationTokens(
         ids=list(ids),
         prompt_length=_common_prefix(_tokenize(tokenizer, prompt_text), ids),
-        generated_mask=token_mask(
-            encoded["offset_mapping"], [s for s, flag in zip(spans, generated, strict=True) if flag]
-        ),
+        generated_mask=mask,
     )
+
+
+def _with_turn_ends(
+    mask: list[bool],
+    ids: Sequence[int],
+    offsets: Sequence[tuple[int, int]],
+    spans: Sequence[tuple[int, int] | None],
+    generated: Sequence[bool],
+    text_length: int,
+    end_ids: set[int],
+) -> list[bool]:
+    """``mask`` plus, after each generated content, the tokens up to and including the first ``end_ids``
+    token that starts before the next message's content (see ``conversation_tokens``)."""
+    out = list(mask)
+    for i, (span, flag) in enumerate(zip(spans, generated, strict=True)):
+        if not flag or span is None:
+            continue
+        limit = next((later[0] for later in spans[i + 1 :] if later is not None), text_length)
+        trailer = []
+        for t, (start, end) in enumerate(offsets):
+            if end <= span[1] or end <= start:
+                continue  # the content itself (or before it), or a token with no characters
+            if start >= limit:
+                break
+            trailer.append(t)
+            if ids[t] in end_ids:
+                for kept in trailer:
+                    out[kept] = True
+                break
+    return out
 
 
 def content_spans(

@@ -122,7 +122,8 @@ def policy_logprobs(
 
 def ce_sequences(rows: list[PromptRow], tokenizer, s: StructuredSettings) -> list[Sample]:
     """Teacher-forced ground truths for the CE term: prompt + ground truth (+ EOS for single-turn),
-    with the loss on ground-truth tokens the policy would have to produce (assistant turns only)."""
+    with the loss on ground-truth tokens the policy would have to produce (assistant turns only, each
+    with the stop token that ends it)."""
     out = []
     eos = tokenizer.eos_token_id
     for r in rows:
@@ -130,7 +131,10 @@ def ce_sequences(rows: list[PromptRow], tokenizer, s: StructuredSettings) -> lis
         if r.remaining_turns:
             conv = [*r.prompt, {"role": "assistant", "content": r.ground_truth}, *r.remaining_turns]
             flags = [m.get("role") == "assistant" for m in conv[len(r.prompt) :]]
-            tokens = conversation_tokens(tokenizer, conv, len(r.prompt), flags, s.chat_template_kwargs)
+            # The end-of-turn token after each reply is a target too, as EOS is on single-turn rows.
+            tokens = conversation_tokens(
+                tokenizer, conv, len(r.prompt), flags, s.chat_template_kwargs, end_of_turn=s.sampling.stop_token_ids
+            )
             seq, mask = list(tokens.ids[: s.sequence_len]), list(tokens.generated_mask[: s.sequence_len])
             prompt = list(tokens.ids[: tokens.prompt_length])
         else:
