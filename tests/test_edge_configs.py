@@ -53,3 +53,50 @@ def test_neighbours_of_the_refused_combination_still_load(n, whitening):
     cfg = parse_config(_strided(n_samples_per_prompt=n, use_whitening=whitening, advantage_estimator="reinforce"))
     assert (cfg.ebft.n_samples_per_prompt, cfg.ebft.use_whitening) == (n, whitening)
     assert not any(w.startswith("ebft.use_whitening") for w in config_warnings(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Token ids in the config are checked against the tokenizer when it loads (issue 9.5)
+
+
+def _structured(model_dir, tmp_path, stop_ids) -> dict[str, Any]:
+    return {
+        "base_model": str(model_dir),
+        "rl": "ebft",
+        "ebft": {"mode": "structured"},
+        "trl": {"num_generations": 2, "max_completion_length": 32, "generation_kwargs": {"stop_token_ids": stop_ids}},
+        "datasets": [{"path": str(tmp_path / "rows.jsonl"), "type": "ebft_opencode.transform"}],
+        "sequence_len": 128,
+        "micro_batch_size": 2,
+        "max_steps": 1,
+        "output_dir": str(tmp_path / "run"),
+    }
+
+
+def test_stop_token_id_outside_the_vocabulary_stops_train_before_any_weights_load(
+    tmp_path, tiny_model_dir, tiny_tokenizer, capsys
+):
+    import yaml
+
+    from ebft.cli import main
+
+    vocab = len(tiny_tokenizer)  # 384: the tiny BPE tokenizer's size
+    path = tmp_path / "cfg.yaml"
+    # A Llama-3 example's <|eot_id|> (128009) next to a valid id.
+    path.write_text(yaml.safe_dump(_structured(tiny_model_dir, tmp_path, [tiny_tokenizer.eos_token_id, 128009])))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "trl.generation_kwargs.stop_token_ids" in err
+    assert "128009" in err and f"vocabulary of {vocab} tokens" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_stop_token_ids_inside_the_vocabulary_load(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from ebft.models import load_tokenizer
+
+    last = len(tiny_tokenizer) - 1
+    cfg = parse_config(_structured(tiny_model_dir, tmp_path, [0, last]))
+    assert len(load_tokenizer(cfg)) == last + 1
+    cfg = parse_config(_structured(tiny_model_dir, tmp_path, [last + 1]))
+    with pytest.raises(ConfigError, match=rf"stop_token_ids: {last + 1} is not a token id"):
+        load_tokenizer(cfg)

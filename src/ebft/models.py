@@ -61,7 +61,23 @@ def load_tokenizer(cfg):
         # Padding is never attended to by real tokens, never anchored and never labelled, so reusing EOS is safe.
         tok.pad_token = tok.eos_token
         log.info("tokenizer has no pad token; padding with the eos token %r", tok.eos_token)
+    check_token_ids(cfg, len(tok))
     return tok
+
+
+def check_token_ids(cfg, vocab_size: int) -> None:
+    """Every token id the config names must exist in the tokenizer: an id outside it could never be
+    sampled (a stop id that never stops), so it is an error naming the key, the id and the size."""
+    if cfg.ebft.mode != "structured":
+        return  # the trl block is not used in strided mode (the config warns about it)
+    key = "trl.generation_kwargs.stop_token_ids"
+    for token_id in cfg.trl.generation_kwargs.stop_token_ids or ():
+        if token_id >= vocab_size:
+            raise ConfigError(
+                f"{key}: {token_id} is not a token id of this tokenizer (a vocabulary of {vocab_size} tokens, "
+                f"ids 0..{vocab_size - 1}); use the ids of this model's own stop tokens, e.g. "
+                "tokenizer.convert_tokens_to_ids('<|im_end|>'), or drop the key"
+            )
 
 
 def check_model_config(cfg) -> None:

@@ -191,7 +191,8 @@ class GenerationKwargs(Section):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
         description="Token ids that end a completion, in addition to the tokenizer's EOS "
-        "(e.g. [151645, 151643] for Qwen's <|im_end|> and <|endoftext|>); null = EOS only.",
+        "(e.g. [151645, 151643] for Qwen's <|im_end|> and <|endoftext|>); null = EOS only. Each must be an id "
+        "of the tokenizer (checked when it loads).",
     )
 
 
