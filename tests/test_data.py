@@ -233,7 +233,7 @@ def test_pretrain_options_declare_packing():
     assert packed == {"remove_columns": "__all__", "batched": True, "pack_length": 16}
     spec.pack = False
     _, unpacked = ebft_pretrain.transform(make_cfg(sequence_len=16), dataset=spec)
-    assert unpacked == {"remove_columns": "__all__", "batched": True}
+    assert unpacked == {"remove_columns": "__all__", "batched": True, "end_length": 16}
 
 
 # --- load_raw ----------------------------------------------------------------------------------

@@ -165,7 +165,15 @@ class DatasetSpec(Section):
     pack: bool | None = Field(
         None,
         description="ebft_pretrain.transform only: true (default) packs documents into sequence_len chunks "
-        "with EOS between them; false pads each document on its own.",
+        "with the document_separator token between them; false pads each document on its own.",
+    )
+    document_separator: str | None = Field(
+        None,
+        min_length=1,
+        description="ebft_pretrain.transform only: the token that ends each document (between packed documents, "
+        "after each one with pack: false), e.g. '<|endoftext|>'; null = the tokenizer's end-of-document token "
+        "(<|endoftext|>, <|end_of_text|>, </s> or <eos>; not an instruct tokenizer's end-of-turn eos) when it "
+        "has one, else its eos. The token used is logged.",
     )
 
     @field_validator("type")
@@ -177,8 +185,13 @@ class DatasetSpec(Section):
 
     @model_validator(mode="after")
     def _pack_only_for_pretrain(self) -> DatasetSpec:
-        if self.pack is not None and (self.type is None or not self.type.startswith("ebft_pretrain.")):
+        pretrain = self.type is not None and self.type.startswith("ebft_pretrain.")
+        if self.pack is not None and not pretrain:
             raise Problems([("pack", f"only ebft_pretrain.transform packs documents (type is {self.type!r})")])
+        if self.document_separator is not None and not pretrain:
+            raise Problems(
+                [("document_separator", f"only ebft_pretrain.transform separates documents (type is {self.type!r})")]
+            )
         return self
 
 

@@ -118,22 +118,23 @@ def load_strided_datasets(cfg, tokenizer, *, search_dir: str | Path | None = Non
     """
     from datasets import concatenate_datasets
 
-    from ebft.data.packing import pack_documents
+    from ebft.data.packing import end_documents, pack_documents
 
     skips = _Skips()
     parts = []
-    for spec in cfg.datasets:
+    for index, spec in enumerate(cfg.datasets):
         raw = load_raw(spec)
         fn, options = _transform_for(spec, cfg, search_dir)
         rows = apply_transform(raw, fn, options, tokenizer, desc=f"Tokenizing {spec.path}")
         unit = "row"
-        if options.get("pack_length") is not None:
+        if options.get("pack_length") is not None or options.get("end_length") is not None:
             rows = skips.drop(rows, rows[ERROR], spec.path, unit)
-            separator = options.get("pack_separator", tokenizer.eos_token_id)
-            if separator is None:
-                raise DataError(f"dataset '{spec.path}': packing needs an EOS token; the tokenizer has none")
-            rows = pack_documents(rows, int(options["pack_length"]), int(separator))
-            unit = "packed chunk"
+            separator = _separator(spec, index, options, tokenizer).token_id
+            if options.get("pack_length") is not None:
+                rows = pack_documents(rows, int(options["pack_length"]), separator)
+                unit = "packed chunk"
+            else:
+                rows = end_documents(rows, int(options["end_length"]), separator)
         errors = _with_block_errors(rows, cfg)
         rows = skips.drop(rows, errors, spec.path, unit)
         parts.append(rows.select_columns(list(TOKEN_COLUMNS)))
@@ -150,6 +151,21 @@ def load_strided_datasets(cfg, tokenizer, *, search_dir: str | Path | None = Non
         raise DataError(f"no rows to train on: all {skips.count} rows of {paths} were skipped; first: {skips.first}")
     train, val = split_validation(data, cfg.val_set_size, cfg.seed)
     return StridedData(train=train, val=val, skipped=skips.count, first_skip_reason=skips.first)
+
+
+def _separator(spec, index: int, options: dict, tokenizer):
+    """The token that ends each document of ``spec`` (``ebft.data.separator``), logged."""
+    from ebft.data.separator import document_separator
+
+    configured = getattr(spec, "document_separator", None)
+    key = f"datasets.{index}.document_separator"
+    if configured is None and options.get("pack_separator") is not None:
+        configured, key = options["pack_separator"], f"dataset '{spec.path}': transform option pack_separator"
+    chosen = document_separator(tokenizer, configured, key=key)
+    logger.info(
+        "dataset '%s': documents end with %r (id %d; %s)", spec.path, chosen.token, chosen.token_id, chosen.source
+    )
+    return chosen
 
 
 def _pretokenized(example: dict, tokenizer=None) -> dict:
@@ -174,7 +190,7 @@ def _transform_for(spec, cfg, search_dir):
             f"dataset '{spec.path}': transform '{type_name}' must return (function, options dict), "
             f"got {type(made).__name__}"
         )
-    unknown = set(options) - {"remove_columns", "batched", "pack_length", "pack_separator"}
+    unknown = set(options) - {"remove_columns", "batched", "pack_length", "pack_separator", "end_length"}
     if unknown:
         raise DataError(f"dataset '{spec.path}': transform '{type_name}' returned unknown options {sorted(unknown)}")
     return fn, options

@@ -1,4 +1,5 @@
-"""The paper's packing: documents joined by one separator (EOS) and cut into fixed-size chunks.
+"""The paper's packing: documents joined by one separator (``ebft.data.separator``) and cut into
+fixed-size chunks; or, unpacked, each document ended by the separator.
 
 All chunks hold exactly ``length`` tokens except the last, which keeps the remainder (the collator
 pads it and its padding is never anchored). Documents cross chunk boundaries, as in the paper.
@@ -61,3 +62,13 @@ def pack_documents(dataset, length: int, separator: int, *, batch_size: int = 40
         }
     )
     return Dataset(table)
+
+
+def end_documents(dataset, length: int, separator: int):
+    """Each document followed by ``separator`` (a target in ``labels`` too), then cut to ``length`` tokens:
+    a document that does not fit loses its separator, since it does not end there."""
+
+    def end(batch: dict[str, list]) -> dict[str, list]:
+        return {name: [(list(doc) + [separator])[:length] for doc in batch[name]] for name in ("input_ids", "labels")}
+
+    return dataset.map(end, batched=True, desc="Ending documents")

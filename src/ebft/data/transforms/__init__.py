@@ -7,8 +7,12 @@ or to ``prompt``/``ground_truth`` fields (structured mode). ``options``:
 - ``remove_columns``: ``"__all__"`` drops every original column, a list drops the listed ones that
   exist, absent keeps them all;
 - ``batched``: ``fn`` receives and returns columns (it may return more or fewer rows than it got);
-- ``pack_length``: join the documents ``fn`` produced with one separator token (EOS unless
-  ``pack_separator`` says otherwise) and cut the stream into chunks of this many tokens.
+- ``pack_length``: join the documents ``fn`` produced with one separator token and cut the stream into
+  chunks of this many tokens;
+- ``end_length``: (instead of ``pack_length``) end each document with the separator token and cut it to
+  this many tokens;
+- ``pack_separator``: the separator, a token or a token id; default the dataset entry's
+  ``document_separator``, else the tokenizer's end-of-document token (``ebft.data.separator``).
 
 The built-in names resolve to the modules of this package, so configs written for axolotl load
 unchanged: strided ``ebft_pretrain``, ``ebft_strided_structured``, ``ebft_strided_chat``, and
