@@ -97,6 +97,61 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir, data_
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
 
 
+def test_a_finished_run_can_be_extended(tmp_path, tiny_model_dir, data_file):
+    """max_steps 2 with save_steps 2 leaves checkpoint-2; resuming it with max_steps 4 runs steps 3 and 4 on
+    the schedule of a 4-step run (the new length decides the learning rate from the resumed step on)."""
+    cfg = _config(tmp_path, tiny_model_dir, data_file, max_steps=2, save_steps=2)
+    assert main(["train", str(cfg)]) == 0
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert main(["train", str(cfg), "--max_steps=4", "--resume_from_checkpoint=latest"]) == 0
+    extended = _metrics(run)
+    assert [m["step"] for m in extended] == [1, 2, 3, 4]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    assert main(["train", str(cfg), "--max_steps=4", f"--output_dir={tmp_path / 'fresh'}"]) == 0
+    fresh = _metrics(tmp_path / "fresh")
+    # Cosine without warmup over T steps: step s runs at 1e-3 * (1 + cos(pi * (s - 1) / T)) / 2.
+    # T = 2 for the first part: 1e-3, 5e-4. T = 4 from step 3 on: 5e-4 (cos(pi/2) = 0), 1.4645e-4 (cos(3pi/4)).
+    assert [m["learning_rate"] for m in extended] == pytest.approx([1e-3, 5e-4, 5e-4, 1.4645e-4], rel=1e-4)
+    assert [m["learning_rate"] for m in extended[2:]] == [m["learning_rate"] for m in fresh[2:]]
+
+
+@pytest.mark.parametrize(
+    ("step", "total", "save_steps", "save_final", "due"),
+    [
+        (2, 4, 2, False, True),
+        (3, 4, 2, False, False),
+        (4, 4, 2, False, True),  # the last step falls on save_steps
+        (5, 5, 2, False, False),
+        (5, 5, 2, True, True),
+        (5, 5, None, True, True),
+        (4, 5, None, True, False),
+        (5, 5, None, False, False),
+    ],
+)
+def test_checkpoint_due_hand_cases(step, total, save_steps, save_final, due):
+    from ebft.checkpoint import checkpoint_due
+
+    assert checkpoint_due(step, total, save_steps, save_final) is due
+
+
+def test_save_final_checkpoint_without_save_steps(tmp_path, tiny_model_dir, data_file):
+    cfg = _config(tmp_path, tiny_model_dir, data_file, max_steps=1, save_final_checkpoint=True)
+    assert main(["train", str(cfg)]) == 0
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert json.loads((run / "checkpoint-1" / "trainer_state.json").read_text())["step"] == 1
+
+
+def test_resuming_past_max_steps_is_a_clear_error(tmp_path, tiny_model_dir, data_file, capsys):
+    cfg = _config(tmp_path, tiny_model_dir, data_file, max_steps=2, save_steps=2)
+    assert main(["train", str(cfg)]) == 0
+    assert main(["train", str(cfg), "--max_steps=1", "--resume_from_checkpoint=latest"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-2 is at step 2" in err and "max_steps" in err
+
+
 def test_existing_run_is_not_overwritten(tmp_path, tiny_model_dir, data_file, capsys):
     cfg = _config(tmp_path, tiny_model_dir, data_file, max_steps=1)
     assert main(["train", str(cfg)]) == 0
@@ -117,10 +172,10 @@ def test_save_total_limit_keeps_the_newest(tmp_path, tiny_model_dir, data_file):
     cfg = _config(tmp_path, tiny_model_dir, data_file, max_steps=5, save_steps=1, save_total_limit=2)
     assert main(["train", str(cfg)]) == 0
     run = tmp_path / "run"
-    # Checkpoints at steps 1-4 (step 5 is the final save into output_dir); only the newest two remain.
-    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
-    state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["step"] == 4 and state["data_position"] == 4
+    # Checkpoints at steps 1-5 (the last step falls on save_steps too); only the newest two remain.
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    state = json.loads((run / "checkpoint-5" / "trainer_state.json").read_text())
+    assert state["step"] == 5 and state["data_position"] == 5
     assert not list(run.glob("*.tmp"))
 
 

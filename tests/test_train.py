@@ -164,8 +164,9 @@ def test_full_finetune_outputs(tmp_path, tiny_model_dir, text_file):
         assert line["ebft/num_blocks"] == 7.0
         assert line["grad_norm"] > 0
 
-    # save_steps 2 over 4 steps: a checkpoint after step 2; step 4 is the final model in output_dir itself.
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    # save_steps 2 over 4 steps: checkpoints after steps 2 and 4 (the last, so the run can be extended), and
+    # the final model in output_dir itself.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["step"] == 2
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -103,6 +103,36 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
+def checkpoint_due(step: int, total_steps: int, save_steps: int | None, save_final: bool) -> bool:
+    """Whether optimizer step ``step`` of ``total_steps`` ends with a ``checkpoint-N``: every ``save_steps``,
+    the last step included (so a finished run can be extended), and the last step always with ``save_final``."""
+    if step == total_steps and save_final:
+        return True
+    return bool(save_steps) and step % save_steps == 0
+
+
+def check_resume_step(directory: Path, step: int, total_steps: int) -> None:
+    """A checkpoint beyond the run's last step cannot be continued: say so instead of training nothing."""
+    if step > total_steps:
+        raise ConfigError(
+            f"resume_from_checkpoint: {directory.name} is at step {step}, beyond this run's {total_steps} steps "
+            "(max_steps, or num_epochs); raise max_steps to extend the run"
+        )
+
+
+def continue_schedule(scheduler) -> None:
+    """Set the optimizer's learning rates to this run's schedule at the restored step.
+
+    The schedule is rebuilt from this run's settings before the checkpoint loads, and the checkpoint
+    restores only its position. Resumed with the same settings this gives exactly the saved learning
+    rates; resumed with a larger max_steps (an extended run) it gives the longer schedule's rates from
+    the restored step on, instead of the rate the shorter schedule ended at. One step back and one
+    forward makes the scheduler recompute them (and its get_last_lr) for the current step.
+    """
+    scheduler.last_epoch -= 1
+    scheduler.step()
+
+
 def checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoint folders in ``output_dir``, oldest first."""
     if not output_dir.is_dir():
@@ -155,6 +185,7 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, accelerator
     if not sharded:
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
+    continue_schedule(scheduler)
     rng_file = directory / f"rng_state_{accelerator.process_index}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))

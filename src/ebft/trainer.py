@@ -230,6 +230,7 @@ def _set_up(cfg: TrainConfig, config_dir: Path | None, console) -> Session:
             accelerator=accelerator,
             sharded=sharding.sharded,
         )
+        ckpt.check_resume_step(resume_dir, state.step, total_steps)
         runner.load(resume_dir, rank)
         window = Window(**state.window) if state.window else Window()
         if is_main:
@@ -319,7 +320,8 @@ def _log(run: Session, step: int, outcome: StepOutcome) -> None:
 
 
 def _checkpoint_or_stop(run: Session, step: int, stop: list[int]) -> None:
-    """Save every ``save_steps``; save and stop after too many skipped steps or on a signal (on any process)."""
+    """Save every ``save_steps`` (and at the end, see ``checkpoint_due``); save and stop after too many
+    skipped steps or on a signal (on any process)."""
     cfg, state = run.cfg, run.state
     if state.consecutive_skips >= cfg.max_consecutive_skipped_steps:
         saved = _save(run, f"checkpoint-{step}")
@@ -335,7 +337,7 @@ def _checkpoint_or_stop(run: Session, step: int, stop: list[int]) -> None:
             f"interrupted at step {step}; checkpoint saved to {saved}. Resume with: "
             f"ebft train <config> --output_dir={run.out_dir} --resume_from_checkpoint=latest"
         )
-    if cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps:
+    if ckpt.checkpoint_due(step, run.total_steps, cfg.save_steps, cfg.save_final_checkpoint):
         _save(run, f"checkpoint-{step}")
 
 

@@ -127,7 +127,15 @@ class TrainConfig(Section):
     output_dir: str = Field("./outputs/ebft", min_length=1, description="Directory for checkpoints and logs.")
     logging_steps: int = Field(1, ge=1, description="Log metrics every this many optimizer steps (>= 1).")
     save_steps: int | None = Field(
-        None, ge=1, description="Checkpoint every this many optimizer steps (>= 1); null = only at the end."
+        None,
+        ge=1,
+        description="Write checkpoint-N every this many optimizer steps (>= 1), the last step included when it "
+        "falls on one; null = no checkpoints (the final model is always saved in output_dir).",
+    )
+    save_final_checkpoint: bool = Field(
+        False,
+        description="Also write checkpoint-N at the last step when it does not fall on save_steps, so that the "
+        "run can be extended later with a larger max_steps and resume_from_checkpoint.",
     )
     save_total_limit: int | None = Field(
         None, ge=1, description="Keep at most this many checkpoint-N folders (the newest); null = keep all."
@@ -135,7 +143,9 @@ class TrainConfig(Section):
     resume_from_checkpoint: str | None = Field(
         None,
         min_length=1,
-        description="Continue a run from a checkpoint folder, or `latest` for the newest one in output_dir.",
+        description="Continue a run from a checkpoint folder, or `latest` for the newest one in output_dir. "
+        "With a larger max_steps (or num_epochs) the run is extended: the learning-rate schedule is the one "
+        "of the new length, continued from the checkpoint's step.",
     )
     max_consecutive_skipped_steps: int = Field(
         10,

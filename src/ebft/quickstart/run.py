@@ -204,11 +204,12 @@ def _prepare_out(out: Path) -> None:
 
 
 def _checkpoints(run_dir: Path, final_step: int) -> list[tuple[int, Path]]:
-    """(step, folder) of every saved checkpoint of a run, the final model last."""
+    """(step, folder) of every saved checkpoint of a run, the final model last (once: a checkpoint of the
+    last step holds the same weights)."""
     found = []
     for path in run_dir.glob("checkpoint-*"):
         suffix = path.name.removeprefix("checkpoint-")
-        if suffix.isdigit() and path.is_dir():
+        if suffix.isdigit() and path.is_dir() and int(suffix) < final_step:
             found.append((int(suffix), path))
     return sorted(found) + [(final_step, run_dir)]
 
