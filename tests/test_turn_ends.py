@@ -9,7 +9,8 @@ from __future__ import annotations
 from ebft.data.structured import prompt_row
 from ebft.structured.chat import conversation_tokens
 from ebft.structured.rollout import Sampling
-from ebft.structured.step import StructuredSettings, ce_sequences
+from ebft.structured.settings import StructuredSettings
+from ebft.structured.step import ce_sequences
 
 SEQ_LEN = 256
 
