@@ -399,10 +399,10 @@ CASES: list[tuple[str, Builder, int, list[str]]] = [
         ["micro_batch_size * gradient_accumulation_steps = 3 * 1 must be a multiple of trl.num_generations = 4"],
     ),
     (
-        "structured: vLLM without a LoRA adapter",
-        lambda env: _structured(env, trl={"use_vllm": True}),
+        "structured: vLLM LoRA sync without a LoRA adapter",
+        lambda env: _structured(env, trl={"use_vllm": True, "vllm_lora_sync": True}),
         2,
-        ["trl.use_vllm: needs adapter: lora"],
+        ["trl.vllm_lora_sync: needs adapter: lora"],
     ),
     (
         "structured: unknown trl key",

@@ -151,6 +151,11 @@ VLLM_DEFAULTS = {
     "tensor_parallel_size": 1,
     "enforce_eager": False,
     "dtype": "auto",
+    "data_parallel_size": 1,
+    "enable_prefix_caching": None,
+    "weight_transfer_backend": "nccl",
+    "weight_transfer_chunk_bytes": 1 << 30,
+    "weight_transfer_timeout": 300.0,
 }
 
 
@@ -315,7 +320,9 @@ UNKNOWN_KEYS = [
     (
         "vllm.zzz",
         "vllm.zzz: unknown key; valid keys here: host, port, gpu_memory_utilization, max_model_len, "
-        "tensor_parallel_size, enforce_eager, dtype",
+        "tensor_parallel_size, enforce_eager, dtype, data_parallel_size, enable_prefix_caching, "
+        "weight_transfer_backend, weight_transfer_chunk_bytes, weight_transfer_timeout, serve_module, "
+        "worker_extension_cls, device, enable_reasoning, reasoning_parser",
     ),
     (
         "trl.generation_kwargs.stop_token_id",
@@ -359,6 +366,11 @@ OFF_VALUES = {
     "use_liger_loss": False,
     "reward_funcs": [],
     "reward_weights": None,
+    "rollout_func": None,
+    "vllm_guided_decoding_regex": None,
+    "generation_batch_size": None,
+    "off_policy_mask_threshold": None,
+    "replay_buffer_size": 0,
 }
 ON_VALUES = {
     "beta": 0.04,
@@ -368,6 +380,11 @@ ON_VALUES = {
     "use_liger_loss": True,
     "reward_funcs": ["accuracy"],
     "reward_weights": [1.0],
+    "rollout_func": "my_rollouts.run",
+    "vllm_guided_decoding_regex": "[a-z]+",
+    "generation_batch_size": 16,
+    "off_policy_mask_threshold": 0.5,
+    "replay_buffer_size": 100,
 }
 
 
@@ -405,10 +422,6 @@ def test_unsupported_trl_key_is_reported_with_other_problems(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Cross-field checks (structured mode only)
 
-LORA_SYNC_REASON = (
-    "ebft syncs the policy to the vLLM server by saving the LoRA adapter and hot-loading it (full-weight sync "
-    "is not supported), so otherwise the server would sample from the base model for the whole run"
-)
 
 CROSS_FIELD = {
     "groups do not divide the step": (
@@ -425,13 +438,10 @@ CROSS_FIELD = {
         {"trl.max_completion_length": 2048},
         "trl.max_completion_length: must be less than sequence_len = 2048 to leave room for the prompt (got 2048)",
     ),
-    "vllm without lora": (
+    "lora sync without lora": (
         {"trl.use_vllm": True, "trl.vllm_lora_sync": True},
-        f"trl.use_vllm: needs adapter: lora; {LORA_SYNC_REASON} (got adapter: null)",
-    ),
-    "vllm without lora sync": (
-        {"trl.use_vllm": True, **LORA},
-        f"trl.vllm_lora_sync: must be true with trl.use_vllm: true; {LORA_SYNC_REASON}",
+        "trl.vllm_lora_sync: needs adapter: lora (it hot-loads a saved adapter); to fine-tune all weights set "
+        "vllm_lora_sync: false and they are sent with vLLM's weight transfer (got adapter: null)",
     ),
     "async without vllm": (
         {"trl.async_prefetch": True},
@@ -461,9 +471,12 @@ def test_cross_field_checks_do_not_apply_in_strided_mode(tmp_path, changes):
     assert cfg.ebft.mode == "strided"
 
 
-def test_vllm_without_lora_or_sync_reports_both(tmp_path):
-    lines = problems(tmp_path, config(**{"trl.use_vllm": True}))
-    assert [line.split(":")[0] for line in lines] == ["trl.use_vllm", "trl.vllm_lora_sync"]
+@pytest.mark.parametrize("changes", [{}, LORA], ids=["full fine-tuning", "lora"])
+def test_vllm_without_lora_sync_is_full_weight_sync(tmp_path, changes):
+    # axolotl's default (vllm_lora_sync: false) sends the full, LoRA-merged weights with vLLM's weight transfer.
+    cfg = load(tmp_path, config(**{"trl.use_vllm": True, **changes}))
+    assert (cfg.trl.use_vllm, cfg.trl.vllm_lora_sync, cfg.adapter) == (True, False, changes.get("adapter"))
+    assert config_warnings(cfg) == []
 
 
 @pytest.mark.parametrize(
@@ -710,7 +723,7 @@ def test_guide_quickstart_loads_with_its_values(tmp_path):
     "override, expected",
     [
         ("--gradient_accumulation_steps=1", "micro_batch_size: micro_batch_size * gradient_accumulation_steps = 2 * 1"),
-        ("--adapter=null", "trl.use_vllm: needs adapter: lora"),
+        ("--adapter=null", "trl.vllm_lora_sync: needs adapter: lora"),
         ("--vllm.max_model_len=512", "vllm.max_model_len: must be >= sequence_len = 1024"),
         ("--trl.vllm_mode=colocate", f"trl.vllm_mode: {COLOCATE}"),
     ],

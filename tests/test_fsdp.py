@@ -244,7 +244,7 @@ def test_unsupported_fsdp_settings_are_rejected(tmp_path, tiny_model_dir, data_f
     assert any(line.strip().startswith(expected) for line in str(err.value).splitlines()[1:]), str(err.value)
 
 
-def test_fsdp_with_vllm_is_rejected(tmp_path, tiny_model_dir, pair_file):
+def test_fsdp_with_vllm_lora_sync_is_rejected(tmp_path, tiny_model_dir, pair_file):
     config = {
         "base_model": str(tiny_model_dir),
         "rl": "ebft",
@@ -257,5 +257,7 @@ def test_fsdp_with_vllm_is_rejected(tmp_path, tiny_model_dir, pair_file):
         "micro_batch_size": 4,
         "fsdp_version": 2,
     }
-    with pytest.raises(ConfigError, match="fsdp_version: cannot be combined with trl.use_vllm"):
+    with pytest.raises(ConfigError, match="fsdp_version: cannot be combined with trl.vllm_lora_sync"):
         load_config(_write(tmp_path, config))
+    config["trl"]["vllm_lora_sync"] = False  # full-weight sync gathers the shards instead
+    assert load_config(_write(tmp_path, config)).fsdp_version == 2

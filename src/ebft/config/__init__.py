@@ -29,6 +29,8 @@ Public API
 * :data:`IGNORED_AXOLOTL_KEYS` (accepted, one warning each, no effect) and
   :data:`UNSUPPORTED_AXOLOTL_KEYS` (accepted only when off / empty; otherwise an error);
   :data:`UNSUPPORTED_TRL_KEYS` is the same for keys inside ``trl:`` (0 also counts as off);
+  :data:`IGNORED_TRL_KEYS`, :data:`LIMITED_TRL_KEYS` (only some values) and :data:`IGNORED_VLLM_KEYS`
+  cover the rest of axolotl's ``trl:`` and ``vllm:`` schema;
   :data:`FSDP_IGNORED_KEYS` and :data:`FSDP_LIMITED_KEYS` for keys inside ``fsdp_config:``.
 * The schema: :class:`TrainConfig` and its sections :class:`EbftSection`, :class:`DatasetSpec`,
   :class:`TrlSection` (with :class:`GenerationKwargs`), :class:`FsdpSection` and :class:`VllmSection`.
@@ -45,6 +47,9 @@ from ebft.config.compat import (
     FSDP_IGNORED_KEYS,
     FSDP_LIMITED_KEYS,
     IGNORED_AXOLOTL_KEYS,
+    IGNORED_TRL_KEYS,
+    IGNORED_VLLM_KEYS,
+    LIMITED_TRL_KEYS,
     UNSUPPORTED_AXOLOTL_KEYS,
     UNSUPPORTED_TRL_KEYS,
 )
@@ -57,6 +62,9 @@ __all__ = [
     "IGNORED_AXOLOTL_KEYS",
     "UNSUPPORTED_AXOLOTL_KEYS",
     "UNSUPPORTED_TRL_KEYS",
+    "IGNORED_TRL_KEYS",
+    "LIMITED_TRL_KEYS",
+    "IGNORED_VLLM_KEYS",
     "FSDP_IGNORED_KEYS",
     "FSDP_LIMITED_KEYS",
     "FsdpSection",

@@ -25,7 +25,8 @@ IGNORED_AXOLOTL_KEYS: dict[str, str] = {
     "sdp_attention": _ATTENTION_CHOSEN_BY_EBFT,
     "xformers_attention": _ATTENTION_CHOSEN_BY_EBFT,
     "attn_implementation": _ATTENTION_CHOSEN_BY_EBFT,
-    "torch_compile": "ebft does not torch.compile the model; flex_attention compiles its own kernels",
+    "torch_compile": "ebft does not torch.compile the model (flex_attention compiles its own kernels on CUDA), "
+    "so it also combines with gradient_checkpointing",
     "torch_dtype": "the training precision is set by `bf16`",
     "tf32": "ebft leaves torch's TF32 matmul setting at its default",
     "model_type": "the model is always loaded with AutoModelForCausalLM",
@@ -82,6 +83,54 @@ UNSUPPORTED_TRL_KEYS: dict[str, str] = {
     "use_liger_loss": "the Liger fused GRPO loss is not supported; ebft computes its own policy loss",
     "reward_funcs": "the reward is feature matching against the ground truth; ebft takes no reward functions",
     "reward_weights": "the reward is feature matching against the ground truth; ebft takes no reward functions",
+    "rollout_func": "rollouts are ebft's own (single- or multi-turn sampling from the policy); no custom function",
+    "vllm_guided_decoding_regex": "guided decoding is not supported: completions are sampled from the policy "
+    "unconstrained (the policy gradient needs the policy's own distribution)",
+    "generation_batch_size": "each rollout batch is one optimizer step's prompts (micro_batch_size * "
+    "gradient_accumulation_steps / num_generations per process); reuse a batch with num_iterations",
+    "off_policy_mask_threshold": "off-policy sequence masking is not implemented; stale rollouts are "
+    "importance-weighted instead (vllm_importance_sampling_correction)",
+    "replay_buffer_size": "the replay buffer of axolotl's data producer is not implemented",
+}
+
+# trl: keys of axolotl's schema that change nothing here: key -> what happens instead. A value that
+# is not null gives one warning.
+IGNORED_TRL_KEYS: dict[str, str] = {
+    "ref_model_mixup_alpha": "there is no reference model (EBFT has no KL penalty)",
+    "use_bias_correction_kl": "there is no KL term to correct (EBFT has no KL penalty)",
+    "multi_objective_aggregation": "there is one reward (feature matching), so both aggregations are the same",
+    "streaming_min_groups": "each rollout batch is scored once it is complete (no streaming)",
+    "reward_num_workers": "the feature-matching reward runs on the training device, not in worker processes",
+    "replay_recompute_logps": "there is no replay buffer",
+    "reroll_max_groups": "zero-signal prompts are not re-rolled",
+}
+
+# trl: keys whose axolotl values ebft implements only in part: key -> (values accepted, why).
+# null is always accepted (axolotl's default).
+LIMITED_TRL_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "importance_sampling_level": (
+        ("token",),
+        "the clipped surrogate and its ratios are per token (GRPO); sequence-level ratios (GSPO) are not implemented",
+    ),
+    "vllm_importance_sampling_mode": (
+        ("token_truncate",),
+        "importance weights are per token and clamped to [1/cap, cap] (token_truncate); masking modes are not "
+        "implemented",
+    ),
+    "prefetch_depth": ((1,), "async_prefetch generates exactly one rollout batch ahead"),
+    "reroll_start_fraction": ((1.0,), "zero-signal prompts are never re-rolled (1.0 disables re-rolling)"),
+}
+
+# vllm: keys of axolotl's schema that only choose how axolotl starts its own server: key -> what
+# happens instead. A value that is not null gives one warning.
+_OWN_SERVER = "`ebft vllm-serve CFG` starts vLLM's own OpenAI-compatible server"
+IGNORED_VLLM_KEYS: dict[str, str] = {
+    "serve_module": f"{_OWN_SERVER} (LoRA hot-loading, or weight transfer), not this module",
+    "worker_extension_cls": f"{_OWN_SERVER}; weights reach it through vLLM's built-in weight-transfer routes, "
+    "no worker extension is loaded",
+    "device": "choose the server's GPU with CUDA_VISIBLE_DEVICES when starting `ebft vllm-serve`",
+    "enable_reasoning": "ebft samples token ids from /v1/completions; a reasoning parser changes nothing there",
+    "reasoning_parser": "ebft samples token ids from /v1/completions; a reasoning parser changes nothing there",
 }
 
 # Sampling settings people put in generation_kwargs (vLLM's SamplingParams names) -> the trl key
@@ -136,13 +185,6 @@ def axolotl_compat(raw: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Strip axolotl-only keys from ``raw`` in place; returns (warnings, problem lines)."""
     notes: list[str] = []
     problems: list[str] = []
-    strided = isinstance(raw.get("ebft"), dict) and raw["ebft"].get("mode") == "strided"
-    if strided and not _is_off(raw.get("torch_compile")) and not _is_off(raw.get("gradient_checkpointing")):
-        problems.append(
-            "torch_compile: cannot be combined with gradient_checkpointing in strided mode: recomputation "
-            "does not reproduce the flex_attention BlockMask (CheckpointError); remove torch_compile "
-            f"(got {show(raw['torch_compile'])})"
-        )
     _fsdp_compat(raw, notes, problems)
     for key in [k for k in raw if k in UNSUPPORTED_AXOLOTL_KEYS or k in IGNORED_AXOLOTL_KEYS]:
         value = raw.pop(key)
@@ -158,6 +200,7 @@ def axolotl_compat(raw: dict[str, Any]) -> tuple[list[str], list[str]]:
         # 0 is off too here (beta: 0.0 is TRL's "no KL term").
         if not _is_off(value) and not (type(value) in (int, float) and value == 0):
             problems.append(f"trl.{key}: {UNSUPPORTED_TRL_KEYS[key]} (got {show(value)})")
+    _server_block_compat(raw, notes, problems)
     # A `datasets` that is not a list is reported by the schema; here it only has to be skipped.
     datasets = raw.get("datasets")
     for i, spec in enumerate(datasets if isinstance(datasets, list) else []):
@@ -175,6 +218,21 @@ def axolotl_compat(raw: dict[str, Any]) -> tuple[list[str], list[str]]:
                     "key and loads the whole split); rename it to split"
                 )
     return notes, problems
+
+
+def _server_block_compat(raw: dict[str, Any], notes: list[str], problems: list[str]) -> None:
+    """axolotl's other ``trl:`` and ``vllm:`` keys: ignored with a warning, or accepted only for the values
+    ebft implements (in place)."""
+    trl, vllm = raw.get("trl"), raw.get("vllm")
+    for key in [k for k in trl if k in IGNORED_TRL_KEYS or k in LIMITED_TRL_KEYS] if isinstance(trl, dict) else []:
+        value = trl.pop(key)
+        if key in IGNORED_TRL_KEYS and value is not None:
+            notes.append(f"trl.{key}: ignored; {IGNORED_TRL_KEYS[key]}")
+        elif key in LIMITED_TRL_KEYS and value is not None and value not in LIMITED_TRL_KEYS[key][0]:
+            problems.append(f"trl.{key}: {LIMITED_TRL_KEYS[key][1]} (got {show(value)})")
+    for key in [k for k in vllm if k in IGNORED_VLLM_KEYS] if isinstance(vllm, dict) else []:
+        if vllm.pop(key) is not None:
+            notes.append(f"vllm.{key}: ignored; {IGNORED_VLLM_KEYS[key]}")
 
 
 def _fsdp_compat(raw: dict[str, Any], notes: list[str], problems: list[str]) -> None:

@@ -19,12 +19,15 @@ from ebft.config.compat import (
     FSDP_IGNORED_KEYS,
     FSDP_LIMITED_KEYS,
     IGNORED_AXOLOTL_KEYS,
+    IGNORED_TRL_KEYS,
+    IGNORED_VLLM_KEYS,
+    LIMITED_TRL_KEYS,
     SAMPLING_KWARG_TRL_KEYS,
     UNSUPPORTED_AXOLOTL_KEYS,
     UNSUPPORTED_TRL_KEYS,
     axolotl_compat,
 )
-from ebft.config.sections import DatasetSpec, FsdpSection, GenerationKwargs, TrlSection
+from ebft.config.sections import DatasetSpec, FsdpSection, GenerationKwargs, TrlSection, VllmSection
 from ebft.config.train import TrainConfig
 from ebft.errors import ConfigError
 
@@ -192,7 +195,9 @@ def _valid_keys(container: Sequence[Any]) -> list[str]:
     if model is TrainConfig:
         keys += [*IGNORED_AXOLOTL_KEYS, *UNSUPPORTED_AXOLOTL_KEYS]
     if model is TrlSection:
-        keys += list(UNSUPPORTED_TRL_KEYS)
+        keys += [*UNSUPPORTED_TRL_KEYS, *IGNORED_TRL_KEYS, *LIMITED_TRL_KEYS]
+    if model is VllmSection:
+        keys += list(IGNORED_VLLM_KEYS)
     if model is DatasetSpec:
         keys.append("train_on_split")
     if model is FsdpSection:

@@ -254,8 +254,8 @@ class TrlSection(Section):
     )
     vllm_lora_sync: bool = Field(
         False,
-        description="Sync the policy to the vLLM server by saving the LoRA adapter and hot-loading it "
-        "(required with use_vllm).",
+        description="Sync the policy to the vLLM server by saving the LoRA adapter and hot-loading it (needs "
+        "adapter: lora); false = send the full (LoRA-merged) weights with vLLM's weight transfer.",
     )
     vllm_sync_interval: int = Field(
         1, ge=1, description="Optimizer steps between policy syncs to the vLLM server (>= 1)."
@@ -397,3 +397,33 @@ class VllmSection(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weight dtype on the server; auto = the model's own."
     )
+    data_parallel_size: int = Field(1, ge=1, description="Model replicas the server runs (>= 1).")
+    enable_prefix_caching: bool | None = Field(
+        None, description="Reuse the KV cache of shared prompt prefixes; null = vLLM's default (on)."
+    )
+    # Full-weight sync (trl.use_vllm with vllm_lora_sync: false): vLLM's weight-transfer protocol.
+    weight_transfer_backend: Literal["nccl", "gloo"] = Field(
+        "nccl",
+        description="How full weights reach the server: nccl (vLLM's weight-transfer backend; trainer and "
+        "server on CUDA GPUs) or gloo (CPU; spoken only by ebft's test server, not by vLLM).",
+    )
+    weight_transfer_chunk_bytes: int = Field(
+        1 << 30,
+        ge=1,
+        description="Most bytes of weights sent per /update_weights request (>= 1; a larger single tensor "
+        "goes alone); also the most extra trainer memory a sync holds.",
+    )
+    weight_transfer_timeout: float = Field(
+        300.0,
+        gt=0.0,
+        description="Seconds to wait for the server to join the weight-transfer group, and for each tensor "
+        "of a transfer (> 0).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any) -> Any:
+        # axolotl's vllm: schema writes "unset" as null (tensor_parallel_size: null = vLLM's default).
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if v is not None}
+        return value

@@ -198,12 +198,12 @@ class TrainConfig(Section):
             self.fsdp_config = FsdpSection()
         if self.fsdp_config is not None and self.fsdp_version != 2:
             problems.append(("fsdp_config", "needs fsdp_version: 2 (ebft implements FSDP2 only)"))
-        if self.fsdp_version == 2 and self.ebft.mode == "structured" and self.trl.use_vllm:
+        if self.fsdp_version == 2 and self.ebft.mode == "structured" and self.trl.use_vllm and self.trl.vllm_lora_sync:
             problems.append(
                 (
                     "fsdp_version",
-                    "cannot be combined with trl.use_vllm: the adapter sync to the vLLM server reads unsharded "
-                    "weights; use the transformers generate backend (use_vllm: false)",
+                    "cannot be combined with trl.vllm_lora_sync: the adapter is saved from unsharded weights; "
+                    "set vllm_lora_sync: false (the gathered weights go through vLLM's weight transfer)",
                 )
             )
         e = self.ebft
@@ -279,15 +279,14 @@ class TrainConfig(Section):
             )
         if trl.epsilon_high is not None and trl.epsilon_high < trl.epsilon:
             problems.append(("trl.epsilon_high", f"must be >= trl.epsilon = {trl.epsilon} (got {trl.epsilon_high})"))
-        why_lora_sync = (
-            "ebft syncs the policy to the vLLM server by saving the LoRA adapter and hot-loading it "
-            "(full-weight sync is not supported), so otherwise the server would sample from the base model "
-            "for the whole run"
-        )
-        if trl.use_vllm and self.adapter != "lora":
-            problems.append(("trl.use_vllm", f"needs adapter: lora; {why_lora_sync} (got adapter: null)"))
-        if trl.use_vllm and not trl.vllm_lora_sync:
-            problems.append(("trl.vllm_lora_sync", f"must be true with trl.use_vllm: true; {why_lora_sync}"))
+        if trl.use_vllm and trl.vllm_lora_sync and self.adapter != "lora":
+            problems.append(
+                (
+                    "trl.vllm_lora_sync",
+                    "needs adapter: lora (it hot-loads a saved adapter); to fine-tune all weights set "
+                    "vllm_lora_sync: false and they are sent with vLLM's weight transfer (got adapter: null)",
+                )
+            )
         if trl.async_prefetch and not trl.use_vllm:
             problems.append(
                 (

@@ -73,6 +73,7 @@ def _value_warnings(cfg: TrainConfig) -> list[str]:
             if getattr(e, key) != getattr(defaults, key)
         ]
         out += _trl_warnings(cfg.trl)
+        out += _weight_transfer_warnings(cfg)
     if e.alignment_coef == 0 and e.diversity_coef == 0 and e.rl_coef > 0:
         out.append("ebft.alignment_coef: alignment_coef and diversity_coef are both 0, so every reward is 0")
     if e.whitening_space != defaults.whitening_space and not e.use_whitening:
@@ -122,6 +123,17 @@ def _trl_warnings(trl: TrlSection) -> list[str]:
             if getattr(trl, key) != getattr(defaults, key)
         ]
     return out
+
+
+def _weight_transfer_warnings(cfg: TrainConfig) -> list[str]:
+    if cfg.trl.use_vllm and not cfg.trl.vllm_lora_sync:
+        return []
+    defaults = VllmSection()
+    return [
+        f"vllm.{key}: has no effect without trl.use_vllm: true and trl.vllm_lora_sync: false"
+        for key in ("weight_transfer_backend", "weight_transfer_chunk_bytes", "weight_transfer_timeout")
+        if getattr(cfg.vllm, key) != getattr(defaults, key)
+    ]
 
 
 def config_warnings(cfg: TrainConfig) -> list[str]:
