@@ -2,14 +2,18 @@
 
 ``FakeVLLMServer(model_dir)`` serves the endpoints ebft uses, with vLLM's request fields, answer
 shapes, status codes and error bodies: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
-``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``. Completions are sampled by the real
+``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``, and (``dev_mode``, as with
+``VLLM_SERVER_DEV_MODE=1``) the weight-transfer routes of ``fake_weight_transfer.WeightReceiver``, which
+load received weights into the served model, plus ``POST /reset_prefix_cache``. Completions are sampled by the real
 causal LM in ``model_dir`` (or a PEFT adapter loaded on it, when ``model`` names one) the way vLLM's
 sampler does it: repetition penalty, temperature, min-p, top-k, top-p, seeded draws, stop token ids
 and the model's EOS, and the log-probs of the processed distribution (``--logprobs-mode
 processed_logprobs``). Stop tokens stay in the token ids and log-probs and are dropped from the text.
 
 It records every request, and has failure knobs: ``fail_next(k, status)``, ``delay`` (seconds before
-each answer). Use it as a context manager; it listens on 127.0.0.1 at a free port.
+each answer), and the receiver's. A completion requested while a weight update is open is refused
+(409): no rollout may come from a half-updated server (vLLM itself would serve it). Use it as a context
+manager; it listens on 127.0.0.1 at a free port.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fake_weight_transfer import Refused, WeightReceiver
 
 _SAMPLING_EPS = 1e-5  # vLLM samples greedily below this temperature
 
@@ -63,7 +68,16 @@ class _Params:
 
 
 class FakeVLLMServer:
-    def __init__(self, model_dir: str | Path, *, served_model_name: str | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        served_model_name: str | None = None,
+        dev_mode: bool = True,
+        weight_transfer: bool = True,
+        workers: int = 1,
+    ):
+        self.dev_mode, self._receiver_args = dev_mode, {"workers": workers, "configured": weight_transfer}
         self.model_dir = Path(model_dir)
         self.served_model_name = served_model_name or str(model_dir)
         self.requests: list[Recorded] = []
@@ -81,6 +95,8 @@ class FakeVLLMServer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+        self._pristine = {name: value.clone() for name, value in self.base.state_dict().items()}
+        self.receiver = WeightReceiver(self.base, self._compute, **self._receiver_args)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.fake = self
@@ -109,12 +125,16 @@ class FakeVLLMServer:
             self._failures += [(status, message)] * k
 
     def reset(self) -> None:
-        """Forget requests, pending failures, the delay and every loaded adapter (between tests)."""
+        """Forget requests, pending failures, the delay, every loaded adapter, the weight-transfer group and
+        every transferred weight (between tests)."""
         with self._state:
             self.requests.clear()
             self._failures.clear()
             self.adapters.clear()
         self.delay = 0.0
+        self.receiver.reset()
+        with self._compute:
+            self.base.load_state_dict(self._pristine)
 
     def calls(self, path: str) -> list[Recorded]:
         with self._state:
@@ -128,6 +148,7 @@ class FakeVLLMServer:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = raw.decode(errors="replace")
+        path = path.partition("?")[0]
         record = Recorded(method, path, body)
         with self._state:
             self.requests.append(record)
@@ -139,7 +160,7 @@ class FakeVLLMServer:
         else:
             try:
                 status, answer = 200, self._route(method, path, body)
-            except _BadRequest as exc:
+            except (_BadRequest, Refused) as exc:
                 status, answer = exc.status, _error(str(exc), exc.kind, exc.status)
         record.status, record.answer = status, answer if isinstance(answer, dict) else None
         return status, answer
@@ -152,6 +173,14 @@ class FakeVLLMServer:
             ("POST", "/v1/load_lora_adapter"): lambda: self._load(_object(body)),
             ("POST", "/v1/unload_lora_adapter"): lambda: self._unload(_object(body)),
         }
+        if self.dev_mode:
+            r = self.receiver
+            routes[("GET", "/get_world_size")] = r.world_size
+            routes[("POST", "/init_weight_transfer_engine")] = lambda: r.init(body)
+            routes[("POST", "/start_weight_update")] = r.start
+            routes[("POST", "/update_weights")] = lambda: r.update(body)
+            routes[("POST", "/finish_weight_update")] = lambda: r.finish(body)
+            routes[("POST", "/reset_prefix_cache")] = lambda: None
         if (method, path) not in routes:
             raise _BadRequest(404, f"no route {method} {path}", "NotFoundError")
         return routes[method, path]()
@@ -199,6 +228,8 @@ class FakeVLLMServer:
         return f"Success: LoRA adapter '{name}' removed successfully."
 
     def _completions(self, body: dict) -> dict:
+        if self.receiver.updating:
+            raise _BadRequest(409, "a weight update is open: this completion would mix old and new weights")
         prompts, params = _prompts(body), _params(body)
         name = body.get("model") or self.served_model_name
         with self._state:

@@ -114,7 +114,8 @@ def _add_vllm_serve(sub, debug: argparse.ArgumentParser) -> None:
     cmd = sub.add_parser(
         "vllm-serve",
         help=text,
-        description=text + ", with LoRA hot-loading and the config's vllm: settings; needs vLLM "
+        description=text + ", with LoRA hot-loading (trl.vllm_lora_sync: true) or vLLM's weight transfer "
+        "(full weights, otherwise) and the config's vllm: settings; needs vLLM "
         "(pip install 'ebft[vllm]') and a CUDA GPU. Run it first, then `ebft train` with the same config. "
         "Any config key can be overridden: --vllm.port=8001.",
         parents=[debug],

@@ -16,3 +16,8 @@ class DataError(EbftError):
 
 class TrainingInterrupted(EbftError):
     """The run was stopped by a signal after saving what it could; the message says how to go on."""
+
+
+class PolicySyncError(EbftError):
+    """The rollout server could not be given the policy's current weights; training must not go on
+    sampling from it (the trainer saves the current state and stops)."""

@@ -28,7 +28,7 @@ import torch
 from ebft import checkpoint as ckpt
 from ebft import distributed
 from ebft.config import TrainConfig, dump_config
-from ebft.errors import ConfigError, EbftError, TrainingInterrupted
+from ebft.errors import ConfigError, EbftError, PolicySyncError, TrainingInterrupted
 from ebft.loop import reduce_step_sums, reduce_sum
 from ebft.metrics import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
 from ebft.models import autocast_dtype, check_model_config, feature_network_for, load_policy, load_tokenizer
@@ -165,6 +165,7 @@ class StepOutcome:
     lr: float
     finite: bool
     seconds: float
+    sync_failed: PolicySyncError | None = None  # the rollout server could not be given this step's policy
 
 
 def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> TrainResult:
@@ -186,7 +187,7 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
                 outcome = _step(run, step)
                 _log(run, step, outcome)
                 bar.advance(1, postfix=f"reward {run.last.get(run.runner.reward_key, float('nan')):+.3f}")
-                _checkpoint_or_stop(run, step, stop)
+                _checkpoint_or_stop(run, step, stop, outcome.sync_failed)
     finally:
         run.runner.close()
     _finish(run)
@@ -294,8 +295,12 @@ def _step(run: Session, step: int) -> StepOutcome:
         log.warning("step %d: non-finite loss, reward or gradient; update skipped", step)
     run.optimizer.zero_grad(set_to_none=True)
     state.step = step
-    run.runner.after_update(step)
-    return StepOutcome(out, sums, grad_norm, lr, finite, time.perf_counter() - started)
+    try:
+        run.runner.after_update(step)
+        sync_failed = None
+    except PolicySyncError as exc:  # the step stands: it is logged and saved, then the run stops
+        sync_failed = exc
+    return StepOutcome(out, sums, grad_norm, lr, finite, time.perf_counter() - started, sync_failed)
 
 
 def _log(run: Session, step: int, outcome: StepOutcome) -> None:
@@ -319,10 +324,16 @@ def _log(run: Session, step: int, outcome: StepOutcome) -> None:
         run.last, run.window = last, Window()
 
 
-def _checkpoint_or_stop(run: Session, step: int, stop: list[int]) -> None:
-    """Save every ``save_steps`` (and at the end, see ``checkpoint_due``); save and stop after too many
-    skipped steps or on a signal (on any process)."""
+def _checkpoint_or_stop(run: Session, step: int, stop: list[int], sync_failed: PolicySyncError | None) -> None:
+    """Save every ``save_steps`` (and at the end, see ``checkpoint_due``); save and stop when the rollout
+    server could not be synced, after too many skipped steps, or on a signal (on any process)."""
     cfg, state = run.cfg, run.state
+    if sync_failed is not None:
+        saved = _save(run, f"checkpoint-{step}")  # the policy is good; only the rollout server is behind
+        raise PolicySyncError(
+            f"{sync_failed}\nThe policy after step {step} is saved in {saved}; once the server is restarted, "
+            f"resume with: ebft train <config> --output_dir={run.out_dir} --resume_from_checkpoint=latest"
+        ) from sync_failed
     if state.consecutive_skips >= cfg.max_consecutive_skipped_steps:
         saved = _save(run, f"checkpoint-{step}")
         raise TooManySkippedSteps(
@@ -410,11 +421,11 @@ def _build(cfg: TrainConfig, tokenizer, accelerator, config_dir: Path | None):
         "sharding": sharding,
     }
     if cfg.ebft.mode == "structured":
-        parts["backend"] = _rollout_backend(cfg, model, tokenizer)
+        parts["backend"] = _rollout_backend(cfg, model, tokenizer, sharding)
     return model, Runner(cfg, **parts), sharding
 
 
-def _rollout_backend(cfg: TrainConfig, model, tokenizer):
+def _rollout_backend(cfg: TrainConfig, model, tokenizer, sharding):
     from ebft.structured.rollout import Sampling
 
     sampling = Sampling.from_trl(cfg.trl, tokenizer.eos_token_id)
@@ -429,7 +440,7 @@ def _rollout_backend(cfg: TrainConfig, model, tokenizer):
         )
     from ebft.structured.vllm import vllm_backend
 
-    return vllm_backend(cfg, sampling)
+    return vllm_backend(cfg, sampling, gathered=sharding.gathered)
 
 
 def _print_completions(console, records: list[dict], cfg: TrainConfig) -> None:

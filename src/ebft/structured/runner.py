@@ -82,8 +82,9 @@ class StructuredRunner:
         self.stream = global_micro_batches(
             len(self.data.train), self.global_prompts, self.cfg.seed, state.data_position
         )
-        if state.step > 0:  # resumed: the server must sample from the restored weights, not the base model
-            self.backend.sync(self.model, state.step)
+        # Before the first rollout: a resumed policy is not the base model, and a full-weight server may hold
+        # anything (the backend decides what this first call must send).
+        self.backend.sync(self.model, state.step)
 
     # -- rollout batches -------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@
 ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``) with the standard library only, so the
 trainer needs no vLLM install: the server may run on another GPU or machine. ``VLLMBackend`` is the
 ``RolloutBackend`` on top of it; it keeps the server's policy current by saving the LoRA adapter and
-hot-loading it.
+hot-loading it (``trl.vllm_lora_sync: true``). Full-weight sync is ``ebft.structured.vllm_weights``;
+``VLLMClient.request`` carries its control routes.
 
 Facts about vLLM this relies on (checked against its sources; the ``vllm`` extra needs >= 0.10.2):
 
@@ -37,7 +38,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ebft.errors import ConfigError, EbftError
+from ebft.errors import ConfigError, EbftError, PolicySyncError
 from ebft.structured.rollout import Completion, Sampling
 
 log = logging.getLogger("ebft")
@@ -50,7 +51,15 @@ _HINT = (
 
 
 class VLLMError(EbftError):
-    """The vLLM server cannot be reached, timed out, or refused a request."""
+    """The vLLM server cannot be reached, timed out, or refused a request (``status``: its 4xx code)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class VLLMSyncError(VLLMError, PolicySyncError):
+    """The server could not be given the policy's current weights (the run stops; see the trainer)."""
 
 
 class _Retryable(Exception):
@@ -128,6 +137,18 @@ class VLLMClient:
     def unload_lora_adapter(self, name: str) -> None:
         self._send("POST", "/v1/unload_lora_adapter", {"lora_name": name})
 
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        *,
+        retries: int | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        """One request to any route, as the class says; ``retries`` / ``timeout`` override the client's own."""
+        return self._send(method, path, body, retries=retries, timeout=timeout)
+
     def _json(self, method: str, path: str, body: dict | None) -> dict:
         raw = self._send(method, path, body)
         try:
@@ -135,17 +156,20 @@ class VLLMClient:
         except ValueError as exc:
             raise VLLMError(f"{self.base_url}{path} answered something that is not JSON: {raw[:200]!r}") from exc
 
-    def _send(self, method: str, path: str, body: dict | None) -> bytes:
+    def _send(
+        self, method: str, path: str, body: dict | None, retries: int | None = None, timeout: float | None = None
+    ) -> bytes:
         """One request, retried as the class says; the answer's body."""
-        for attempt in range(self.retries + 1):
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
             try:
-                return self._once(method, path, body, self.timeout)
+                return self._once(method, path, body, self.timeout if timeout is None else timeout)
             except _Retryable as exc:
                 last = exc
-            if attempt < self.retries:
+            if attempt < retries:
                 time.sleep(self.backoff * 2**attempt)
         raise VLLMError(
-            f"{method} {self.base_url}{path} failed after {self.retries + 1} attempt(s): {last}; "
+            f"{method} {self.base_url}{path} failed after {retries + 1} attempt(s): {last}; "
             f"is the vLLM server up? {_HINT}"
         ) from last
 
@@ -161,7 +185,8 @@ class VLLMClient:
             message = _error_message(exc.read())
             if exc.code >= 500:
                 raise _Retryable(f"HTTP {exc.code}: {message}") from exc
-            raise VLLMError(f"{method} {self.base_url}{path} was refused (HTTP {exc.code}): {message}") from exc
+            refused = f"{method} {self.base_url}{path} was refused (HTTP {exc.code}): {message}"
+            raise VLLMError(refused, status=exc.code) from exc
         except urllib.error.URLError as exc:
             raise _Retryable(_describe(exc.reason)) from exc
         except OSError as exc:  # timeouts and resets while reading the answer
@@ -204,6 +229,30 @@ def _completion(choice: dict) -> Completion:
         raise ValueError("tokens are not 'token_id:N' strings (return_tokens_as_token_ids ignored?)")
     ids = tuple(int(t[len(_TOKEN_PREFIX) :]) for t in tokens)
     return Completion(ids=ids, finished=reason == "stop", logprobs=tuple(float(v) for v in values))
+
+
+def sample(
+    client: VLLMClient,
+    model: str,
+    sampling: Sampling,
+    prompts: list[list[int]],
+    n: int,
+    max_tokens: list[int],
+    seeds: list[int],
+    max_concurrent: int,
+) -> list[list[Completion]]:
+    """``RolloutBackend.generate`` on ``client``'s server with ``model`` (served name or adapter)."""
+    # One request per prompt: a request has one seed and one max_tokens, and prompt i's samples
+    # must depend on seeds[i] alone. The server batches the concurrent requests together anyway.
+    jobs = list(zip(prompts, max_tokens, seeds, strict=True))
+
+    def one(job: tuple[list[int], int, int]) -> list[Completion]:
+        prompt, cap, seed = job
+        (completions,) = client.complete([prompt], n=n, max_tokens=cap, sampling=sampling, seed=seed, model=model)
+        return completions
+
+    with ThreadPoolExecutor(max_workers=max(1, min(max_concurrent, len(jobs)))) as pool:
+        return list(pool.map(one, jobs))
 
 
 # Prefix of the adapter "name" the main process shares when its sync failed (a name never starts so).
@@ -263,20 +312,7 @@ class VLLMBackend:
     def generate(
         self, prompts: list[list[int]], n: int, max_tokens: list[int], seeds: list[int]
     ) -> list[list[Completion]]:
-        # One request per prompt: a request has one seed and one max_tokens, and prompt i's samples
-        # must depend on seeds[i] alone. The server batches the concurrent requests together anyway.
-        model = self.model_name
-        jobs = list(zip(prompts, max_tokens, seeds, strict=True))
-
-        def one(job: tuple[list[int], int, int]) -> list[Completion]:
-            prompt, cap, seed = job
-            (completions,) = self.client.complete(
-                [prompt], n=n, max_tokens=cap, sampling=self.sampling, seed=seed, model=model
-            )
-            return completions
-
-        with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrent, len(jobs)))) as pool:
-            return list(pool.map(one, jobs))
+        return sample(self.client, self.model_name, self.sampling, prompts, n, max_tokens, seeds, self.max_concurrent)
 
     def sync(self, model, step: int) -> None:
         """Load ``model``'s adapter (the unwrapped PEFT model) on the server when the schedule says so.
@@ -308,9 +344,11 @@ class VLLMBackend:
             if not self.leader and not name.startswith(_FAILED):
                 self._loaded = [*self._loaded[-1:], (name, None)]  # names only: the leader owns the folders
         if failure is not None:
-            raise failure
+            raise VLLMSyncError(f"could not load the adapter on the vLLM server: {failure}") from failure
         if name.startswith(_FAILED):  # every process stops, not only the one whose request failed
-            raise VLLMError(f"the main process could not sync the adapter to the vLLM server: {name[len(_FAILED) :]}")
+            raise VLLMSyncError(
+                f"the main process could not sync the adapter to the vLLM server: {name[len(_FAILED) :]}"
+            )
         log.debug("vLLM now generates with adapter %s", name)
 
     def _load(self, model, name: str, step: int) -> None:
@@ -351,18 +389,24 @@ class VLLMBackend:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def vllm_backend(cfg, sampling: Sampling) -> VLLMBackend:
+def vllm_backend(cfg, sampling: Sampling, gathered=None):
     """The backend training uses with ``trl.use_vllm``: the server of ``ebft vllm-serve`` (same config),
     waited for up to ``trl.vllm_server_timeout`` seconds, which is also each request's timeout.
 
-    Under a multi-process launch the main process syncs the (identical) adapter for all of them and
-    broadcasts its name.
+    With ``trl.vllm_lora_sync`` the LoRA adapter is hot-loaded (this module); under a multi-process launch
+    the main process syncs the (identical) adapter for all of them and broadcasts its name. Otherwise the
+    full weights go through vLLM's weight transfer (``ebft.structured.vllm_weights``), gathered with
+    ``gathered()`` when the policy is sharded.
     """
     from ebft.config import vllm_client_address
 
     host, port = vllm_client_address(cfg)
     client = VLLMClient(host, port, timeout=cfg.trl.vllm_server_timeout)
     client.wait_until_ready(cfg.trl.vllm_server_timeout)
+    if not cfg.trl.vllm_lora_sync:
+        from ebft.structured.vllm_weights import weight_sync_backend
+
+        return weight_sync_backend(cfg, sampling, client, gathered)
     from accelerate import PartialState
 
     state = PartialState()
