@@ -422,6 +422,25 @@ def test_print_command_follows_the_trl_address(config, capsys):
     assert (flags["--host"], flags["--port"]) == ("10.1.2.3", "9000")
 
 
+def test_print_command_for_full_weight_sync(config, tmp_path, capsys):
+    """vllm_lora_sync: false -> vLLM's weight transfer (dev-mode routes, NCCL backend) instead of LoRA."""
+    overrides = ["--trl.vllm_lora_sync=false", "--vllm.data_parallel_size=2", "--vllm.enable_prefix_caching=false"]
+    assert main(["vllm-serve", str(config), "--print-command", *overrides]) == 0
+    argv = shlex.split(capsys.readouterr().out)
+    assert argv[:2] == ["VLLM_SERVER_DEV_MODE=1", sys.executable]
+    flags = _flags(argv)
+    assert json.loads(flags["--weight-transfer-config"]) == {"backend": "nccl"}
+    assert flags["--data-parallel-size"] == "2" and "--no-enable-prefix-caching" in flags
+    assert not {"--enable-lora", "--max-lora-rank", "--max-loras"} & flags.keys()
+    assert (flags["--host"], flags["--logprobs-mode"]) == ("127.0.0.1", "processed_logprobs")
+
+
+def test_gloo_weight_transfer_is_not_served_by_vllm(config, capsys):
+    args = ["--trl.vllm_lora_sync=false", "--vllm.weight_transfer_backend=gloo"]
+    assert main(["vllm-serve", str(config), "--print-command", *args]) == 2
+    assert "vllm.weight_transfer_backend: vLLM's weight transfer speaks nccl" in capsys.readouterr().err
+
+
 def test_lora_rank_beyond_vllm_is_refused(config, capsys):
     assert main(["vllm-serve", str(config), "--print-command", "--lora_r=600"]) == 2
     assert "lora_r: vLLM serves LoRA adapters of rank <= 512 (got 600)" in capsys.readouterr().err
