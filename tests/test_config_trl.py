@@ -412,7 +412,7 @@ def test_unsupported_trl_key_when_on_is_an_error(tmp_path, key):
 
 
 # Every key of axolotl's TRLConfig and VllmConfig schemas (src/axolotl/utils/schemas/trl.py, vllm.py), as read
-# on its main branch of July 2026 (VERSION 0.18.0, the line released as 0.19.0).
+# on its main branch of late July 2026 (its VERSION file then said 0.18.0).
 AXOLOTL_TRL_KEYS = [
     "beta",
     "max_completion_length",
