@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -345,7 +348,7 @@ def test_transport_needs_a_peer():
 # -- training through the CLI --------------------------------------------------------------------
 
 
-def _training_config(fake, tmp_path: Path, *, max_steps: int, **trl) -> Path:
+def _training_config(fake, tmp_path: Path, *, max_steps: int, top: dict | None = None, **trl) -> Path:
     """A small structured full fine-tuning config whose rollouts come from ``fake``, weights synced by gloo."""
     data = tmp_path / "pairs.jsonl"
     rows = [{"input": t.splitlines()[0][:60], "output": "\n".join(t.splitlines()[1:6])[:200]} for t in stdlib_texts(8)]
@@ -371,6 +374,7 @@ def _training_config(fake, tmp_path: Path, *, max_steps: int, **trl) -> Path:
         "bf16": False,
         "seed": 0,
         "output_dir": str(tmp_path / "out"),
+        **(top or {}),
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -418,3 +422,23 @@ def test_a_failed_sync_saves_the_policy_and_the_run_resumes_on_a_restarted_serve
     assert fake.receiver.versions == ["step-2", "step-3"]  # the restored policy first, whatever the interval
     assert [len(names) for names in _per_transfer(fake)] == [39, 39]
     assert _served_equals(fake, load_file(tmp_path / "out" / "model.safetensors"))
+
+
+def test_two_sharded_processes_send_the_gathered_policy_once(fake, tmp_path):
+    """FSDP2 over 2 processes: the shards are gathered for each sync, only the main process sends, and
+    both processes sample from the server once the transfer is done."""
+    path = _training_config(fake, tmp_path, max_steps=2, top={"fsdp_version": 2, "micro_batch_size": 2})
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29587"]
+    res = subprocess.run(
+        [*command, "-m", "ebft", "train", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "FSDP2: policy sharded over 2 processes" in res.stdout + res.stderr
+    assert fake.receiver.versions == ["step-0", "step-1", "step-2"]  # one transfer per sync, not one per process
+    assert [len(names) for names in _per_transfer(fake)] == [39] * 3
+    assert _served_equals(fake, load_file(tmp_path / "out" / "model.safetensors"))
+    assert len(fake.calls("/v1/completions")) == 2 * 2  # 2 steps x 2 processes x 1 prompt
