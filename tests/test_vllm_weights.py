@@ -336,6 +336,14 @@ def test_every_process_stops_when_the_main_process_sync_fails(fake, tiny_model_d
     assert shared == ["barrier"] and fake.requests == []
 
 
+def test_nccl_needs_the_trainer_on_a_gpu(fake, tmp_path, capsys):
+    path = _training_config(fake, tmp_path, max_steps=1)
+    assert main(["train", str(path), "--vllm.weight_transfer_backend=nccl"]) == 2
+    err = capsys.readouterr().err
+    assert "full-weight sync after step 0 failed" in err and "needs the trainer on a CUDA GPU with NCCL" in err
+    assert fake.calls("/init_weight_transfer_engine") == []  # refused before the server was asked anything
+
+
 def test_transport_needs_a_peer():
     with pytest.raises(ValueError):
         GlooTransport(1, 1.0)

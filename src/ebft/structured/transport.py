@@ -141,7 +141,9 @@ class NcclTransport(_Transport):
 
         torch.cuda.set_device(self.device)  # this runs on the join thread, which has its own current device
         options = ProcessGroupNCCL.Options()
-        options._timeout = datetime.timedelta(seconds=self.timeout)
+        # Longer than the waits of joined() and broadcast(), which give up first and abort the group
+        # (close): NCCL's watchdog, on reaching its own timeout, would kill the trainer before it can save.
+        options._timeout = datetime.timedelta(seconds=2 * self.timeout + 30)
         return ProcessGroupNCCL(self._store, 0, self.world_size, options)
 
     def start(self) -> dict:
