@@ -31,6 +31,7 @@ def test_the_documented_examples_exist():
         "qwen3-4b-structured-async.yaml",
         "qwen3-4b-structured-multiturn.yaml",
         "qwen3-4b-structured-reasoning.yaml",
+        "llama-1b-structured-vllm-full-finetune.yaml",
     }
 
 
@@ -166,12 +167,17 @@ def test_example_trains_as_written(example, tmp_path, tiny_model_dir):
     if load_config(example).trl.use_vllm:
         from fake_vllm import FakeVLLMServer
 
-        # The vLLM examples run against a local server that speaks vLLM's endpoints with the tiny model.
+        # The vLLM examples run against a local server that speaks vLLM's endpoints with the tiny model
+        # (full-weight sync over gloo, standing in for NCCL on this CPU machine).
         with FakeVLLMServer(tiny_model_dir) as server:
             address = [f"--trl.vllm_server_host={server.host}", f"--trl.vllm_server_port={server.port}"]
+            address.append("--vllm.weight_transfer_backend=gloo")
             out, overrides = _train_example(example, tmp_path, tiny_model_dir, *address)
             assert server.calls("/v1/completions"), "the example did not generate on the server"
-            assert server.calls("/v1/load_lora_adapter"), "the adapter was never synced to the server"
+            if load_config(example).trl.vllm_lora_sync:
+                assert server.calls("/v1/load_lora_adapter"), "the adapter was never synced to the server"
+            else:
+                assert server.receiver.versions[-1] == "step-2", "the weights were never synced to the server"
     else:
         out, overrides = _train_example(example, tmp_path, tiny_model_dir)
     _check_outputs(example, out, overrides)
