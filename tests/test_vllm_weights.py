@@ -309,6 +309,8 @@ def test_a_transfer_failing_midway_stops_every_later_rollout(fake, tiny_model_di
     with pytest.raises(VLLMError, match="did not finish"):
         _greedy(backend, prompts)
     assert fake.calls("/v1/completions") == []
+    with pytest.raises(TransferError, match="failed earlier; restart the server"):
+        backend.transfer.push([], "again")  # the group is gone; a new one needs a fresh server
 
 
 def test_a_vocabulary_the_server_cannot_hold_is_refused_before_anything_is_sent(fake, tiny_model_dir):

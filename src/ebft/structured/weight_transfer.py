@@ -84,7 +84,6 @@ class WeightTransfer:
         self.client, self.make_transport = client, make_transport
         self.chunk_bytes, self.timeout = chunk_bytes, timeout
         self.consistent = True  # False from a failed transfer on: the server's weights are a mix
-        self.transfers = 0
         self._transport = None
 
     def connect(self) -> None:
@@ -135,14 +134,14 @@ class WeightTransfer:
             self._control("/finish_weight_update", {"weight_version": version})
             where = "reset_prefix_cache"
             self.client.request("POST", "/reset_prefix_cache")
-        except EbftError as exc:
-            self._transport.close()
+        except Exception as exc:
+            self.close()
+            cause = str(exc) if isinstance(exc, EbftError) else f"{type(exc).__name__}: {exc}"
             raise TransferError(
-                f"the weight transfer to the vLLM server at {self.client.base_url} failed at {where}: {exc}. The "
+                f"the weight transfer to the vLLM server at {self.client.base_url} failed at {where}: {cause}. The "
                 "server now holds partly updated weights and ebft will not sample from it; restart it"
             ) from exc
         self.consistent = True
-        self.transfers += 1
 
     def close(self) -> None:
         if self._transport is not None:
