@@ -6,7 +6,6 @@ weights. Requests name the served base model; what it computes with is whatever 
 * ``sync`` sends the weights (``ebft.structured.weight_source``) with vLLM's weight-transfer protocol
   (``ebft.structured.weight_transfer``) on its first call, whatever the step (the server may hold a
   previous run's weights, and a resumed policy is not the base), then every ``sync_interval`` steps.
-  The first transfer sends every weight, later ones only what training changes.
 * Only the main process (``transfer`` given) sends. Under several processes every process calls ``sync``
   at the same steps; ``collective`` lines them up and hands the main process's outcome to all, so a
   failed transfer stops every process. Under FSDP the weights are gathered (``gathered``, a collective)
@@ -67,7 +66,6 @@ class WeightSyncBackend:
         self._lock = threading.Lock()
         self._consistent = True
         self._started = False
-        self._sent_all = False
         self._synced_step: int | None = None
 
     def generate(
@@ -96,7 +94,7 @@ class WeightSyncBackend:
             with self.gathered():
                 if self.transfer is not None:
                     try:
-                        entries = policy_entries(model, changed_only=self._sent_all, wire_dtype=self.wire_dtype)
+                        entries = policy_entries(model, wire_dtype=self.wire_dtype)
                         self.transfer.push(entries, version=f"step-{step}")
                     except Exception as exc:  # shared below, so that every process stops
                         failure = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
@@ -106,7 +104,7 @@ class WeightSyncBackend:
             if failure is not None:
                 self._consistent = False
                 raise VLLMSyncError(f"full-weight sync after step {step} failed: {failure}") from cause
-        self._sent_all, self._synced_step = True, step
+        self._synced_step = step
         log.debug("vLLM now generates with the weights after step %d", step)
 
     def _check_vocabulary(self, model) -> None:

@@ -10,8 +10,9 @@ of the model's checkpoint files. So every tensor goes out as ``save_pretrained``
   for every active adapter, into a new tensor: the base weights are never touched, because the frozen
   feature network reads them under ``disable_adapter``.
 
-A sync after the first needs only what training can change (``changed_only``): trainable parameters
-and merged LoRA layers; the frozen rest was sent by the first sync and has not moved since.
+Every sync sends every weight, layer after layer, although LoRA or frozen parts do not change: vLLM
+reloads checkpoint-format weights layer by layer (processing, e.g. quantising, a layer once all of its
+weights have arrived), so a partial update is not something it promises to apply.
 
 Under FSDP the caller runs all of this inside ``Sharding.gathered()``, where every parameter is a
 whole tensor on every process.
@@ -111,7 +112,7 @@ def _checkpoint_form(hf_model: nn.Module) -> Callable[[str, torch.Tensor], dict[
     return lambda name, tensor: revert_weight_conversion(hf_model, {name: tensor})
 
 
-def policy_entries(model: nn.Module, *, changed_only: bool, wire_dtype: torch.dtype | None) -> list[Entry]:
+def policy_entries(model: nn.Module, *, wire_dtype: torch.dtype | None) -> list[Entry]:
     """The tensors a sync of ``model`` (a causal LM, or its PEFT LoRA wrapper) sends, in a fixed order.
 
     wire_dtype: the dtype floating-point tensors are sent in (the server's); None keeps each one's own.
@@ -125,8 +126,6 @@ def policy_entries(model: nn.Module, *, changed_only: bool, wire_dtype: torch.dt
         if peft and _is_adapter_weight(name):
             continue
         layer = lora.get(name)
-        if changed_only and layer is None and not param.requires_grad:
-            continue
         state_name = name.replace(".base_layer.", ".")
         dtype = wire_dtype if (wire_dtype is not None and param.is_floating_point()) else param.dtype
         planned = convert(state_name, torch.empty(param.shape, dtype=dtype, device="meta"))
