@@ -427,6 +427,8 @@ def test_a_failed_sync_saves_the_policy_and_the_run_resumes_on_a_restarted_serve
     assert fake.receiver.versions == ["step-2", "step-3"]  # the restored policy first, whatever the interval
     assert [len(names) for names in _per_transfer(fake)] == [39, 39]
     assert _served_equals(fake, load_file(tmp_path / "out" / "model.safetensors"))
+    metrics = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3]  # step 2 was logged before stopping
 
 
 def test_two_sharded_processes_send_the_gathered_policy_once(fake, tmp_path):
