@@ -50,6 +50,13 @@ class _Transport:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
+    @property
+    def _group_timeout(self) -> datetime.timedelta:
+        # The group's own limit (rendezvous store, collectives) outlasts the waits of joined() and
+        # broadcast(), so that they, not the group, decide when to give up: their errors say what happened,
+        # and for NCCL the watchdog would otherwise kill the trainer before it can save.
+        return datetime.timedelta(seconds=2 * self.timeout + 30)
+
     def _group(self):
         raise NotImplementedError
 
@@ -85,6 +92,7 @@ class _Transport:
             raise TransferError("the weight-transfer group is not formed (or was closed after a failure)")
         opts = torch.distributed.BroadcastOptions()
         opts.rootRank = 0
+        opts.timeout = datetime.timedelta(seconds=self.timeout)
         try:
             self._pg.broadcast([tensor], opts).wait(datetime.timedelta(seconds=self.timeout))
         except RuntimeError as exc:
@@ -105,9 +113,7 @@ class GlooTransport(_Transport):
         self._store = None
 
     def _group(self):
-        return torch.distributed.ProcessGroupGloo(
-            self._store, 0, self.world_size, datetime.timedelta(seconds=self.timeout)
-        )
+        return torch.distributed.ProcessGroupGloo(self._store, 0, self.world_size, self._group_timeout)
 
     def start(self) -> dict:
         self._store = torch.distributed.TCPStore(
@@ -115,7 +121,7 @@ class GlooTransport(_Transport):
             0,
             self.world_size,
             is_master=True,
-            timeout=datetime.timedelta(seconds=self.timeout),
+            timeout=self._group_timeout,
             wait_for_workers=False,
         )
         self._start_join()
@@ -141,9 +147,7 @@ class NcclTransport(_Transport):
 
         torch.cuda.set_device(self.device)  # this runs on the join thread, which has its own current device
         options = ProcessGroupNCCL.Options()
-        # Longer than the waits of joined() and broadcast(), which give up first and abort the group
-        # (close): NCCL's watchdog, on reaching its own timeout, would kill the trainer before it can save.
-        options._timeout = datetime.timedelta(seconds=2 * self.timeout + 30)
+        options._timeout = self._group_timeout
         return ProcessGroupNCCL(self._store, 0, self.world_size, options)
 
     def start(self) -> dict:
