@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import yaml
@@ -15,6 +15,7 @@ from ebft.config import (
     IGNORED_VLLM_KEYS,
     LIMITED_TRL_KEYS,
     UNSUPPORTED_TRL_KEYS,
+    EbftSection,
     GenerationKwargs,
     TrainConfig,
     TrlSection,
@@ -130,6 +131,8 @@ TRL_DEFAULTS = {
     "vllm_sync_interval": 1,
     "vllm_importance_sampling_correction": True,
     "vllm_importance_sampling_cap": 3.0,
+    "vllm_importance_sampling_clip_max": None,
+    "vllm_importance_sampling_clip_min": None,
     "use_data_producer": None,
     "async_prefetch": False,
     "streaming_partial_batch": False,
@@ -228,6 +231,18 @@ FIELD_ERRORS = [
         "trl.vllm_importance_sampling_correction: must be true or false (got 'maybe')",
     ),
     ("trl.vllm_importance_sampling_cap", 1.0, "trl.vllm_importance_sampling_cap: must be > 1.0 (got 1.0)"),
+    ("trl.vllm_importance_sampling_clip_max", 0, "trl.vllm_importance_sampling_clip_max: must be > 0.0 (got 0)"),
+    ("trl.vllm_importance_sampling_clip_min", -0.1, "trl.vllm_importance_sampling_clip_min: must be >= 0.0 (got -0.1)"),
+    (
+        "trl.vllm_importance_sampling_clip_min",
+        3.0,
+        "trl.vllm_importance_sampling_clip_min: the importance-weight bounds must have low < high (got [3, 3])",
+    ),
+    (
+        "trl.vllm_importance_sampling_clip_max",
+        0.5,
+        "trl.vllm_importance_sampling_clip_max: the importance-weight bounds must have low < high (got [2, 0.5])",
+    ),
     ("trl.use_data_producer", "x", "trl.use_data_producer: must be true or false (got 'x')"),
     ("trl.async_prefetch", 3, "trl.async_prefetch: must be true or false (got 3)"),
     ("trl.streaming_partial_batch", "x", "trl.streaming_partial_batch: must be true or false (got 'x')"),
@@ -299,6 +314,34 @@ def test_scale_rewards_accepts_trl_booleans(tmp_path, written, stored):
     cfg = load(tmp_path, config(**{"trl.scale_rewards": written}))
     assert cfg.trl.scale_rewards == stored
     assert yaml.safe_load(dump_config(cfg))["trl"]["scale_rewards"] == stored
+
+
+# (written trl keys, (low, high)) of the importance-weight clamp.
+IMPORTANCE_BOUNDS = [
+    ({}, (1 / 3, 3.0)),  # ebft's default: [1/cap, cap]
+    ({"vllm_importance_sampling_cap": 4.0}, (0.25, 4.0)),
+    ({"vllm_importance_sampling_clip_max": 5.0}, (0.2, 5.0)),  # clip_max replaces cap, low = 1/5
+    ({"vllm_importance_sampling_clip_min": 0.5}, (0.5, 3.0)),
+    ({"vllm_importance_sampling_clip_min": 0.0, "vllm_importance_sampling_clip_max": 2.0}, (0.0, 2.0)),
+    # The same bound written under both names is accepted.
+    ({"vllm_importance_sampling_cap": 2.0, "vllm_importance_sampling_clip_max": 2.0}, (0.5, 2.0)),
+    ({"vllm_importance_sampling_clip_min": 0.9, "vllm_importance_sampling_clip_max": 0.95}, (0.9, 0.95)),
+]
+
+
+@pytest.mark.parametrize("written, bounds", IMPORTANCE_BOUNDS)
+def test_importance_weight_bounds(tmp_path, written, bounds):
+    cfg = load(tmp_path, config(trl=written))
+    assert cfg.trl.importance_weight_bounds == pytest.approx(bounds)
+    assert parse_config(yaml.safe_load(dump_config(cfg))).trl.importance_weight_bounds == pytest.approx(bounds)
+
+
+def test_cap_and_clip_max_must_agree(tmp_path):
+    trl = {"vllm_importance_sampling_cap": 2.0, "vllm_importance_sampling_clip_max": 4.0}
+    assert problems(tmp_path, config(trl=trl)) == [
+        "trl.vllm_importance_sampling_cap: conflicts with vllm_importance_sampling_clip_max, the newer name of the "
+        "same upper bound (4.0); keep only clip_max (got 2.0)"
+    ]
 
 
 def test_clip_high_falls_back_to_epsilon():
@@ -411,8 +454,8 @@ def test_unsupported_trl_key_when_on_is_an_error(tmp_path, key):
     assert problems(tmp_path, config(**{f"trl.{key}": value})) == [expected]
 
 
-# Every key of axolotl's TRLConfig and VllmConfig schemas (src/axolotl/utils/schemas/trl.py, vllm.py), as read
-# on its main branch of late July 2026 (its VERSION file then said 0.18.0).
+# Every key of axolotl's TRLConfig and VllmConfig schemas, in their order there: axolotl 0.19.0 as installed
+# from PyPI (axolotl/utils/schemas/trl.py, vllm.py).
 AXOLOTL_TRL_KEYS = [
     "beta",
     "max_completion_length",
@@ -446,6 +489,15 @@ AXOLOTL_TRL_KEYS = [
     "use_liger_loss",
     "loss_type",
     "mask_truncated_completions",
+    "entropy_coef",
+    "use_adaptive_entropy",
+    "entropy_target",
+    "entropy_coef_delta",
+    "entropy_coef_min",
+    "entropy_coef_max",
+    "vllm_importance_sampling_clip_min",
+    "vllm_importance_sampling_clip_max",
+    "log_multimodal",
     "vllm_enable_sleep_mode",
     "rollout_func",
     "multi_objective_aggregation",
@@ -486,6 +538,34 @@ AXOLOTL_VLLM_KEYS = [
 ]
 
 
+# axolotl 0.19.0's EBFTConfig (axolotl/utils/schemas/config.py): each key, and the values of its Literal keys.
+AXOLOTL_EBFT_KEYS = [
+    "feature_layers",
+    "embed_method",
+    "use_whitening",
+    "alignment_coef",
+    "diversity_coef",
+    "ce_coef",
+    "adaptive_max_tokens",
+    "gt_length_multiplier",
+    "mode",
+    "stride",
+    "context_length",
+    "generate_max_len",
+    "n_samples_per_prompt",
+    "temperature",
+    "top_p",
+    "rl_coef",
+    "advantage_estimator",
+    "min_completion_prefix",
+]
+AXOLOTL_EBFT_CHOICES = {
+    "embed_method": ("last_token", "mean_pooling", "completion_mean", "concat"),
+    "mode": ("structured", "strided"),
+    "advantage_estimator": ("rloo", "group_norm", "reinforce"),
+}
+
+
 def test_every_axolotl_trl_and_vllm_key_has_exactly_one_treatment():
     """Honoured (a field), accepted only when off, only for some values, or ignored with a warning."""
     trl_tables = [set(TrlSection.model_fields), set(UNSUPPORTED_TRL_KEYS), set(LIMITED_TRL_KEYS), set(IGNORED_TRL_KEYS)]
@@ -494,6 +574,26 @@ def test_every_axolotl_trl_and_vllm_key_has_exactly_one_treatment():
     vllm_tables = [set(VllmSection.model_fields), set(IGNORED_VLLM_KEYS)]
     for key in AXOLOTL_VLLM_KEYS:
         assert sum(key in table for table in vllm_tables) == 1, key
+    # The tables hold nothing axolotl does not have (a stale name would hide a renamed key).
+    tables = set(UNSUPPORTED_TRL_KEYS) | set(LIMITED_TRL_KEYS) | set(IGNORED_TRL_KEYS)
+    assert tables - set(AXOLOTL_TRL_KEYS) == set() and set(IGNORED_VLLM_KEYS) - set(AXOLOTL_VLLM_KEYS) == set()
+
+
+def test_every_axolotl_ebft_key_and_value_is_a_field_of_ebfts():
+    assert [key for key in AXOLOTL_EBFT_KEYS if key not in EbftSection.model_fields] == []
+    for key, values in AXOLOTL_EBFT_CHOICES.items():
+        assert set(values) <= set(get_args(EbftSection.model_fields[key].annotation)), key
+
+
+@pytest.mark.parametrize("value", [0.0, 0.01])
+def test_entropy_bonus_is_ignored_with_a_warning_like_axolotls_ebft(tmp_path, value):
+    cfg = load(tmp_path, config(**{"trl.entropy_coef": value, "trl.use_adaptive_entropy": False}))
+    assert cfg.trl == TrlSection()
+    assert [line.split(";")[0] for line in config_warnings(cfg)] == [
+        "trl.entropy_coef: ignored",
+        "trl.use_adaptive_entropy: ignored",
+    ]
+    assert "neither does ebft" in config_warnings(cfg)[0]
 
 
 @pytest.mark.parametrize("key", sorted(IGNORED_TRL_KEYS))
@@ -704,6 +804,7 @@ WARNINGS = {
             "trl.vllm_sync_interval": 2,
             "trl.vllm_importance_sampling_correction": False,
             "trl.vllm_importance_sampling_cap": 2.0,
+            "trl.vllm_importance_sampling_clip_min": 0.4,
         },
         [
             f"trl.vllm_server_host: {NO_VLLM}",
@@ -713,6 +814,7 @@ WARNINGS = {
             f"trl.vllm_sync_interval: {NO_VLLM}",
             f"trl.vllm_importance_sampling_correction: {NO_VLLM}",
             f"trl.vllm_importance_sampling_cap: {NO_VLLM}",
+            f"trl.vllm_importance_sampling_clip_min: {NO_VLLM}",
         ],
     ),
     "vllm keys with vllm": (

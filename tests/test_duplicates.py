@@ -166,7 +166,7 @@ def test_structured_identical_completions_get_bitwise_identical_scores_under_bf1
         mask_truncated_completions=False,
         skip_zero_advantage_batches=False,
         is_correction=False,
-        is_cap=3.0,
+        is_bounds=(1 / 3.0, 3.0),
         rl_coef=1.0,
         ce_coef=0.0,
         sequence_len=128,

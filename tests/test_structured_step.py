@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from ebft import features as feat
 from ebft import losses, rewards
+from ebft.config import TrlSection
 from ebft.data.structured import prompt_row
 from ebft.models import FeatureNetwork
 from ebft.sampling import truncation_keep
@@ -64,7 +65,7 @@ def _settings(tok, **over) -> StructuredSettings:
         "mask_truncated_completions": False,
         "skip_zero_advantage_batches": False,
         "is_correction": False,
-        "is_cap": 3.0,
+        "is_bounds": (1 / 3.0, 3.0),
         "rl_coef": 1.0,
         "ce_coef": 0.0,
         "sequence_len": SEQ_LEN,
@@ -943,7 +944,12 @@ def test_importance_weights_with_masked_truncated_completions(tiny_model_dir, ti
     completion must still weight its finished completions' tokens by pi_old / pi_sampler."""
     tok = tiny_tokenizer
     s = _settings(
-        tok, num_generations=2, loss_type="dapo", mask_truncated_completions=True, is_correction=True, is_cap=3.0
+        tok,
+        num_generations=2,
+        loss_type="dapo",
+        mask_truncated_completions=True,
+        is_correction=True,
+        is_bounds=(1 / 3.0, 3.0),
     )
     model = _load(tiny_model_dir, lm_head_scale=4.0)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -972,7 +978,7 @@ def test_importance_weights_only_where_the_sampler_reported_log_probs(tiny_model
     """A sample without sampler log-probs (a re-tokenised multi-turn reply) keeps weight 1, while the
     others in its micro-batch are still weighted by pi_old / pi_sampler."""
     tok = tiny_tokenizer
-    s = _settings(tok, num_generations=2, loss_type="dapo", is_correction=True, is_cap=3.0)
+    s = _settings(tok, num_generations=2, loss_type="dapo", is_correction=True, is_bounds=(1 / 3.0, 3.0))
     model = _load(tiny_model_dir, lm_head_scale=4.0)
     params = [p for p in model.parameters() if p.requires_grad]
     row = _row(tok, [_user("question")], "answer")
@@ -996,6 +1002,39 @@ def test_importance_weights_only_where_the_sampler_reported_log_probs(tiny_model
     logp_a = _teacher_forced_logp(model, samples[0].sequence)[len(row.prompt_ids) - 1 :]
     logp_b = _teacher_forced_logp(model, samples[1].sequence)[len(row.prompt_ids) - 1 :]
     loss = (-3.0 * 1.0 * logp_a.sum() - 1.0 * (-1.0) * logp_b.sum()) / tokens
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_importance_weights_are_clamped_to_the_trl_clip_bounds(tiny_model_dir, tiny_tokenizer):
+    """trl.vllm_importance_sampling_clip_min / _max (axolotl 0.19's names) set both ends of the clamp."""
+    tok = tiny_tokenizer
+    trl = TrlSection(vllm_importance_sampling_clip_min=0.5, vllm_importance_sampling_clip_max=2.5)
+    s = _settings(tok, num_generations=2, loss_type="dapo", is_correction=True, is_bounds=trl.importance_weight_bounds)
+    model = _load(tiny_model_dir, lm_head_scale=4.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    row = _row(tok, [_user("question")], "answer")
+    a_ids = tuple(_ids(tok, "first reply") + [tok.eos_token_id])
+    b_ids = tuple(_ids(tok, "second") + [tok.eos_token_id])
+    with torch.no_grad():
+        logp_a_now = _teacher_forced_logp(model, list(row.prompt_ids) + list(a_ids))[len(row.prompt_ids) - 1 :]
+        logp_b_now = _teacher_forced_logp(model, list(row.prompt_ids) + list(b_ids))[len(row.prompt_ids) - 1 :]
+    # a: sampler log-probs log 4 below the policy's, raw w = 4, clamped to clip_max 2.5 (the cap 3 is not read).
+    # b: sampler log-probs log 4 above, raw w = 1/4, clamped to clip_min 0.5 (not 1/cap or 1/clip_max = 0.4).
+    a = Completion(a_ids, True, tuple((logp_a_now - math.log(4.0)).tolist()))
+    b = Completion(b_ids, True, tuple((logp_b_now + math.log(4.0)).tolist()))
+    samples = [_single_turn(row, c, s, tok) for c in (a, b)]
+    advantage = torch.tensor([1.0, -1.0])
+    zeros = torch.zeros(1, 2)
+    buffer = RolloutBuffer([row], samples, Scores(zeros, zeros, zeros, zeros, zeros[:, 0]), advantage, 0)
+    (sums,) = _run_step(model, buffer, s, tok, [[0, 1]])
+    got = _flat_grad(params)
+    # Raw ratios before the clamp: 4 per token of a, 1/4 per token of b.
+    assert sums["is_ratio_sum"] == pytest.approx(4.0 * len(a_ids) + 0.25 * len(b_ids), rel=1e-4)
+    tokens = len(a_ids) + len(b_ids)  # dapo: mean over every loss token of the step
+    logp_a = _teacher_forced_logp(model, samples[0].sequence)[len(row.prompt_ids) - 1 :]
+    logp_b = _teacher_forced_logp(model, samples[1].sequence)[len(row.prompt_ids) - 1 :]
+    loss = (-2.5 * 1.0 * logp_a.sum() - 0.5 * (-1.0) * logp_b.sum()) / tokens
     want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 

@@ -36,7 +36,7 @@ def _settings(tok, stop_ids) -> StructuredSettings:
         mask_truncated_completions=False,
         skip_zero_advantage_batches=False,
         is_correction=False,
-        is_cap=3.0,
+        is_bounds=(1 / 3.0, 3.0),
         rl_coef=1.0,
         ce_coef=0.1,
         sequence_len=SEQ_LEN,

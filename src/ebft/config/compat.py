@@ -93,9 +93,22 @@ UNSUPPORTED_TRL_KEYS: dict[str, str] = {
     "replay_buffer_size": "the replay buffer of axolotl's data producer is not implemented",
 }
 
+# axolotl's EBFT strategy never hands its entropy keys to TRL (only its GRPO strategy does).
+_NO_ENTROPY_BONUS = (
+    "axolotl's EBFT trainers do not pass the entropy settings to TRL, so they add no entropy bonus, and "
+    "neither does ebft (its policy loss has no entropy term)"
+)
+
 # trl: keys of axolotl's schema that change nothing here: key -> what happens instead. A value that
 # is not null gives one warning.
 IGNORED_TRL_KEYS: dict[str, str] = {
+    "entropy_coef": _NO_ENTROPY_BONUS,
+    "use_adaptive_entropy": _NO_ENTROPY_BONUS,
+    "entropy_target": _NO_ENTROPY_BONUS,
+    "entropy_coef_delta": _NO_ENTROPY_BONUS,
+    "entropy_coef_min": _NO_ENTROPY_BONUS,
+    "entropy_coef_max": _NO_ENTROPY_BONUS,
+    "log_multimodal": "ebft trains text-only models, so completions are logged as text only",
     "ref_model_mixup_alpha": "there is no reference model (EBFT has no KL penalty)",
     "use_bias_correction_kl": "there is no KL term to correct (EBFT has no KL penalty)",
     "multi_objective_aggregation": "there is one reward (feature matching), so both aggregations are the same",
@@ -114,8 +127,8 @@ LIMITED_TRL_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
     ),
     "vllm_importance_sampling_mode": (
         ("token_truncate",),
-        "importance weights are per token and clamped to [1/cap, cap] (token_truncate); masking modes are not "
-        "implemented",
+        "importance weights are per token and clamped to their bounds (token_truncate; "
+        "vllm_importance_sampling_clip_min/_max, default [1/cap, cap]); masking modes are not implemented",
     ),
     "prefetch_depth": ((1,), "async_prefetch generates exactly one rollout batch ahead"),
     "reroll_start_fraction": ((1.0,), "zero-signal prompts are never re-rolled (1.0 disables re-rolling)"),

@@ -268,7 +268,20 @@ class TrlSection(Section):
     vllm_importance_sampling_cap: float = Field(
         3.0,
         gt=1.0,
-        description="Importance weights are clamped to [1/cap, cap] (> 1).",
+        description="Importance weights are clamped to [1/cap, cap] (> 1); read only when "
+        "vllm_importance_sampling_clip_max is null.",
+    )
+    vllm_importance_sampling_clip_max: float | None = Field(
+        None,
+        gt=0.0,
+        description="Upper bound of the importance weights (> 0; TRL's newer name for vllm_importance_sampling_cap); "
+        "null = vllm_importance_sampling_cap.",
+    )
+    vllm_importance_sampling_clip_min: float | None = Field(
+        None,
+        ge=0.0,
+        description="Lower bound of the importance weights (>= 0, below the upper bound; 0 = no lower bound); "
+        "null = 1 / the upper bound (TRL's null means no lower bound).",
     )
     use_data_producer: bool | None = Field(
         None,
@@ -324,6 +337,38 @@ class TrlSection(Section):
     def clip_high(self) -> float:
         """The upper clipping range: epsilon_high, or epsilon when that is not set."""
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def importance_weight_bounds(self) -> tuple[float, float]:
+        """(low, high) that importance weights are clamped to: the clip keys, else [1/cap, cap]."""
+        high = self.vllm_importance_sampling_cap
+        if self.vllm_importance_sampling_clip_max is not None:
+            high = self.vllm_importance_sampling_clip_max
+        low = 1.0 / high if self.vllm_importance_sampling_clip_min is None else self.vllm_importance_sampling_clip_min
+        return low, high
+
+    @model_validator(mode="after")
+    def _importance_bounds_agree(self) -> TrlSection:
+        cap, clip_max = self.vllm_importance_sampling_cap, self.vllm_importance_sampling_clip_max
+        # cap's default says nothing, so only a cap the file changed can disagree with clip_max.
+        default_cap = type(self).model_fields["vllm_importance_sampling_cap"].default
+        if clip_max is not None and cap not in (default_cap, clip_max):
+            raise Problems(
+                [
+                    (
+                        "vllm_importance_sampling_cap",
+                        "conflicts with vllm_importance_sampling_clip_max, the newer name of the same upper "
+                        f"bound ({clip_max}); keep only clip_max (got {cap})",
+                    )
+                ]
+            )
+        low, high = self.importance_weight_bounds
+        if low >= high:
+            key = "vllm_importance_sampling_clip_min"
+            if self.vllm_importance_sampling_clip_min is None:
+                key = "vllm_importance_sampling_clip_max"
+            raise Problems([(key, f"the importance-weight bounds must have low < high (got [{low:g}, {high:g}])")])
+        return self
 
     @field_validator("generation_kwargs", "chat_template_kwargs", mode="before")
     @classmethod

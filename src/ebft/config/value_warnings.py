@@ -30,6 +30,8 @@ _TRL_VLLM_ONLY_KEYS = (
     "vllm_sync_interval",
     "vllm_importance_sampling_correction",
     "vllm_importance_sampling_cap",
+    "vllm_importance_sampling_clip_max",
+    "vllm_importance_sampling_clip_min",
 )
 
 

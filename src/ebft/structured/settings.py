@@ -36,7 +36,7 @@ class StructuredSettings:
     mask_truncated_completions: bool
     skip_zero_advantage_batches: bool
     is_correction: bool
-    is_cap: float
+    is_bounds: tuple[float, float]
     rl_coef: float
     ce_coef: float
     sequence_len: int
@@ -65,7 +65,7 @@ class StructuredSettings:
             mask_truncated_completions=t.mask_truncated_completions,
             skip_zero_advantage_batches=t.skip_zero_advantage_batches,
             is_correction=t.use_vllm and t.vllm_importance_sampling_correction,
-            is_cap=t.vllm_importance_sampling_cap,
+            is_bounds=t.importance_weight_bounds,
             rl_coef=e.rl_coef,
             ce_coef=e.ce_coef,
             sequence_len=cfg.sequence_len,

@@ -272,8 +272,8 @@ def _importance_weights(
     """Per-token weights ``[T]`` correcting for the sampler, or None when there is nothing to correct.
 
     Off-policy correction for samples drawn by a stale or numerically different sampler (vLLM):
-    w = pi_old / pi_behaviour per token, clamped to [1/cap, cap] both ways. Samples whose sampler
-    log-probs are unknown (multi-turn replies, re-tokenised) keep weight 1.
+    w = pi_old / pi_behaviour per token, clamped to the trl importance-weight bounds [low, high]. Samples
+    whose sampler log-probs are unknown (multi-turn replies, re-tokenised) keep weight 1.
     """
     reported = [q.behaviour_logprobs is not None for q in samples]
     if not (s.is_correction and any(reported)):
@@ -287,7 +287,7 @@ def _importance_weights(
         sums["is_ratio_sum"] = float(raw[covered].sum())
         sums["is_ratio_min"] = float(raw[covered].min())
         sums["is_tokens"] = float(covered.sum())
-    return raw.clamp(1.0 / s.is_cap, s.is_cap)
+    return raw.clamp(*s.is_bounds)
 
 
 def _ce_term(
