@@ -1,4 +1,4 @@
-"""Sparse attention for the packed strided rows (reference spec 11.2, item 3).
+"""Sparse attention for the packed strided rows (reference spec 11.2, item 3; DESIGN 6c).
 
 The strided mask is 75-85% empty: a generated query sees only the document prefix before its anchor
 and the earlier tokens of its own g-token rollout. Dense attention over the S x S mask wastes most of
@@ -9,6 +9,10 @@ its work. This module computes the same attention piecewise:
   chunk's latest anchor needs plus the chunk's own generated tokens, with an exact boolean mask.
 
 On CUDA a flex_attention BlockMask (``layout.flex_block_mask``) does the same job inside one kernel.
+Every pass over packed rows runs here, the KV-cached generation included, so each layer's own
+attention (its sliding window, scaling, soft-capping, GQA) is applied in one place and the packed row
+computes what the layer computes on each block alone.
+
 The functions plug into transformers through its public ``AttentionInterface`` under the name
 ``ebft_strided``; the plan travels to every layer as the ``ebft_plan`` keyword of the forward call.
 """
@@ -16,37 +20,126 @@ The functions plug into transformers through its public ``AttentionInterface`` u
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from ebft.strided.kernels import attend, causal_window_mask, softcap, window_mask
 from ebft.strided.layout import StridedLayout
 
 NAME = "ebft_strided"
 # Generated queries per chunk: the chunk re-reads the document prefix once, so larger chunks read it
 # fewer times but attend over more of their own (mostly masked) generated keys. ~256 balances the two.
 CHUNK_QUERIES = 256
+# Attention-function keywords of transformers models that change the result and are not implemented
+# here; ``ebft.strided.architecture`` refuses such models at load time, this is the last line of defence.
+UNSUPPORTED_KWARGS = {"s_aux": "attention sinks (GPT-OSS `sinks`)"}
+
+
+@dataclass
+class MaskedQueries:
+    """Queries attending over an explicit key set: base mask [D, 1, Q, K] and the position ids of both
+    sides ([D, Q], [D, K]) from which each sliding window is derived (and kept per window)."""
+
+    mask: torch.Tensor
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    windowed: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        if window is None:
+            return self.mask
+        if window not in self.windowed:
+            self.windowed[window] = self.mask & window_mask(self.q_pos, self.k_pos, window)
+        return self.windowed[window]
 
 
 @dataclass
 class Chunk:
-    """One group of generated queries: packed positions q_index [Q], keys k_index [P + Q], mask [D, 1, Q, P + Q]."""
+    """One group of generated queries: packed positions q_index [Q], keys k_index [P + Q], and its mask."""
 
     q_index: torch.Tensor
     k_index: torch.Tensor
-    mask: torch.Tensor
+    masked: MaskedQueries
+
+
+@dataclass
+class DocumentPlan:
+    """Causal attention over the first ``doc_len`` rows (documents keep positions 0..L-1)."""
+
+    doc_len: int
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def attend(self, query, key, value, *, scaling, window, softcap_value, dropout):
+        L = self.doc_len
+        q, k, v = query[:, :, :L], key[:, :, :L], value[:, :, :L]
+        if window is None:
+            # Right padding never precedes a real token, so plain causal attention is exact.
+            return attend(q, k, v, None, scaling=scaling, softcap_value=softcap_value, dropout=dropout, is_causal=True)
+        if window not in self.masks:
+            self.masks[window] = causal_window_mask(L, window, query.device)
+        return attend(q, k, v, self.masks[window], scaling=scaling, softcap_value=softcap_value, dropout=dropout)
+
+
+@dataclass
+class DecodePlan:
+    """One KV-cached decoding step: the new queries against every cached key (generation)."""
+
+    masked: MaskedQueries
+
+    def attend(self, query, key, value, *, scaling, window, softcap_value, dropout):
+        mask = self.masked.mask_for(window)
+        return attend(query, key, value, mask, scaling=scaling, softcap_value=softcap_value, dropout=dropout)
 
 
 @dataclass
 class StridedPlan:
-    """Everything the attention function needs for one packed batch; built once per micro-batch."""
+    """Everything the attention function needs for one packed batch; built once per micro-batch.
+
+    CPU: the document part and the chunks. CUDA (``flex_layout`` set): one flex_attention BlockMask per
+    sliding window, built on first use.
+    """
 
     doc_len: int
     chunks: list[Chunk]
     restore: torch.Tensor  # [G]: position in the chunk-ordered output of each generated packed row
-    block_mask: object | None = None  # flex_attention BlockMask (CUDA), used instead of the chunks
+    flex_layout: StridedLayout | None = None
+    block_masks: dict = field(default_factory=dict)
     compile_flex: bool = True  # False: flex_attention runs eagerly, a reference for the compiled kernel
+    document: DocumentPlan = field(init=False)
+
+    def __post_init__(self):
+        self.document = DocumentPlan(self.doc_len)
+
+    @property
+    def uses_flex(self) -> bool:
+        return self.flex_layout is not None
+
+    def block_mask(self, window: int | None):
+        if window not in self.block_masks:
+            from ebft.strided.layout import flex_block_mask
+
+            self.block_masks[window] = flex_block_mask(self.flex_layout, window)
+        return self.block_masks[window]
+
+    def attend(self, query, key, value, *, scaling, window, softcap_value, dropout):
+        if self.uses_flex:
+            if dropout > 0:
+                raise ValueError(
+                    f"the model asks for attention dropout {dropout}, which flex_attention does not implement; "
+                    "set the model config's attention_dropout to 0"
+                )
+            return _flex(query, key, value, self.block_mask(window), scaling, softcap_value, self.compile_flex)
+        kw = {"scaling": scaling, "softcap_value": softcap_value, "dropout": dropout}
+        doc = self.document.attend(query, key, value, window=window, **kw)
+        parts = [
+            attend(
+                query[:, :, c.q_index], key[:, :, c.k_index], value[:, :, c.k_index], c.masked.mask_for(window), **kw
+            )
+            for c in self.chunks
+        ]
+        gen = torch.cat(parts, dim=2)[:, :, self.restore]
+        return torch.cat([doc, gen], dim=2)
 
 
 def build_plan(
@@ -54,15 +147,13 @@ def build_plan(
 ) -> StridedPlan:
     """Split the generated queries into chunks of whole blocks (all their steps and samples).
 
-    ``use_flex``: one flex_attention BlockMask instead (CUDA), compiled on CUDA unless ``compile_flex`` is False.
+    ``use_flex``: flex_attention BlockMasks instead (CUDA), compiled on CUDA unless ``compile_flex`` is False.
     """
     if use_flex:
-        from ebft.strided.layout import flex_block_mask
-
-        mask = flex_block_mask(layout)
-        return StridedPlan(layout.doc_len, [], torch.empty(0), block_mask=mask, compile_flex=compile_flex)
+        return StridedPlan(layout.doc_len, [], torch.empty(0), flex_layout=layout, compile_flex=compile_flex)
     dev = layout.anchors.device
     L, n, K, g = layout.doc_len, layout.n, layout.k, layout.g
+    positions = layout.position_ids()  # [D, S]
     gen_index = layout.gen_index()  # [n, K, g] packed positions
     blocks_per_chunk = max(1, chunk_queries // (n * g))
     chunks, order = [], []
@@ -81,30 +172,30 @@ def build_plan(
         to_gen = (q_rollout[:, None] == q_rollout[None, :]) & (q_step[None, :] <= q_step[:, None])  # [Q, Q]
         mask = torch.cat([to_doc, to_gen[None].expand(layout.num_docs, -1, -1)], dim=-1)[:, None]
         k_index = torch.cat([torch.arange(prefix, device=dev), q_index])
-        chunks.append(Chunk(q_index=q_index, k_index=k_index, mask=mask))
+        masked = MaskedQueries(mask, positions[:, q_index], positions[:, k_index])
+        chunks.append(Chunk(q_index=q_index, k_index=k_index, masked=masked))
         order.append(q_index)
     restore = torch.empty(layout.total_len - L, dtype=torch.long, device=dev)
     restore[torch.cat(order) - L] = torch.arange(restore.numel(), device=dev)
     return StridedPlan(doc_len=L, chunks=chunks, restore=restore)
 
 
-def _sdpa(q, k, v, mask, scaling, dropout, is_causal=False):
-    return F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=mask,
-        dropout_p=dropout,
-        is_causal=is_causal,
-        scale=scaling,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
-
-
 _compiled_flex = None
+_score_mods: dict[float, object] = {}
 
 
-def _flex(q, k, v, block_mask, scaling, compiled: bool):
+def _softcap_score_mod(cap: float):
+    """flex_attention score_mod for soft-capping; one function object per cap so compiled kernels are reused."""
+    if cap not in _score_mods:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return softcap(score, cap)
+
+        _score_mods[cap] = score_mod
+    return _score_mods[cap]
+
+
+def _flex(q, k, v, block_mask, scaling, softcap_value, compiled: bool):
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -114,26 +205,26 @@ def _flex(q, k, v, block_mask, scaling, compiled: bool):
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention)
         fn = _compiled_flex
-    return fn(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    score_mod = _softcap_score_mod(softcap_value) if softcap_value is not None else None
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def strided_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention function: query [D, H, S, d], key/value [D, H_kv, S, d] -> [D, S, H, d]."""
-    plan: StridedPlan | None = kwargs.get("ebft_plan")
+def strided_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None, **kwargs
+):
+    """transformers attention function: query [D, H, Q, d], key/value [D, H_kv, K, d] -> [D, Q, H, d].
+
+    ``scaling``, ``sliding_window`` and ``softcap`` are the calling layer's own (None where the layer
+    has none); the plan supplies the strided structure.
+    """
+    plan = kwargs.get("ebft_plan")
     if plan is None:
         raise RuntimeError("the ebft_strided attention needs the ebft_plan keyword; use strided_forward()")
-    if plan.block_mask is not None:
-        out = _flex(query, key, value, plan.block_mask, scaling, plan.compile_flex)
-        return out.transpose(1, 2).contiguous(), None
-    L = plan.doc_len
-    # Document queries see only document keys, causally; right padding never precedes a real token.
-    doc = _sdpa(query[:, :, :L], key[:, :, :L], value[:, :, :L], None, scaling, dropout, is_causal=True)
-    parts = [
-        _sdpa(query[:, :, c.q_index], key[:, :, c.k_index], value[:, :, c.k_index], c.mask, scaling, dropout)
-        for c in plan.chunks
-    ]
-    gen = torch.cat(parts, dim=2)[:, :, plan.restore]
-    return torch.cat([doc, gen], dim=2).transpose(1, 2).contiguous(), None
+    for name, what in UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"{type(module).__name__} uses {what}, which strided mode cannot compute")
+    out = plan.attend(query, key, value, scaling=scaling, window=sliding_window, softcap_value=softcap, dropout=dropout)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _no_mask(*args, **kwargs):

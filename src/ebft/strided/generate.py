@@ -5,16 +5,23 @@ token; then g - 1 decoding steps each feed the n*K tokens of the previous step a
 under the strided mask. Only the rows that are sampled go through the LM head. Cost per document is
 about L + (g - 1) * n * K token-forwards instead of n * (g * L + ...) for the reference's full
 recompute (reference spec 11.2, items 1 and 7).
+
+Prefill and decoding run through the ``ebft_strided`` attention (``DocumentPlan``, ``DecodePlan``), so
+each layer applies its own sliding window on position ids, its scaling and soft-capping, exactly as in
+the training and feature passes. The cache keeps every key of every layer: a block's prefix ends at
+its own anchor, not at the newest cached token, so a sliding-window layer's cache cannot be trimmed.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import inspect
+from contextlib import ExitStack
 
 import torch
 
-from ebft.models import backbone_of
+from ebft.models import backbone_of, output_head
 from ebft.sampling import sample_tokens
+from ebft.strided.attention import DecodePlan, DocumentPlan, MaskedQueries, strided_backend
 from ebft.strided.layout import StridedLayout
 
 
@@ -46,21 +53,23 @@ def generate_blocks(
     n, K, g = layout.n, layout.k, layout.g
     mask = layout.attention_mask() if mask is None else mask
     pos = layout.position_ids() if position_ids is None else position_ids
-    body, head = backbone_of(model), model.get_output_embeddings()
-    autocast = (
-        torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    )
+    body, head = backbone_of(model), output_head(model)
+    cache_kw = cache_keyword(body)
     was_training = model.training
     model.eval()
     try:
-        with autocast:
-            cache = DynamicCache(config=model.config)
+        with ExitStack() as stack:
+            stack.enter_context(strided_backend(model))
+            if autocast_dtype is not None:
+                stack.enter_context(torch.autocast(input_ids.device.type, dtype=autocast_dtype))
+            # No config: every layer keeps all its keys (see the module docstring).
+            cache = DynamicCache()
             out = body(
                 input_ids=input_ids,
-                attention_mask=mask[:, :, :L, :L],
                 position_ids=pos[:, :L],
-                past_key_values=cache,
                 use_cache=True,
+                ebft_plan=DocumentPlan(L),
+                **{cache_kw: cache},
             )
             # Step 0: the teacher-forced logits at c_k - 1, shared by the n samples of a block.
             last_prefix = out.last_hidden_state.gather(
@@ -71,18 +80,25 @@ def generate_blocks(
             steps = [draw(logits[:, None].expand(-1, n, -1, -1))]  # [D, n, K]
             for t in range(1, g):
                 rows = layout.step_rows(t - 1)
+                step = MaskedQueries(mask[:, :, rows, : rows.stop], pos[:, rows], pos[:, : rows.stop])
                 out = body(
                     input_ids=steps[-1].reshape(D, n * K),
-                    attention_mask=mask[:, :, rows, : rows.stop],
                     position_ids=pos[:, rows],
-                    past_key_values=out.past_key_values,
                     use_cache=True,
+                    ebft_plan=DecodePlan(step),
+                    **{cache_kw: cache},
                 )
                 logits = head(out.last_hidden_state).reshape(D, n, K, -1)
                 steps.append(draw(logits))
     finally:
         model.train(was_training)
     return torch.stack(steps, dim=-1)
+
+
+def cache_keyword(body: torch.nn.Module) -> str:
+    """The name under which ``body.forward`` takes the KV cache: ``cache`` since transformers 5.24
+    (``past_key_values`` is deprecated there, removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
 
 def _sampler(layout: StridedLayout, temperature: float, top_p: float, generators):

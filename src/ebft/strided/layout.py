@@ -14,6 +14,8 @@ Attention rule (paper Section F; reference spec 2.3):
   and the tokens (t', i, k) of its own rollout with t' <= t; nothing else.
 Position ids: document token j -> j; generated token (t, i, k) -> c_k + t, the position of the
 ground-truth token it stands in for.
+A sliding-window layer (window W) further drops every key whose position is W or more below the
+query's position, as the same layer does when the block runs on its own (``kernels.window_mask``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ebft.strided.kernels import window_mask
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,8 @@ class StridedLayout:
         gen = gen.expand(-1, -1, self.n, -1).reshape(self.num_docs, -1)
         return torch.cat([doc, gen], dim=1)
 
-    def attention_mask(self) -> torch.Tensor:
-        """[D, 1, S, S] bool, True where the query may attend to the key."""
+    def attention_mask(self, window: int | None = None) -> torch.Tensor:
+        """[D, 1, S, S] bool, True where the query may attend to the key (in a layer with this ``window``)."""
         D, L, S, dev = self.num_docs, self.doc_len, self.total_len, self.anchors.device
         mask = torch.zeros(D, 1, S, S, dtype=torch.bool, device=dev)
         mask[:, 0, :L, :L] = torch.tril(torch.ones(L, L, dtype=torch.bool, device=dev))
@@ -92,6 +96,9 @@ class StridedLayout:
         same_rollout = q_rollout[:, None] == q_rollout[None, :]
         not_later = q_step[None, :] <= q_step[:, None]
         mask[:, 0, L:, L:] = (same_rollout & not_later)[None]
+        if window is not None:
+            pos = self.position_ids()
+            mask &= window_mask(pos, pos, window)
         return mask
 
     def step_rows(self, t: int) -> slice:
@@ -138,7 +145,7 @@ def build_layout(
     return StridedLayout(doc_len=doc_len, anchors=anchors, valid=valid, n=n, g=gen_len)
 
 
-def flex_mask_mod(layout: StridedLayout):
+def flex_mask_mod(layout: StridedLayout, window: int | None = None):
     """The same rule as :meth:`StridedLayout.attention_mask`, as a flex_attention ``mask_mod``.
 
     Used on CUDA, where a BlockMask skips the ~75-85% of (query, key) tiles that are empty instead of
@@ -146,6 +153,7 @@ def flex_mask_mod(layout: StridedLayout):
     """
     L, per_step, k_slots = layout.doc_len, layout.per_step, layout.k
     anchors = layout.anchors
+    positions = layout.position_ids()
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_gen = q_idx >= L
@@ -158,16 +166,20 @@ def flex_mask_mod(layout: StridedLayout):
         gen_to_gen = (
             q_gen & kv_gen & (q_off % per_step == kv_off % per_step) & (kv_off // per_step <= q_off // per_step)
         )
-        return doc_query | gen_to_doc | gen_to_gen
+        allowed = doc_query | gen_to_doc | gen_to_gen
+        if window is None:
+            return allowed
+        return allowed & (positions[b, q_idx] - positions[b, kv_idx] < window)
 
     return mask_mod
 
 
-def flex_block_mask(layout: StridedLayout):
-    """BlockMask for flex_attention over the packed rows (CUDA training and feature passes)."""
+def flex_block_mask(layout: StridedLayout, window: int | None = None):
+    """BlockMask for flex_attention over the packed rows (CUDA training and feature passes), for layers
+    with this sliding ``window`` (None: global attention)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     S = layout.total_len
     return create_block_mask(
-        flex_mask_mod(layout), B=layout.num_docs, H=None, Q_LEN=S, KV_LEN=S, device=layout.anchors.device
+        flex_mask_mod(layout, window), B=layout.num_docs, H=None, Q_LEN=S, KV_LEN=S, device=layout.anchors.device
     )

@@ -17,7 +17,7 @@ from ebft import rewards
 from ebft.data.collate import DocumentBatch
 from ebft.distributed import Sharding
 from ebft.losses import token_logprobs
-from ebft.models import FeatureNetwork, backbone_of
+from ebft.models import FeatureNetwork, backbone_of, output_head
 from ebft.strided.attention import StridedPlan, build_plan, strided_backend, strided_forward
 from ebft.strided.generate import generate_blocks, pack
 from ebft.strided.layout import StridedLayout, build_layout
@@ -249,7 +249,7 @@ def strided_microbatch(
         r = roll_out(policy, batch, s, generators=generators, autocast_dtype=autocast_dtype)
         scores = score_rollouts(features, r.packed, r.plan, r.positions, r.layout, batch.labels, s)
     layout, tokens = r.layout, r.tokens
-    use_flex = r.plan.block_mask is not None
+    use_flex = r.plan.uses_flex
 
     D, n, K, g = layout.num_docs, layout.n, layout.k, layout.g
     logp = torch.zeros(D, n, K, g, device=device)
@@ -316,7 +316,7 @@ def _policy_document(
     ce_mask = batch.labels[d, 1:] != -100  # target x_{p+1} is predicted at position p
 
     def forward(policy):
-        head = policy.get_output_embeddings()
+        head = output_head(policy)
         with autocast:
             hidden = strided_forward(backbone_of(policy), packed, lay.position_ids(), plan)[0]  # [S, H]
             # RL: generated token (t, i, k) is scored by its own rollout's previous position (predictor_index).
