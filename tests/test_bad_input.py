@@ -357,6 +357,12 @@ CASES: list[tuple[str, Builder, int, list[str]]] = [
         ["sequence_len: 32 exceeds the model's max_position_embeddings (24)"],
     ),
     (
+        "strided mode on an architecture it cannot compute exactly",
+        lambda env: env.train(env.config(base_model=str(_model_copy(env, "chunked", attention_chunk_size=8)))),
+        2,
+        ["base_model: ebft.mode strided cannot compute this 'llama' model exactly", "attention_chunk_size: 8"],
+    ),
+    (
         "truncated weights file",
         _truncated_weights,
         2,

@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ebft.errors import ConfigError
+from ebft.strided.architecture import check_strided_architecture
 
 log = logging.getLogger("ebft")
 
@@ -91,6 +92,8 @@ def check_model_config(cfg) -> None:
         raise ConfigError(
             f"base_model: cannot load the config of {cfg.base_model!r}: {type(exc).__name__}: {exc}"
         ) from exc
+    if cfg.ebft.mode == "strided":
+        check_strided_architecture(config)
     max_pos = getattr(config, "max_position_embeddings", None)
     # Packed strided rows reuse the document's positions (a rollout token takes c_k + t < sequence_len).
     if max_pos is not None and cfg.sequence_len > max_pos:

@@ -1,0 +1,78 @@
+"""Which model architectures strided mode computes exactly (DESIGN 6c), decided from the HF config alone.
+
+The packed strided row runs every attention layer through ``ebft.strided.attention``, which applies what
+transformers' attention modules pass it: the layer's scaling, its sliding window (per layer, so models
+that alternate local and global layers are exact), attention logit soft-capping and grouped-query
+attention; ``ebft.models.output_head`` applies the logit scaling and final soft-capping that follow the
+LM head (Cohere, Granite, Gemma). Anything else that changes
+what the model computes from a prefix is refused here, before any weights load, naming the config key.
+
+``VERIFIED`` are the model types that ``tests/test_architectures.py`` checks against per-block forwards.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ebft.errors import ConfigError
+
+log = logging.getLogger("ebft")
+
+VERIFIED = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+    "cohere",
+    "cohere2",
+    "granite",
+)
+HONOURED_LAYER_TYPES = ("full_attention", "sliding_attention")
+# model_type -> what it computes that the strided attention does not.
+REFUSED_MODEL_TYPES = {
+    "gpt_oss": "attention sinks (the learned per-head `sinks` logits)",
+}
+
+
+def strided_problems(config) -> list[str]:
+    """Reasons (one per config key) why strided mode cannot compute this model exactly; [] if it can."""
+    text = config.get_text_config()
+    model_type = getattr(text, "model_type", None) or getattr(config, "model_type", None)
+    problems = []
+    if model_type in REFUSED_MODEL_TYPES:
+        problems.append(f"model_type: {model_type!r} uses {REFUSED_MODEL_TYPES[model_type]}")
+    layer_types = getattr(text, "layer_types", None) or []
+    others = sorted({t for t in layer_types if t not in HONOURED_LAYER_TYPES})
+    if others:
+        problems.append(f"layer_types: {others} (only {list(HONOURED_LAYER_TYPES)} are computed)")
+    if getattr(text, "attention_chunk_size", None) is not None:
+        problems.append(f"attention_chunk_size: {text.attention_chunk_size} (chunked local attention)")
+    if getattr(text, "use_bidirectional_attention", False):
+        problems.append("use_bidirectional_attention: true (not a causal language model)")
+    if getattr(text, "num_kv_shared_layers", 0):
+        problems.append(f"num_kv_shared_layers: {text.num_kv_shared_layers} (layers reusing another layer's cache)")
+    return problems
+
+
+def check_strided_architecture(config) -> None:
+    """Raise ConfigError if strided mode cannot compute this model exactly; warn if it is not verified."""
+    problems = strided_problems(config)
+    # The top-level type: a multimodal wrapper around a verified text model is itself not verified.
+    model_type = config.model_type
+    if problems:
+        raise ConfigError(
+            f"base_model: ebft.mode strided cannot compute this {model_type!r} model exactly: "
+            + "; ".join(problems)
+            + ". Use ebft.mode: structured, or a model of a supported architecture (README, Supported architectures)"
+        )
+    if model_type not in VERIFIED:
+        log.warning(
+            "strided mode: model_type %r is not among the architectures verified against per-block forwards (%s); "
+            "its sliding windows, scaling and soft-capping are honoured as its attention layers declare them",
+            model_type,
+            ", ".join(VERIFIED),
+        )
