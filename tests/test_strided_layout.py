@@ -140,6 +140,25 @@ def test_cached_greedy_generation_equals_per_block_recompute(model):
                 assert tokens[d, i, k].tolist() == expected.tolist(), (d, i, k)
 
 
+def test_cached_generation_uses_the_current_cache_keyword(model):
+    """transformers 5.24 deprecates ``past_key_values=`` (removed in 5.40): generation must not use it
+    where the model takes ``cache=``, and must keep using it where that is all the model takes (5.0-5.23)."""
+    import warnings
+
+    from ebft.strided.generate import cache_keyword
+
+    lay = _layout([9], 9, n=2, stride=3, ctx=2, g=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        generate_blocks(model, _docs([9])[0], lay, temperature=0.0)
+
+    class Before524(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+            return None
+
+    assert cache_keyword(Before524()) == "past_key_values"
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_gathered_logprobs_equal_teacher_forced_blocks(model, temperature):
     """Oracle (c): log-probs gathered through predictor_index == per-block teacher forcing at T."""

@@ -179,6 +179,10 @@ def test_full_finetune_outputs(tmp_path, tiny_model_dir, text_file):
         loaded = {k: v for k, v in model.state_dict().items() if k in base}
         assert _max_abs_diff(loaded, _weights(directory)) == 0.0
         assert _max_abs_diff(loaded, base) > 0.0, "training did not change the weights"
+        # The saved config is what users load for inference: the KV cache stays on, as in the base model.
+        assert json.loads((directory / "config.json").read_text())["use_cache"] is True
+        assert model.config.use_cache is True
+    assert json.loads((tiny_model_dir / "config.json").read_text())["use_cache"] is True
     assert _max_abs_diff(_weights(out), _weights(out / "checkpoint-2")) > 0.0
 
     assert load_config(out / "config.yaml") == load_config(path)

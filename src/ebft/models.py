@@ -131,10 +131,10 @@ def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
 
 
 def prepare_policy(model: nn.Module, cfg, device: torch.device) -> nn.Module:
-    """A loaded causal LM made into the config's policy: no KV cache in training, gradient checkpointing,
-    LoRA when ``adapter: lora``, on ``device``. (``load_policy`` ends here; benchmarks that build a model
-    from a config in memory start here.)"""
-    model.config.use_cache = False
+    """A loaded causal LM made into the config's policy: gradient checkpointing, LoRA when ``adapter: lora``,
+    on ``device``. (``load_policy`` ends here; benchmarks that build a model from a config in memory start
+    here.) The config's ``use_cache`` is left as the model has it, so a saved model is what users load for
+    inference; every forward in ebft passes ``use_cache`` itself."""
     if cfg.gradient_checkpointing:
         kwargs = dict(cfg.gradient_checkpointing_kwargs or {})
         kwargs.setdefault("use_reentrant", False)
