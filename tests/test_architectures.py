@@ -275,3 +275,30 @@ def test_readme_lists_exactly_the_tested_architectures():
 
     tested = {getattr(transformers, cls)().model_type for cls, _ in ARCHITECTURES.values()}
     assert listed == tested
+
+
+@pytest.mark.parametrize("name", ["gemma2", "cohere", "granite"])
+def test_other_modes_score_tokens_with_the_models_own_logits(name):
+    """Structured policy log-probs and evaluation CE go through output_head too: with final soft-capping
+    or logit scaling they equal log_softmax of the model's own logits."""
+    from types import SimpleNamespace
+
+    from ebft.data.collate import collate_documents
+    from ebft.evaluate.strided import _token_ce
+    from ebft.structured.rollout import Sampling
+    from ebft.structured.sample import Sample
+    from ebft.structured.step import policy_logprobs
+
+    model = build_model(name)
+    seqs = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15]]
+    samples = [Sample(q, 2, [False] * 2 + [True] * (len(q) - 2), 0, True, "") for q in seqs]
+    settings = SimpleNamespace(sampling=Sampling(), logprob_temperature=1.0)
+    batch = collate_documents([{"input_ids": q, "labels": q} for q in seqs], pad_token_id=0)
+    with torch.no_grad():
+        logp, _ = policy_logprobs(model, samples, settings, pad_id=0)
+        nll, mask, _ = _token_ce(model, batch, torch.autocast("cpu", enabled=False))
+        own = [model(torch.tensor([q])).logits[0].log_softmax(-1) for q in seqs]
+    want = torch.cat([o[torch.arange(1, len(q) - 1), torch.tensor(q[2:])] for o, q in zip(own, seqs, strict=True)])
+    torch.testing.assert_close(logp, want, atol=ATOL, rtol=0)
+    want_nll = torch.cat([-o[torch.arange(len(q) - 1), torch.tensor(q[1:])] for o, q in zip(own, seqs, strict=True)])
+    torch.testing.assert_close(nll[mask], want_nll, atol=ATOL, rtol=0)

@@ -16,14 +16,12 @@ from ebft.evaluate.result import ModeRun
 def _token_ce(policy, batch, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced NLL per target: (nll [D, L-1], all-token mask, answer-token mask)."""
     from ebft.losses import token_logprobs
-    from ebft.models import backbone_of
+    from ebft.models import backbone_of, output_head
 
     mask_all, mask_answer = eval_metrics.next_token_masks(batch.lengths, batch.labels, batch.prompt_length)
     with autocast:
         hidden = backbone_of(policy)(input_ids=batch.input_ids, use_cache=False).last_hidden_state  # [D, L, H]
-        logp = token_logprobs(
-            hidden[:, :-1][mask_all], batch.input_ids[:, 1:][mask_all], policy.get_output_embeddings()
-        )
+        logp = token_logprobs(hidden[:, :-1][mask_all], batch.input_ids[:, 1:][mask_all], output_head(policy))
     nll = torch.zeros(mask_all.shape, device=hidden.device)
     nll[mask_all] = -logp.float()
     return nll, mask_all, mask_answer

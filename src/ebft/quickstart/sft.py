@@ -74,7 +74,7 @@ def train_sft(
     from ebft.loop import global_micro_batches
     from ebft.losses import token_logprobs
     from ebft.metrics import MetricsLogger, Progress
-    from ebft.models import backbone_of, load_policy, load_tokenizer, use_bf16
+    from ebft.models import backbone_of, load_policy, load_tokenizer, output_head, use_bf16
     from ebft.trainer import build_optimizer, build_scheduler
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,7 +93,7 @@ def train_sft(
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * len(rows) / (mb * gas)))
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     batches = global_micro_batches(len(rows), mb, cfg.seed)
-    body, head = backbone_of(model), model.get_output_embeddings()
+    body, head = backbone_of(model), output_head(model)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
 
     started = time.perf_counter()

@@ -17,7 +17,7 @@ import torch
 from ebft import losses
 from ebft.data.structured import PromptRow
 from ebft.distributed import Sharding
-from ebft.models import backbone_of
+from ebft.models import backbone_of, output_head
 from ebft.structured.chat import conversation_tokens
 from ebft.structured.multiturn import roll_out_conversations
 from ebft.structured.rollout import Completion, RolloutBackend
@@ -107,7 +107,7 @@ def policy_logprobs(
     result = losses.token_logprobs(
         hidden[rows, cols - 1],
         ids[rows, cols],
-        model.get_output_embeddings(),
+        output_head(model),
         temperature=s.logprob_temperature,
         top_p=sm.top_p,
         top_k=sm.top_k,
