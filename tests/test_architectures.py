@@ -302,3 +302,69 @@ def test_other_modes_score_tokens_with_the_models_own_logits(name):
     torch.testing.assert_close(logp, want, atol=ATOL, rtol=0)
     want_nll = torch.cat([-o[torch.arange(len(q) - 1), torch.tensor(q[1:])] for o, q in zip(own, seqs, strict=True)])
     torch.testing.assert_close(nll[mask], want_nll, atol=ATOL, rtol=0)
+
+
+def test_gemma2_trains_in_strided_mode_with_per_block_exact_logprobs(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """End to end through the CLI on a sliding-window, soft-capped model that has no SDPA path: it loads
+    (eager), passes the architecture check, and every log-prob the first step trained on equals the base
+    model's own per-block log-prob (windows of 6 with prefixes of up to 56 tokens)."""
+    import json
+    import shutil
+
+    import transformers
+    import yaml
+    from conftest import stdlib_texts
+
+    from ebft.cli import main
+
+    tok = tiny_tokenizer
+    ids = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    _, extra = ARCHITECTURES["gemma2"]
+    config = transformers.Gemma2Config(**{**COMMON, **ids, "vocab_size": len(tok)}, **{**extra, "sliding_window": 6})
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model_dir = tmp_path / "gemma2"
+    base.save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, model_dir / name)
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": t[:3000]}) + "\n" for t in stdlib_texts(4)), encoding="utf-8")
+    run = {
+        "base_model": str(model_dir),
+        "rl": "ebft",
+        "ebft": {
+            "mode": "strided",
+            "stride": 8,
+            "context_length": 8,
+            "generate_max_len": 8,
+            "n_samples_per_prompt": 2,
+            "temperature": 0.8,
+            "log_rollouts": True,
+        },
+        "datasets": [{"path": str(data), "type": "ebft_pretrain.transform", "pack": False}],
+        "sequence_len": 64,
+        "micro_batch_size": 1,
+        "max_steps": 1,
+        "bf16": False,
+        "seed": 0,
+        "output_dir": str(tmp_path / "out"),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run), encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+
+    records = [json.loads(line) for line in (tmp_path / "out" / "rollouts.jsonl").read_text().splitlines()]
+    checked = 0
+    with torch.no_grad():
+        for record in records:
+            doc = torch.tensor(record["input_ids"])
+            # Rows of 64 tokens, anchors 8, 16, ..., 56 (c + 8 <= 64): 7 blocks, each of 2 samples.
+            assert record["anchors"] == [8, 16, 24, 32, 40, 48, 56]
+            for sample in record["samples"]:
+                for c, block in zip(record["anchors"], sample, strict=True):
+                    tokens = torch.tensor(block["tokens"])
+                    logits = base(torch.cat([doc[:c], tokens])[None]).logits[0, c - 1 : c - 1 + 8] / 0.8
+                    want = logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+                    torch.testing.assert_close(torch.tensor(block["logprobs"]), want, atol=1e-4, rtol=0)
+                    checked += 1
+    assert checked == 14

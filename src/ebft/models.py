@@ -115,11 +115,10 @@ def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
 
     _require_local_folder("base_model", cfg.base_model)
     try:
+        # No attn_implementation: transformers then takes SDPA, or eager where the architecture has no
+        # SDPA path (Gemma-2's soft-capping). Strided passes swap in their own backend (strided.attention).
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.base_model,
-            dtype=policy_dtype(cfg, device),
-            attn_implementation="sdpa",
-            trust_remote_code=cfg.trust_remote_code,
+            cfg.base_model, dtype=policy_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code
         )
     # RuntimeError: weights whose shapes do not match config.json; SafetensorError: a truncated or
     # corrupt weights file (an interrupted download).
