@@ -368,3 +368,34 @@ def test_gemma2_trains_in_strided_mode_with_per_block_exact_logprobs(tmp_path, t
                     torch.testing.assert_close(torch.tensor(block["logprobs"]), want, atol=1e-4, rtol=0)
                     checked += 1
     assert checked == 14
+
+
+def test_evaluate_refuses_what_strided_mode_cannot_compute(tmp_path, tiny_model_dir, capsys):
+    """``ebft evaluate`` runs the same load-time check as training, before any weights load."""
+    import json
+    import shutil
+
+    import yaml
+
+    from ebft.cli import main
+
+    model_dir = tmp_path / "chunked"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "attention_chunk_size": 8}))
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"text": "def f(x):\n    return x\n" * 40}) + "\n", encoding="utf-8")
+    run = {
+        "base_model": str(model_dir),
+        "rl": "ebft",
+        "ebft": {"mode": "strided", "stride": 8, "context_length": 8, "generate_max_len": 4, "n_samples_per_prompt": 2},
+        "datasets": [{"path": str(data), "type": "ebft_pretrain.transform"}],
+        "sequence_len": 48,
+        "micro_batch_size": 1,
+        "bf16": False,
+        "output_dir": str(tmp_path / "out"),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run), encoding="utf-8")
+    assert main(["evaluate", str(path), "--split", "train"]) == 2
+    assert "cannot compute this 'llama' model exactly: attention_chunk_size: 8" in capsys.readouterr().err

@@ -51,8 +51,9 @@ def load_models(cfg, checkpoint: str | Path | None, device: torch.device):
     The feature source is always the base model's weights: the policy itself where they are shared
     (base, or LoRA under ``disable_adapter``), else a separately loaded base model.
     """
-    from ebft.models import load_policy, load_tokenizer
+    from ebft.models import check_model_config, load_policy, load_tokenizer
 
+    check_model_config(cfg)
     if checkpoint is None:
         tokenizer = load_tokenizer(cfg)
         policy = load_policy(_plain(cfg, cfg.base_model), tokenizer, device)
