@@ -485,14 +485,34 @@ ERROR_CASES = {
         ["micro_batch_size: micro_batch_size * gradient_accumulation_steps = 3 * 1 must be a multiple of"],
     ),
     "fp16": ({"fp16": True}, ["fp16: fp16 training is not supported"]),
-    "load_in_8bit": (
+    "load_in_8bit without adapter": (
         {"load_in_8bit": True},
-        ["load_in_8bit: quantised (8-bit) base models are not supported"],
+        ["load_in_8bit: quantised weights cannot be trained; set adapter: qlora (4-bit) or adapter: lora"],
     ),
-    "load_in_4bit": (
+    "load_in_4bit without adapter": (
         {"load_in_4bit": True},
-        ["load_in_4bit: quantised (4-bit) base models are not supported"],
+        ["load_in_4bit: quantised weights cannot be trained"],
     ),
+    "both quantisations": (
+        {"load_in_4bit": True, "load_in_8bit": True, "adapter": "lora", "lora_target_linear": True},
+        ["load_in_8bit: set load_in_4bit or load_in_8bit, not both"],
+    ),
+    "qlora without 4-bit": (
+        {"adapter": "qlora", "lora_target_linear": True},
+        ["adapter: qlora is LoRA over a 4-bit base: set load_in_4bit: true"],
+    ),
+    "qlora with fsdp": (
+        {"adapter": "qlora", "load_in_4bit": True, "lora_target_linear": True, "fsdp_version": 2},
+        ["load_in_4bit: cannot be combined with fsdp_version: 2"],
+    ),
+    "lora_model_dir without adapter": (
+        {"lora_model_dir": "sft-adapter"},
+        ["lora_model_dir: a LoRA adapter is trained further only with adapter: lora (or qlora)"],
+    ),
+    "merge_lora without adapter": ({"merge_lora": True}, ["merge_lora: there is no adapter to merge"]),
+    "push_to_hub without repo": ({"push_to_hub": True}, ["push_to_hub: set hub_model_id"]),
+    "bad hub repo id": ({"hub_model_id": "a/b/c"}, ["hub_model_id: must be 'name' or 'namespace/name'"]),
+    "unknown hub strategy": ({"hub_strategy": "sometimes"}, ["hub_strategy: must be 'end', 'every_save'"]),
     "deepspeed": ({"deepspeed": "ds_zero3.json"}, ["deepspeed: DeepSpeed is not supported"]),
     "fsdp": ({"fsdp": ["full_shard"]}, ["fsdp: the FSDP1 option list is not supported"]),
     "train_on_split conflicts with split": (

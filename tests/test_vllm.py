@@ -312,6 +312,22 @@ def test_first_sync_of_a_resumed_run_loads_whatever_the_interval(client, fake, t
     backend.close()
 
 
+def test_first_sync_of_a_warm_start_loads_at_step_0(client, fake, tmp_path, tiny_model_dir):
+    backend = VLLMBackend(
+        client,
+        sampling=Sampling(),
+        lora_name="policy",
+        adapter_dir=tmp_path / "adapters",
+        sync_interval=4,
+        base_model_name=fake.served_model_name,
+        fresh_adapter=False,  # lora_model_dir: the adapter is trained, the server's base is not the policy
+    )
+    backend.sync(_peft_model(tiny_model_dir, scale=0.1), 0)
+    (load,) = fake.calls("/v1/load_lora_adapter")
+    assert load.body["lora_name"].endswith("-step0") and backend.model_name == load.body["lora_name"]
+    backend.close()
+
+
 def test_failed_load_keeps_the_previous_adapter(client, fake, tmp_path, tiny_model_dir):
     backend = _backend(client, fake, tmp_path)
     model = _peft_model(tiny_model_dir, scale=0.1)

@@ -1,5 +1,5 @@
 """Command-line front door: ``ebft validate|train|evaluate|vllm-serve CFG [--key=value ...]``,
-``ebft quickstart``, ``ebft plot RUN_DIR``."""
+``ebft quickstart``, ``ebft plot RUN_DIR``, ``ebft merge-lora RUN_DIR [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -66,7 +66,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("run_dir", help="a training output folder holding metrics.jsonl")
     plot.add_argument("--out", default=None, help="folder for the PNGs (default: RUN_DIR/plots)")
+    _add_merge_lora(sub, debug)
     return parser
+
+
+def _add_merge_lora(sub, debug: argparse.ArgumentParser) -> None:
+    text = "merge a trained LoRA adapter into its base model and save a plain transformers model"
+    cmd = sub.add_parser(
+        "merge-lora",
+        help=text,
+        description=text + " (with the tokenizer and a run card). The base is read from the run's config.yaml "
+        "and loaded unquantised, so QLoRA adapters merge into full-precision weights.",
+        parents=[debug],
+        allow_abbrev=False,
+    )
+    cmd.add_argument("output_dir", help="a training output_dir or checkpoint-N folder holding adapter_config.json")
+    cmd.add_argument("--out", default=None, help="folder for the merged model (default: OUTPUT_DIR/merged)")
+    cmd.add_argument("--base-model", default=None, help="the base model (default: from the run's config.yaml)")
 
 
 def _add_evaluate(sub, debug: argparse.ArgumentParser) -> None:
@@ -166,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args, overrides: list[str]) -> int:
-    if args.command in ("quickstart", "plot"):
+    if args.command in ("quickstart", "plot", "merge-lora"):
         if overrides:
             raise EbftError(f"ebft {args.command} takes no config overrides (got {' '.join(overrides)})")
         return _run_tool(args)
@@ -211,6 +227,11 @@ def _run_evaluate(args, cfg) -> int:
 
 
 def _run_tool(args) -> int:
+    if args.command == "merge-lora":
+        from ebft.export import merge_lora
+
+        merge_lora(args.output_dir, args.out, base_model=args.base_model)
+        return 0
     if args.command == "plot":
         from ebft.quickstart.plot import plot_run
 

@@ -12,7 +12,8 @@ override syntax.
 
 Modules, in reading order: ``sections`` (the schema of each block), ``train`` (:class:`TrainConfig`
 and its cross-field checks), ``compat`` (the axolotl key tables and the pass that applies them),
-``value_warnings``, ``load`` (YAML, overrides, error messages); ``base`` holds what they share.
+``value_warnings``, ``load`` (YAML, overrides, error messages); ``base`` holds what they share;
+``deploy`` checks the keys of warm starts, quantised bases, merging and Hub uploads.
 
 Public API
 ----------

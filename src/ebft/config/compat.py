@@ -61,15 +61,10 @@ IGNORED_AXOLOTL_KEYS: dict[str, str] = {
 # any other value is an error with this reason.
 UNSUPPORTED_AXOLOTL_KEYS: dict[str, str] = {
     "fp16": "fp16 training is not supported; use `bf16: true` or `bf16: false` (fp32)",
-    "load_in_8bit": "quantised (8-bit) base models are not supported",
-    "load_in_4bit": "quantised (4-bit) base models are not supported",
     "gptq": "GPTQ-quantised base models are not supported",
     "deepspeed": "DeepSpeed is not supported; run multi-GPU with `accelerate launch -m ebft train ...`",
     "activation_offloading": "activation offloading is not implemented (and axolotl rejects it with flex_attention)",
-    "lora_model_dir": "starting from an existing LoRA adapter is not supported",
     "auto_resume_from_checkpoints": "use `resume_from_checkpoint: latest`",
-    "hub_model_id": "ebft never uploads to the Hub; push output_dir yourself",
-    "push_to_hub": "ebft never uploads to the Hub; push output_dir yourself",
 }
 
 

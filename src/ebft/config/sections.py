@@ -114,6 +114,15 @@ class EbftSection(Section):
         "null = the policy's device.",
     )
     log_rollouts: bool = Field(False, description="Write sampled rollouts to a JSON-lines file in output_dir.")
+    feature_network: Literal["base", "warm_start"] = Field(
+        "base",
+        description="With lora_model_dir: which frozen network embeds rollouts and ground truth. base (default): "
+        "the base model without any adapter, as in the paper's code for its warm-start runs (policy = the SFT "
+        "model, critic = the base model); it shares the policy's weights under disable_adapter, so it costs no "
+        "memory. warm_start: the warm-started model (base + the lora_model_dir adapter as loaded), frozen, as in "
+        "the paper's text (a feature network initialised from the generator); a frozen copy of the layers up to "
+        "the deepest feature layer. Without lora_model_dir both are the base model.",
+    )
 
     @field_validator("feature_device")
     @classmethod

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ebft.config.base import Problems, Section, unknown_key_reason
+from ebft.config.deploy import deploy_problems
 from ebft.config.sections import DatasetSpec, EbftSection, FsdpSection, StrOrStrList, TrlSection, VllmSection
 
 # Dataset transforms shipped with the EBFT docs, by the mode whose rows they produce. A transform
@@ -98,7 +99,11 @@ class TrainConfig(Section):
     seed: int = Field(42, ge=0, description="Random seed for data order, sampling and initialisation (>= 0).")
 
     # LoRA
-    adapter: Literal["lora"] | None = Field(None, description="'lora' trains a LoRA adapter; null = all weights.")
+    adapter: Literal["lora", "qlora"] | None = Field(
+        None,
+        description="'lora' trains a LoRA adapter; 'qlora' the same over a 4-bit base (load_in_4bit: true); "
+        "null = all weights.",
+    )
     lora_r: int = Field(8, ge=1, description="LoRA rank (>= 1).")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (>= 1); the scale is alpha / r.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input, in [0, 1).")
@@ -106,6 +111,26 @@ class TrainConfig(Section):
         None, description="Modules to adapt: a list of module names, or one regular expression (as in PEFT)."
     )
     lora_target_linear: bool | None = Field(None, description="Adapt every linear layer except the output head.")
+    lora_model_dir: str | None = Field(
+        None,
+        min_length=1,
+        description="Warm start: a trained PEFT LoRA adapter (folder or hub id) that training continues. Its "
+        "adapter_config.json fixes the rank, alpha and target modules: lora_r and lora_alpha must equal them, and "
+        "lora_target_modules / lora_target_linear, if set, must select the same modules; lora_dropout applies.",
+    )
+    merge_lora: bool = Field(
+        False,
+        description="After training, merge the adapter into the (unquantised) base weights and save a plain "
+        "transformers model with its tokenizer in output_dir/merged (also `ebft merge-lora OUTPUT_DIR`).",
+    )
+    load_in_8bit: bool = Field(
+        False, description="Load the frozen base weights in 8 bits (bitsandbytes; needs adapter: lora)."
+    )
+    load_in_4bit: bool = Field(
+        False,
+        description="Load the frozen base weights in 4 bits, NF4 with double quantisation (bitsandbytes; needs "
+        "adapter: qlora or lora). The LoRA adapters stay in full precision.",
+    )
 
     # Precision and memory
     bf16: Literal[True, False, "auto"] = Field(
@@ -158,6 +183,28 @@ class TrainConfig(Section):
     wandb_entity: str | None = Field(None, description="Weights & Biases entity (team or user).")
     wandb_name: str | None = Field(None, description="Weights & Biases run name.")
 
+    # Hugging Face Hub
+    hub_model_id: str | None = Field(
+        None,
+        description="Upload the final model (or adapter), tokenizer and run card to this Hub repo ('name' or "
+        "'namespace/name'); the token (HF_TOKEN or `hf auth login`) is checked before training starts.",
+    )
+    hub_strategy: Literal["end", "every_save", "checkpoint", "all_checkpoints"] = Field(
+        "every_save",
+        description="When to upload: end (only the final model); every_save (also the weights of every checkpoint); "
+        "checkpoint (also the latest whole checkpoint as last-checkpoint/, to resume from); all_checkpoints "
+        "(every whole checkpoint in its own checkpoint-N/ folder).",
+    )
+    hub_private_repo: bool | None = Field(
+        None, description="Create the Hub repo private (true) or public (false); null = the Hub's default."
+    )
+    hub_revision: str | None = Field(
+        None, min_length=1, description="Branch of the Hub repo to upload to (created if missing); null = main."
+    )
+    push_to_hub: bool | None = Field(
+        None, description="false: never upload, even with hub_model_id; null or true: upload when hub_model_id is set."
+    )
+
     # Warnings found while loading the file (ignored axolotl keys, renamed keys); see config_warnings.
     _load_warnings: list[str] = PrivateAttr(default_factory=list)
 
@@ -177,6 +224,12 @@ class TrainConfig(Section):
     def _null_section_is_defaults(cls, value: Any) -> Any:
         # `trl:` with nothing after it is common in axolotl files and means "no settings".
         return {} if value is None else value
+
+    @field_validator("load_in_8bit", "load_in_4bit", "merge_lora", mode="before")
+    @classmethod
+    def _null_is_off(cls, value: Any) -> Any:
+        # axolotl files often leave these keys empty (`load_in_8bit:`), which means off.
+        return False if value is None else value
 
     @field_validator("special_tokens")
     @classmethod
@@ -227,8 +280,10 @@ class TrainConfig(Section):
                     f"from 1 up it counts rows, so it must be a whole number (got {self.val_set_size})",
                 )
             )
-        if self.adapter == "lora" and not self.lora_target_linear and not self.lora_target_modules:
+        targets_from_adapter = self.lora_model_dir is not None
+        if self.adapter and not (self.lora_target_linear or self.lora_target_modules or targets_from_adapter):
             problems.append(("adapter", "set lora_target_linear: true or lora_target_modules"))
+        problems += deploy_problems(self)
         if e.mode == "structured":
             problems += self._structured_problems()
         for i, spec in enumerate(self.datasets):
@@ -279,7 +334,7 @@ class TrainConfig(Section):
             )
         if trl.epsilon_high is not None and trl.epsilon_high < trl.epsilon:
             problems.append(("trl.epsilon_high", f"must be >= trl.epsilon = {trl.epsilon} (got {trl.epsilon_high})"))
-        if trl.use_vllm and trl.vllm_lora_sync and self.adapter != "lora":
+        if trl.use_vllm and trl.vllm_lora_sync and self.adapter is None:
             problems.append(
                 (
                     "trl.vllm_lora_sync",

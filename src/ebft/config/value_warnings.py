@@ -6,6 +6,7 @@ Value-based (not "was the key written") so that a dumped and reloaded config war
 
 from __future__ import annotations
 
+from ebft.config.deploy import deploy_warnings
 from ebft.config.sections import EbftSection, TrlSection, VllmSection
 from ebft.config.train import TrainConfig
 
@@ -86,6 +87,7 @@ def _value_warnings(cfg: TrainConfig) -> list[str]:
             for key, default in _LORA_DEFAULTS.items()
             if getattr(cfg, key) != default
         ]
+    out += deploy_warnings(cfg)
     if cfg.gradient_checkpointing_kwargs is not None and not cfg.gradient_checkpointing:
         out.append("gradient_checkpointing_kwargs: has no effect without gradient_checkpointing: true")
     if cfg.lr_scheduler == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):

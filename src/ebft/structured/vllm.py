@@ -289,8 +289,10 @@ class VLLMBackend:
         max_concurrent: int = 32,
         leader: bool = True,
         share: Callable[[str], str] | None = None,
+        fresh_adapter: bool = True,
     ):
         self.client = client
+        self.fresh_adapter = fresh_adapter  # False for a warm start (lora_model_dir): not zero at step 0
         self.leader = leader
         self.share = share
         self.sampling = sampling
@@ -319,12 +321,12 @@ class VLLMBackend:
 
         Meant to be called after every optimizer step, and once before the first rollout with the step
         training starts from (0, or the resumed step). The first call loads the adapter unless the step
-        is 0: a fresh LoRA adapter is zero (B = 0), so the base model the server already serves *is* the
-        policy, while a resumed one is not zero and the server must get it whatever the interval. Later
-        calls load it when ``step % sync_interval == 0``.
+        is 0 and the adapter fresh: a fresh LoRA adapter is zero (B = 0), so the base model the server
+        already serves *is* the policy, while a resumed or warm-started one is not zero and the server
+        must get it whatever the interval. Later calls load it when ``step % sync_interval == 0``.
         """
         first, self._started = not self._started, True
-        if (first and step == 0) or (not first and step % self.sync_interval):
+        if (first and step == 0 and self.fresh_adapter) or (not first and step % self.sync_interval):
             return
         if not hasattr(model, "peft_config"):
             raise ConfigError("vLLM rollouts sync the policy as a LoRA adapter; set adapter: lora")
@@ -427,4 +429,5 @@ def vllm_backend(cfg, sampling: Sampling, gathered=None):
         sync_interval=cfg.trl.vllm_sync_interval,
         # vLLM serves the base model under its --model argument, which `ebft vllm-serve` sets to this.
         base_model_name=cfg.base_model,
+        fresh_adapter=cfg.lora_model_dir is None,
     )
