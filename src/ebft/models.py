@@ -98,6 +98,9 @@ def check_model_config(cfg) -> None:
     # Packed strided rows reuse the document's positions (a rollout token takes c_k + t < sequence_len).
     if max_pos is not None and cfg.sequence_len > max_pos:
         raise ConfigError(f"sequence_len: {cfg.sequence_len} exceeds the model's max_position_embeddings ({max_pos})")
+    from ebft.adapters import check_adapter_source
+
+    check_adapter_source(cfg)
 
 
 def policy_dtype(cfg, device: torch.device) -> torch.dtype:
@@ -106,34 +109,39 @@ def policy_dtype(cfg, device: torch.device) -> torch.dtype:
     Full fine-tuning keeps fp32 master weights (autocast supplies bf16 compute); LoRA freezes the base,
     so it can be stored in bf16 while the adapters stay fp32.
     """
-    return torch.bfloat16 if (use_bf16(cfg.bf16, device) and cfg.adapter == "lora") else torch.float32
+    return torch.bfloat16 if (use_bf16(cfg.bf16, device) and cfg.adapter is not None) else torch.float32
 
 
 def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
     """The trainable model: full weights, or a PEFT LoRA wrapper over frozen base weights."""
     from transformers import AutoModelForCausalLM
 
+    from ebft.adapters import keep_4bit_layers_differentiable, quantisation_kwargs
+
     _require_local_folder("base_model", cfg.base_model)
+    quantised = quantisation_kwargs(cfg, device)
     try:
         # No attn_implementation: transformers then takes SDPA, or eager where the architecture has no
         # SDPA path (Gemma-2's soft-capping). Strided passes swap in their own backend (strided.attention).
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.base_model, dtype=policy_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code
+            cfg.base_model, dtype=policy_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code, **quantised
         )
     # RuntimeError: weights whose shapes do not match config.json; SafetensorError: a truncated or
     # corrupt weights file (an interrupted download).
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ConfigError(f"base_model: cannot load {cfg.base_model!r}: {type(exc).__name__}: {exc}") from exc
+    if quantised:
+        keep_4bit_layers_differentiable(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     return prepare_policy(model, cfg, device)
 
 
 def prepare_policy(model: nn.Module, cfg, device: torch.device) -> nn.Module:
-    """A loaded causal LM made into the config's policy: gradient checkpointing, LoRA when ``adapter: lora``,
-    on ``device``. (``load_policy`` ends here; benchmarks that build a model from a config in memory start
-    here.) The config's ``use_cache`` is left as the model has it, so a saved model is what users load for
-    inference; every forward in ebft passes ``use_cache`` itself."""
+    """A loaded causal LM made into the config's policy: gradient checkpointing, LoRA (fresh, or
+    ``lora_model_dir``'s) when ``adapter`` is set, on ``device``. (``load_policy`` ends here; benchmarks that
+    build a model from a config in memory start here.) The config's ``use_cache`` is left as the model has
+    it, so a saved model is what users load for inference; every forward in ebft passes ``use_cache`` itself."""
     if cfg.gradient_checkpointing:
         kwargs = dict(cfg.gradient_checkpointing_kwargs or {})
         kwargs.setdefault("use_reentrant", False)
@@ -141,18 +149,10 @@ def prepare_policy(model: nn.Module, cfg, device: torch.device) -> nn.Module:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if cfg.adapter == "lora":
-        from peft import LoraConfig, get_peft_model
+    if cfg.adapter is not None:
+        from ebft.adapters import add_adapter
 
-        targets = "all-linear" if cfg.lora_target_linear else cfg.lora_target_modules
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=targets,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
+        model = add_adapter(cfg, model)
         if cfg.gradient_checkpointing and kwargs.get("use_reentrant"):
             model.enable_input_require_grads()
     return model.to(device)
@@ -220,7 +220,8 @@ class FeatureNetwork:
     """The frozen feature network phi: hidden states at the chosen layer indices, no gradient.
 
     With LoRA it is the policy's own base weights under ``disable_adapter()`` (no second copy); for full
-    fine-tuning it is a frozen copy of the body made at start, cut after the deepest feature layer.
+    fine-tuning, or with ``frozen_copy`` (a warm start's own model as the critic, its LoRA layers included),
+    it is a frozen copy of the body made at start, cut after the deepest feature layer.
     """
 
     def __init__(
@@ -230,10 +231,11 @@ class FeatureNetwork:
         *,
         device: torch.device | None = None,
         autocast_dtype: torch.dtype | None = None,
+        frozen_copy: bool = False,
     ):
         self.layers = list(layers)
         self.depth = max(self.layers)
-        self.shared = hasattr(policy, "disable_adapter")
+        self.shared = hasattr(policy, "disable_adapter") and not frozen_copy
         self._policy = policy
         view = _truncated(backbone_of(policy), self.depth)
         if self.shared:
@@ -307,8 +309,9 @@ def _capture(layers: nn.ModuleList, idx: int, store: dict[int, torch.Tensor]):
         handle.remove()
 
 
-def feature_network_for(cfg, source: nn.Module, device: torch.device) -> FeatureNetwork:
-    """The config's feature network over ``source`` (the policy, or a separately loaded base model)."""
+def feature_network_for(cfg, source: nn.Module, device: torch.device, *, frozen_copy: bool = False) -> FeatureNetwork:
+    """The config's feature network over ``source`` (the policy, or a separately loaded base model);
+    ``frozen_copy``: a frozen copy of ``source`` with its adapter (``ebft.feature_network: warm_start``)."""
     from ebft.features import layer_indices
 
     feature_device = torch.device(cfg.ebft.feature_device) if cfg.ebft.feature_device else device
@@ -317,6 +320,7 @@ def feature_network_for(cfg, source: nn.Module, device: torch.device) -> Feature
         layer_indices(cfg.ebft.feature_layers, source.config.num_hidden_layers),
         device=feature_device,
         autocast_dtype=autocast_dtype(cfg, device),
+        frozen_copy=frozen_copy,
     )
 
 

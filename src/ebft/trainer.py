@@ -27,8 +27,10 @@ import torch
 
 from ebft import checkpoint as ckpt
 from ebft import distributed
+from ebft.adapters import warm_start_critic
 from ebft.config import TrainConfig, dump_config
 from ebft.errors import ConfigError, EbftError, PolicySyncError, TrainingInterrupted
+from ebft.export import RunExport
 from ebft.loop import reduce_step_sums, reduce_sum
 from ebft.metrics import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
 from ebft.models import autocast_dtype, check_model_config, feature_network_for, load_policy, load_tokenizer
@@ -147,6 +149,7 @@ class Session:
     window: Window
     logger: MetricsLogger
     record_log: RolloutLog | None
+    export: RunExport  # run card, merge_lora, Hub uploads
     last: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -214,6 +217,7 @@ def _set_up(cfg: TrainConfig, config_dir: Path | None, console) -> Session:
         (out_dir / "config.yaml").write_text(dump_config(cfg))
 
     check_model_config(cfg)
+    export = RunExport(cfg, accelerator)  # Hub credentials are checked here, before any weights load
     tokenizer = load_tokenizer(cfg)
     model, runner, sharding = _build(cfg, tokenizer, accelerator, config_dir)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -268,6 +272,7 @@ def _set_up(cfg: TrainConfig, config_dir: Path | None, console) -> Session:
         window=window,
         logger=logger,
         record_log=record_log,
+        export=export,
     )
 
 
@@ -369,11 +374,13 @@ def _save(run: Session, name: str) -> Path:
     )
     if run.is_main:
         ckpt.rotate(run.out_dir, run.cfg.save_total_limit)
+    run.export.checkpoint_saved(target)
     return target
 
 
 def _finish(run: Session) -> None:
-    """The final model (or adapter) and tokenizer in output_dir; the process group torn down."""
+    """The final model (or adapter) and tokenizer in output_dir; the process group torn down; then the run
+    card, merge_lora and the final Hub upload (main process)."""
     weights = distributed.full_state_dict(run.model) if run.sharding.sharded else None  # a collective
     if run.is_main:
         ckpt.write_model(run.model, run.tokenizer, run.out_dir, state_dict=weights)
@@ -384,6 +391,7 @@ def _finish(run: Session) -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+    run.export.finish(run.out_dir, run.total_steps, run.last)
 
 
 def _build(cfg: TrainConfig, tokenizer, accelerator, config_dir: Path | None):
@@ -399,7 +407,7 @@ def _build(cfg: TrainConfig, tokenizer, accelerator, config_dir: Path | None):
         from ebft.structured.runner import StructuredRunner as Runner
     data = load_data(cfg, tokenizer, search_dir=config_dir)
     model = load_policy(cfg, tokenizer, device)
-    features = feature_network_for(cfg, model, device)
+    features = feature_network_for(cfg, model, device, frozen_copy=warm_start_critic(cfg))
     sharding = distributed.Sharding(model)
     if cfg.fsdp_version == 2 and accelerator.num_processes > 1:
         sharding = distributed.shard(

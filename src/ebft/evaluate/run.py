@@ -54,7 +54,11 @@ def evaluate(
         )
 
     amp_dtype = models.autocast_dtype(cfg, device)
-    features = models.feature_network_for(cfg, feature_source, device)
+    from ebft.adapters import load_warm_start, warm_start_critic
+
+    if warm_start_critic(cfg):  # the run's critic: base + the lora_model_dir adapter, frozen
+        feature_source = load_warm_start(cfg, tokenizer, device)
+    features = models.feature_network_for(cfg, feature_source, device, frozen_copy=warm_start_critic(cfg))
     del feature_source  # a separately loaded base model lives on only as the features' frozen copy
     policy.eval()
     with Progress(len(indices), description=description, console=console) as bar:

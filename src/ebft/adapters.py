@@ -1,0 +1,224 @@
+"""LoRA on the policy: a fresh adapter or a warm start from a trained one, over full or quantised base weights.
+
+* A fresh adapter is built from the config's ``lora_*`` keys.
+* ``lora_model_dir`` continues training a saved PEFT LoRA adapter (an SFT run, say). Its
+  ``adapter_config.json`` fixes the rank, alpha and target modules; the config must agree with it
+  (``lora_r``, ``lora_alpha``, and the modules ``lora_target_*`` select, when set), and its weights
+  must fit the base exactly: a missing folder, another adapter type, unknown or missing adapter
+  tensors and wrong shapes are errors, never a partial load.
+* ``load_in_4bit`` / ``load_in_8bit`` load the frozen base through bitsandbytes; the adapters stay in
+  full precision, and the feature network reads the same quantised base under ``disable_adapter``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ebft.errors import ConfigError
+
+log = logging.getLogger("ebft")
+
+# What bitsandbytes runs on (its 0.50 wheels): CUDA and ROCm GPUs, Intel XPU, and CPUs (x86-64, aarch64).
+QUANTISATION_NEEDS = (
+    "bitsandbytes (pip install 'ebft[qlora]'), which runs on CUDA and ROCm GPUs, Intel XPUs and x86-64 / aarch64 CPUs"
+)
+
+
+def quantisation_kwargs(cfg, device: torch.device) -> dict:
+    """``from_pretrained`` arguments that load the base quantised as the config asks; {} for full precision."""
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return {}
+    key = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
+    try:
+        import bitsandbytes  # noqa: F401 (transformers loads it itself; this only turns its absence into advice)
+    except ImportError as exc:
+        raise ConfigError(f"{key}: needs {QUANTISATION_NEEDS}; it is not installed") from exc
+    from transformers import BitsAndBytesConfig
+
+    from ebft.models import use_bf16
+
+    if cfg.load_in_4bit:
+        compute = torch.bfloat16 if use_bf16(cfg.bf16, device) else torch.float32
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    else:
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    # Quantise straight onto the training device instead of building full-precision weights first.
+    return {"quantization_config": quant, "device_map": {"": device}}
+
+
+def keep_4bit_layers_differentiable(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights (it acts only on CPUs with AVX512-BF16).
+
+    bitsandbytes (0.50) repacks a Linear4bit's weight for a faster CPU kernel on its first forward in eval
+    mode without grad, and from then on always runs that kernel, which has no backward: every gradient
+    that must pass through a 4-bit layer (to LoRA weights below it) silently becomes zero. Rollouts and
+    the feature network run exactly such forwards, so the repacking is switched off on every layer.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def add_adapter(cfg, model: nn.Module) -> nn.Module:
+    """``model`` wrapped in a trainable PEFT LoRA adapter: fresh, or the one in ``cfg.lora_model_dir``."""
+    from peft import get_peft_model
+
+    if cfg.lora_model_dir is None:
+        return get_peft_model(model, _config_lora(cfg))
+    return _warm_start(cfg, model)
+
+
+def _config_lora(cfg):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear" if cfg.lora_target_linear else cfg.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_adapter_source(cfg) -> None:
+    """Before any weights load: ``lora_model_dir`` holds a LoRA adapter that the config agrees with."""
+    if cfg.adapter is None or cfg.lora_model_dir is None:
+        return
+    saved = saved_adapter_config(cfg)
+    trained_on = saved.base_model_name_or_path
+    if trained_on and _normalised(trained_on) != _normalised(cfg.base_model):
+        log.warning(
+            "lora_model_dir: the adapter was trained on %r, this run's base_model is %r; they must be the same "
+            "weights (shapes are checked when it loads, the weights themselves cannot be)",
+            trained_on,
+            cfg.base_model,
+        )
+
+
+def saved_adapter_config(cfg):
+    """The LoraConfig saved in ``cfg.lora_model_dir``, checked against the config (reads one small file)."""
+    saved = read_adapter_config(cfg.lora_model_dir, "lora_model_dir")
+    for key, ours, theirs in (("lora_r", cfg.lora_r, saved.r), ("lora_alpha", cfg.lora_alpha, saved.lora_alpha)):
+        if ours != theirs:
+            raise ConfigError(
+                f"{key}: {ours} differs from the adapter in lora_model_dir ({theirs}, in "
+                f"{cfg.lora_model_dir}/adapter_config.json); set {key}: {theirs}"
+            )
+    return saved
+
+
+def read_adapter_config(source: str, key: str):
+    """The LoraConfig of the adapter at ``source`` (a folder or hub id); ``key`` names it in errors."""
+    from peft import PeftConfig
+
+    local = Path(source).expanduser()
+    if not local.exists() and source.startswith(("/", ".", "~")):
+        raise ConfigError(f"{key}: no such folder {source!r}")
+    if local.is_file():
+        raise ConfigError(f"{key}: {source!r} is a file, not an adapter folder")
+    if local.is_dir() and not (local / "adapter_config.json").is_file():
+        hint = " (it holds a full model, which needs no adapter)" if (local / "config.json").is_file() else ""
+        raise ConfigError(f"{key}: {source!r} holds no adapter_config.json, so it is no PEFT adapter{hint}")
+    try:
+        saved = PeftConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot read the adapter config of {source!r}: {exc}") from exc
+    kind = str(getattr(saved.peft_type, "value", saved.peft_type))
+    if kind != "LORA":
+        raise ConfigError(f"{key}: {source!r} holds a {kind} adapter; ebft trains LoRA adapters only")
+    if getattr(saved, "use_dora", False):
+        raise ConfigError(f"{key}: {source!r} is a DoRA adapter; ebft trains plain LoRA adapters only")
+    return saved
+
+
+def _normalised(source: str) -> str:
+    local = Path(source).expanduser()
+    return str(local.resolve()) if local.exists() else source
+
+
+def _warm_start(cfg, model: nn.Module) -> nn.Module:
+    saved = saved_adapter_config(cfg)
+    wanted = (
+        _selected_modules(model, _config_lora(cfg)) if (cfg.lora_target_linear or cfg.lora_target_modules) else None
+    )
+    saved.lora_dropout = cfg.lora_dropout
+    model = load_adapter(model, cfg.lora_model_dir, saved, "lora_model_dir", trainable=True)
+    adapted = _lora_module_names(model)
+    if wanted is not None and wanted != adapted:
+        only_ours, only_theirs = sorted(wanted - adapted)[:4], sorted(adapted - wanted)[:4]
+        raise ConfigError(
+            "lora_target_modules / lora_target_linear select other modules than the adapter in lora_model_dir "
+            f"(only in the config: {only_ours}; only in the adapter: {only_theirs}); remove them to use the "
+            "adapter's own targets"
+        )
+    log.info("warm start: training continues from the LoRA adapter in %s", cfg.lora_model_dir)
+    return model
+
+
+def load_adapter(model: nn.Module, source: str, lora, key: str, *, trainable: bool) -> nn.Module:
+    """``model`` wrapped with the adapter ``lora`` and every one of its saved weights from ``source``, or an error."""
+    from peft import get_peft_model
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    lora.inference_mode = not trainable
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:  # PEFT: target modules not found in the base model
+        raise ConfigError(f"{key}: the adapter in {source!r} does not fit the base model: {exc}") from exc
+    device = next(model.parameters()).device
+    try:
+        weights = load_peft_weights(source, device=str(device))
+        result = set_peft_model_state_dict(model, weights)
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: shapes that do not match the base
+        raise ConfigError(f"{key}: cannot load the adapter weights of {source!r} onto the base model: {exc}") from exc
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ConfigError(
+            f"{key}: the adapter weights in {source!r} do not match its adapter_config.json on this base model "
+            f"(unexpected: {result.unexpected_keys[:4]}, missing: {missing[:4]})"
+        )
+    return model
+
+
+def _lora_module_names(model: nn.Module) -> set[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return {name.removeprefix("base_model.model.") for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _selected_modules(model: nn.Module, lora) -> set[str]:
+    """The modules ``lora`` would adapt on ``model``: inject it, read the names, take it out again."""
+    from peft import get_peft_model
+
+    try:
+        probe = get_peft_model(model, lora)
+    except ValueError as exc:  # PEFT: the config's targets match nothing
+        raise ConfigError(f"lora_target_modules: {exc}") from exc
+    names = _lora_module_names(probe)
+    probe.unload()
+    return names
+
+
+def warm_start_critic(cfg) -> bool:
+    """Whether the feature network is the warm-started model itself (``ebft.feature_network: warm_start``)."""
+    return cfg.adapter is not None and cfg.lora_model_dir is not None and cfg.ebft.feature_network == "warm_start"
+
+
+def load_warm_start(cfg, tokenizer, device: torch.device) -> nn.Module:
+    """Base + the ``lora_model_dir`` adapter as saved, for a frozen warm-start feature network."""
+    from ebft.models import load_policy
+
+    return load_policy(cfg.model_copy(update={"gradient_checkpointing": False}), tokenizer, device)
