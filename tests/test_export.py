@@ -188,8 +188,12 @@ def test_upload_every_save(lora_run):
     assert not [f for f in files if f.startswith("checkpoint-") or f.endswith(".pt")], "no training state at the root"
     for name, data in files.items():
         assert data == (run / name).read_bytes(), name
-    # every_save: checkpoint 1 was uploaded when it was saved (step 2 is the end), then the final run.
-    assert [c["summary"] for c in repo.commits] == ["ebft: weights of checkpoint-1", "ebft: final model and run card"]
+    # every_save: each checkpoint when it was saved (the last step is checkpointed too), then the final run.
+    assert [c["summary"] for c in repo.commits] == [
+        "ebft: weights of checkpoint-1",
+        "ebft: weights of checkpoint-2",
+        "ebft: final model and run card",
+    ]
     assert "adapter_model.safetensors" in repo.commits[0]["files"] and "README.md" not in repo.commits[0]["files"]
 
 
