@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def test_refuses_a_foreign_output_folder(tmp_path):
 def test_quickstart_end_to_end(tmp_path):
     # A fresh process, as a user runs it: the CLI can then configure OpenMP before torch loads.
     out = tmp_path / "qs"
-    command = [sys.executable, "-m", "ebft", "quickstart", "--out", str(out), "--minutes", "0.1"]
+    command = [sys.executable, "-m", "ebft", "quickstart", "--out", str(out), "--minutes", "0.1", "--model", "scratch"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "wins on" in done.stdout
@@ -84,6 +85,14 @@ def test_quickstart_end_to_end(tmp_path):
     for name in ("base", "sft", "ebft"):
         assert json.loads((out / "eval" / f"{name}.json").read_text())["data"]["documents"] > 0
 
+    # The example block: one held-out document cut at one anchor, n samples of g tokens from each model.
+    example = summary["example"]
+    assert example["document"] == summary["evaluation"]["base"]["documents"][0]["index"]
+    assert list(example["samples"]) == ["base", "sft", "ebft"]
+    n = summary["finetune"]["ebft"]["n_samples_per_prompt"]
+    assert all(len(samples) == n for samples in example["samples"].values())
+    assert "An example block" in report and html.escape(example["real"]) in report
+
 
 def test_interrupted_quickstart_says_to_run_it_again(tmp_path, monkeypatch, capsys):
     """Ctrl-C during the EBFT phase: exit 130 and the way on is the quickstart itself (there is no
@@ -101,7 +110,7 @@ def test_interrupted_quickstart_says_to_run_it_again(tmp_path, monkeypatch, caps
     monkeypatch.setattr(ebft.quickstart.sft, "train_sft", lambda cfg, **_: types.SimpleNamespace(steps=10**9))
     monkeypatch.setattr(ebft.trainer, "train", interrupted)
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--minutes", "0.1"]) == 130
+    assert main(["quickstart", "--out", str(out), "--minutes", "0.1", "--model", "scratch"]) == 130
     err = capsys.readouterr().err
     assert f"run `ebft quickstart --out {out}` again" in err
     assert "ebft train" not in err

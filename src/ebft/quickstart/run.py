@@ -30,6 +30,14 @@ from pathlib import Path
 
 from ebft.errors import EbftError, TrainingInterrupted
 from ebft.quickstart.corpus import stdlib_corpus, within_budget, write_jsonl
+from ebft.quickstart.model import BaseChoice, local_folder, resolve_base
+from ebft.quickstart.settings import (
+    EBFT,
+    EBFT_RATIONALE,
+    PRETRAINED_FINETUNE,
+    PRETRAINED_RATIONALE,
+    SCRATCH_FINETUNE,
+)
 
 log = logging.getLogger("ebft")
 
@@ -44,33 +52,6 @@ SEQUENCE_LEN = 256
 PRETRAIN_BATCH = 16  # documents per pretraining step
 # Rough characters per token of Python source under this tokenizer, to size the corpus to a budget.
 CHARS_PER_TOKEN = 4
-
-# Strided EBFT with the paper's layout and sampling (c = s = g = 8, n = 4, T = 0.6, 25/50/75% layers);
-# the other choices and why are in EBFT_RATIONALE, which the report prints.
-EBFT = {
-    "mode": "strided",
-    "stride": 8,
-    "context_length": 8,
-    "generate_max_len": 8,
-    "n_samples_per_prompt": 4,
-    "temperature": 0.6,
-    "feature_layers": [0.25, 0.5, 0.75],
-    "embed_method": "mean_pooling",
-    "use_whitening": False,
-    "alignment_coef": 1.0,
-    "diversity_coef": 1.0,
-    "ce_coef": 0.1,
-    "advantage_estimator": "rloo",
-}
-EBFT_RATIONALE = (
-    "The layout and sampling are the paper's. Features are averaged over each block's tokens (the paper's "
-    "translation setting) because, for a model this small and a few minutes of training, the last token alone "
-    "gave EBFT no measurable signal in our trials. ce_coef = 0.1 (EBFT's objective is the policy gradient plus "
-    "0.1 x the cross-entropy) is the top of the paper's range. Without whitening, the reward is exactly the "
-    "policy-gradient reward of the CFM loss reported above (reference identity 1 - mean(a - d/2)). Both runs "
-    "share the learning rate 2e-5: at 1e-4 EBFT's noisy updates raised both CE and CFM, and SFT lowered CE at "
-    "neither rate by more than noise (the base model was pretrained on the same files)."
-)
 
 
 @dataclass(frozen=True)
@@ -110,6 +91,28 @@ class Plan:
             save_every=max(1, finetune // 5),
             heldout_docs=max(4, round(10 * minutes)),
             probe_docs=max(2, round(2.5 * minutes)),
+        )
+
+    @classmethod
+    def for_pretrained(cls, minutes: float) -> Plan:
+        """Sizes for fine-tuning a pretrained ~135M model (no pretraining phase), about ``minutes`` of wall time.
+
+        Per minute: 4 fine-tuning steps of one 128-token document for each method (~40 s for EBFT, ~6 s for
+        SFT), 1 held-out document for the final evaluation of the three models and 0.25 for each of the
+        three points per curve (base, middle, end). Calibrated from single-thread CPU time under load (see
+        README); loading the model for each phase is a fixed cost of about a minute on top.
+        """
+        if minutes <= 0:
+            raise EbftError(f"--minutes must be > 0, got {minutes:g}")
+        finetune = max(2, round(4 * minutes))
+        return cls(
+            minutes=minutes,
+            pretrain_steps=0,
+            pretrain_seconds_cap=0.0,
+            finetune_steps=finetune,
+            save_every=max(1, finetune // 2),
+            heldout_docs=max(2, round(minutes)),
+            probe_docs=max(1, round(0.25 * minutes)),
         )
 
     def scaled(self, fraction: float) -> Plan:
@@ -159,15 +162,14 @@ def pretrain_config(init: Path, data: Path, out: Path, plan: Plan):
     )
 
 
-def finetune_config(base: Path, data: Path, out: Path, plan: Plan):
-    """The one config both fine-tuning runs read (SFT ignores the RL keys)."""
+def finetune_config(base: Path | str, data: Path, out: Path, plan: Plan, keys: dict = SCRATCH_FINETUNE):
+    """The one config both fine-tuning runs read (SFT ignores the RL keys); ``keys`` as SCRATCH_FINETUNE."""
     return _config(
         base,
         data,
         out,
-        micro_batch_size=4,
+        **keys,
         max_steps=plan.finetune_steps,
-        learning_rate=2e-5,
         lr_scheduler="constant_with_warmup",
         warmup_steps=max(1, plan.finetune_steps // 20),
         save_steps=plan.save_every,
@@ -221,8 +223,13 @@ class QuickstartResult:
     summary: dict
 
 
-def run_quickstart(out_dir: str | Path, minutes: float = DEFAULT_MINUTES, *, console=None) -> QuickstartResult:
-    """Run every phase into ``out_dir``; returns where the report is and the summary it shows."""
+def run_quickstart(
+    out_dir: str | Path, minutes: float = DEFAULT_MINUTES, *, model: str | None = None, console=None
+) -> QuickstartResult:
+    """Run every phase into ``out_dir``; returns where the report is and the summary it shows.
+
+    ``model``: the base model (hub id, folder or ``.gguf``); by default SmolLM2-135M-Instruct when it is
+    installed, else a small model trained from scratch (``quickstart.model.resolve_base``)."""
     import torch
     from rich.console import Console
 
@@ -230,69 +237,82 @@ def run_quickstart(out_dir: str | Path, minutes: float = DEFAULT_MINUTES, *, con
     from ebft.evaluate.run import evaluate
     from ebft.metrics import Progress
     from ebft.quickstart import report
+    from ebft.quickstart.examples import example_blocks
     from ebft.quickstart.plot import plot_run, require_pyplot
-    from ebft.quickstart.scratch import build_model_dir
     from ebft.quickstart.sft import train_sft
     from ebft.trainer import train
 
     require_pyplot()  # the report needs matplotlib: fail now with the install hint, not after minutes of training
 
-    plan = Plan.for_minutes(minutes)
+    choice = resolve_base(model)
+    if choice.source is None:
+        log.info("%s: training a small model from scratch", choice.origin)
+    else:
+        log.info("base model: %s (%s)", choice.source, choice.origin)
+    plan = Plan.for_minutes(minutes) if choice.source is None else Plan.for_pretrained(minutes)
     out = Path(out_dir).resolve()
     _prepare_out(out)
     (out / MARKER).write_text(json.dumps({"minutes": minutes, "plan": asdict(plan)}, indent=2))
     quiet = Console(quiet=True)
     seconds: dict[str, float] = {}
-    started = time.perf_counter()
+    cpu_seconds: dict[str, float] = {}  # CPU time of this process per phase: the wall time on an idle machine
+    started, cpu_started = time.perf_counter(), time.process_time()
+
+    @contextmanager
+    def timed(phase: str) -> Iterator[None]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield
+        seconds[phase] = time.perf_counter() - t0
+        cpu_seconds[phase] = time.process_time() - c0
+
     torch.manual_seed(SEED)
 
     with _quiet_libraries():
-        # 1-2a. Corpus, tokenizer, random model.
-        t0 = time.perf_counter()
-        with Progress(2, description="corpus + tokenizer", console=console) as bar:
-            all_train, heldout_files = stdlib_corpus()
-            train_files = within_budget(all_train, plan.corpus_chars)
-            train_data = write_jsonl(out / "data" / "train.jsonl", train_files)
-            heldout_data = write_jsonl(out / "data" / "heldout.jsonl", heldout_files)
-            bar.advance(1)
-            init = build_model_dir(
-                out / "init", (f.text for f in train_files), vocab_size=VOCAB_SIZE, seed=SEED, **MODEL
-            )
-            bar.advance(1)
-        seconds["corpus + tokenizer"] = time.perf_counter() - t0
-
-        # 2b. Pretraining from scratch.
-        t0 = time.perf_counter()
-        pre_cfg = pretrain_config(init, train_data, out / "base", plan)
-        pre = train_sft(pre_cfg, console=console, description="pretrain", time_limit_s=plan.pretrain_seconds_cap)
-        seconds["pretrain"] = time.perf_counter() - t0
-        base = out / "base"
         notes = []
-        if pre.steps < plan.pretrain_steps:
-            # The machine is slower than planned (or busy): keep the total time in budget by shrinking
-            # what follows by the same factor, and say so in the report.
-            fraction = pre.steps / plan.pretrain_steps
-            notes.append(
-                f"This machine ran slower than planned: pretraining reached {pre.steps} of {plan.pretrain_steps} "
-                f"steps within its time cap, so fine-tuning steps and evaluation sizes were scaled by {fraction:.2f}."
-            )
-            plan = plan.scaled(fraction)
+        if choice.source is None:
+            base, files, pre, pre_cfg = _scratch_base(out, plan, seconds, cpu_seconds, console)
+            train_data, heldout_data, train_files, all_train, heldout_files = files
+            if pre.steps < plan.pretrain_steps:
+                # The machine is slower than planned (or busy): keep the total time in budget by shrinking
+                # what follows by the same factor, and say so in the report.
+                fraction = pre.steps / plan.pretrain_steps
+                notes.append(
+                    f"This machine ran slower than planned: pretraining reached {pre.steps} of "
+                    f"{plan.pretrain_steps} steps within its time cap, so fine-tuning steps and evaluation sizes "
+                    f"were scaled by {fraction:.2f}."
+                )
+                plan = plan.scaled(fraction)
+            keys, rationale = SCRATCH_FINETUNE, EBFT_RATIONALE
+        else:
+            t0, c0 = time.perf_counter(), time.process_time()
+            with Progress(2, description="corpus + base model", console=console) as bar:
+                base = local_folder(choice.source)
+                bar.advance(1)
+                all_train, heldout_files = stdlib_corpus()
+                chars = 3 * plan.finetune_steps * PRETRAINED_FINETUNE["sequence_len"] * CHARS_PER_TOKEN
+                train_files = within_budget(all_train, chars)
+                train_data = write_jsonl(out / "data" / "train.jsonl", train_files)
+                heldout_data = write_jsonl(out / "data" / "heldout.jsonl", heldout_files)
+                bar.advance(1)
+            seconds["corpus + base model"] = time.perf_counter() - t0
+            cpu_seconds["corpus + base model"] = time.process_time() - c0
+            pre = pre_cfg = None
+            keys, rationale = PRETRAINED_FINETUNE, PRETRAINED_RATIONALE
 
         # 3. Fine-tuning: same config, same documents, same steps.
-        ft_cfg = finetune_config(base, train_data, out / "sft", plan)
-        t0 = time.perf_counter()
-        sft = train_sft(ft_cfg, console=console, description="sft")
-        seconds["sft"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        ft_cfg = finetune_config(base, train_data, out / "sft", plan, keys)
+        with timed("sft"):
+            sft = train_sft(ft_cfg, console=console, description="sft")
         ebft_cfg = ft_cfg.model_copy(update={"output_dir": str(out / "ebft")})
-        try:
-            ebft = train(ebft_cfg, console=console)
-        except TrainingInterrupted:
-            # train's own message suggests resuming with `ebft train`; the quickstart has no such entry point.
-            raise TrainingInterrupted(
-                f"quickstart interrupted during EBFT fine-tuning; run `ebft quickstart --out {out}` again to start over"
-            ) from None
-        seconds["ebft"] = time.perf_counter() - t0
+        with timed("ebft"):
+            try:
+                ebft = train(ebft_cfg, console=console)
+            except TrainingInterrupted:
+                # train's own message suggests resuming with `ebft train`; the quickstart has no such entry point.
+                raise TrainingInterrupted(
+                    f"quickstart interrupted during EBFT fine-tuning; run `ebft quickstart --out {out}` again to "
+                    "start over"
+                ) from None
 
         # 4. Evaluation on held-out files.
         eval_cfg = ft_cfg.model_copy(
@@ -303,28 +323,35 @@ def run_quickstart(out_dir: str | Path, minutes: float = DEFAULT_MINUTES, *, con
         from ebft.config import dump_config
 
         for name, cfg in (("pretrain", pre_cfg), ("finetune", ebft_cfg), ("evaluate", eval_cfg)):
-            (configs / f"{name}.yaml").write_text(dump_config(cfg))
+            if cfg is not None:
+                (configs / f"{name}.yaml").write_text(dump_config(cfg))
 
-        t0 = time.perf_counter()
         finals = {}
-        for name, checkpoint in (("base", None), ("sft", out / "sft"), ("ebft", out / "ebft")):
-            result = evaluate(
-                eval_cfg,
-                checkpoint=checkpoint,
-                split="train",
-                max_docs=plan.heldout_docs,
-                console=console,
-                description=f"evaluate {name}",
-            )
-            write_json(result, out / "eval" / f"{name}.json")
-            finals[name] = result
-        seconds["evaluate"] = time.perf_counter() - t0
+        with timed("evaluate"):
+            for name, checkpoint in (("base", None), ("sft", out / "sft"), ("ebft", out / "ebft")):
+                result = evaluate(
+                    eval_cfg,
+                    checkpoint=checkpoint,
+                    split="train",
+                    max_docs=plan.heldout_docs,
+                    console=console,
+                    description=f"evaluate {name}",
+                )
+                write_json(result, out / "eval" / f"{name}.json")
+                finals[name] = result
 
-        t0 = time.perf_counter()
+        with timed("example"), Progress(1, description="example block", console=console) as bar:
+            first_doc = finals["base"].documents[0]["index"]
+            checkpoints = {"base": None, "sft": out / "sft", "ebft": out / "ebft"}
+            example = example_blocks(eval_cfg, checkpoints, first_doc)
+            bar.advance(1)
+
         runs = {"sft": (out / "sft", sft.steps), "ebft": (out / "ebft", ebft.steps)}
         todo = {name: _checkpoints(run_dir, steps) for name, (run_dir, steps) in runs.items()}
         curves: dict[str, list[dict]] = {}
-        with Progress(1 + sum(len(v) for v in todo.values()), description="probe checkpoints", console=console) as bar:
+        total_probes = 1 + sum(len(v) for v in todo.values())
+        probes = Progress(total_probes, description="probe checkpoints", console=console)
+        with timed("probe checkpoints"), probes as bar:
 
             def probe(checkpoint: Path | None) -> dict:
                 result = evaluate(
@@ -336,52 +363,96 @@ def run_quickstart(out_dir: str | Path, minutes: float = DEFAULT_MINUTES, *, con
             start_point = {"step": 0, **probe(None)}
             for name, points in todo.items():
                 curves[name] = [start_point] + [{"step": step, **probe(path)} for step, path in points]
-        seconds["probe checkpoints"] = time.perf_counter() - t0
 
         # 5. Plots and report.
-        t0 = time.perf_counter()
-        run_plots = {name: plot_run(run_dir) for name, (run_dir, _) in runs.items()}
-        run_plots["pretrain"] = plot_run(base)
-        summary = {
-            "minutes": minutes,
-            "plan": asdict(plan),
-            "notes": notes,
-            "corpus": {
-                "root": sysconfig.get_paths()["stdlib"],
-                "train_files": len(train_files),
-                "train_files_available": len(all_train),
-                "heldout_files": len(heldout_files),
-                "heldout_paths": [f.path for f in heldout_files],
-            },
-            "model": {
-                **MODEL,
-                "vocab_size": VOCAB_SIZE,
-                "parameters": _parameter_count(init),
-                "sequence_len": SEQUENCE_LEN,
-            },
-            "pretrain": {"steps": pre.steps, "planned_steps": plan.pretrain_steps, "final": pre.last_metrics},
-            "finetune": {
-                "steps": {"sft": sft.steps, "ebft": ebft.steps},
-                "documents_per_step": ft_cfg.micro_batch_size * ft_cfg.gradient_accumulation_steps,
-                "learning_rate": ft_cfg.learning_rate,
-                "lr_scheduler": ft_cfg.lr_scheduler,
-                "adapter": ft_cfg.adapter,
-                "ebft": dict(EBFT),
-                "rationale": EBFT_RATIONALE,
-            },
-            "evaluation": {name: r.to_json() for name, r in finals.items()},
-            "comparison": report.compare(finals),
-            "curves": curves,
-        }
-        summary["plots"] = report.write_plots(out, summary, run_plots)
-        seconds["report"] = time.perf_counter() - t0
+        with timed("report"):
+            run_plots = {name: plot_run(run_dir) for name, (run_dir, _) in runs.items()}
+            if pre is not None:
+                run_plots["pretrain"] = plot_run(base)
+            summary = {
+                "minutes": minutes,
+                "plan": asdict(plan),
+                "notes": notes,
+                "corpus": {
+                    "root": sysconfig.get_paths()["stdlib"],
+                    "train_files": len(train_files),
+                    "train_files_available": len(all_train),
+                    "heldout_files": len(heldout_files),
+                    "heldout_paths": [f.path for f in heldout_files],
+                },
+                "model": _model_summary(choice, Path(base), ft_cfg.sequence_len),
+                "pretrain": None
+                if pre is None
+                else {"steps": pre.steps, "planned_steps": plan.pretrain_steps, "final": pre.last_metrics},
+                "finetune": {
+                    "steps": {"sft": sft.steps, "ebft": ebft.steps},
+                    "documents_per_step": ft_cfg.micro_batch_size * ft_cfg.gradient_accumulation_steps,
+                    "learning_rate": ft_cfg.learning_rate,
+                    "lr_scheduler": ft_cfg.lr_scheduler,
+                    "adapter": ft_cfg.adapter,
+                    "lora_r": ft_cfg.lora_r if ft_cfg.adapter else None,
+                    "ebft": dict(EBFT),
+                    "rationale": rationale,
+                },
+                "evaluation": {name: r.to_json() for name, r in finals.items()},
+                "comparison": report.compare(finals),
+                "example": example,
+                "curves": curves,
+            }
+            summary["plots"] = report.write_plots(out, summary, run_plots)
         seconds["total"] = time.perf_counter() - started
-        summary["seconds"] = seconds
+        cpu_seconds["total"] = time.process_time() - cpu_started
+        summary["seconds"], summary["cpu_seconds"] = seconds, cpu_seconds
         (out / "summary.json").write_text(json.dumps(report.json_safe(summary), indent=2) + "\n")
         path = out / "report.html"
         path.write_text(report.render_html(summary), encoding="utf-8")
     report.print_summary(summary, console)
     return QuickstartResult(out_dir=out, report=path, summary=summary)
+
+
+def _scratch_base(out: Path, plan: Plan, seconds: dict, cpu_seconds: dict, console):
+    """Phases 1-2 without a pretrained model: corpus, tokenizer, a small Llama pretrained from scratch.
+
+    Returns (base folder, (train data, held-out data, train files, all train files, held-out files),
+    pretraining result, pretraining config)."""
+    from ebft.metrics import Progress
+    from ebft.quickstart.scratch import build_model_dir
+    from ebft.quickstart.sft import train_sft
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    with Progress(2, description="corpus + tokenizer", console=console) as bar:
+        all_train, heldout_files = stdlib_corpus()
+        train_files = within_budget(all_train, plan.corpus_chars)
+        train_data = write_jsonl(out / "data" / "train.jsonl", train_files)
+        heldout_data = write_jsonl(out / "data" / "heldout.jsonl", heldout_files)
+        bar.advance(1)
+        init = build_model_dir(out / "init", (f.text for f in train_files), vocab_size=VOCAB_SIZE, seed=SEED, **MODEL)
+        bar.advance(1)
+    seconds["corpus + tokenizer"] = time.perf_counter() - t0
+    cpu_seconds["corpus + tokenizer"] = time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    pre_cfg = pretrain_config(init, train_data, out / "base", plan)
+    pre = train_sft(pre_cfg, console=console, description="pretrain", time_limit_s=plan.pretrain_seconds_cap)
+    seconds["pretrain"] = time.perf_counter() - t0
+    cpu_seconds["pretrain"] = time.process_time() - c0
+    files = (train_data, heldout_data, train_files, all_train, heldout_files)
+    return out / "base", files, pre, pre_cfg
+
+
+def _model_summary(choice: BaseChoice, folder: Path, sequence_len: int) -> dict:
+    """What the report says about the base model (read from its config.json)."""
+    config = json.loads((folder / "config.json").read_text())
+    return {
+        "source": choice.source or "from scratch",
+        "origin": choice.origin,
+        "pretrained": choice.source is not None,
+        "hidden_size": config["hidden_size"],
+        "num_layers": config["num_hidden_layers"],
+        "num_heads": config["num_attention_heads"],
+        "vocab_size": config["vocab_size"],
+        "parameters": _parameter_count(folder),
+        "sequence_len": sequence_len,
+    }
 
 
 def _parameter_count(model_dir: Path) -> int:
