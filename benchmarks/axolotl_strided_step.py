@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA; default: --heads)")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 4 x --hidden)")
+    p.add_argument("--tied", action="store_true", help="tie the input embeddings and the LM head")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--docs", type=int, default=2, help="documents per optimizer step (micro-batch)")
     p.add_argument("--n", type=int, default=4, help="samples per document")
@@ -143,12 +146,12 @@ def main(argv=None) -> int:
     cfg = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
-        intermediate_size=4 * args.hidden,
+        intermediate_size=args.intermediate or 4 * args.hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
         max_position_embeddings=max(4096, 2 * args.seq_len + args.gen * args.seq_len // args.stride),
-        tie_word_embeddings=False,
+        tie_word_embeddings=args.tied,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
@@ -167,6 +170,10 @@ def main(argv=None) -> int:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     print(f"model_params_total={n_all} trainable={n_train}")
+    print(
+        f"model_shape=hidden {args.hidden}, layers {args.layers}, heads {args.heads}/{cfg.num_key_value_heads} kv, "
+        f"intermediate {cfg.intermediate_size}, tied {cfg.tie_word_embeddings}, vocab {args.vocab}"
+    )
 
     # --- data: random token documents of exactly seq_len tokens ---
     g = torch.Generator().manual_seed(args.seed)

@@ -6,12 +6,17 @@ Prints seconds per optimizer step (mean and median over --steps after --warmup),
 phase (generation, features, policy), and peak resident memory. The model is a Llama built from a
 config with random weights (seed 0) and LoRA on every linear layer, fp32 on CPU; documents are
 random tokens of exactly --seq-len tokens. The same settings run axolotl's trainer in
-benchmarks/axolotl_strided_step.py, so the two outputs compare directly.
+benchmarks/axolotl_strided_step.py, so the two outputs compare directly. SmolLM2-135M's shape:
+
+    --hidden 576 --layers 30 --heads 9 --kv-heads 3 --intermediate 1536 --tied --vocab 49152
+
+``--model PATH`` (a folder or a .gguf file) times a real checkpoint instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import time
@@ -25,6 +30,14 @@ def parse() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA; default: --heads)")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 4 x --hidden)")
+    p.add_argument("--tied", action="store_true", help="tie the input embeddings and the LM head")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a real checkpoint (folder or .gguf) instead of a model built from the sizes above",
+    )
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--docs", type=int, default=2, help="documents per optimizer step")
     p.add_argument("--micro-batch", type=int, default=None, help="documents per micro-batch (default: --docs)")
@@ -66,9 +79,28 @@ def main() -> None:
     )
 
     torch.manual_seed(0)
-    cfg = llama_config(args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads)
-    cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(cfg)
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        from ebft.quickstart.model import local_folder
+
+        model = AutoModelForCausalLM.from_pretrained(local_folder(args.model), dtype=torch.float32)
+        model.config._attn_implementation = "sdpa"
+        cfg = model.config
+        args.hidden, args.layers, args.heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
+        args.vocab = cfg.vocab_size
+    else:
+        cfg = llama_config(
+            args.vocab,
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            num_kv_heads=args.kv_heads,
+            intermediate_size=args.intermediate,
+        )
+        cfg.tie_word_embeddings = args.tied
+        cfg._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(cfg)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not args.full_finetune:
@@ -109,9 +141,11 @@ def main() -> None:
     K, L, n, g = layout.k, args.seq_len, args.n, args.gen
     S = layout.total_len
     depth = max(layer_indices(fractions, args.layers))
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {os.getloadavg()}")
     print(
-        f"model: hidden {args.hidden}, layers {args.layers}, vocab {args.vocab}, "
+        f"model: {args.model or 'built from sizes'}, hidden {args.hidden}, layers {args.layers}, heads {args.heads}/"
+        f"{cfg.num_key_value_heads} kv, intermediate {cfg.intermediate_size}, tied {cfg.tie_word_embeddings}, "
+        f"vocab {args.vocab}, "
         f"trainable {sum(p.numel() for p in params):,} of {sum(p.numel() for p in model.parameters()):,}"
     )
     print(f"per document: L={L}, blocks K={K}, n={n}, g={g}, packed row S=L+g*n*K={S}")
