@@ -12,7 +12,9 @@ benchmarks/axolotl_structured_step.py, reads the same folder):
 
 * ``model/``: a byte-level BPE tokenizer (vocab --vocab, trained on this interpreter's standard-library
   sources with ``ebft.quickstart.scratch.train_tokenizer``) and a Llama built from a config with random weights
-  (hidden --hidden, --layers layers, --heads heads, seed 0), saved with ``save_pretrained``;
+  (hidden --hidden, --layers layers, --heads heads, --kv-heads, --intermediate, seed 0), saved with
+  ``save_pretrained``; with ``--model PATH`` (a real checkpoint: folder or .gguf, converted once) a link
+  to that folder instead, so both scripts read the real model and its tokenizer;
 * ``data.jsonl``: rows ``{"prompt": str, "ground_truth": str}`` cut from the same sources, each prompt
   exactly --prompt-tokens tokens and each ground truth exactly --gt-tokens tokens, and both still that
   long when re-encoded from their text (and prompt + ground truth as one text: their sum).
@@ -30,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import sysconfig
@@ -45,6 +48,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA; default: --heads)")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 4 x --hidden)")
+    p.add_argument("--model", default=None, help="a real checkpoint (folder or .gguf) instead of a built model")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gt-tokens", type=int, default=128)
     p.add_argument("--rows", type=int, default=64, help="rows written to data.jsonl")
@@ -120,6 +126,9 @@ def prepare(args: argparse.Namespace) -> Path:
         "hidden": args.hidden,
         "layers": args.layers,
         "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "intermediate": args.intermediate,
+        "model": args.model,
         "seed": 0,
         "prompt_tokens": args.prompt_tokens,
         "gt_tokens": args.gt_tokens,
@@ -134,15 +143,26 @@ def prepare(args: argparse.Namespace) -> Path:
 
     work.mkdir(parents=True, exist_ok=True)
     texts = source_texts()
-    build_model_dir(
-        work / "model",
-        texts,
-        vocab_size=args.vocab,
-        seed=0,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.heads,
-    )
+    model_dir = work / "model"
+    if model_dir.is_symlink():
+        model_dir.unlink()
+    if args.model:
+        from ebft.quickstart.model import local_folder
+
+        shutil.rmtree(model_dir, ignore_errors=True)
+        model_dir.symlink_to(Path(local_folder(args.model)).resolve(), target_is_directory=True)
+    else:
+        build_model_dir(
+            model_dir,
+            texts,
+            vocab_size=args.vocab,
+            seed=0,
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            num_kv_heads=args.kv_heads,
+            intermediate_size=args.intermediate,
+        )
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
     rows = cut_rows(tokenizer, texts, args.rows, args.prompt_tokens, args.gt_tokens)
     with open(work / "data.jsonl", "w", encoding="utf-8") as f:
@@ -211,6 +231,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = prepare(args)
+    model_config = json.loads((work / "model" / "config.json").read_text())
+    args.layers = model_config["num_hidden_layers"]  # the feature depth below counts the real model's layers
 
     from ebft import trainer
     from ebft.structured import runner as runner_module
