@@ -8,7 +8,7 @@ temperature and the same seeds, so the only difference between the rows is the m
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -46,9 +46,12 @@ def sample_block(policy, input_ids: list[int], anchor: int, n: int, g: int, temp
     return [row[anchor:].tolist() for row in out]  # n x g
 
 
-def example_blocks(eval_cfg, checkpoints: Mapping[str, Path | None], doc_index: int) -> dict:
+def example_blocks(
+    eval_cfg, checkpoints: Mapping[str, Path | None], doc_index: int, on_model: Callable[[], None] = lambda: None
+) -> dict:
     """The example: the same held-out document, anchor and seeds for every model in ``checkpoints``
-    (name -> checkpoint folder, None for the base model). Returns JSON-ready text."""
+    (name -> checkpoint folder, None for the base model). Returns JSON-ready text. ``on_model`` is
+    called after each model (a progress bar)."""
     from ebft.evaluate.load import held_out_rows, load_models
 
     settings = eval_cfg.ebft
@@ -72,6 +75,7 @@ def example_blocks(eval_cfg, checkpoints: Mapping[str, Path | None], doc_index: 
         blocks = sample_block(policy, prefix_ids, example["anchor"], n, g, temperature, seed=eval_cfg.seed)
         example["samples"][name] = [tokenizer.decode(block) for block in blocks]
         del policy
+        on_model()
     return example
 
 

@@ -340,11 +340,10 @@ def run_quickstart(
                 write_json(result, out / "eval" / f"{name}.json")
                 finals[name] = result
 
-        with timed("example"), Progress(1, description="example block", console=console) as bar:
+        checkpoints = {"base": None, "sft": out / "sft", "ebft": out / "ebft"}
+        with timed("example"), Progress(len(checkpoints), description="example block", console=console) as bar:
             first_doc = finals["base"].documents[0]["index"]
-            checkpoints = {"base": None, "sft": out / "sft", "ebft": out / "ebft"}
-            example = example_blocks(eval_cfg, checkpoints, first_doc)
-            bar.advance(1)
+            example = example_blocks(eval_cfg, checkpoints, first_doc, on_model=lambda: bar.advance(1))
 
         runs = {"sft": (out / "sft", sft.steps), "ebft": (out / "ebft", ebft.steps)}
         todo = {name: _checkpoints(run_dir, steps) for name, (run_dir, steps) in runs.items()}
