@@ -80,9 +80,9 @@ def test_package_gguf_is_found_without_importing_the_package(tmp_path, monkeypat
 
 def test_pretrained_plan_has_no_pretraining_and_three_curve_points():
     plan = Plan.for_pretrained(8)
-    # 4 steps per minute: 32 steps; checkpoints at 16 (and the final model at 32).
-    assert (plan.pretrain_steps, plan.finetune_steps, plan.save_every) == (0, 32, 16)
-    assert plan.heldout_docs == 8 and plan.probe_docs == 2
+    # 3.5 steps per minute: 28 steps; a checkpoint at 14 (and the final model at 28).
+    assert (plan.pretrain_steps, plan.finetune_steps, plan.save_every) == (0, 28, 14)
+    assert plan.heldout_docs == 6 and plan.probe_docs == 2  # 0.75 x 8, 0.25 x 8
 
 
 def test_anchor_is_mid_window_with_room_for_a_block():
@@ -119,6 +119,11 @@ def test_example_section_shows_context_real_continuation_and_every_models_sample
     assert all(
         f"<pre>{s}</pre>" in rows[i] for i, key in enumerate(example["samples"]) for s in example["samples"][key]
     )
+    assert "same samples as base" not in page
+    # A model whose samples equal the base model's (same seeds) is marked as such.
+    unchanged = {**example, "samples": {"base": ["a1"], "sft": ["a1"], "ebft": ["c1"]}}
+    rows = examples.render_html(unchanged, {}).split("<tr>")[2:]
+    assert ["same samples as base" in row for row in rows] == [False, True, False]
     assert examples.render_html({}, {}) == ""
 
 

@@ -87,8 +87,15 @@ def render_html(example: Mapping, names: Mapping[str, str]) -> str:
     def code(text: str) -> str:
         return f"<pre>{html.escape(text)}</pre>"
 
+    base = example["samples"].get("base")
+
+    def label(name: str, samples: list[str]) -> str:
+        # Same seeds: a fine-tuned model that moved too little draws exactly the base model's tokens.
+        same = name != "base" and samples == base
+        return html.escape(names.get(name, name)) + (" (same samples as base)" if same else "")
+
     rows = "".join(
-        f"<tr><td>{html.escape(names.get(name, name))}</td><td>{''.join(code(s) for s in samples)}</td></tr>"
+        f"<tr><td>{label(name, samples)}</td><td>{''.join(code(s) for s in samples)}</td></tr>"
         for name, samples in example["samples"].items()
     )
     return f"""<h2>An example block</h2>

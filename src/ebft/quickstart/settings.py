@@ -40,7 +40,7 @@ PRETRAINED_FINETUNE = {
 PRETRAINED_RATIONALE = (
     "The layout and sampling are the paper's (c = s = g = 8, n = 4, T = 0.6, features at 25/50/75% depth); "
     "features are averaged over each block's tokens and the objective adds 0.1 x the cross-entropy, as in the "
-    "from-scratch demo. On a pretrained 135M model one CPU EBFT step costs about as much as 7 SFT steps, so the "
+    "from-scratch demo. On a pretrained 135M model one CPU EBFT step costs about as much as 8 SFT steps, so the "
     "time budget sets the rest: 128-token windows (15 blocks x 4 samples per step) and one document per step buy "
     "the most optimizer steps; a rank-16 LoRA on every linear layer keeps the base model's features intact as "
     "the frozen reference (LoRA disabled) and the saves small. Both methods share the learning rate 1e-4, the "
