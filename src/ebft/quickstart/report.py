@@ -185,6 +185,9 @@ def render_html(summary: Mapping) -> str:
     plots = summary["plots"]
     verdicts = "".join(f"<li>{html.escape(s)}</li>" for s in verdict_sentences(rows))
     notes = "".join(f"<p class='note'>{html.escape(note)}</p>" for note in summary.get("notes", []))
+    cpu_total = summary.get("cpu_seconds", {}).get("total")
+    # CPU time is what the run costs on an idle machine whatever else was running; wall time is not.
+    cpu = f"; CPU time of this process {_fmt_seconds(cpu_total)}" if cpu_total is not None else ""
     timing = ", ".join(f"{html.escape(k)} {_fmt_seconds(v)}" for k, v in seconds.items() if k != "total")
     heldout_imgs = "".join(f"<img src='{plots[f'heldout_{key}']}' alt='{key}'>" for key, _ in CURVES)
     training_imgs = "".join(
@@ -210,7 +213,7 @@ def render_html(summary: Mapping) -> str:
 learning rate {ft["learning_rate"]:g}, {ft["lr_scheduler"]}). All three models were evaluated on
 {ev["data"]["documents"]} documents ({ev["data"]["blocks"]} blocks, {ev["data"]["tokens"]} tokens) drawn from
 {corpus["heldout_files"]} held-out files that no model saw in training. Total time {_fmt_seconds(seconds["total"])}
-({timing}).</p>
+({timing}){cpu}.</p>
 {notes}
 <h2>Verdict</h2>
 <ul>{verdicts}</ul>
