@@ -253,8 +253,10 @@ class FeatureNetwork:
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, plan=None) -> list[torch.Tensor]:
         """input_ids [D, S] -> one [D, S, H] fp32 tensor per requested layer (same order as ``layers``).
 
-        With a ``StridedPlan`` the rows are packed strided rows; without one, ordinary causal sequences.
+        With a ``StridedPlan`` the rows are packed strided rows; with a ``PackedPlan`` one row of whole
+        sequences (``ebft.packed``); without one, ordinary causal sequences.
         """
+        from ebft.packed import Packed, PackedPlan, packed_forward
         from ebft.strided.attention import strided_backend, strided_forward
 
         captured: dict[int, torch.Tensor] = {}
@@ -270,6 +272,8 @@ class FeatureNetwork:
             ids, pos = input_ids.to(self.device), position_ids.to(self.device)
             if plan is None:
                 last = self.body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+            elif isinstance(plan, PackedPlan):
+                last = packed_forward(self.body, Packed(ids, pos, plan))
             else:
                 stack.enter_context(strided_backend(self.body))
                 last = strided_forward(self.body, ids, pos, plan)

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import torch
 
 from ebft import features as feat
+from ebft import packed as packing
 from ebft import rewards
 from ebft.data.structured import PromptRow
 from ebft.models import FeatureNetwork
+from ebft.structured.forward import use_packed
 from ebft.structured.sample import Sample, right_padded
 from ebft.structured.settings import StructuredSettings
 
@@ -37,15 +39,26 @@ def embed(
     s: StructuredSettings,
     pad_id: int,
     batch_size: int,
+    *,
+    packed: bool | None = None,
 ) -> torch.Tensor:
-    """Pooled features of whole sequences: N token lists -> [N, E] (float32, on the features' device)."""
+    """Pooled features of whole sequences: N token lists -> [N, E] (float32, on the features' device).
+
+    ``packed``: each chunk runs as one padding-free row (``ebft.packed``); None: whenever that is exact.
+    """
     out = []
+    packed = use_packed(features.body) if packed is None else packed
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
         ids, lengths = right_padded(chunk, pad_id)
-        positions = torch.arange(ids.shape[1]).expand_as(ids)
-        hidden = features(ids, positions)  # per layer [B, S, H]
-        tokens = feat.combine_layers(hidden, s.feature_norm)  # [B, S, E]
+        if packed:  # one padding-free row; the pooled tokens are laid out padded again (cheap, [B, S, E])
+            row = packing.pack(chunk)
+            tokens = packing.unpack(
+                feat.combine_layers(features(row.ids, row.positions, row.plan), s.feature_norm), row.plan
+            )
+        else:
+            positions = torch.arange(ids.shape[1]).expand_as(ids)
+            tokens = feat.combine_layers(features(ids, positions), s.feature_norm)  # [B, S, E]
         col = torch.arange(ids.shape[1], device=tokens.device)
         valid = col < lengths.to(tokens.device)[:, None]
         prompt = torch.tensor(prompt_lengths[start : start + batch_size], device=tokens.device)

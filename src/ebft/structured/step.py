@@ -9,7 +9,6 @@ step-global counts (``LossNorm``), so summed micro-batch gradients do not depend
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -17,11 +16,12 @@ import torch
 from ebft import losses
 from ebft.data.structured import PromptRow
 from ebft.distributed import Sharding
-from ebft.models import backbone_of, output_head
+from ebft.models import output_head
 from ebft.structured.chat import conversation_tokens
+from ebft.structured.forward import predicting_states, training_backend
 from ebft.structured.multiturn import roll_out_conversations
 from ebft.structured.rollout import Completion, RolloutBackend
-from ebft.structured.sample import Sample, loss_token_count, loss_views, right_padded
+from ebft.structured.sample import Sample, loss_token_count, loss_views
 from ebft.structured.scoring import Scores
 from ebft.structured.settings import StructuredSettings, completion_cap
 
@@ -81,32 +81,23 @@ def policy_logprobs(
     *,
     autocast_dtype: torch.dtype | None = None,
     with_entropy: bool = False,
+    packed: bool | None = None,
 ):
     """The policy's log-prob of every loss token of ``samples``, flattened sample by sample.
 
     Returns (logp [T], seq_index [T]) or, with ``with_entropy``, (logp, seq_index, entropy [T]).
     Token t is scored by the hidden state at t - 1, under the sampler's distribution (temperature,
-    top-k, top-p, min-p).
+    top-k, top-p, min-p). ``packed``: padding-free forward (``forward.predicting_states``); None: when exact.
     """
-    device = next(model.parameters()).device
     views = [(i, seq, loss) for i, q in enumerate(samples) for seq, loss in loss_views(q)]
-    ids, _ = right_padded([seq for _, seq, _ in views], pad_id)
-    width = ids.shape[1]
-    mask = torch.zeros(len(views), width, dtype=torch.bool)
-    for v, (_, _, loss) in enumerate(views):
-        mask[v, : len(loss)] = torch.tensor(loss, dtype=torch.bool)
-    mask[:, 0] = False  # nothing predicts the first token
-    owner = torch.tensor([i for i, _, _ in views], device=device)
-    ids, mask = ids.to(device), mask.to(device)
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    with amp:
-        positions = torch.arange(width, device=device).expand_as(ids)
-        hidden = backbone_of(model)(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
-    rows, cols = mask.nonzero(as_tuple=True)  # row-major: view by view (sample by sample), tokens in order
+    states, targets, view = predicting_states(
+        model, [(seq, loss) for _, seq, loss in views], pad_id, autocast_dtype=autocast_dtype, packed=packed
+    )
+    owner = torch.tensor([i for i, _, _ in views], dtype=torch.long, device=view.device)[view]
     sm = s.sampling
     result = losses.token_logprobs(
-        hidden[rows, cols - 1],
-        ids[rows, cols],
+        states,
+        targets,
         output_head(model),
         temperature=s.logprob_temperature,
         top_p=sm.top_p,
@@ -116,8 +107,8 @@ def policy_logprobs(
     )
     if with_entropy:
         logp, entropy = result
-        return logp, owner[rows], entropy
-    return result, owner[rows]
+        return logp, owner, entropy
+    return result, owner
 
 
 def ce_sequences(rows: list[PromptRow], tokenizer, s: StructuredSettings) -> list[Sample]:
@@ -211,13 +202,14 @@ def microbatch(
     """
     sharding = sharding or Sharding(model)
     sums: dict[str, float] = {}
-    total = _policy_gradient_term(buffer, indices, s, norm, pad_id, autocast_dtype, sharding, sums)
-    if s.ce_coef > 0 and ce_rows:
-        ce = _ce_term(buffer, ce_rows, s, ce_tokens, tokenizer, pad_id, autocast_dtype, sharding, sums)
-        total = ce if total is None else total + ce
-    if total is not None:
-        total.backward()
-        sums["loss"] = float(total.detach())
+    with training_backend(model):  # the packed forward's attention, also for backward's recomputation
+        total = _policy_gradient_term(buffer, indices, s, norm, pad_id, autocast_dtype, sharding, sums)
+        if s.ce_coef > 0 and ce_rows:
+            ce = _ce_term(buffer, ce_rows, s, ce_tokens, tokenizer, pad_id, autocast_dtype, sharding, sums)
+            total = ce if total is None else total + ce
+        if total is not None:
+            total.backward()
+            sums["loss"] = float(total.detach())
     return sums
 
 
