@@ -7,6 +7,7 @@ from contextlib import nullcontext
 import torch
 
 from ebft.sampling import truncation_keep
+from ebft.structured import decode
 from ebft.structured.rollout import Completion, Sampling
 
 
@@ -45,13 +46,26 @@ class SeededSampler:
         return z + gumbel
 
 
+def _generators(seeds: list[int], n: int, device) -> list[torch.Generator]:
+    """Sample j of the prompt with seed ``seed`` draws from its own stream, row ``p * n + j``."""
+    out = []
+    for seed in seeds:
+        for j in range(n):
+            gen = torch.Generator(device=device)
+            gen.manual_seed((seed * 1_000_003 + j) % 2**63)
+            out.append(gen)
+    return out
+
+
 class HFGenerate:
     """``model.generate`` for many prompts at once: left padding, ``n`` samples per prompt, stop token
     ids, repetition penalty, and the trl sampling settings through ``SeededSampler`` (per-sample random
     streams keyed by the prompt's seed, so batching never changes a prompt's completions). Each call
     generates up to the largest cap of its prompts and cuts every completion at its own prompt's cap:
     for autoregressive sampling that is the same distribution as generating each with its own limit.
-    Log-probs are not reported; the trainer scores completions with the policy itself (the sampler *is*
+    Where ``decode.supported`` (no repetition penalty, no logit-changing generation config) the same draws
+    come from ``decode.shared_prefill_generate`` instead: one prefill per prompt, finished rows leave the
+    batch. Log-probs are not reported; the trainer scores completions with the policy itself (the sampler *is*
     the policy here).
     """
 
@@ -63,8 +77,12 @@ class HFGenerate:
         pad_token_id: int,
         rows_per_call: int = 64,
         autocast_dtype: torch.dtype | None = None,
+        shared_prefill: bool = True,
     ):
         self.model = model
+        # One prefill per prompt and finished rows leaving the batch (``decode``), wherever that loop
+        # reproduces generate's draws; False: transformers generate always.
+        self.shared_prefill = shared_prefill
         self.sampling = sampling
         self.pad_token_id = pad_token_id
         self.rows_per_call = rows_per_call
@@ -96,6 +114,8 @@ class HFGenerate:
         s = self.sampling
         greedy = s.temperature <= 0
         copies = 1 if greedy else n  # greedy samples are all the same completion
+        if self.shared_prefill and decode.supported(self.model, s):
+            return self._decode(prompts, n, copies, caps, seeds, device)
         rows = [p for p in prompts for _ in range(copies)]  # sample j of prompt i is row i * copies + j
         width = max(len(p) for p in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -103,15 +123,7 @@ class HFGenerate:
         for i, p in enumerate(rows):  # left padding: every prompt ends at the last column
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
-        processors = []
-        if not greedy:
-            generators = []
-            for seed in seeds:
-                for j in range(n):
-                    gen = torch.Generator(device=device)
-                    gen.manual_seed((seed * 1_000_003 + j) % 2**63)
-                    generators.append(gen)
-            processors.append(SeededSampler(s, generators))
+        processors = [] if greedy else [SeededSampler(s, _generators(seeds, n, device))]
         from transformers import LogitsProcessorList
 
         generated = self.model.generate(
@@ -135,6 +147,35 @@ class HFGenerate:
         new = generated[:, width:].tolist()  # [P * n, T]
         return [
             [cut_completion(new[i * n + j], s.stop_token_ids, caps[i]) for j in range(n)] for i in range(len(prompts))
+        ]
+
+    def _decode(self, prompts, n, copies, caps, seeds, device) -> list[list[Completion]]:
+        """``decode.shared_prefill_generate``: the same draws as ``generate``, one prefill per prompt."""
+        s = self.sampling
+        if s.temperature <= 0:
+
+            def pick(rows, logits):
+                return logits.argmax(-1)
+
+        else:
+            generators = _generators(seeds, n, device)
+
+            def pick(rows, logits):
+                return SeededSampler(s, [generators[r] for r in rows.tolist()])(None, logits).argmax(-1)
+
+        new = decode.shared_prefill_generate(
+            self.model,
+            prompts,
+            copies,
+            caps,
+            pick,
+            pad_token_id=self.pad_token_id,
+            stop_token_ids=s.stop_token_ids,
+            device=device,
+        )
+        return [
+            [cut_completion(new[i * copies + (j if copies > 1 else 0)], s.stop_token_ids, caps[i]) for j in range(n)]
+            for i in range(len(prompts))
         ]
 
     def sync(self, model, step: int) -> None:
