@@ -14,6 +14,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ebft.sampling import truncation_keep
 
+# Elements of one [chunk, V] fp32 logits tensor in ``token_logprobs`` (64 MiB).
+CHUNK_ELEMENTS = 1 << 24
+
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -53,7 +56,7 @@ def token_logprobs(
     top_p: float = 1.0,
     top_k: int = 0,
     min_p: float = 0.0,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     with_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(target | hidden) for N rows: hidden [N, H], targets [N] -> [N] fp32.
@@ -62,7 +65,12 @@ def token_logprobs(
     renormalised. With ``with_entropy`` also returns the entropy of that distribution per row ([N],
     no gradient). The LM head runs chunk by chunk; with autograd on, each chunk is recomputed in
     backward instead of saving its [chunk, V] fp32 log-softmax, so peak memory is one chunk of logits.
+    ``chunk_size`` rows per chunk; default: as many as keep one [chunk, V] fp32 tensor near 64 MiB (1024
+    rows of a 16k vocabulary, 341 of SmolLM2's 49k), since a chunk's softmax holds a few such tensors.
     """
+    if chunk_size is None:
+        weight = getattr(head, "weight", None)
+        chunk_size = max(1, CHUNK_ELEMENTS // weight.shape[0]) if weight is not None else 1024
     if hidden.shape[0] == 0:
         # Through the head even with no rows: its parameters then get a (zero) gradient on every process,
         # so under FSDP every process reduce-scatters the same gradients.
