@@ -21,7 +21,7 @@ LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
-def _chunk_logprobs(
+def _chunk_logprobs_parts(
     hidden: torch.Tensor,
     targets: torch.Tensor,
     head: torch.nn.Module,
@@ -29,7 +29,8 @@ def _chunk_logprobs(
     top_p: float,
     top_k: int,
     min_p: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
+    """[chunk, V] fp32 logits of the sampler's distribution: tempered, truncated (-inf outside the set)."""
     logits = head(hidden).float()
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
@@ -40,11 +41,54 @@ def _chunk_logprobs(
         keep = truncation_keep(logits.detach(), top_p, top_k, min_p)
         keep.scatter_(-1, targets[:, None], True)
         logits = logits.masked_fill(~keep, float("-inf"))
+    return logits
+
+
+def _chunk_logprobs(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = _chunk_logprobs_parts(hidden, targets, head, temperature, top_p, top_k, min_p)
     logp_all = logits.log_softmax(dim=-1)
     with torch.no_grad():
         probs = logp_all.exp()
         entropy = -(probs * logp_all.masked_fill(probs == 0, 0.0)).sum(-1)
     return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
+
+
+def _frozen_head_chunk(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Linear,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_chunk_logprobs`` for a frozen linear head (LoRA), with its gradient taken in the same pass.
+
+    With logits z = W h / T (+ bias), d log p(t) / d h = (W[t] - sum_v p_v W[v]) / T, p the (truncated)
+    distribution; the gradient through the truncation mask is zero, as in ``_chunk_logprobs``. Computing
+    it here costs one [chunk, V] x [V, H] product and nothing is recomputed in backward, where the
+    checkpointed path runs the head, the softmax and the entropy a second time and then back-propagates
+    the head. The result is attached as value + <h - h.detach(), J>: exactly the value, gradient J.
+    """
+    with torch.no_grad():
+        logits = _chunk_logprobs_parts(hidden, targets, head, temperature, top_p, top_k, min_p)
+        logp_all = logits.log_softmax(dim=-1)
+        probs = logp_all.exp()
+        entropy = -(probs * logp_all.masked_fill(probs == 0, 0.0)).sum(-1)
+        weight = head.weight.float()
+        scale = 1.0 if temperature in (0.0, 1.0) else 1.0 / temperature
+        jac = (weight[targets] - probs @ weight) * scale  # [chunk, H]
+        value = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    h = hidden.float()
+    return value + ((h - h.detach()) * jac).sum(-1), entropy
 
 
 def token_logprobs(
@@ -76,12 +120,20 @@ def token_logprobs(
         # so under FSDP every process reduce-scatters the same gradients.
         empty = head(hidden).float().sum(-1)
         return (empty, hidden.new_zeros(0, dtype=torch.float32)) if with_entropy else empty
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    head_grad = any(p.requires_grad for p in head.parameters())
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_grad)
+    # A sharded (DTensor) weight is only whole inside the head's own forward: those heads take the general path.
+    frozen_linear = isinstance(head, torch.nn.Linear) and not head_grad and type(head.weight.data) is torch.Tensor
     logps, entropies = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         args = (h, t, head, temperature, top_p, top_k, min_p)
-        logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if need_grad else _chunk_logprobs(*args)
+        if need_grad and frozen_linear:
+            logp, entropy = _frozen_head_chunk(*args)
+        elif need_grad:
+            logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            logp, entropy = _chunk_logprobs(*args)
         logps.append(logp)
         entropies.append(entropy)
     logp = torch.cat(logps)
