@@ -40,7 +40,7 @@ def _settings(tok, **over) -> StructuredSettings:
         "mask_truncated_completions": False,
         "skip_zero_advantage_batches": False,
         "is_correction": False,
-        "is_cap": 3.0,
+        "is_bounds": (1 / 3.0, 3.0),
         "rl_coef": 1.0,
         "ce_coef": 0.0,
         "sequence_len": 256,
