@@ -175,3 +175,5 @@ def test_attention_the_packed_backend_cannot_reproduce_runs_padded():
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=64, sliding_window=None
     )
     assert packing.unsupported_reason(unwindowed) is None
+    llama._attn_implementation = "eager"
+    assert "'eager'" in packing.unsupported_reason(llama)

@@ -69,6 +69,11 @@ def unsupported_reason(config) -> str | None:
     The backend computes softmax(q k^T * scaling) v with a causal mask over each whole sequence; a model
     whose attention also windows, caps or sinks its scores is run padded instead, by its own backend.
     """
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in (None, "sdpa", NAME):
+        # The model was loaded with another attention (eager where it has no SDPA path): the packed
+        # pass computes SDPA's attention, so such a model runs padded with its own.
+        return f"attention implementation {impl!r}"
     text = getattr(config, "get_text_config", lambda: config)()
     if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
         return f"sliding-window attention (sliding_window={text.sliding_window})"
