@@ -101,3 +101,23 @@ def test_repetition_penalty_runs_through_generate(tiny_model_dir, tiny_tokenizer
     hf = HFGenerate(model, sampling=sampling, pad_token_id=tok.pad_token_id, shared_prefill=False)
     prompts = _prompts(tok)
     assert shared.generate(prompts, 2, [8] * 4, [1, 2, 3, 4]) == hf.generate(prompts, 2, [8] * 4, [1, 2, 3, 4])
+
+
+def test_shared_prefill_avoids_the_deprecated_cache_keyword(tiny_model_dir, tiny_tokenizer):
+    """transformers 5.24 deprecates ``past_key_values=`` (removed in 5.40); the decoder, plain or under a
+    PEFT wrapper, hands the cache over under the name the wrapped model takes."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    tok = tiny_tokenizer
+    model = _model(tiny_model_dir)
+    wrapped = get_peft_model(_model(tiny_model_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    sampling = Sampling(1.0, stop_token_ids=(tok.eos_token_id,))
+    for m in (model, wrapped):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            out = HFGenerate(m, sampling=sampling, pad_token_id=tok.pad_token_id).generate(
+                _prompts(tok), 2, [6] * 4, [1, 2, 3, 4]
+            )
+        assert [len(group) for group in out] == [2, 2, 2, 2]

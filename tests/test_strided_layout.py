@@ -145,7 +145,7 @@ def test_cached_generation_uses_the_current_cache_keyword(model):
     where the model takes ``cache=``, and must keep using it where that is all the model takes (5.0-5.23)."""
     import warnings
 
-    from ebft.strided.generate import cache_keyword
+    from ebft.models import cache_keyword
 
     lay = _layout([9], 9, n=2, stride=3, ctx=2, g=3)
     with warnings.catch_warnings():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -331,3 +332,9 @@ def feature_network_for(cfg, source: nn.Module, device: torch.device, *, frozen_
 def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
     """bf16 autocast where the config asks for it (see ``use_bf16``), else none (fp32)."""
     return torch.bfloat16 if use_bf16(cfg.bf16, device) else None
+
+
+def cache_keyword(body: nn.Module) -> str:
+    """The name under which ``body.forward`` takes the KV cache: ``cache`` since transformers 5.24
+    (``past_key_values`` is deprecated there, removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"

@@ -14,12 +14,11 @@ its own anchor, not at the newest cached token, so a sliding-window layer's cach
 
 from __future__ import annotations
 
-import inspect
 from contextlib import ExitStack
 
 import torch
 
-from ebft.models import backbone_of, output_head
+from ebft.models import backbone_of, cache_keyword, output_head
 from ebft.sampling import sample_tokens
 from ebft.strided.attention import DecodePlan, DocumentPlan, MaskedQueries, strided_backend
 from ebft.strided.layout import StridedLayout
@@ -93,12 +92,6 @@ def generate_blocks(
     finally:
         model.train(was_training)
     return torch.stack(steps, dim=-1)
-
-
-def cache_keyword(body: torch.nn.Module) -> str:
-    """The name under which ``body.forward`` takes the KV cache: ``cache`` since transformers 5.24
-    (``past_key_values`` is deprecated there, removed in 5.40), ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
 
 def _sampler(layout: StridedLayout, temperature: float, top_p: float, generators):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ebft.models import cache_keyword
 from ebft.structured.rollout import Sampling
 
 # generation_config settings under which transformers' generate would change the logits; a model that sets
@@ -74,7 +75,10 @@ def shared_prefill_generate(
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
+    # A PEFT wrapper forwards keyword arguments to the model it wraps: ask that model for the cache's name.
+    unwrap = getattr(model, "get_base_model", None)
+    cache_kw = cache_keyword(unwrap() if unwrap is not None else model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, **{cache_kw: cache})
     logits = out.logits[:, -1].float().repeat_interleave(copies, dim=0)  # [P * copies, V]
     if copies > 1:
         cache.batch_repeat_interleave(copies)
@@ -105,8 +109,8 @@ def shared_prefill_generate(
             input_ids=token[:, None],
             attention_mask=mask,
             position_ids=next_pos[:, None],
-            past_key_values=cache,
             logits_to_keep=1,
+            **{cache_kw: cache},
         )
         logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
