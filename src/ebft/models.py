@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ebft.errors import ConfigError
+from ebft.gguf_cache import local_model
 
 log = logging.getLogger("ebft")
 
@@ -38,7 +39,7 @@ def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
     key = "tokenizer_config" if cfg.tokenizer_config else "base_model"
-    source = cfg.tokenizer_config or cfg.base_model
+    source = local_model(cfg.tokenizer_config or cfg.base_model, key)
     _require_local_folder(key, source)
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
@@ -68,13 +69,12 @@ def check_model_config(cfg) -> None:
     """Checks that need only the model's config.json, run before any data or weights load."""
     from transformers import AutoConfig
 
-    _require_local_folder("base_model", cfg.base_model)
+    source = local_model(cfg.base_model)
+    _require_local_folder("base_model", source)
     try:
-        config = AutoConfig.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"base_model: cannot load the config of {cfg.base_model!r}: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ConfigError(f"base_model: cannot load the config of {source!r}: {type(exc).__name__}: {exc}") from exc
     max_pos = getattr(config, "max_position_embeddings", None)
     # Packed strided rows reuse the document's positions (a rollout token takes c_k + t < sequence_len).
     if max_pos is not None and cfg.sequence_len > max_pos:
@@ -89,15 +89,16 @@ def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
     # Full fine-tuning keeps fp32 master weights (autocast supplies bf16 compute); LoRA freezes the base,
     # so it can be stored in bf16 while the adapters stay fp32.
     dtype = torch.bfloat16 if (bf16 and cfg.adapter == "lora") else torch.float32
-    _require_local_folder("base_model", cfg.base_model)
+    source = local_model(cfg.base_model)
+    _require_local_folder("base_model", source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.base_model, dtype=dtype, attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code
+            source, dtype=dtype, attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code
         )
     # RuntimeError: weights whose shapes do not match config.json; SafetensorError: a truncated or
     # corrupt weights file (an interrupted download).
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise ConfigError(f"base_model: cannot load {cfg.base_model!r}: {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(f"base_model: cannot load {source!r}: {type(exc).__name__}: {exc}") from exc
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False
