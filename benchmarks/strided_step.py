@@ -82,9 +82,9 @@ def main() -> None:
     if args.model:
         from transformers import AutoModelForCausalLM
 
-        from ebft.quickstart.model import local_folder
+        from ebft.gguf_cache import local_model
 
-        model = AutoModelForCausalLM.from_pretrained(local_folder(args.model), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(local_model(args.model, "--model"), dtype=torch.float32)
         model.config._attn_implementation = "sdpa"
         cfg = model.config
         args.hidden, args.layers, args.heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads

@@ -204,10 +204,10 @@ def prepare(args: argparse.Namespace) -> Path:
     if args.real_model:
         real_model_dir(work)
     elif args.model:
-        from ebft.quickstart.model import local_folder
+        from ebft.gguf_cache import local_model
 
         shutil.rmtree(model_dir, ignore_errors=True)
-        model_dir.symlink_to(Path(local_folder(args.model)).resolve(), target_is_directory=True)
+        model_dir.symlink_to(Path(local_model(args.model, "--model")).resolve(), target_is_directory=True)
     else:
         build_model_dir(
             model_dir,

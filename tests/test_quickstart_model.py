@@ -147,17 +147,3 @@ def tiny_llama_factory():
         return LlamaForCausalLM(cfg).eval()
 
     return build
-
-
-def test_a_bad_gguf_is_a_clear_error_naming_the_file(tmp_path):
-    from ebft.errors import EbftError
-    from ebft.quickstart.model import gguf_to_folder, local_folder
-
-    with pytest.raises(EbftError, match="no such GGUF file"):
-        gguf_to_folder(tmp_path / "missing.gguf", cache_root=tmp_path / "cache")
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"not a gguf file")
-    with pytest.raises(EbftError, match=f"{bad}: cannot be read as a GGUF model"):
-        gguf_to_folder(bad, cache_root=tmp_path / "cache")
-    assert not any((tmp_path / "cache").glob("*"))  # nothing half-written is left for a later run to reuse
-    assert local_folder("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ebft.errors import ConfigError
+from ebft.gguf_cache import local_model
 
 log = logging.getLogger("ebft")
 
@@ -43,6 +44,7 @@ def merge_lora(run_dir: str | Path, out: str | Path | None = None, *, base_model
     base = base_model or (cfg.base_model if cfg is not None else None) or lora.base_model_name_or_path
     if not base:
         raise ConfigError(f"merge-lora: {run} names no base model (no config.yaml); pass --base-model")
+    base = local_model(base)
     trust = bool(cfg.trust_remote_code) if cfg is not None else False
     target = Path(out) if out is not None else run / MERGED_DIR
     tokenizer = AutoTokenizer.from_pretrained(

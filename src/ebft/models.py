@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ebft.errors import ConfigError
+from ebft.gguf_cache import local_model
 from ebft.strided.architecture import check_strided_architecture
 
 log = logging.getLogger("ebft")
@@ -40,7 +41,7 @@ def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
     key = "tokenizer_config" if cfg.tokenizer_config else "base_model"
-    source = cfg.tokenizer_config or cfg.base_model
+    source = local_model(cfg.tokenizer_config or cfg.base_model, key)
     _require_local_folder(key, source)
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
@@ -86,13 +87,12 @@ def check_model_config(cfg) -> None:
     """Checks that need only the model's config.json, run before any data or weights load."""
     from transformers import AutoConfig
 
-    _require_local_folder("base_model", cfg.base_model)
+    source = local_model(cfg.base_model)
+    _require_local_folder("base_model", source)
     try:
-        config = AutoConfig.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"base_model: cannot load the config of {cfg.base_model!r}: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ConfigError(f"base_model: cannot load the config of {source!r}: {type(exc).__name__}: {exc}") from exc
     if cfg.ebft.mode == "strided":
         check_strided_architecture(config)
     max_pos = getattr(config, "max_position_embeddings", None)
@@ -119,18 +119,19 @@ def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
 
     from ebft.adapters import keep_4bit_layers_differentiable, quantisation_kwargs
 
-    _require_local_folder("base_model", cfg.base_model)
+    source = local_model(cfg.base_model)
+    _require_local_folder("base_model", source)
     quantised = quantisation_kwargs(cfg, device)
     try:
         # No attn_implementation: transformers then takes SDPA, or eager where the architecture has no
         # SDPA path (Gemma-2's soft-capping). Strided passes swap in their own backend (strided.attention).
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.base_model, dtype=policy_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code, **quantised
+            source, dtype=policy_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code, **quantised
         )
     # RuntimeError: weights whose shapes do not match config.json; SafetensorError: a truncated or
     # corrupt weights file (an interrupted download).
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise ConfigError(f"base_model: cannot load {cfg.base_model!r}: {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(f"base_model: cannot load {source!r}: {type(exc).__name__}: {exc}") from exc
     if quantised:
         keep_4bit_layers_differentiable(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

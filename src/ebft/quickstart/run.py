@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ebft.errors import EbftError, TrainingInterrupted
+from ebft.gguf_cache import local_model
 from ebft.quickstart.corpus import stdlib_corpus, within_budget, write_jsonl
-from ebft.quickstart.model import BaseChoice, local_folder, resolve_base
+from ebft.quickstart.model import BaseChoice, resolve_base
 from ebft.quickstart.settings import (
     EBFT,
     EBFT_RATIONALE,
@@ -289,7 +290,7 @@ def run_quickstart(
         else:
             t0, c0 = time.perf_counter(), time.process_time()
             with Progress(2, description="corpus + base model", console=console) as bar:
-                base = local_folder(choice.source)
+                base = local_model(choice.source, "--model")
                 bar.advance(1)
                 all_train, heldout_files = stdlib_corpus()
                 chars = 3 * plan.finetune_steps * PRETRAINED_FINETUNE["sequence_len"] * CHARS_PER_TOKEN

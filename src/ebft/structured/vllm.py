@@ -401,6 +401,7 @@ def vllm_backend(cfg, sampling: Sampling, gathered=None):
     ``gathered()`` when the policy is sharded.
     """
     from ebft.config import vllm_client_address
+    from ebft.gguf_cache import local_model
 
     host, port = vllm_client_address(cfg)
     client = VLLMClient(host, port, timeout=cfg.trl.vllm_server_timeout)
@@ -428,6 +429,6 @@ def vllm_backend(cfg, sampling: Sampling, gathered=None):
         adapter_dir=Path(cfg.output_dir) / "vllm_adapters",
         sync_interval=cfg.trl.vllm_sync_interval,
         # vLLM serves the base model under its --model argument, which `ebft vllm-serve` sets to this.
-        base_model_name=cfg.base_model,
+        base_model_name=local_model(cfg.base_model),
         fresh_adapter=cfg.lora_model_dir is None,
     )

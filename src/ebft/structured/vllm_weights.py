@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ebft.errors import ConfigError
+from ebft.gguf_cache import local_model
 from ebft.structured.rollout import Completion, Sampling
 from ebft.structured.vllm import VLLMClient, VLLMError, VLLMSyncError, sample
 from ebft.structured.weight_source import policy_entries
@@ -125,7 +126,9 @@ def _served_model(cfg) -> tuple[torch.dtype | None, int | None]:
     """(dtype, vocabulary size) of the weights the server loaded: ``vllm.dtype``, else the checkpoint's own."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code).get_text_config()
+    config = AutoConfig.from_pretrained(
+        local_model(cfg.base_model), trust_remote_code=cfg.trust_remote_code
+    ).get_text_config()
     dtype = getattr(torch, cfg.vllm.dtype) if cfg.vllm.dtype != "auto" else getattr(config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
@@ -161,7 +164,7 @@ def weight_sync_backend(cfg, sampling: Sampling, client: VLLMClient, gathered) -
     return WeightSyncBackend(
         client,
         sampling=sampling,
-        model_name=cfg.base_model,  # `ebft vllm-serve` serves the model under this name
+        model_name=local_model(cfg.base_model),  # `ebft vllm-serve` serves the model under this name
         sync_interval=cfg.trl.vllm_sync_interval,
         transfer=transfer,
         wire_dtype=wire_dtype,
