@@ -69,13 +69,19 @@ def test_whitened_exact_duplicates(space):
     assert torch.allclose(terms.diversity, torch.ones(1, 2))
 
 
-@pytest.mark.parametrize(("eps", "dropped"), [(3e-6, True), (1e-3, False)])
+@pytest.mark.parametrize(
+    ("eps", "dropped"),
+    [(3e-6, True), (5e-5, True), (2e-4, False), (1e-3, False)],
+)
 def test_whitening_tolerance_is_relative_1e_5(eps, dropped):
-    # X = [[3, 4, 0], [3, 4, eps]]: s_max * s_min = |x1 x x2| = 5 eps and s_max ~ sqrt(50) = 7.07,
-    # so s_min / s_max ~ (5 eps / 7.07) / 7.07 = eps / 10.
-    # eps = 3e-6 -> 3e-7 < 1e-5: dropped, the pair whitens like an exact duplicate (dot 1/2).
-    # eps = 1e-3 -> 1e-4 > 1e-5: kept, the pair whitens to orthonormal rows (dot 0, norms 1).
+    # X = [[3, 4, 0], [3, 4, eps]]: s_max * s_min = |x1 x x2| = |(4 eps, -3 eps, 0)| = 5 eps and
+    # s_max^2 + s_min^2 = ||X||_F^2 = 50 + eps^2, so s_max ~ sqrt(50) and s_min / s_max ~ 5 eps / 50 = eps / 10:
+    # 3e-7, 5e-6, 2e-5, 1e-4. The two middle cases sit within a factor 2 of the 1e-5 cut-off on either side,
+    # so a cut-off of 1e-6 (keeps 5e-6) or 1e-4 (drops 2e-5) fails here.
+    # Dropped: the pair whitens like an exact duplicate (every dot 1/2). Kept: orthonormal rows (dot 0, norms 1).
     gen = torch.tensor([[[3.0, 4.0, 0.0], [3.0, 4.0, eps]]])
+    s = torch.linalg.svdvals(gen[0].double())
+    assert float(s[1] / s[0]) == pytest.approx(eps / 10, rel=1e-3)  # the premise above
     gen_w, _ = whiten(gen, torch.ones(1, 3), "feature")
     gram = gen_w[0] @ gen_w[0].T
     expected = torch.full((2, 2), 0.5) if dropped else torch.eye(2)

@@ -66,6 +66,27 @@ def test_anchors_per_document_and_padding_never_anchored():
     assert lay.anchors[1, :2].tolist() == [2, 5]
 
 
+@pytest.mark.parametrize(
+    ("prompt", "mcp", "ctx", "first"),
+    [
+        (4, 1, 2, 5),  # prompt + prefix = 5 > context 2: the completion's first tokens stay ground truth
+        (1, 1, 5, 5),  # prompt + prefix = 2 < context 5: the anchor never moves before context_length
+        (3, 0, 3, 3),  # equal
+    ],
+)
+def test_first_anchor_is_max_of_context_and_prompt_plus_prefix(prompt, mcp, ctx, first):
+    from ebft.strided.anchors import first_anchor
+
+    # a = max(context_length, prompt_length + min_completion_prefix); stride 2, g 2, length 12:
+    # blocks at a, a + 2, ... while c_k + 2 <= 12.
+    assert first_anchor(ctx, prompt, mcp) == first
+    lay = _layout([12, 12], 12, prompt=[prompt, -1], stride=2, ctx=ctx, g=2, mcp=mcp)
+    assert lay.anchors[0, : int(lay.valid[0].sum())].tolist() == list(range(first, 11, 2))
+    # A row without a prompt starts at context_length whatever min_completion_prefix says.
+    assert first_anchor(ctx, None, mcp) == ctx
+    assert lay.anchors[1, : int(lay.valid[1].sum())].tolist() == list(range(ctx, 11, 2))
+
+
 def test_mask_matches_rule_by_brute_force():
     lay = _layout([10, 8], 10, n=2, stride=2, ctx=3, g=2)
     mask = lay.attention_mask()
