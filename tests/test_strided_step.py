@@ -197,3 +197,73 @@ def test_identical_samples_give_zero_advantage_and_zero_rl_gradient():
     assert advs and max(abs(a) for a in advs) < 1e-6
     grads = _accumulated([p for p in model.parameters() if p.requires_grad])
     assert grads.abs().max() < 1e-6
+
+
+def _teacher_forced_logp(model, ids: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t = 1..T-1 from a plain forward of the unpadded sequence: [T - 1]."""
+    x = torch.tensor([ids])
+    logits = model(x).logits[0, :-1] / temperature
+    return logits.log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
+
+
+def test_ce_is_teacher_forced_nll_of_each_documents_labelled_tokens_once():
+    """Oracle: the strided CE (its sum, the loss value and the gradient) is the plain teacher-forced NLL of
+    every document's labelled tokens, each document counted once although its n samples share the row."""
+    model = _model(vocab=11)
+    frozen = FeatureNetwork(model, feat.layer_indices([1.0], 2))
+    s = _settings(n_samples_per_prompt=3, rl_coef=0.0, ce_coef=0.7)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Document 0: a 3-token prompt (no labels) and 6 labelled tokens; document 1: raw text, one shorter, so
+    # the batch pads it by one token.
+    doc0, doc1 = [3, 5, 1, 7, 2, 9, 4, 4, 6], [2, 8, 8, 1, 5, 3, 10, 6]
+    labels0 = [-100] * 3 + doc0[3:]
+    rows = [{"input_ids": doc0, "labels": labels0, "prompt_length": 3}, _row(doc1)]
+    batch = collate_documents(rows, pad_token_id=0)
+    totals = count_targets(batch, s)
+    # Targets are labelled tokens after the first position: 6 in document 0 and 8 - 1 = 7 in document 1.
+    assert totals.ce_tokens == 13
+    res = strided_microbatch(model, frozen, batch, s, totals, generators=document_generators(0, 1, 0, 2, "cpu"))
+    got = _accumulated(params)
+
+    nll = 0.0
+    for ids, labels in ((doc0, labels0), (doc1, doc1)):
+        labelled = torch.tensor(labels[1:]) != -100
+        nll = nll - _teacher_forced_logp(model, ids)[labelled].sum()
+    want = _grads(0.7 * nll / 13, params)
+    assert res.sums["ce_sum"] == pytest.approx(float(nll.detach()), rel=1e-5)
+    assert res.sums["ce_tokens"] == 13
+    assert res.loss == pytest.approx(0.7 * float(nll.detach()) / 13, rel=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_rl_gradient_is_token_weighted_over_documents_with_different_block_counts():
+    """Oracle: the RL gradient is -sum over every generated token of the step of A * grad log p, divided by
+    the step's generated-token count, with each log-prob taken from a plain forward of x[:c_k] + block.
+    The two documents have 4 and 2 blocks, so a per-document mean would weight their tokens differently."""
+    model = _model(vocab=11)
+    frozen = FeatureNetwork(model, feat.layer_indices([0.5, 1.0], 2))
+    s = _settings(n_samples_per_prompt=3, generate_max_len=3, temperature=0.8)
+    params = [p for p in model.parameters() if p.requires_grad]
+    docs = [[3, 5, 1, 7, 2, 9, 4, 4, 6, 1, 2, 8], [2, 8, 8, 1, 5, 3, 10]]
+    batch = collate_documents([_row(d) for d in docs], pad_token_id=0)
+    totals = count_targets(batch, s)
+    # Context 2, stride 2, g 3: document 0 (12 tokens) anchors 2, 4, 6, 8 (8 + 3 <= 12); document 1 (7 tokens)
+    # anchors 2, 4 (4 + 3 <= 7). Generated tokens: (4 + 2) blocks x 3 samples x 3 tokens = 54.
+    assert totals.rl_tokens == 54
+    gens = document_generators(5, 1, 0, 2, "cpu")
+    res = strided_microbatch(model, frozen, batch, s, totals, generators=gens, keep_rollouts=True)
+    got = _accumulated(params)
+
+    assert [r["anchors"] for r in res.rollouts] == [[2, 4, 6, 8], [2, 4]]
+    loss, advs = 0.0, []
+    for doc, record in zip(docs, res.rollouts, strict=True):
+        for sample in record["samples"]:
+            for c, block in zip(record["anchors"], sample, strict=True):
+                logp = _teacher_forced_logp(model, doc[:c] + block["tokens"], temperature=0.8)[c - 1 :]
+                loss = loss - block["advantage"] * logp.sum()
+                advs.append(block["advantage"])
+    assert len(advs) == 18 and min(abs(a) for a in advs) > 1e-4  # every block carries a gradient
+    want = _grads(loss / 54, params)
+    assert res.sums["rl_sum"] == pytest.approx(float(loss.detach()), rel=1e-4)
+    assert res.loss == pytest.approx(float(loss.detach()) / 54, rel=1e-4)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
