@@ -1004,6 +1004,43 @@ def test_importance_weights_only_where_the_sampler_reported_log_probs(tiny_model
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
 
+def test_importance_weights_are_clamped_to_one_over_cap_from_below(tiny_model_dir, tiny_tokenizer):
+    """The weight pi_old / pi_sampler is clamped to [1/cap, cap]: a token the sampler found far likelier than
+    the policy does (raw ratio 1/4) weighs 1/3 with cap 3, one it found far less likely (raw 4) weighs 3."""
+    tok = tiny_tokenizer
+    s = _settings(tok, num_generations=2, loss_type="dapo", is_correction=True, is_cap=3.0)
+    model = _load(tiny_model_dir, lm_head_scale=4.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    row = _row(tok, [_user("question")], "answer")
+    a_ids = tuple(_ids(tok, "first reply") + [tok.eos_token_id])
+    b_ids = tuple(_ids(tok, "second") + [tok.eos_token_id])
+    with torch.no_grad():
+        current = [
+            _teacher_forced_logp(model, list(row.prompt_ids) + list(ids))[len(row.prompt_ids) - 1 :]
+            for ids in (a_ids, b_ids)
+        ]
+    # Sample a: sampler log-probs log 4 above the policy's -> raw ratio 1/4 -> w = max(1/4, 1/3) = 1/3.
+    # Sample b: sampler log-probs log 4 below the policy's -> raw ratio 4 -> w = min(4, 3) = 3.
+    a = Completion(a_ids, True, tuple((current[0] + math.log(4.0)).tolist()))
+    b = Completion(b_ids, True, tuple((current[1] - math.log(4.0)).tolist()))
+    samples = [_single_turn(row, c, s, tok) for c in (a, b)]
+    advantage = torch.tensor([1.0, -1.0])
+    zeros = torch.zeros(1, 2)
+    buffer = RolloutBuffer([row], samples, Scores(zeros, zeros, zeros, zeros, zeros[:, 0]), advantage, 0)
+    (sums,) = _run_step(model, buffer, s, tok, [[0, 1]])
+    got = _flat_grad(params)
+    tokens = len(a_ids) + len(b_ids)
+    assert sums["is_tokens"] == tokens
+    assert sums["is_ratio_min"] == pytest.approx(0.25, rel=1e-4)  # the raw ratio, before the clamp
+    assert sums["is_ratio_sum"] == pytest.approx(0.25 * len(a_ids) + 4.0 * len(b_ids), rel=1e-4)
+    logp_a = _teacher_forced_logp(model, samples[0].sequence)[len(row.prompt_ids) - 1 :]
+    logp_b = _teacher_forced_logp(model, samples[1].sequence)[len(row.prompt_ids) - 1 :]
+    # dapo on-policy: -(w * A * logp) summed over the step's tokens / its token count.
+    loss = (-(1.0 / 3.0) * 1.0 * logp_a.sum() - 3.0 * (-1.0) * logp_b.sum()) / tokens
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. HFGenerate
 
