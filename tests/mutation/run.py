@@ -102,7 +102,7 @@ def score(codes: dict[str, int | None], equivalent: dict[str, str]) -> tuple[str
     counts = Counter(classify(c) for name, c in codes.items() if name not in equivalent)
     eq = Counter(classify(codes[name]) for name in equivalent if name in codes)
     judged = sum(counts.values())
-    escaped = sorted(n for n, c in codes.items() if n not in equivalent and classify(c) != "killed")
+    escaped = sorted(n for n, c in codes.items() if n not in equivalent and classify(c) not in ("killed", "not run"))
     lines = [
         f"selected mutants: {len(codes)}; listed as equivalent: {sum(eq.values())} "
         f"({eq['killed']} of them killed anyway)",
@@ -114,9 +114,24 @@ def score(codes: dict[str, int | None], equivalent: dict[str, str]) -> tuple[str
     return "\n".join(lines), (0 if not counts["not run"] else 1), escaped
 
 
+def tiny_model(root: Path = ROOT) -> Path:
+    """The tests' tiny model, built once for all mutants (conftest's EBFT_TEST_TINY_MODEL_DIR)."""
+    out = root / "mutants" / "tiny-llama"
+    done = out / "built"
+    if not done.exists():
+        sys.path.insert(0, str(root / "src"))
+        sys.path.insert(0, str(root / "tests"))
+        from conftest import build_tiny_model
+
+        out.mkdir(parents=True, exist_ok=True)
+        done.write_text(str(build_tiny_model(out)), encoding="utf-8")
+    return Path(done.read_text(encoding="utf-8"))
+
+
 def run_mutmut(names: list[str], max_children: int) -> int:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["EBFT_TEST_TINY_MODEL_DIR"] = str(tiny_model())
     mutmut = Path(sys.executable).with_name("mutmut")
     command = [str(mutmut), "run", "--max-children", str(max_children), *names]
     return subprocess.run(command, cwd=ROOT, env=env).returncode
