@@ -87,6 +87,27 @@ def test_first_anchor_is_max_of_context_and_prompt_plus_prefix(prompt, mcp, ctx,
     assert lay.anchors[1, : int(lay.valid[1].sum())].tolist() == list(range(ctx, 11, 2))
 
 
+@pytest.mark.parametrize(
+    ("length", "anchor", "stride", "g", "expected"),
+    [
+        (14, 2, 3, 3, 4),  # anchors 2, 5, 8, 11: 11 + 3 = 14 fits exactly
+        (13, 2, 3, 3, 3),  # 11 + 3 = 14 > 13: three blocks
+        (5, 2, 3, 3, 1),  # only the first window [2, 5) fits
+        (4, 2, 3, 3, 0),  # 2 + 3 = 5 > 4: none
+        (10, 0, 1, 1, 10),  # every position
+        (9, 1, 4, 2, 2),  # anchors 1, 5 (5 + 2 <= 9); 9 + 2 > 9
+    ],
+)
+def test_num_blocks_hand_values_agree_with_block_anchors(length, anchor, stride, g, expected):
+    from ebft.strided.anchors import block_anchors, num_blocks
+
+    # The data loader counts blocks with num_blocks, the layout with block_anchors: they must agree.
+    assert num_blocks(length, anchor, stride, g) == expected
+    anchors, valid = block_anchors(torch.tensor([length]), torch.tensor([anchor]), stride, g)
+    assert int(valid.sum()) == expected
+    assert anchors[0, :expected].tolist() == [anchor + k * stride for k in range(expected)]
+
+
 def test_mask_matches_rule_by_brute_force():
     lay = _layout([10, 8], 10, n=2, stride=2, ctx=3, g=2)
     mask = lay.attention_mask()

@@ -3,7 +3,9 @@ reward (oracle by enumeration), and the loss is invariant to how a step is split
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -63,6 +65,33 @@ def _settings(**over) -> StridedSettings:
     }
     base.update(over)
     return StridedSettings(**base)
+
+
+def test_settings_from_config_copy_every_key_and_drop_group_terms_for_one_sample():
+    # Every key a distinct non-default value, so a key read from the wrong field shows.
+    keys = {
+        "stride": 3,
+        "context_length": 5,
+        "generate_max_len": 7,
+        "n_samples_per_prompt": 4,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "min_completion_prefix": 2,
+        "embed_method": "concat",
+        "feature_norm": "joint",
+        "use_whitening": True,
+        "whitening_space": "sample",
+        "alignment_coef": 1.5,
+        "diversity_coef": 0.25,
+        "advantage_estimator": "group_norm",
+        "rl_coef": 0.8,
+        "ce_coef": 0.1,
+    }
+    assert dataclasses.asdict(StridedSettings.from_config(SimpleNamespace(**keys))) == keys
+    # One sample: no group, so no diversity term and no baseline (REINFORCE).
+    one = StridedSettings.from_config(SimpleNamespace(**{**keys, "n_samples_per_prompt": 1}))
+    expected = {**keys, "n_samples_per_prompt": 1, "diversity_coef": 0.0, "advantage_estimator": "reinforce"}
+    assert dataclasses.asdict(one) == expected
 
 
 def _row(tokens):

@@ -30,6 +30,7 @@ from ebft.structured.step import (
     Scores,
     StructuredSettings,
     _single_turn,
+    ce_sequences,
     completion_cap,
     loss_token_count,
     microbatch,
@@ -520,6 +521,33 @@ def test_ce_term_is_teacher_forced_nll_of_ground_truth_and_eos(tiny_model_dir, t
     want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(0.5 * nll / ce_tokens, params)])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
     assert sum(p["ce_sum"] for p in sums) == pytest.approx(float(nll.detach()), rel=1e-5)
+
+
+def test_ce_sequences_of_a_multi_turn_row_label_every_assistant_turn(tiny_tokenizer):
+    """The CE reference of a multi-turn row is the whole ground-truth conversation as the chat template renders
+    it, with loss tokens on exactly the assistant contents (the first answer and every later one)."""
+    tok = tiny_tokenizer
+    s = _settings(tok)
+    prompt = [_user("first question")]
+    later = [_user("second question"), _assistant("second answer")]
+    row = _row(tok, prompt, "first answer", later)
+    (ref,) = ce_sequences([row], tok, s)
+    conversation = [*prompt, _assistant("first answer"), *later]
+    assert ref.sequence == _ids(tok, tok.apply_chat_template(conversation, tokenize=False))
+    # The prompt is the rendered first user turn with its generation prompt, exactly as the policy sees it.
+    prompt_ids = _ids(tok, tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
+    assert ref.prompt_length == len(prompt_ids) and ref.sequence[: ref.prompt_length] == prompt_ids
+    assert not any(ref.loss_mask[: ref.prompt_length])
+    runs, current = [], []
+    for t, m in zip(ref.sequence, ref.loss_mask, strict=True):
+        if m:
+            current.append(t)
+        elif current:
+            runs.append(current)
+            current = []
+    runs += [current] if current else []
+    assert [tok.decode(r) for r in runs] == ["first answer", "second answer"]
+    assert ref.feature_length == len(ref.sequence) and ref.finished
 
 
 # ---------------------------------------------------------------------------------------------
