@@ -96,6 +96,7 @@ def test_first_anchor_is_max_of_context_and_prompt_plus_prefix(prompt, mcp, ctx,
         (4, 2, 3, 3, 0),  # 2 + 3 = 5 > 4: none
         (10, 0, 1, 1, 10),  # every position
         (9, 1, 4, 2, 2),  # anchors 1, 5 (5 + 2 <= 9); 9 + 2 > 9
+        (3, 2, 1, 3, 0),  # 2 + 3 > 3; the count formula alone would give (3 - 3 - 2) // 1 + 1 = -1
     ],
 )
 def test_num_blocks_hand_values_agree_with_block_anchors(length, anchor, stride, g, expected):

@@ -88,10 +88,12 @@ def test_settings_from_config_copy_every_key_and_drop_group_terms_for_one_sample
         "ce_coef": 0.1,
     }
     assert dataclasses.asdict(StridedSettings.from_config(SimpleNamespace(**keys))) == keys
-    # One sample: no group, so no diversity term and no baseline (REINFORCE).
+    # One sample: no group, so no diversity term and no baseline (REINFORCE); two samples are a group.
     one = StridedSettings.from_config(SimpleNamespace(**{**keys, "n_samples_per_prompt": 1}))
     expected = {**keys, "n_samples_per_prompt": 1, "diversity_coef": 0.0, "advantage_estimator": "reinforce"}
     assert dataclasses.asdict(one) == expected
+    two = StridedSettings.from_config(SimpleNamespace(**{**keys, "n_samples_per_prompt": 2}))
+    assert dataclasses.asdict(two) == {**keys, "n_samples_per_prompt": 2}
 
 
 def _row(tokens):

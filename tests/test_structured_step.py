@@ -7,6 +7,7 @@ arithmetic; multi-turn rollouts and adaptive caps through a fake backend that re
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import statistics
@@ -505,9 +506,32 @@ def test_stored_old_logprobs_give_the_same_first_iteration_gradient(tiny_model_d
     assert sum(p["clip_low"] for p in sums) == sum(sum(buffer.samples[i].loss_mask[1:]) for i in negative)
 
 
+def test_old_logprobs_are_taken_under_the_training_autocast(tiny_model_dir, tiny_tokenizer):
+    """The log-probs stored for num_iterations > 1 are the training pass's own, under the same bf16 autocast and
+    the same chunks, so the first iteration's ratio is exactly 1."""
+    tok = tiny_tokenizer
+    s = _settings(tok, num_generations=2)
+    model = _load(tiny_model_dir, lm_head_scale=4.0)
+    samples = _training_batch(tok, s).samples
+    stored = old_logprobs(model, samples, s, tok.pad_token_id, 2, torch.bfloat16)
+    assert [len(v) for v in stored] == [sum(q.loss_mask[1:]) for q in samples]
+    with torch.no_grad():
+        for start in (0, 2):
+            logp, seq = policy_logprobs(
+                model, samples[start : start + 2], s, tok.pad_token_id, autocast_dtype=torch.bfloat16
+            )
+            for i in range(2):
+                assert torch.equal(stored[start + i], logp[seq == i])
+    plain = old_logprobs(model, samples, s, tok.pad_token_id, 2, None)
+    assert max(float((a - b).abs().max()) for a, b in zip(stored, plain, strict=True)) > 1e-3  # bf16 shows
+
+
 def test_ce_term_is_teacher_forced_nll_of_ground_truth_and_eos(tiny_model_dir, tiny_tokenizer):
     tok = tiny_tokenizer
-    s = _settings(tok, num_generations=2, loss_type="dapo", rl_coef=0.0, ce_coef=0.5)
+    # The sampler's temperature and truncation (each of which changes log-probs here: top-5 of 384 tokens, min_p
+    # 0.9 of the top probability) shape the policy loss only; CE is the model's own untempered NLL.
+    sampling = Sampling(0.7, top_p=0.6, top_k=5, min_p=0.9, stop_token_ids=(tok.eos_token_id,))
+    s = _settings(tok, num_generations=2, loss_type="dapo", rl_coef=0.0, ce_coef=0.5, sampling=sampling)
     model = _load(tiny_model_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     buffer = _training_batch(tok, s)
@@ -523,31 +547,55 @@ def test_ce_term_is_teacher_forced_nll_of_ground_truth_and_eos(tiny_model_dir, t
     assert sum(p["ce_sum"] for p in sums) == pytest.approx(float(nll.detach()), rel=1e-5)
 
 
+def _labelled_runs(seq: list[int], mask: list[bool]) -> list[list[int]]:
+    """The maximal runs of consecutive loss tokens of a sequence."""
+    runs: list[list[int]] = []
+    previous = False
+    for t, m in zip(seq, mask, strict=True):
+        if m and not previous:
+            runs.append([])
+        if m:
+            runs[-1].append(t)
+        previous = m
+    return runs
+
+
 def test_ce_sequences_of_a_multi_turn_row_label_every_assistant_turn(tiny_tokenizer):
     """The CE reference of a multi-turn row is the whole ground-truth conversation as the chat template renders
-    it, with loss tokens on exactly the assistant contents (the first answer and every later one)."""
-    tok = tiny_tokenizer
-    s = _settings(tok)
+    it (with the configured chat_template_kwargs), with loss tokens on exactly the assistant contents."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "{% if house_style is defined %}[{{ house_style }}]{% endif %}" + tiny_tokenizer.chat_template
+    s = _settings(tok, chat_template_kwargs={"house_style": "terse"})
     prompt = [_user("first question")]
     later = [_user("second question"), _assistant("second answer")]
     row = _row(tok, prompt, "first answer", later)
     (ref,) = ce_sequences([row], tok, s)
     conversation = [*prompt, _assistant("first answer"), *later]
-    assert ref.sequence == _ids(tok, tok.apply_chat_template(conversation, tokenize=False))
+    rendered = tok.apply_chat_template(conversation, tokenize=False, house_style="terse")
+    assert rendered.startswith("[terse]<|user|>")  # the kwarg reaches the template
+    assert ref.sequence == _ids(tok, rendered)
     # The prompt is the rendered first user turn with its generation prompt, exactly as the policy sees it.
-    prompt_ids = _ids(tok, tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
+    prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, house_style="terse")
+    prompt_ids = _ids(tok, prompt_text)
     assert ref.prompt_length == len(prompt_ids) and ref.sequence[: ref.prompt_length] == prompt_ids
     assert not any(ref.loss_mask[: ref.prompt_length])
-    runs, current = [], []
-    for t, m in zip(ref.sequence, ref.loss_mask, strict=True):
-        if m:
-            current.append(t)
-        elif current:
-            runs.append(current)
-            current = []
-    runs += [current] if current else []
-    assert [tok.decode(r) for r in runs] == ["first answer", "second answer"]
-    assert ref.feature_length == len(ref.sequence) and ref.finished
+    assert [tok.decode(r) for r in _labelled_runs(ref.sequence, ref.loss_mask)] == ["first answer", "second answer"]
+    assert (ref.feature_length, ref.finished, ref.text) == (len(ref.sequence), True, "")
+
+
+def test_ce_sequences_of_a_single_turn_row_append_eos_only_when_there_is_one(tiny_tokenizer):
+    """Single-turn: prompt + ground truth + EOS, loss on the ground truth and EOS; no EOS token, no EOS."""
+    no_eos = copy.deepcopy(tiny_tokenizer)
+    no_eos.eos_token = None
+    assert no_eos.eos_token_id is None
+    for tok in (tiny_tokenizer, no_eos):
+        row = _row(tok, [_user("question")], "the answer")
+        (ref,) = ce_sequences([row], tok, _settings(tok))
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        target = _ids(tok, "the answer") + eos
+        assert ref.sequence == list(row.prompt_ids) + target
+        assert ref.loss_mask == [False] * len(row.prompt_ids) + [True] * len(target)
+        assert ref.prompt_length == len(row.prompt_ids)
 
 
 # ---------------------------------------------------------------------------------------------
