@@ -110,6 +110,9 @@ def test_feature_space_matches_explicit_d_space_operator(duplicate):
     gen_w, gt_w = whiten(x[None].float(), gt[None].float(), "feature")
     assert torch.allclose(gen_w[0].double(), x @ w, atol=1e-5)
     assert torch.allclose(gt_w[0].double(), (gt @ w).expand(3, 5), atol=1e-5)
+    # feature space (paper eq. 8) is the default
+    default_w, default_gt = whiten(x[None].float(), gt[None].float())
+    assert torch.equal(default_w, gen_w) and torch.equal(default_gt, gt_w)
 
 
 def test_sample_space_matches_explicit_row_operator():

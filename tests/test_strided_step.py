@@ -286,6 +286,8 @@ def test_rl_gradient_is_token_weighted_over_documents_with_different_block_count
     got = _accumulated(params)
 
     assert [r["anchors"] for r in res.rollouts] == [[2, 4, 6, 8], [2, 4]]
+    assert [r["length"] for r in res.rollouts] == [12, 7]
+    assert [r["input_ids"] for r in res.rollouts] == [docs[0], docs[1] + [0] * 5]  # as collated: padded
     loss, advs = 0.0, []
     for doc, record in zip(docs, res.rollouts, strict=True):
         for sample in record["samples"]:
@@ -298,3 +300,49 @@ def test_rl_gradient_is_token_weighted_over_documents_with_different_block_count
     assert res.sums["rl_sum"] == pytest.approx(float(loss.detach()), rel=1e-4)
     assert res.loss == pytest.approx(float(loss.detach()) / 54, rel=1e-4)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_microbatch_sums_add_up_what_the_rollout_records_show():
+    """The metric sums of a micro-batch against its own rollout records, and the logged CFM loss against
+    the identity it has with the reward terms for unit features (no whitening): with phi_i and phi_gt unit,
+    ||mean phi - phi_gt||^2 = (n + (n - 1)/2 sum_i d_i) / n^2 - mean_i a_i + 1, since sum_{i != j} <phi_i, phi_j>
+    = (n - 1)/2 sum_i d_i and a_i = 2 <phi_i, phi_gt>."""
+    model = _model(vocab=11)
+    frozen = FeatureNetwork(model, feat.layer_indices([0.5, 1.0], 2))
+    n, g = 3, 3
+    s = _settings(n_samples_per_prompt=n, generate_max_len=g, ce_coef=0.2, diversity_coef=0.5)
+    docs = [[3, 5, 1, 7, 2, 9, 4, 4, 6, 1, 2, 8], [2, 8, 8, 1, 5, 3, 10]]
+    rows = [{"input_ids": docs[0], "labels": [-100] * 4 + docs[0][4:], "prompt_length": 4}, _row(docs[1])]
+    batch = collate_documents(rows, pad_token_id=0)
+    res = strided_microbatch(
+        model,
+        frozen,
+        batch,
+        s,
+        count_targets(batch, s),
+        generators=document_generators(2, 1, 0, 2, "cpu"),
+        keep_rollouts=True,
+    )
+    # Per document, per block: its n samples' records.
+    blocks = [list(zip(*r["samples"], strict=True)) for r in res.rollouts]
+    flat = [b for per_block in blocks for group in per_block for b in group]
+    num_blocks = sum(len(b) for b in blocks)
+    # Document 0: first anchor max(2, 4 + 0) = 4, anchors 4, 6, 8 (8 + 3 <= 12); document 1: anchors 2, 4.
+    assert [r["anchors"] for r in res.rollouts] == [[4, 6, 8], [2, 4]] and num_blocks == 5
+    sums = res.sums
+    assert (sums["blocks"], sums["docs"], sums["samples"]) == (5, 2, 5 * n)
+    assert sums["rl_tokens"] == 5 * n * g
+    assert sums["ce_tokens"] == 8 + 6  # labelled targets after position 0: 8 in document 0, 6 in document 1
+    assert sums["doc_tokens"] == 12 + 7
+    for key in ("alignment", "diversity", "reward", "advantage"):
+        assert sums[key] == pytest.approx(sum(b[key] for b in flat), abs=1e-4), key
+    assert sums["advantage_sq"] == pytest.approx(sum(b["advantage"] ** 2 for b in flat), abs=1e-4)
+    for b in flat:  # reward = alignment_coef * a - diversity_coef * d
+        assert b["reward"] == pytest.approx(b["alignment"] - 0.5 * b["diversity"], abs=1e-5)
+    cfm = 0.0
+    for per_block in blocks:
+        for group in per_block:
+            a = [x["alignment"] for x in group]
+            d = [x["diversity"] for x in group]
+            cfm += (n + (n - 1) / 2 * sum(d)) / n**2 - sum(a) / n + 1
+    assert sums["cfm"] == pytest.approx(cfm, abs=1e-4)
