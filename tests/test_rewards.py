@@ -88,6 +88,18 @@ def test_whitening_tolerance_is_relative_1e_5(eps, dropped):
     assert torch.allclose(gram, expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("space", ["feature", "sample"])
+def test_whitening_cut_off_is_relative_to_each_groups_own_largest_singular_value(space):
+    # Group 0 is the kept case above (s_min / s_max = 2e-5 > 1e-5, s_max ~ 7.07); group 1 is 1e3 times larger.
+    # Measured against the batch's largest singular value (~7e3), group 0's s_min (~1.4e-4) would fall below
+    # 1e-5 * 7e3 = 0.07 and be dropped; per group it is kept and the pair whitens to orthonormal rows.
+    small = torch.tensor([[3.0, 4.0, 0.0], [3.0, 4.0, 2e-4]])
+    large = 1e3 * _randn(2, 3, seed=30).float()
+    gen_w, _ = whiten(torch.stack([small, large]), torch.ones(2, 3), space)
+    assert torch.allclose(gen_w[0] @ gen_w[0].T, torch.eye(2), atol=1e-4)
+    assert torch.allclose(gen_w[1] @ gen_w[1].T, torch.eye(2), atol=1e-4)
+
+
 def test_whitened_gram_is_projector_with_a_duplicate():
     # Rows: x, x, z (z not orthogonal to x). X X^T has rank 2 with range span{e1 + e2, e3}, and the
     # whitened Gram U_k U_k^T is the orthogonal projector onto it.
