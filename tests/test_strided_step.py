@@ -96,6 +96,21 @@ def test_settings_from_config_copy_every_key_and_drop_group_terms_for_one_sample
     assert dataclasses.asdict(two) == {**keys, "n_samples_per_prompt": 2}
 
 
+def test_document_generators_are_keyed_by_seed_step_and_position():
+    def draws(seed, step, first, count):
+        return [
+            torch.randint(0, 2**31, (4,), generator=g).tolist()
+            for g in document_generators(seed, step, first, count, "cpu")
+        ]
+
+    base = draws(0, 1, 0, 4)
+    assert base == draws(0, 1, 0, 4)  # reproducible
+    assert draws(0, 1, 2, 2) == base[2:]  # a document's stream depends on its place in the step, not on the split
+    gens = [document_generators(seed, step, j, 1, "cpu")[0] for seed in range(4) for step in range(4) for j in range(4)]
+    assert len({g.initial_seed() for g in gens}) == 64  # every (seed, step, position) its own stream
+    assert all(g.device == torch.device("cpu") for g in gens)
+
+
 def _row(tokens):
     return {"input_ids": list(tokens), "labels": list(tokens)}
 
@@ -253,6 +268,7 @@ def test_ce_is_teacher_forced_nll_of_each_documents_labelled_tokens_once():
     totals = count_targets(batch, s)
     # Targets are labelled tokens after the first position: 6 in document 0 and 8 - 1 = 7 in document 1.
     assert totals.ce_tokens == 13
+    assert count_targets(batch, dataclasses.replace(s, ce_coef=0.0)).ce_tokens == 0  # no CE term, no CE targets
     res = strided_microbatch(model, frozen, batch, s, totals, generators=document_generators(0, 1, 0, 2, "cpu"))
     got = _accumulated(params)
 
@@ -346,3 +362,91 @@ def test_microbatch_sums_add_up_what_the_rollout_records_show():
             d = [x["diversity"] for x in group]
             cfm += (n + (n - 1) / 2 * sum(d)) / n**2 - sum(a) / n + 1
     assert sums["cfm"] == pytest.approx(cfm, abs=1e-4)
+
+
+def _block_feature(hidden_states, layers, positions, norm, method, completion):
+    """Oracle pooling of one block from a plain forward's hidden states: [E'] (float64).
+
+    hidden_states: the model's output_hidden_states of one sequence; positions: the block's g positions in it;
+    completion: [g] bool, the block's labelled ground-truth positions (completion_mean only).
+    """
+    per_layer = [hidden_states[i][0, positions].double() for i in layers]  # each [g, H]
+    if norm == "per_layer":
+        tokens = torch.cat([torch.nn.functional.normalize(h, dim=-1) for h in per_layer], dim=-1)
+    else:  # joint
+        tokens = torch.nn.functional.normalize(torch.cat(per_layer, dim=-1), dim=-1)
+    g = tokens.shape[0]
+    if method == "completion_mean":
+        return tokens[completion].mean(0) if completion.any() else torch.zeros(tokens.shape[1], dtype=tokens.dtype)
+    if method == "mean_pooling":
+        return tokens.mean(0)
+    return torch.cat([tokens[(q * g) // 4] for q in (1, 2, 3)])  # concat: floor(q g / 4), q = 1, 2, 3
+
+
+@pytest.mark.parametrize(
+    ("method", "norm", "whitening", "estimator"),
+    [("completion_mean", "joint", False, "rloo"), ("concat", "per_layer", True, "group_norm")],
+)
+def test_scores_equal_per_block_features_from_plain_forwards(method, norm, whitening, estimator):
+    """Oracle: every (document, block) group scores as if its ground-truth window and each sample's block had
+    been run through the model on their own (x[:c_k + g] and x[:c_k] + block, causal), pooled and scored."""
+    from ebft import rewards
+    from ebft.strided.step import roll_out, score_rollouts
+
+    model = _model(vocab=11)
+    layers = feat.layer_indices([0.5, 1.0], 2)  # hidden states 1 and 2
+    frozen = FeatureNetwork(model, layers)
+    n, g = 3, 4
+    s = _settings(
+        n_samples_per_prompt=n,
+        generate_max_len=g,
+        stride=3,
+        embed_method=method,
+        feature_norm=norm,
+        use_whitening=whitening,
+        advantage_estimator=estimator,
+        alignment_coef=1.3,
+        diversity_coef=0.6,
+    )
+    # No prompt, so the anchors start at context_length 2, but the first 5 labels are -100 (an unlabelled
+    # turn): block 0 [2, 6) has 1 labelled position, block 1 [5, 9) 4, and document 1's block [2, 6) none.
+    docs = [[3, 5, 1, 7, 2, 9, 4, 4, 6, 1, 2, 8], [2, 8, 8, 1, 5, 3, 10]]
+    labels = [[-100] * 5 + docs[0][5:], [-100] * 7]
+    rows = [{"input_ids": d, "labels": lab} for d, lab in zip(docs, labels, strict=True)]
+    batch = collate_documents(rows, pad_token_id=0)
+    with torch.no_grad():
+        r = roll_out(model, batch, s, generators=document_generators(4, 1, 0, 2, "cpu"))
+        scores = score_rollouts(frozen, r.packed, r.plan, r.positions, r.layout, batch.labels, s)
+    # Document 0 (12 tokens): anchors 2, 5, 8 (8 + 4 <= 12); document 1 (7 tokens): anchor 2 only.
+    assert r.layout.valid.tolist() == [[True, True, True], [True, False, False]]
+
+    gen_vecs, gt_vecs = [], []
+    with torch.no_grad():
+        for d in range(2):
+            for k in range(int(r.layout.valid[d].sum())):
+                c = int(r.layout.anchors[d, k])
+                window = list(range(c, c + g))
+                completion = torch.tensor([labels[d][p] != -100 for p in window])
+                hs = model(torch.tensor([docs[d][: c + g]]), output_hidden_states=True).hidden_states
+                gt_vecs.append(_block_feature(hs, layers, window, norm, method, completion))
+                for i in range(n):
+                    seq = torch.cat([torch.tensor(docs[d][:c]), r.tokens[d, i, k]])[None]
+                    hs = model(seq, output_hidden_states=True).hidden_states
+                    gen_vecs.append(_block_feature(hs, layers, window, norm, method, completion))
+    gen = torch.stack(gen_vecs).reshape(4, n, -1).float()
+    gt = torch.stack(gt_vecs).float()
+    terms = rewards.reward_terms(
+        gen, gt, alignment_coef=1.3, diversity_coef=0.6, use_whitening=whitening, whitening_space="feature"
+    )
+    adv = rewards.advantages(terms, estimator, 1.3, 0.6)
+    slots = [(0, 0), (0, 1), (0, 2), (1, 0)]  # the valid (document, block) pairs, in group order
+    atol = 2e-3 if whitening else 1e-4  # whitening divides by singular values, so packed-row rounding grows
+    for name, want in (("alignment", terms.alignment), ("diversity", terms.diversity), ("reward", terms.reward)):
+        got = torch.stack([getattr(scores, name)[d, :, k] for d, k in slots])
+        torch.testing.assert_close(got, want, atol=atol, rtol=0, msg=name)
+    torch.testing.assert_close(torch.stack([scores.advantage[d, :, k] for d, k in slots]), adv, atol=10 * atol, rtol=0)
+    torch.testing.assert_close(torch.stack([scores.cfm[d, k] for d, k in slots]), terms.cfm, atol=atol, rtol=0)
+    # Slots without a block score zero.
+    for name in ("alignment", "diversity", "reward", "advantage"):
+        assert not getattr(scores, name)[1, :, 1:].any(), name
+    assert not scores.cfm[1, 1:].any()
