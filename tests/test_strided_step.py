@@ -271,6 +271,7 @@ def test_ce_is_teacher_forced_nll_of_each_documents_labelled_tokens_once():
     assert count_targets(batch, dataclasses.replace(s, ce_coef=0.0)).ce_tokens == 0  # no CE term, no CE targets
     res = strided_microbatch(model, frozen, batch, s, totals, generators=document_generators(0, 1, 0, 2, "cpu"))
     got = _accumulated(params)
+    assert res.rollouts == []  # records only when asked for
 
     nll = 0.0
     for ids, labels in ((doc0, labels0), (doc1, doc1)):
@@ -385,7 +386,7 @@ def _block_feature(hidden_states, layers, positions, norm, method, completion):
 
 @pytest.mark.parametrize(
     ("method", "norm", "whitening", "estimator"),
-    [("completion_mean", "joint", False, "rloo"), ("concat", "per_layer", True, "group_norm")],
+    [("completion_mean", "joint", None, "rloo"), ("concat", "per_layer", "sample", "group_norm")],
 )
 def test_scores_equal_per_block_features_from_plain_forwards(method, norm, whitening, estimator):
     """Oracle: every (document, block) group scores as if its ground-truth window and each sample's block had
@@ -403,7 +404,8 @@ def test_scores_equal_per_block_features_from_plain_forwards(method, norm, white
         stride=3,
         embed_method=method,
         feature_norm=norm,
-        use_whitening=whitening,
+        use_whitening=whitening is not None,
+        whitening_space=whitening or "feature",
         advantage_estimator=estimator,
         alignment_coef=1.3,
         diversity_coef=0.6,
@@ -436,11 +438,16 @@ def test_scores_equal_per_block_features_from_plain_forwards(method, norm, white
     gen = torch.stack(gen_vecs).reshape(4, n, -1).float()
     gt = torch.stack(gt_vecs).float()
     terms = rewards.reward_terms(
-        gen, gt, alignment_coef=1.3, diversity_coef=0.6, use_whitening=whitening, whitening_space="feature"
+        gen,
+        gt,
+        alignment_coef=1.3,
+        diversity_coef=0.6,
+        use_whitening=s.use_whitening,
+        whitening_space=s.whitening_space,
     )
     adv = rewards.advantages(terms, estimator, 1.3, 0.6)
     slots = [(0, 0), (0, 1), (0, 2), (1, 0)]  # the valid (document, block) pairs, in group order
-    atol = 2e-3 if whitening else 1e-4  # whitening divides by singular values, so packed-row rounding grows
+    atol = 2e-3 if s.use_whitening else 1e-4  # whitening divides by singular values, so packed-row rounding grows
     for name, want in (("alignment", terms.alignment), ("diversity", terms.diversity), ("reward", terms.reward)):
         got = torch.stack([getattr(scores, name)[d, :, k] for d, k in slots])
         torch.testing.assert_close(got, want, atol=atol, rtol=0, msg=name)
@@ -450,3 +457,44 @@ def test_scores_equal_per_block_features_from_plain_forwards(method, norm, white
     for name in ("alignment", "diversity", "reward", "advantage"):
         assert not getattr(scores, name)[1, :, 1:].any(), name
     assert not scores.cfm[1, 1:].any()
+
+
+def test_rollouts_are_drawn_under_the_training_autocast():
+    """With bf16 autocast the blocks are sampled under it (the same draws as generate_blocks under bf16), which
+    on this model and seed gives other tokens than fp32 sampling would."""
+    from ebft.strided.generate import generate_blocks
+    from ebft.strided.step import layout_for
+
+    model = _model(vocab=11)
+    frozen = FeatureNetwork(model, feat.layer_indices([1.0], 2))
+    # 8 samples x 8 blocks x 4 tokens = 256 draws at temperature 0.5: bf16 rounding of the logits (~1e-2) moves
+    # a few of them (3 with this seed), so the comparison below can tell the two precisions apart.
+    s = _settings(n_samples_per_prompt=8, generate_max_len=4, temperature=0.5)
+    batch = collate_documents([_row([3, 5, 1, 7, 2, 9, 4, 4, 6, 1, 2, 8, 10, 3, 3, 7, 1, 9, 5, 2])], pad_token_id=0)
+    res = strided_microbatch(
+        model,
+        frozen,
+        batch,
+        s,
+        count_targets(batch, s),
+        generators=document_generators(2, 1, 0, 1, "cpu"),
+        autocast_dtype=torch.bfloat16,
+        keep_rollouts=True,
+    )
+    got = [[blk["tokens"] for blk in sample] for sample in res.rollouts[0]["samples"]]
+    layout = layout_for(batch, s)
+
+    def sample(dtype):
+        with torch.no_grad():
+            tokens = generate_blocks(
+                model,
+                batch.input_ids,
+                layout,
+                temperature=0.5,
+                autocast_dtype=dtype,
+                generators=document_generators(2, 1, 0, 1, "cpu"),
+            )
+        return tokens[0].tolist()
+
+    assert got == sample(torch.bfloat16)
+    assert got != sample(None)
