@@ -9,8 +9,9 @@
 mutmut reads its settings from pyproject.toml ([tool.mutmut]: which files, which tests) and works in
 mutants/ at the repository root. This script runs it there with one thread per process and no PYTHONPATH
 (so the mutated copy is what the tests import), restricted to SELECTED. The score is
-killed / (selected - equivalent), where the equivalent mutants are the ones listed, with their reason, in
-tests/MUTATION.md as lines "- `<mutant name>`: <reason>".
+killed / (selected - listed), where the listed mutants are those tests/MUTATION.md names, with the reason, as
+lines "- `<mutant name>`: <reason>" under its "Equivalent" heading (no behaviour changes) or its "CPU" heading
+(device placement that only a CUDA run can tell apart; also reported as survivors in a second score).
 """
 
 from __future__ import annotations
@@ -67,12 +68,20 @@ def selected(name: str, patterns: tuple[str, ...] = SELECTED) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
-def equivalent_mutants(report: Path = REPORT) -> dict[str, str]:
-    """Mutant name -> reason, from the "- `name`: reason" lines of the report."""
+def listed_mutants(report: Path = REPORT) -> tuple[dict[str, str], dict[str, str]]:
+    """(equivalent, unobservable on CPU): mutant name -> reason, from the "- `name`: reason" lines under the
+    report's "## Equivalent ..." and "## ... CPU ..." headings."""
+    equivalent: dict[str, str] = {}
+    cpu_only: dict[str, str] = {}
     if not report.exists():
-        return {}
-    found = re.findall(r"^- `([\w.ǁ]+__mutmut_\d+)`: (.+)$", report.read_text(encoding="utf-8"), re.M)
-    return dict(found)
+        return equivalent, cpu_only
+    target = None
+    for line in report.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            target = cpu_only if "CPU" in line else equivalent if "quivalent" in line else None
+        elif target is not None and (m := re.match(r"- `([\w.ǁ]+__mutmut_\d+)`: (.+)$", line)):
+            target[m.group(1)] = m.group(2)
+    return equivalent, cpu_only
 
 
 def results(root: Path = ROOT) -> dict[str, int | None]:
@@ -96,21 +105,29 @@ def classify(code: int | None) -> str:
     return "suspicious"
 
 
-def score(codes: dict[str, int | None], equivalent: dict[str, str]) -> tuple[str, int, list[str]]:
-    """(summary text, exit status, names of the non-equivalent mutants that were not killed)."""
-    stale = sorted(set(equivalent) - set(codes))
-    counts = Counter(classify(c) for name, c in codes.items() if name not in equivalent)
-    eq = Counter(classify(codes[name]) for name in equivalent if name in codes)
+def score(
+    codes: dict[str, int | None], equivalent: dict[str, str], cpu_only: dict[str, str]
+) -> tuple[str, int, list[str]]:
+    """(summary text, exit status, names of the judged mutants that were not killed).
+
+    Judged: every selected mutant except the equivalent ones and those only a CUDA run can tell apart."""
+    listed = {**equivalent, **cpu_only}
+    stale = sorted(set(listed) - set(codes))
+    counts = Counter(classify(c) for name, c in codes.items() if name not in listed)
     judged = sum(counts.values())
-    escaped = sorted(n for n, c in codes.items() if n not in equivalent and classify(c) not in ("killed", "not run"))
+    escaped = sorted(n for n, c in codes.items() if n not in listed and classify(c) not in ("killed", "not run"))
+    cpu_killed = sum(classify(codes[n]) == "killed" for n in cpu_only if n in codes)
+    with_cpu = judged + sum(n in codes for n in cpu_only)
     lines = [
-        f"selected mutants: {len(codes)}; listed as equivalent: {sum(eq.values())} "
-        f"({eq['killed']} of them killed anyway)",
-        "non-equivalent: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+        f"selected mutants: {len(codes)}; equivalent: {sum(n in codes for n in equivalent)}; "
+        f"observable only on CUDA: {sum(n in codes for n in cpu_only)}",
+        "judged: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
         f"score: {counts['killed']} / {judged} = {100.0 * counts['killed'] / max(judged, 1):.1f}%",
+        f"score counting the CUDA-only ones as survivors: {counts['killed'] + cpu_killed} / {with_cpu} = "
+        f"{100.0 * (counts['killed'] + cpu_killed) / max(with_cpu, 1):.1f}%",
     ]
     if stale:
-        lines.append("listed as equivalent but no longer generated (update tests/MUTATION.md): " + ", ".join(stale))
+        lines.append("listed in tests/MUTATION.md but no longer generated: " + ", ".join(stale))
     return "\n".join(lines), (0 if not counts["not run"] else 1), escaped
 
 
@@ -153,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             print(f"mutmut exited with {rc}", file=sys.stderr)
             return rc
-    text, status, escaped = score(results(), equivalent_mutants())
+    text, status, escaped = score(results(), *listed_mutants())
     if escaped:
         print("not killed (see: mutmut show <name>):")
         print("\n".join(f"  {n}" for n in escaped))
