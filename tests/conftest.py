@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sysconfig
 from pathlib import Path
 
@@ -16,12 +17,21 @@ def stdlib_texts(limit: int = 40) -> list[str]:
     return [p.read_text(encoding="utf-8", errors="replace") for p in files]
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def build_tiny_model(out: Path) -> Path:
+    """The tiny Llama and its BPE tokenizer, saved under ``out``; returns the model folder."""
     from ebft.quickstart.scratch import build_model_dir
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     return build_model_dir(out, stdlib_texts(), vocab_size=384, seed=0, hidden_size=64, num_layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    # tests/mutation/run.py starts one pytest per mutant; it builds the folder once with build_tiny_model and
+    # names it here instead of having every run train the same tokenizer again.
+    prebuilt = os.environ.get("EBFT_TEST_TINY_MODEL_DIR")
+    if prebuilt:
+        return Path(prebuilt)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,11 @@ def test_layer_indices_quartiles(num_layers, expected):
 
 
 def test_layer_indices_ends_and_truncation():
-    # 0 -> embedding output, 1 -> last layer; int(0.3 * 28) = int(8.4) = 8 (truncation, not rounding).
-    assert layer_indices([0.0, 1.0, 0.3], 28) == [0, 28, 8]
+    # 0 -> embedding output, 1 -> last layer (index num_layers, not num_layers - 1).
+    # Truncation, not rounding: int(0.3 * 28) = int(8.4) = 8 and int(0.35 * 28) = int(9.8) = 9, where
+    # rounding would give 10; int(0.7 * 4) = int(2.8) = 2, where rounding would give 3.
+    assert layer_indices([0.0, 1.0, 0.3, 0.35], 28) == [0, 28, 8, 9]
+    assert layer_indices([0.7], 4) == [2]
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])

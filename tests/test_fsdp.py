@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import stdlib_texts
+from launchers import train_on_two_processes
 
 from ebft.cli import main
 from ebft.config import config_warnings, load_config
@@ -74,12 +72,7 @@ def _write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
 
 def _two_processes(cfg: Path, *args: str) -> None:
     """``ebft train`` under torchrun with 2 processes. FSDP mistakes hang rather than fail: hence the timeout."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(next(_PORT)), "-m", "ebft", "train", str(cfg), *args]
-    res = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = train_on_two_processes(cfg, *args, port=next(_PORT), launcher="torchrun", timeout=180)
     assert "FSDP2: policy sharded over 2 processes" in res.stdout + res.stderr
 
 

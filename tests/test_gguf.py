@@ -32,8 +32,9 @@ SAMPLE = "def area(r):\n    return 3.14159 * r ** 2\n<|user|>\nwhat is this?</s>
 @pytest.fixture(scope="module")
 def tiny(tiny_tokenizer):
     """A tied-embedding Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
-    from ebft.quickstart.scratch import llama_config
     from transformers import LlamaForCausalLM
+
+    from ebft.quickstart.scratch import llama_config
 
     torch.manual_seed(0)
     tok = tiny_tokenizer

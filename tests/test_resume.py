@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import stdlib_texts
+from launchers import train_on_two_processes
 
 from ebft.cli import main
 
@@ -181,7 +181,8 @@ def test_save_total_limit_keeps_the_newest(tmp_path, tiny_model_dir, data_file):
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_model_dir, data_file, capsys):
     # SGD at lr 1e30 without clipping turns the weights huge after one step, so every later loss is
-    # non-finite: those steps must apply nothing, be counted, and stop the run after two in a row.
+    # non-finite: those steps must apply nothing (not even a scheduler step), be counted, and stop the run
+    # after two in a row.
     cfg = _config(
         tmp_path,
         tiny_model_dir,
@@ -191,7 +192,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_model_di
         max_grad_norm=None,
         max_steps=8,
         max_consecutive_skipped_steps=2,
-        lr_scheduler="constant",
+        lr_scheduler="linear",
     )
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
@@ -206,6 +207,13 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_model_di
 
     weights = _weights(run / "checkpoint-3")
     assert all(torch.isfinite(w).all() for w in weights.values())
+    # The schedule advanced once, for the one applied step: linear decay over 8 steps without warmup gives
+    # lr = 1e30 * (8 - 1) / 8 = 8.75e29 (three scheduler steps would give 1e30 * 5 / 8 = 6.25e29).
+    scheduler = torch.load(run / "checkpoint-3" / "scheduler.pt", weights_only=False)
+    assert scheduler["last_epoch"] == 1
+    assert scheduler["_last_lr"] == [pytest.approx(8.75e29, rel=1e-6)]
+    optimizer = torch.load(run / "checkpoint-3" / "optimizer.pt", weights_only=False)
+    assert [g["lr"] for g in optimizer["param_groups"]] == [pytest.approx(8.75e29, rel=1e-6)]
 
 
 @contextmanager
@@ -262,25 +270,11 @@ def test_second_signal_exits_at_once(tmp_path, tiny_model_dir, data_file):
     assert "exiting now" in err
 
 
-def _train_on_two_processes(cfg: Path, port: int, *args: str) -> None:
-    """``ebft train`` under ``accelerate launch`` with 2 CPU processes (gloo); it must succeed."""
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port)]
-    res = subprocess.run(
-        [*launch, "-m", "ebft", "train", str(cfg), *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-
-
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
 def test_two_processes_match_one_process_with_twice_the_micro_batch(tmp_path, tiny_model_dir, data_file):
     """2 processes x micro-batch 1 == 1 process x micro-batch 2: same documents, rollouts and update."""
     cfg = _config(tmp_path, tiny_model_dir, data_file, max_steps=2, lora_dropout=0.0, optimizer="sgd")
     two, one = tmp_path / "two", tmp_path / "one"
-    _train_on_two_processes(cfg, 29517, "--micro_batch_size=1", f"--output_dir={two}")
+    train_on_two_processes(cfg, "--micro_batch_size=1", f"--output_dir={two}", port=29517)
     assert main(["train", str(cfg), "--micro_batch_size=2", f"--output_dir={one}"]) == 0
     for a, b in zip(_metrics(two), _metrics(one), strict=True):
         for key in ("loss", "ebft/alignment", "ebft/diversity", "ebft/ce_loss", "grad_norm"):
@@ -302,7 +296,6 @@ def pair_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
 def test_structured_two_processes_match_one_process(tmp_path, tiny_model_dir, pair_file):
     """Structured mode: 2 processes x 4 completions == 1 process x 8 completions (one prompt per process
     vs two prompts on one): same prompts, same rollouts (seeded per prompt), same step-global loss."""
@@ -330,7 +323,7 @@ def test_structured_two_processes_match_one_process(tmp_path, tiny_model_dir, pa
     cfg = tmp_path / "structured.yaml"
     cfg.write_text(yaml.safe_dump(config), encoding="utf-8")
     two, one = tmp_path / "two", tmp_path / "one"
-    _train_on_two_processes(cfg, 29518, "--micro_batch_size=4", f"--output_dir={two}")
+    train_on_two_processes(cfg, "--micro_batch_size=4", f"--output_dir={two}", port=29518)
     assert main(["train", str(cfg), "--micro_batch_size=8", f"--output_dir={one}"]) == 0
     for a, b in zip(_metrics(two), _metrics(one), strict=True):
         for key in ("loss", "ebft/alignment", "ebft/reward", "ebft/ce_loss", "grad_norm", "completions/mean_length"):

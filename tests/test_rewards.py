@@ -69,17 +69,35 @@ def test_whitened_exact_duplicates(space):
     assert torch.allclose(terms.diversity, torch.ones(1, 2))
 
 
-@pytest.mark.parametrize(("eps", "dropped"), [(3e-6, True), (1e-3, False)])
+@pytest.mark.parametrize(
+    ("eps", "dropped"),
+    [(3e-6, True), (5e-5, True), (2e-4, False), (1e-3, False)],
+)
 def test_whitening_tolerance_is_relative_1e_5(eps, dropped):
-    # X = [[3, 4, 0], [3, 4, eps]]: s_max * s_min = |x1 x x2| = 5 eps and s_max ~ sqrt(50) = 7.07,
-    # so s_min / s_max ~ (5 eps / 7.07) / 7.07 = eps / 10.
-    # eps = 3e-6 -> 3e-7 < 1e-5: dropped, the pair whitens like an exact duplicate (dot 1/2).
-    # eps = 1e-3 -> 1e-4 > 1e-5: kept, the pair whitens to orthonormal rows (dot 0, norms 1).
+    # X = [[3, 4, 0], [3, 4, eps]]: s_max * s_min = |x1 x x2| = |(4 eps, -3 eps, 0)| = 5 eps and
+    # s_max^2 + s_min^2 = ||X||_F^2 = 50 + eps^2, so s_max ~ sqrt(50) and s_min / s_max ~ 5 eps / 50 = eps / 10:
+    # 3e-7, 5e-6, 2e-5, 1e-4. The two middle cases sit within a factor 2 of the 1e-5 cut-off on either side,
+    # so a cut-off of 1e-6 (keeps 5e-6) or 1e-4 (drops 2e-5) fails here.
+    # Dropped: the pair whitens like an exact duplicate (every dot 1/2). Kept: orthonormal rows (dot 0, norms 1).
     gen = torch.tensor([[[3.0, 4.0, 0.0], [3.0, 4.0, eps]]])
+    s = torch.linalg.svdvals(gen[0].double())
+    assert float(s[1] / s[0]) == pytest.approx(eps / 10, rel=1e-3)  # the premise above
     gen_w, _ = whiten(gen, torch.ones(1, 3), "feature")
     gram = gen_w[0] @ gen_w[0].T
     expected = torch.full((2, 2), 0.5) if dropped else torch.eye(2)
     assert torch.allclose(gram, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("space", ["feature", "sample"])
+def test_whitening_cut_off_is_relative_to_each_groups_own_largest_singular_value(space):
+    # Group 0 is the kept case above (s_min / s_max = 2e-5 > 1e-5, s_max ~ 7.07); group 1 is 1e3 times larger.
+    # Measured against the batch's largest singular value (~7e3), group 0's s_min (~1.4e-4) would fall below
+    # 1e-5 * 7e3 = 0.07 and be dropped; per group it is kept and the pair whitens to orthonormal rows.
+    small = torch.tensor([[3.0, 4.0, 0.0], [3.0, 4.0, 2e-4]])
+    large = 1e3 * _randn(2, 3, seed=30).float()
+    gen_w, _ = whiten(torch.stack([small, large]), torch.ones(2, 3), space)
+    assert torch.allclose(gen_w[0] @ gen_w[0].T, torch.eye(2), atol=1e-4)
+    assert torch.allclose(gen_w[1] @ gen_w[1].T, torch.eye(2), atol=1e-4)
 
 
 def test_whitened_gram_is_projector_with_a_duplicate():
@@ -104,6 +122,9 @@ def test_feature_space_matches_explicit_d_space_operator(duplicate):
     gen_w, gt_w = whiten(x[None].float(), gt[None].float(), "feature")
     assert torch.allclose(gen_w[0].double(), x @ w, atol=1e-5)
     assert torch.allclose(gt_w[0].double(), (gt @ w).expand(3, 5), atol=1e-5)
+    # feature space (paper eq. 8) is the default
+    default_w, default_gt = whiten(x[None].float(), gt[None].float())
+    assert torch.equal(default_w, gen_w) and torch.equal(default_gt, gt_w)
 
 
 def test_sample_space_matches_explicit_row_operator():

@@ -66,6 +66,49 @@ def test_anchors_per_document_and_padding_never_anchored():
     assert lay.anchors[1, :2].tolist() == [2, 5]
 
 
+@pytest.mark.parametrize(
+    ("prompt", "mcp", "ctx", "first"),
+    [
+        (4, 1, 2, 5),  # prompt + prefix = 5 > context 2: the completion's first tokens stay ground truth
+        (1, 1, 5, 5),  # prompt + prefix = 2 < context 5: the anchor never moves before context_length
+        (3, 0, 3, 3),  # equal
+    ],
+)
+def test_first_anchor_is_max_of_context_and_prompt_plus_prefix(prompt, mcp, ctx, first):
+    from ebft.strided.anchors import first_anchor
+
+    # a = max(context_length, prompt_length + min_completion_prefix); stride 2, g 2, length 12:
+    # blocks at a, a + 2, ... while c_k + 2 <= 12.
+    assert first_anchor(ctx, prompt, mcp) == first
+    lay = _layout([12, 12], 12, prompt=[prompt, -1], stride=2, ctx=ctx, g=2, mcp=mcp)
+    assert lay.anchors[0, : int(lay.valid[0].sum())].tolist() == list(range(first, 11, 2))
+    # A row without a prompt starts at context_length whatever min_completion_prefix says.
+    assert first_anchor(ctx, None, mcp) == ctx
+    assert lay.anchors[1, : int(lay.valid[1].sum())].tolist() == list(range(ctx, 11, 2))
+
+
+@pytest.mark.parametrize(
+    ("length", "anchor", "stride", "g", "expected"),
+    [
+        (14, 2, 3, 3, 4),  # anchors 2, 5, 8, 11: 11 + 3 = 14 fits exactly
+        (13, 2, 3, 3, 3),  # 11 + 3 = 14 > 13: three blocks
+        (5, 2, 3, 3, 1),  # only the first window [2, 5) fits
+        (4, 2, 3, 3, 0),  # 2 + 3 = 5 > 4: none
+        (10, 0, 1, 1, 10),  # every position
+        (9, 1, 4, 2, 2),  # anchors 1, 5 (5 + 2 <= 9); 9 + 2 > 9
+        (3, 2, 1, 3, 0),  # 2 + 3 > 3; the count formula alone would give (3 - 3 - 2) // 1 + 1 = -1
+    ],
+)
+def test_num_blocks_hand_values_agree_with_block_anchors(length, anchor, stride, g, expected):
+    from ebft.strided.anchors import block_anchors, num_blocks
+
+    # The data loader counts blocks with num_blocks, the layout with block_anchors: they must agree.
+    assert num_blocks(length, anchor, stride, g) == expected
+    anchors, valid = block_anchors(torch.tensor([length]), torch.tensor([anchor]), stride, g)
+    assert int(valid.sum()) == expected
+    assert anchors[0, :expected].tolist() == [anchor + k * stride for k in range(expected)]
+
+
 def test_mask_matches_rule_by_brute_force():
     lay = _layout([10, 8], 10, n=2, stride=2, ctx=3, g=2)
     mask = lay.attention_mask()

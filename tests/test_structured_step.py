@@ -7,6 +7,7 @@ arithmetic; multi-turn rollouts and adaptive caps through a fake backend that re
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import statistics
@@ -30,6 +31,7 @@ from ebft.structured.settings import ADAPTIVE_FLOOR, StructuredSettings, complet
 from ebft.structured.step import (
     RolloutBuffer,
     _single_turn,
+    ce_sequences,
     microbatch,
     old_logprobs,
     policy_logprobs,
@@ -501,9 +503,32 @@ def test_stored_old_logprobs_give_the_same_first_iteration_gradient(tiny_model_d
     assert sum(p["clip_low"] for p in sums) == sum(sum(buffer.samples[i].loss_mask[1:]) for i in negative)
 
 
+def test_old_logprobs_are_taken_under_the_training_autocast(tiny_model_dir, tiny_tokenizer):
+    """The log-probs stored for num_iterations > 1 are the training pass's own, under the same bf16 autocast and
+    the same chunks, so the first iteration's ratio is exactly 1."""
+    tok = tiny_tokenizer
+    s = _settings(tok, num_generations=2)
+    model = _load(tiny_model_dir, lm_head_scale=4.0)
+    samples = _training_batch(tok, s).samples
+    stored = old_logprobs(model, samples, s, tok.pad_token_id, 2, torch.bfloat16)
+    assert [len(v) for v in stored] == [sum(q.loss_mask[1:]) for q in samples]
+    with torch.no_grad():
+        for start in (0, 2):
+            logp, seq = policy_logprobs(
+                model, samples[start : start + 2], s, tok.pad_token_id, autocast_dtype=torch.bfloat16
+            )
+            for i in range(2):
+                assert torch.equal(stored[start + i], logp[seq == i])
+    plain = old_logprobs(model, samples, s, tok.pad_token_id, 2, None)
+    assert max(float((a - b).abs().max()) for a, b in zip(stored, plain, strict=True)) > 1e-3  # bf16 shows
+
+
 def test_ce_term_is_teacher_forced_nll_of_ground_truth_and_eos(tiny_model_dir, tiny_tokenizer):
     tok = tiny_tokenizer
-    s = _settings(tok, num_generations=2, loss_type="dapo", rl_coef=0.0, ce_coef=0.5)
+    # The sampler's temperature and truncation (each of which changes log-probs here: top-5 of 384 tokens, min_p
+    # 0.9 of the top probability) shape the policy loss only; CE is the model's own untempered NLL.
+    sampling = Sampling(0.7, top_p=0.6, top_k=5, min_p=0.9, stop_token_ids=(tok.eos_token_id,))
+    s = _settings(tok, num_generations=2, loss_type="dapo", rl_coef=0.0, ce_coef=0.5, sampling=sampling)
     model = _load(tiny_model_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     buffer = _training_batch(tok, s)
@@ -517,6 +542,61 @@ def test_ce_term_is_teacher_forced_nll_of_ground_truth_and_eos(tiny_model_dir, t
     want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(0.5 * nll / ce_tokens, params)])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
     assert sum(p["ce_sum"] for p in sums) == pytest.approx(float(nll.detach()), rel=1e-5)
+
+
+def _labelled_runs(seq: list[int], mask: list[bool]) -> list[list[int]]:
+    """The maximal runs of consecutive loss tokens of a sequence."""
+    runs: list[list[int]] = []
+    previous = False
+    for t, m in zip(seq, mask, strict=True):
+        if m and not previous:
+            runs.append([])
+        if m:
+            runs[-1].append(t)
+        previous = m
+    return runs
+
+
+def test_ce_sequences_of_a_multi_turn_row_label_every_assistant_turn(tiny_tokenizer):
+    """The CE reference of a multi-turn row is the whole ground-truth conversation as the chat template renders
+    it (with the configured chat_template_kwargs), with loss tokens on exactly the assistant contents and the
+    stop token that ends each of them (issue 9.4: the end of every turn is trained)."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "{% if house_style is defined %}[{{ house_style }}]{% endif %}" + tiny_tokenizer.chat_template
+    s = _settings(tok, chat_template_kwargs={"house_style": "terse"})
+    prompt = [_user("first question")]
+    later = [_user("second question"), _assistant("second answer")]
+    row = _row(tok, prompt, "first answer", later)
+    (ref,) = ce_sequences([row], tok, s)
+    conversation = [*prompt, _assistant("first answer"), *later]
+    rendered = tok.apply_chat_template(conversation, tokenize=False, house_style="terse")
+    assert rendered.startswith("[terse]<|user|>")  # the kwarg reaches the template
+    assert ref.sequence == _ids(tok, rendered)
+    # The prompt is the rendered first user turn with its generation prompt, exactly as the policy sees it.
+    prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, house_style="terse")
+    prompt_ids = _ids(tok, prompt_text)
+    assert ref.prompt_length == len(prompt_ids) and ref.sequence[: ref.prompt_length] == prompt_ids
+    assert not any(ref.loss_mask[: ref.prompt_length])
+    assert [tok.decode(r) for r in _labelled_runs(ref.sequence, ref.loss_mask)] == [
+        "first answer</s>",
+        "second answer</s>",
+    ]
+    assert (ref.feature_length, ref.finished, ref.text) == (len(ref.sequence), True, "")
+
+
+def test_ce_sequences_of_a_single_turn_row_append_eos_only_when_there_is_one(tiny_tokenizer):
+    """Single-turn: prompt + ground truth + EOS, loss on the ground truth and EOS; no EOS token, no EOS."""
+    no_eos = copy.deepcopy(tiny_tokenizer)
+    no_eos.eos_token = None
+    assert no_eos.eos_token_id is None
+    for tok in (tiny_tokenizer, no_eos):
+        row = _row(tok, [_user("question")], "the answer")
+        (ref,) = ce_sequences([row], tok, _settings(tok))
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        target = _ids(tok, "the answer") + eos
+        assert ref.sequence == list(row.prompt_ids) + target
+        assert ref.loss_mask == [False] * len(row.prompt_ids) + [True] * len(target)
+        assert ref.prompt_length == len(row.prompt_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1035,6 +1115,49 @@ def test_importance_weights_are_clamped_to_the_trl_clip_bounds(tiny_model_dir, t
     logp_a = _teacher_forced_logp(model, samples[0].sequence)[len(row.prompt_ids) - 1 :]
     logp_b = _teacher_forced_logp(model, samples[1].sequence)[len(row.prompt_ids) - 1 :]
     loss = (-2.5 * 1.0 * logp_a.sum() - 0.5 * (-1.0) * logp_b.sum()) / tokens
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_importance_weights_are_clamped_to_one_over_cap_from_below(tiny_model_dir, tiny_tokenizer):
+    """The weight pi_old / pi_sampler is clamped to [1/cap, cap]: a token the sampler found far likelier than
+    the policy does (raw ratio 1/4) weighs 1/3 with cap 3, one it found far less likely (raw 4) weighs 3."""
+    tok = tiny_tokenizer
+    s = _settings(
+        tok,
+        num_generations=2,
+        loss_type="dapo",
+        is_correction=True,
+        is_bounds=TrlSection(vllm_importance_sampling_cap=3.0).importance_weight_bounds,
+    )
+    model = _load(tiny_model_dir, lm_head_scale=4.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    row = _row(tok, [_user("question")], "answer")
+    a_ids = tuple(_ids(tok, "first reply") + [tok.eos_token_id])
+    b_ids = tuple(_ids(tok, "second") + [tok.eos_token_id])
+    with torch.no_grad():
+        current = [
+            _teacher_forced_logp(model, list(row.prompt_ids) + list(ids))[len(row.prompt_ids) - 1 :]
+            for ids in (a_ids, b_ids)
+        ]
+    # Sample a: sampler log-probs log 4 above the policy's -> raw ratio 1/4 -> w = max(1/4, 1/3) = 1/3.
+    # Sample b: sampler log-probs log 4 below the policy's -> raw ratio 4 -> w = min(4, 3) = 3.
+    a = Completion(a_ids, True, tuple((current[0] + math.log(4.0)).tolist()))
+    b = Completion(b_ids, True, tuple((current[1] - math.log(4.0)).tolist()))
+    samples = [_single_turn(row, c, s, tok) for c in (a, b)]
+    advantage = torch.tensor([1.0, -1.0])
+    zeros = torch.zeros(1, 2)
+    buffer = RolloutBuffer([row], samples, Scores(zeros, zeros, zeros, zeros, zeros[:, 0]), advantage, 0)
+    (sums,) = _run_step(model, buffer, s, tok, [[0, 1]])
+    got = _flat_grad(params)
+    tokens = len(a_ids) + len(b_ids)
+    assert sums["is_tokens"] == tokens
+    assert sums["is_ratio_min"] == pytest.approx(0.25, rel=1e-4)  # the raw ratio, before the clamp
+    assert sums["is_ratio_sum"] == pytest.approx(0.25 * len(a_ids) + 4.0 * len(b_ids), rel=1e-4)
+    logp_a = _teacher_forced_logp(model, samples[0].sequence)[len(row.prompt_ids) - 1 :]
+    logp_b = _teacher_forced_logp(model, samples[1].sequence)[len(row.prompt_ids) - 1 :]
+    # dapo on-policy: -(w * A * logp) summed over the step's tokens / its token count.
+    loss = (-(1.0 / 3.0) * 1.0 * logp_a.sum() - 3.0 * (-1.0) * logp_b.sum()) / tokens
     want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 

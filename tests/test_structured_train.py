@@ -371,10 +371,24 @@ def test_ce_coef_adds_the_ground_truth_nll(tmp_path, tiny_model_dir, tiny_tokeni
 
 @pytest.mark.parametrize("loss_type", ["bnpo", "dr_grpo"])
 def test_other_loss_types_run(tmp_path, tiny_model_dir, data_dir, capsys, loss_type):
+    """bnpo and dr_grpo train, and the logged policy loss is the one their definition gives."""
     out = _train(tmp_path, loss_type, _config(tiny_model_dir, data_dir / "pairs.jsonl", trl={"loss_type": loss_type}))
     captured = capsys.readouterr()
-    _check_run(out, steps=2, prompts_per_step=2, G=4, console=captured.out + captured.err)
+    records = _check_run(out, steps=2, prompts_per_step=2, G=4, console=captured.out + captured.err)
     assert _max_diff(_weights(out), load_file(tiny_model_dir / "model.safetensors")) > 1e-4
+    # On-policy (num_iterations 1) every ratio is 1, so a loss token of completion i costs -A_i, and completion
+    # i has completion_tokens loss tokens. A step is 8 completions in 2 micro-batches of 4 (samples 0-3, 4-7).
+    for line, rows in zip(_read_jsonl(out / "metrics.jsonl"), _by_step(records).values(), strict=True):
+        rows = sorted(rows, key=lambda r: r["sample"])
+        assert len({r["completion_tokens"] for r in rows}) > 1  # lengths differ, so the token weighting matters
+        cost = [-r["advantage"] * r["completion_tokens"] for r in rows]
+        if loss_type == "dr_grpo":  # token sum / (completions x max_completion_length 12)
+            expected = sum(cost) / (8 * 12)
+        else:  # bnpo: mean over the 2 micro-batches of each micro-batch's token mean
+            tokens = [r["completion_tokens"] for r in rows]
+            expected = (sum(cost[:4]) / sum(tokens[:4]) + sum(cost[4:]) / sum(tokens[4:])) / 2
+        assert abs(expected) > 1e-3
+        assert line["ebft/rl_loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
 def test_scale_rewards_batch(tmp_path, tiny_model_dir, data_dir, capsys):
@@ -546,4 +560,5 @@ def test_lora_run_trains_the_adapter_only(tmp_path, tiny_model_dir, data_dir, ca
     _check_run(out, steps=2, prompts_per_step=2, G=4, console=captured.out + captured.err)
     assert not (out / "model.safetensors").exists()
     adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)  # nothing but LoRA matrices saved
     assert any(float(w.abs().max()) > 0 for k, w in adapter.items() if "lora_B" in k)  # B starts at zero

@@ -8,10 +8,8 @@ import importlib.util
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -24,6 +22,7 @@ import torch
 import yaml
 from conftest import stdlib_texts
 from fake_vllm import FakeVLLMServer
+from launchers import train_on_two_processes
 
 from ebft.cli import main
 from ebft.errors import ConfigError
@@ -543,19 +542,10 @@ def test_structured_training_samples_from_the_server(fake, tiny_model_dir, tmp_p
     assert fake.adapters == {} and not (tmp_path / "out" / "vllm_adapters").exists()
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
 def test_two_processes_share_one_adapter_per_sync(fake, tiny_model_dir, tmp_path):
     """Under 2 processes only the main one saves and loads the adapter; both then generate with it."""
     path = _vllm_training_config(fake, tmp_path, max_steps=3)
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29541"]
-    res = subprocess.run(
-        [*launch, "-m", "ebft", "train", str(path)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    train_on_two_processes(path, port=29541)
     loaded = [c.body["lora_name"] for c in fake.calls("/v1/load_lora_adapter")]
     # One load after every step (sync_interval 1), made once for both processes.
     assert [int(name.rsplit("-step", 1)[1]) for name in loaded] == [1, 2, 3]
