@@ -287,12 +287,19 @@ class FeatureNetwork:
 
 @contextmanager
 def _eval_mode(module: nn.Module):
-    was_training = module.training
+    """Eval mode inside the block; afterwards every submodule gets back its own flag.
+
+    Restoring one flag for the whole tree would be wrong: ``module`` may be a view whose own flag went
+    stale when the policy it shares layers with was switched to training later, and writing that
+    flag back would leave the policy's layers in eval mode (no dropout, no gradient checkpointing).
+    """
+    flags = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield
     finally:
-        module.train(was_training)
+        for m, training in flags:
+            m.training = training
 
 
 @contextmanager
