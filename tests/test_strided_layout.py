@@ -260,6 +260,19 @@ def test_chunked_logprobs_gradient_matches_plain(model):
     assert torch.allclose(g_chunk, g_plain, atol=1e-5)
 
 
+def test_logprobs_of_no_rows_still_reach_the_head():
+    # A process with no loss token still runs the head, so under FSDP its parameters get a (zero) gradient
+    # like on every other process.
+    head = torch.nn.Linear(4, 5, bias=False)
+    hidden, targets = torch.zeros(0, 4, requires_grad=True), torch.zeros(0, dtype=torch.long)
+    logp, entropy = token_logprobs(hidden, targets, head, with_entropy=True)
+    assert logp.shape == entropy.shape == (0,) and logp.dtype == entropy.dtype == torch.float32
+    logp.sum().backward()
+    assert head.weight.grad is not None and not head.weight.grad.any()
+    alone = token_logprobs(hidden, targets, head)
+    assert isinstance(alone, torch.Tensor) and alone.shape == (0,)
+
+
 def test_top_p_logprobs_renormalise_over_the_nucleus(model):
     # Logits [2, 1, 0, -inf...]: probabilities ~ [0.665, 0.245, 0.090]; top_p 0.8 keeps the first two
     # (mass before token 1 is 0.665 < 0.8, before token 2 is 0.910 >= 0.8). Renormalised over {0, 1}:

@@ -315,6 +315,7 @@ def test_rl_gradient_is_token_weighted_over_documents_with_different_block_count
     assert len(advs) == 18 and min(abs(a) for a in advs) > 1e-4  # every block carries a gradient
     want = _grads(loss / 54, params)
     assert res.sums["rl_sum"] == pytest.approx(float(loss.detach()), rel=1e-4)
+    assert res.sums["ce_tokens"] == res.sums["ce_sum"] == 0.0  # no CE term
     assert res.loss == pytest.approx(float(loss.detach()) / 54, rel=1e-4)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
@@ -363,6 +364,21 @@ def test_microbatch_sums_add_up_what_the_rollout_records_show():
             d = [x["diversity"] for x in group]
             cfm += (n + (n - 1) / 2 * sum(d)) / n**2 - sum(a) / n + 1
     assert sums["cfm"] == pytest.approx(cfm, abs=1e-4)
+    # The loss value: rl_coef * RL / generated tokens + ce_coef * CE / labelled targets.
+    assert res.loss == pytest.approx(sums["rl_sum"] / (5 * n * g) + 0.2 * sums["ce_sum"] / 14, rel=1e-6)
+
+
+def test_one_generated_token_and_one_ce_target_are_divided_by_one():
+    """The smallest step: one block of one token, one sample, one labelled target. Its loss is the raw sums."""
+    model = _model(vocab=11)
+    frozen = FeatureNetwork(model, feat.layer_indices([1.0], 2))
+    s = _settings(n_samples_per_prompt=1, generate_max_len=1, ce_coef=0.5, advantage_estimator="reinforce")
+    batch = collate_documents([{"input_ids": [3, 5, 1], "labels": [-100, -100, 1]}], pad_token_id=0)
+    totals = count_targets(batch, s)
+    assert (totals.rl_tokens, totals.ce_tokens) == (1, 1)  # block [2, 3); target x_2
+    res = strided_microbatch(model, frozen, batch, s, totals, generators=document_generators(0, 1, 0, 1, "cpu"))
+    assert res.loss == pytest.approx(res.sums["rl_sum"] + 0.5 * res.sums["ce_sum"], rel=1e-6)
+    assert res.sums["ce_sum"] == pytest.approx(-float(_teacher_forced_logp(model, [3, 5, 1])[1]), rel=1e-5)
 
 
 def _block_feature(hidden_states, layers, positions, norm, method, completion):
@@ -498,3 +514,13 @@ def test_rollouts_are_drawn_under_the_training_autocast():
 
     assert got == sample(torch.bfloat16)
     assert got != sample(None)
+    # The policy pass runs under it too: the log-probs are bf16 ones, within bf16 rounding of the fp32
+    # teacher-forced values of the same blocks but not equal to them.
+    doc = batch.input_ids[0].tolist()
+    diffs = []
+    with torch.no_grad():
+        for sample_blocks in res.rollouts[0]["samples"]:
+            for c, blk in zip(res.rollouts[0]["anchors"], sample_blocks, strict=True):
+                want = _teacher_forced_logp(model, doc[:c] + blk["tokens"], temperature=0.5)[c - 1 :]
+                diffs.append((torch.tensor(blk["logprobs"]) - want).abs().max())
+    assert 1e-3 < float(max(diffs)) < 0.1

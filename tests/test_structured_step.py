@@ -465,9 +465,53 @@ def test_on_policy_gradient_is_reinforce(tiny_model_dir, tiny_tokenizer, loss_ty
     want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, params)])
     assert float(want.abs().max()) > 1e-3
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
-    # On-policy nothing is clipped; the summed micro-batch losses are the step loss.
+    # On-policy nothing is clipped; the summed micro-batch losses are the step loss (rl_coef 1: the RL loss).
     assert sum(p["clip_low"] + p["clip_high"] for p in sums) == 0
     assert sum(p["loss"] for p in sums) == pytest.approx(value, rel=1e-5)
+    assert sum(p["rl_loss"] for p in sums) == pytest.approx(value, rel=1e-5)
+    # Per micro-batch: its loss tokens, and the entropy of the sampler's distribution summed over them.
+    for split, part in zip(splits, sums, strict=True):
+        assert part["rl_tokens"] == sum(sum(buffer.samples[i].loss_mask[1:]) for i in split)
+        entropy = 0.0
+        for i in split:
+            q = buffer.samples[i]
+            with torch.no_grad():
+                logits = model(torch.tensor([q.sequence])).logits[0, :-1].float() / temperature
+            logp_all = logits.log_softmax(-1)[torch.tensor(q.loss_mask[1:])]
+            entropy += float(-(logp_all.exp() * logp_all).sum())
+        assert part["entropy"] == pytest.approx(entropy, rel=1e-4)
+
+
+def test_zero_advantage_micro_batches_are_skipped_when_asked(tiny_model_dir, tiny_tokenizer):
+    """skip_zero_advantage_batches: a micro-batch whose advantages are all 0 runs no policy pass, adds no
+    gradient and says so; the others train as usual (dapo: divided by the step's token count)."""
+    tok = tiny_tokenizer
+    s = _settings(tok, num_generations=2, loss_type="dapo", skip_zero_advantage_batches=True)
+    model = _load(tiny_model_dir, lm_head_scale=4.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffer = _training_batch(tok, s)
+    # The first micro-batch has nothing to learn; the second has one zero and one non-zero advantage.
+    buffer.advantage = torch.tensor([0.0, 0.0, 0.0, 0.9])
+
+    assert _run_step(model, buffer, s, tok, [[0, 1]]) == [{"skipped_micro_batches": 1.0}]
+    assert all(p.grad is None for p in params)  # no pass at all, not even one with weight 0
+
+    sums = _run_step(model, buffer, s, tok, [[0, 1], [2, 3]])
+    assert sums[0] == {"skipped_micro_batches": 1.0} and "skipped_micro_batches" not in sums[1]
+    got = _flat_grad(params)
+    tokens = sum(sum(q.loss_mask[1:]) for q in buffer.samples)
+    total = 0.0
+    for i in (2, 3):
+        q = buffer.samples[i]
+        logp = _teacher_forced_logp(model, q.sequence)[torch.tensor(q.loss_mask[1:])]
+        total = total - float(buffer.advantage[i]) * logp.sum() / tokens
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, params)])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+    # Without the flag the zero-advantage micro-batch runs (its tokens count) and adds a zero gradient.
+    sums = _run_step(model, buffer, replace(s, skip_zero_advantage_batches=False), tok, [[0, 1], [2, 3]])
+    assert "skipped_micro_batches" not in sums[0] and sums[0]["rl_tokens"] > 0
+    torch.testing.assert_close(_flat_grad(params), want, atol=1e-6, rtol=1e-4)
 
 
 def test_stored_old_logprobs_give_the_same_first_iteration_gradient(tiny_model_dir, tiny_tokenizer):
