@@ -276,10 +276,7 @@ def test_full_finetune_saves_tied_embeddings_once_and_reloads_them_tied(smol_dir
     assert tuned.lm_head.weight is tuned.model.embed_tokens.weight
     assert not torch.equal(tuned.model.embed_tokens.weight, base.model.embed_tokens.weight)
     assert tuned.generation_config.eos_token_id == base.generation_config.eos_token_id
-    if saved["use_cache"] is not True:
-        # The one assertion known to fail today: load_policy turns use_cache off for training and the
-        # saved config.json keeps it off. Another change fixes it; then this line passes by itself.
-        pytest.xfail("config.json is saved with use_cache: false")
+    assert saved["use_cache"] is True  # training turns the cache off; the saved model has it on again
 
 
 def test_lora_structured_run_saves_an_adapter_that_reloads_tied_and_evaluates(smol_dir, tmp_path):

@@ -44,6 +44,12 @@ def _chunk_logprobs_parts(
     return logits
 
 
+@torch.no_grad()
+def _entropy(logp_all: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """[chunk, V] log-probs and probs -> [chunk] entropy (no gradient); 0 log 0 counts as 0."""
+    return -(probs * logp_all.masked_fill(probs == 0, 0.0)).sum(-1)
+
+
 def _chunk_logprobs(
     hidden: torch.Tensor,
     targets: torch.Tensor,
@@ -52,12 +58,12 @@ def _chunk_logprobs(
     top_p: float,
     top_k: int,
     min_p: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     logits = _chunk_logprobs_parts(hidden, targets, head, temperature, top_p, top_k, min_p)
     logp_all = logits.log_softmax(dim=-1)
-    with torch.no_grad():
-        probs = logp_all.exp()
-        entropy = -(probs * logp_all.masked_fill(probs == 0, 0.0)).sum(-1)
+    # The entropy costs two more [chunk, V] tensors; only the structured metrics ask for it.
+    entropy = _entropy(logp_all, logp_all.detach().exp()) if with_entropy else None
     return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy
 
 
@@ -69,20 +75,21 @@ def _frozen_head_chunk(
     top_p: float,
     top_k: int,
     min_p: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``_chunk_logprobs`` for a frozen linear head (LoRA), with its gradient taken in the same pass.
 
     With logits z = W h / T (+ bias), d log p(t) / d h = (W[t] - sum_v p_v W[v]) / T, p the (truncated)
     distribution; the gradient through the truncation mask is zero, as in ``_chunk_logprobs``. Computing
     it here costs one [chunk, V] x [V, H] product and nothing is recomputed in backward, where the
-    checkpointed path runs the head, the softmax and the entropy a second time and then back-propagates
+    checkpointed path runs the head and the softmax a second time and then back-propagates
     the head. The result is attached as value + <h - h.detach(), J>: exactly the value, gradient J.
     """
     with torch.no_grad():
         logits = _chunk_logprobs_parts(hidden, targets, head, temperature, top_p, top_k, min_p)
         logp_all = logits.log_softmax(dim=-1)
         probs = logp_all.exp()
-        entropy = -(probs * logp_all.masked_fill(probs == 0, 0.0)).sum(-1)
+        entropy = _entropy(logp_all, probs) if with_entropy else None
         weight = head.weight.float()
         scale = 1.0 if temperature in (0.0, 1.0) else 1.0 / temperature
         jac = (weight[targets] - probs @ weight) * scale  # [chunk, H]
@@ -127,7 +134,7 @@ def token_logprobs(
     logps, entropies = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        args = (h, t, head, temperature, top_p, top_k, min_p)
+        args = (h, t, head, temperature, top_p, top_k, min_p, with_entropy)
         if need_grad and frozen_linear:
             logp, entropy = _frozen_head_chunk(*args)
         elif need_grad:

@@ -14,6 +14,7 @@ import torch
 
 from ebft import features as feat
 from ebft import rewards
+from ebft.allocator import large_blocks_from_mmap
 from ebft.data.collate import DocumentBatch
 from ebft.distributed import Sharding
 from ebft.losses import token_logprobs
@@ -333,7 +334,8 @@ def _policy_document(
 
     # The backend stays selected through backward: gradient checkpointing recomputes the layers there.
     with strided_backend(sharding.model):
-        logp, ce_logp = sharding.grad_pass(forward)
+        with large_blocks_from_mmap():  # see ebft.allocator: what the forward keeps must not pin freed memory
+            logp, ce_logp = sharding.grad_pass(forward)
         rl_sum = -(advantage[d, :, :, None].expand(n, K, g)[tok_valid].detach() * logp).sum()
         loss = s.rl_coef * rl_sum / max(totals.rl_tokens, 1)
         ce_sum = torch.zeros((), device=device)
