@@ -109,6 +109,15 @@ def test_num_blocks_hand_values_agree_with_block_anchors(length, anchor, stride,
     assert anchors[0, :expected].tolist() == [anchor + k * stride for k in range(expected)]
 
 
+def test_select_is_one_documents_layout():
+    lay = _layout([14, 9], 14)  # anchors [[2, 5, 8, 11], [2, 5, 2, 2]]; valid 4 and 2 slots
+    for d in range(2):
+        one = lay.select(d)
+        assert (one.doc_len, one.n, one.g, one.k, one.num_docs) == (14, lay.n, lay.g, lay.k, 1)
+        assert one.anchors.tolist() == [lay.anchors[d].tolist()]
+        assert one.valid.tolist() == [lay.valid[d].tolist()]
+
+
 def test_mask_matches_rule_by_brute_force():
     lay = _layout([10, 8], 10, n=2, stride=2, ctx=3, g=2)
     mask = lay.attention_mask()
