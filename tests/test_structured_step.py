@@ -162,15 +162,18 @@ class FakeBackend:
 # 1. Rewards and advantages against hidden states read directly from the model
 
 
-def _oracle_pool(model, seq: list[int], prompt_length: int, fractions, method: str) -> torch.Tensor:
+def _oracle_pool(model, seq: list[int], prompt_length: int, fractions, method: str, norm: str) -> torch.Tensor:
     """Pooled feature of one unpadded sequence, from output_hidden_states (float64)."""
     with torch.no_grad():
         hidden = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
     num_layers = model.config.num_hidden_layers
-    # per_layer: each chosen layer L2-normalised per token, then concatenated -> [T, F * H]
-    tokens = torch.cat(
-        [torch.nn.functional.normalize(hidden[int(f * num_layers)][0].double(), dim=-1) for f in fractions], dim=-1
-    )
+    layers = [hidden[int(f * num_layers)][0].double() for f in fractions]  # each [T, H]
+    if norm == "per_layer":  # each chosen layer L2-normalised per token, then concatenated -> [T, F * H]
+        tokens = torch.cat([torch.nn.functional.normalize(h, dim=-1) for h in layers], dim=-1)
+    elif norm == "joint":  # the concatenation normalised per token
+        tokens = torch.nn.functional.normalize(torch.cat(layers, dim=-1), dim=-1)
+    else:  # none: concatenated as they are
+        tokens = torch.cat(layers, dim=-1)
     n = len(seq)
     if method == "last_token":
         return tokens[n - 1]
@@ -204,12 +207,19 @@ def _scoring_batch(tok):
     return rows, texts, comps
 
 
-@pytest.mark.parametrize("method", ["last_token", "mean_pooling", "completion_mean", "concat"])
+@pytest.mark.parametrize(
+    ("method", "norm"),
+    [("last_token", "per_layer"), ("mean_pooling", "joint"), ("completion_mean", "none"), ("concat", "per_layer")],
+)
 @pytest.mark.parametrize("whitening", [False, True])
-def test_score_matches_rewards_from_output_hidden_states(tiny_model_dir, tiny_tokenizer, reference, method, whitening):
+def test_score_matches_rewards_from_output_hidden_states(
+    tiny_model_dir, tiny_tokenizer, reference, method, norm, whitening
+):
     tok = tiny_tokenizer
     fractions = [0.25, 0.5, 1.0]  # hidden-state indices int(f * 4) = 1, 2, 4 (4 = after the final norm)
-    s = _settings(tok, embed_method=method, use_whitening=whitening, alignment_coef=1.3, diversity_coef=0.7)
+    s = _settings(
+        tok, embed_method=method, feature_norm=norm, use_whitening=whitening, alignment_coef=1.3, diversity_coef=0.7
+    )
     rows, texts, comps = _scoring_batch(tok)
     samples = [_single_turn(row, c, s, tok) for row, group in zip(rows, comps, strict=True) for c in group]
     # What the feature network pools: prompt + completion content, without the stop token.
@@ -223,14 +233,14 @@ def test_score_matches_rewards_from_output_hidden_states(tiny_model_dir, tiny_to
     P, G = 2, 3
     gen = torch.stack(
         [
-            _oracle_pool(reference, seq, q.prompt_length, fractions, method)
+            _oracle_pool(reference, seq, q.prompt_length, fractions, method, norm)
             for seq, q in zip(expected_seqs, samples, strict=True)
         ]
     ).reshape(P, G, -1)
     gt = torch.stack(
         [
             _oracle_pool(
-                reference, list(r.prompt_ids) + _ids(tok, r.ground_truth), len(r.prompt_ids), fractions, method
+                reference, list(r.prompt_ids) + _ids(tok, r.ground_truth), len(r.prompt_ids), fractions, method, norm
             )
             for r in rows
         ]
