@@ -557,6 +557,49 @@ def test_stored_old_logprobs_give_the_same_first_iteration_gradient(tiny_model_d
     assert sum(p["clip_low"] for p in sums) == sum(sum(buffer.samples[i].loss_mask[1:]) for i in negative)
 
 
+def test_ce_runs_under_the_training_autocast_and_divides_by_the_steps_targets(tiny_model_dir, tiny_tokenizer):
+    """The CE pass runs under the step's autocast (bf16 here), and its NLL is divided by the step's CE target
+    count as given, however small (1 here: the loss is then the raw sum)."""
+    tok = tiny_tokenizer
+    s = _settings(tok, num_generations=2, loss_type="dapo", rl_coef=0.0, ce_coef=0.5)
+    model = _load(tiny_model_dir)
+    buffer = _training_batch(tok, s)
+    norm = losses.LossNorm(sequences=4, tokens=1, max_completion_length=MAX_COMPLETION, micro_batches=1)
+    bf16 = microbatch(
+        model, buffer, [0, 1, 2, 3], [0, 1], s, norm, 1, tok, pad_id=tok.pad_token_id, autocast_dtype=torch.bfloat16
+    )
+    refs = ce_sequences(buffer.rows, tok, s)
+    with torch.no_grad():
+        nll_bf16 = -float(policy_logprobs(model, refs, s, tok.pad_token_id, autocast_dtype=torch.bfloat16)[0].sum())
+        nll_fp32 = -float(policy_logprobs(model, refs, s, tok.pad_token_id)[0].sum())
+    assert bf16["ce_sum"] == pytest.approx(nll_bf16, rel=1e-5)
+    assert abs(nll_bf16 - nll_fp32) > 1e-3  # bf16 shows in the sum
+    assert bf16["loss"] == pytest.approx(0.5 * bf16["ce_sum"], rel=1e-6)  # divided by 1
+
+
+def test_models_that_run_padded_get_the_same_ce_and_stored_logprobs(tiny_model_dir, tiny_tokenizer):
+    """Eager attention cannot run packed, so the policy pass pads with the pad id: the CE and the stored
+    log-probs are still each sequence's plain teacher-forced values."""
+    from ebft.structured.forward import use_packed
+
+    tok = tiny_tokenizer
+    s = _settings(tok, num_generations=2, loss_type="dapo", rl_coef=0.0, ce_coef=0.5)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").float()
+    assert not use_packed(model)
+    buffer = _training_batch(tok, s)
+    sums = _run_step(model, buffer, s, tok, [[0, 1], [2, 3]], ce_tokens=1)
+    nll = 0.0
+    with torch.no_grad():
+        for r in buffer.rows:
+            seq = list(r.prompt_ids) + _ids(tok, r.ground_truth) + [tok.eos_token_id]
+            nll -= float(_teacher_forced_logp(model, seq)[len(r.prompt_ids) - 1 :].sum())
+        stored = old_logprobs(model, buffer.samples, s, tok.pad_token_id, 4, None)
+        for q, got in zip(buffer.samples, stored, strict=True):
+            want = _teacher_forced_logp(model, q.sequence)[torch.tensor(q.loss_mask[1:])]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert sum(p["ce_sum"] for p in sums) == pytest.approx(nll, rel=1e-5)
+
+
 def test_old_logprobs_are_taken_under_the_training_autocast(tiny_model_dir, tiny_tokenizer):
     """The log-probs stored for num_iterations > 1 are the training pass's own, under the same bf16 autocast and
     the same chunks, so the first iteration's ratio is exactly 1."""
