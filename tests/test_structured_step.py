@@ -381,6 +381,18 @@ def test_aggregate_hand_values():
         losses.aggregate(token_loss, seq, 2, "ppo", norm)
 
 
+def test_aggregate_one_token_and_completions_without_tokens():
+    # The smallest step: one completion of one token, every denominator 1, so each type gives the token's loss.
+    one = losses.LossNorm(sequences=1, tokens=1, max_completion_length=1, micro_batches=1)
+    for kind in ("grpo", "dapo", "dr_grpo", "bnpo"):
+        assert float(losses.aggregate(torch.tensor([2.5]), torch.tensor([0]), 1, kind, one)) == 2.5, kind
+    # grpo over 3 completions: (1 token: 4), (2 tokens: 1, 3), and a masked one with no loss token, which
+    # still counts as a completion of mean 0: (4 / 1 + 4 / 2 + 0) / 3 = 2.
+    norm = losses.LossNorm(sequences=3, tokens=3, max_completion_length=4, micro_batches=1)
+    got = losses.aggregate(torch.tensor([4.0, 1.0, 3.0]), torch.tensor([0, 1, 1]), 3, "grpo", norm)
+    assert float(got) == pytest.approx(2.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. On-policy gradient == REINFORCE gradient
 
@@ -1114,6 +1126,30 @@ def test_mask_truncated_completions_and_stop_token(tiny_tokenizer):
         assert truncated.sequence == list(row.prompt_ids) + reply and truncated.feature_length == P + len(reply)
         assert truncated.loss_mask == [False] * P + [not mask_truncated] * len(reply)
         assert truncated.finished is False
+
+
+def test_sampler_logprobs_weigh_nothing_without_the_correction(tiny_model_dir, tiny_tokenizer):
+    """Rollouts that carry the sampler's log-probs (vLLM) are not reweighted when the importance-sampling
+    correction is off: the gradient is the plain on-policy one and no importance metrics are reported."""
+    tok = tiny_tokenizer
+    s = _settings(tok, num_generations=2, loss_type="dapo", is_correction=False)
+    model = _load(tiny_model_dir, lm_head_scale=4.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    row = _row(tok, [_user("question")], "answer")
+    ids = tuple(_ids(tok, "a reply") + [tok.eos_token_id])
+    with torch.no_grad():
+        current = _teacher_forced_logp(model, list(row.prompt_ids) + list(ids))[len(row.prompt_ids) - 1 :]
+    # With the correction on these would weigh exp(log 2) = 2 per token.
+    sample = _single_turn(row, Completion(ids, True, tuple((current - math.log(2.0)).tolist())), s, tok)
+    other = _single_turn(row, Completion(ids, True), s, tok)
+    zeros = torch.zeros(1, 2)
+    advantage = torch.tensor([1.0, -0.5])
+    buffer = RolloutBuffer([row], [sample, other], Scores(zeros, zeros, zeros, zeros, zeros[:, 0]), advantage, 0)
+    (sums,) = _run_step(model, buffer, s, tok, [[0, 1]])
+    assert not any(key.startswith("is_") for key in sums)
+    logp = _teacher_forced_logp(model, sample.sequence)[len(row.prompt_ids) - 1 :]
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(-(1.0 - 0.5) * logp.sum() / (2 * len(ids)), params)])
+    torch.testing.assert_close(_flat_grad(params), want, atol=1e-6, rtol=1e-4)
 
 
 def test_importance_weights_with_masked_truncated_completions(tiny_model_dir, tiny_tokenizer):
