@@ -10,7 +10,9 @@ from ebft.sampling import truncation_keep
 
 
 @pytest.mark.parametrize(
-    ("temperature", "top_p", "top_k", "min_p"), [(1.0, 1.0, 0, 0.0), (0.7, 0.9, 0, 0.0), (1.3, 1.0, 5, 0.05)]
+    ("temperature", "top_p", "top_k", "min_p"),
+    # temperature 0 (greedy sampling) is scored untempered, like 1; 2.0 is a temperature above 1.
+    [(1.0, 1.0, 0, 0.0), (0.7, 0.9, 0, 0.0), (1.3, 1.0, 5, 0.05), (0.0, 1.0, 0, 0.0), (2.0, 1.0, 0, 0.0)],
 )
 def test_frozen_head_gradient_and_values_equal_autograd(temperature, top_p, top_k, min_p):
     torch.manual_seed(0)
@@ -27,7 +29,7 @@ def test_frozen_head_gradient_and_values_equal_autograd(temperature, top_p, top_
     hidden.grad = None
 
     # Oracle: plain autograd through logits / T, the truncation mask (a constant) and log_softmax.
-    z = head(hidden) / temperature
+    z = head(hidden) / (temperature if temperature > 0 else 1.0)
     keep = truncation_keep(z.detach(), top_p, top_k, min_p)
     keep[torch.arange(9), targets] = True
     want_all = z.masked_fill(~keep, float("-inf")).log_softmax(-1)

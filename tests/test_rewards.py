@@ -292,6 +292,23 @@ def test_advantages_hand_example():
     assert torch.allclose(advantages(terms, "reinforce", 1.0, 0.5), torch.tensor([[0.4, -0.8]]))
 
 
+def test_group_norm_is_per_group_hand_values():
+    # Rewards alone decide group_norm, each group with its own mean and unbiased std.
+    # Group 0: mean 2, centred (-1, 0, 1), std sqrt(2 / 2) = 1.
+    # Group 1: mean 12, centred (-2, -2, 4), std sqrt((4 + 4 + 16) / 2) = sqrt(12).
+    # Group 2, nearly constant: centred (-1/3, 2/3, -1/3) * 1e-6, std sqrt((1/9 + 4/9 + 1/9) / 2) * 1e-6 =
+    # 5.774e-7, so the 1e-6 guard keeps it small: middle 6.667e-7 / (5.774e-7 + 1e-6) = 0.4226.
+    reward = torch.tensor([[1.0, 2.0, 3.0], [10.0, 10.0, 16.0], [0.0, 1e-6, 0.0]])
+    zeros = torch.zeros(3, 3)
+    terms = RewardTerms(alignment=zeros, diversity=zeros, reward=reward, cfm=torch.zeros(3))
+    got = advantages(terms, "group_norm", 1.0, 1.0)
+    torch.testing.assert_close(got[0], torch.tensor([-1.0, 0.0, 1.0]) / (1.0 + 1e-6))
+    torch.testing.assert_close(got[1], torch.tensor([-2.0, -2.0, 4.0]) / (math.sqrt(12) + 1e-6))
+    third = torch.tensor([-1 / 3, 2 / 3, -1 / 3]) * 1e-6 / (math.sqrt(1 / 3) * 1e-6 + 1e-6)
+    torch.testing.assert_close(got[2], third, atol=1e-4, rtol=1e-3)
+    assert float(got[2, 1]) == pytest.approx(0.4226, abs=1e-3)
+
+
 def _baselines(terms, alpha, beta):
     return terms.reward - advantages(terms, "rloo", alpha, beta)
 

@@ -8,7 +8,7 @@ import torch
 
 from ebft.losses import token_logprobs
 from ebft.strided.generate import generate_blocks, pack
-from ebft.strided.layout import build_layout, flex_mask_mod
+from ebft.strided.layout import build_layout, flex_block_mask, flex_mask_mod
 
 ATOL = 2e-5
 
@@ -109,9 +109,19 @@ def test_num_blocks_hand_values_agree_with_block_anchors(length, anchor, stride,
     assert anchors[0, :expected].tolist() == [anchor + k * stride for k in range(expected)]
 
 
-def test_mask_matches_rule_by_brute_force():
+def test_select_is_one_documents_layout():
+    lay = _layout([14, 9], 14)  # anchors [[2, 5, 8, 11], [2, 5, 2, 2]]; valid 4 and 2 slots
+    for d in range(2):
+        one = lay.select(d)
+        assert (one.doc_len, one.n, one.g, one.k, one.num_docs) == (14, lay.n, lay.g, lay.k, 1)
+        assert one.anchors.tolist() == [lay.anchors[d].tolist()]
+        assert one.valid.tolist() == [lay.valid[d].tolist()]
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_mask_matches_rule_by_brute_force(window):
     lay = _layout([10, 8], 10, n=2, stride=2, ctx=3, g=2)
-    mask = lay.attention_mask()
+    mask = lay.attention_mask(window)
     L, n, K, g = lay.doc_len, lay.n, lay.k, lay.g
     meta = {}  # packed position -> (t, i, k)
     for t in range(g):
@@ -119,6 +129,10 @@ def test_mask_matches_rule_by_brute_force():
             for k in range(K):
                 meta[L + t * n * K + i * K + k] = (t, i, k)
     for d in range(2):
+
+        def position(p, d=d):  # document token j sits at j; generated token (t, i, k) stands in for c_k + t
+            return p if p < L else int(lay.anchors[d, meta[p][2]]) + meta[p][0]
+
         for q in range(lay.total_len):
             for kv in range(lay.total_len):
                 if q < L:
@@ -128,16 +142,25 @@ def test_mask_matches_rule_by_brute_force():
                 else:
                     (tq, iq, kq), (tk, ik, kk) = meta[q], meta[kv]
                     expected = iq == ik and kq == kk and tk <= tq
+                if window is not None:  # a sliding-window layer also drops keys `window` or more positions back
+                    expected = expected and position(q) - position(kv) < window
                 assert bool(mask[d, 0, q, kv]) == expected, (d, q, kv)
+    if window is not None:
+        assert not torch.equal(mask, lay.attention_mask())  # the window bites here
 
 
-def test_flex_mask_mod_equals_dense_mask():
+@pytest.mark.parametrize("window", [None, 3])
+def test_flex_mask_mod_equals_dense_mask(window):
     from torch.nn.attention.flex_attention import create_mask
 
     lay = _layout([12, 9], 12, n=3, stride=2, ctx=2, g=3)
-    dense = lay.attention_mask()
-    flex = create_mask(flex_mask_mod(lay), lay.num_docs, 1, lay.total_len, lay.total_len, device="cpu")
-    assert torch.equal(flex, dense)
+    S = lay.total_len
+    dense = lay.attention_mask(window)
+    assert torch.equal(create_mask(flex_mask_mod(lay, window), lay.num_docs, 1, S, S, device="cpu"), dense)
+    # The CUDA path's BlockMask: one per document, built on that mask_mod.
+    block = flex_block_mask(lay, window)
+    assert block.shape[0] == lay.num_docs
+    assert torch.equal(create_mask(block.mask_mod, lay.num_docs, 1, S, S, device="cpu"), dense)
 
 
 def test_packed_logits_equal_independent_block_forwards(model):

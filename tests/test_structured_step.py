@@ -162,15 +162,18 @@ class FakeBackend:
 # 1. Rewards and advantages against hidden states read directly from the model
 
 
-def _oracle_pool(model, seq: list[int], prompt_length: int, fractions, method: str) -> torch.Tensor:
+def _oracle_pool(model, seq: list[int], prompt_length: int, fractions, method: str, norm: str) -> torch.Tensor:
     """Pooled feature of one unpadded sequence, from output_hidden_states (float64)."""
     with torch.no_grad():
         hidden = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
     num_layers = model.config.num_hidden_layers
-    # per_layer: each chosen layer L2-normalised per token, then concatenated -> [T, F * H]
-    tokens = torch.cat(
-        [torch.nn.functional.normalize(hidden[int(f * num_layers)][0].double(), dim=-1) for f in fractions], dim=-1
-    )
+    layers = [hidden[int(f * num_layers)][0].double() for f in fractions]  # each [T, H]
+    if norm == "per_layer":  # each chosen layer L2-normalised per token, then concatenated -> [T, F * H]
+        tokens = torch.cat([torch.nn.functional.normalize(h, dim=-1) for h in layers], dim=-1)
+    elif norm == "joint":  # the concatenation normalised per token
+        tokens = torch.nn.functional.normalize(torch.cat(layers, dim=-1), dim=-1)
+    else:  # none: concatenated as they are
+        tokens = torch.cat(layers, dim=-1)
     n = len(seq)
     if method == "last_token":
         return tokens[n - 1]
@@ -204,12 +207,19 @@ def _scoring_batch(tok):
     return rows, texts, comps
 
 
-@pytest.mark.parametrize("method", ["last_token", "mean_pooling", "completion_mean", "concat"])
+@pytest.mark.parametrize(
+    ("method", "norm"),
+    [("last_token", "per_layer"), ("mean_pooling", "joint"), ("completion_mean", "none"), ("concat", "per_layer")],
+)
 @pytest.mark.parametrize("whitening", [False, True])
-def test_score_matches_rewards_from_output_hidden_states(tiny_model_dir, tiny_tokenizer, reference, method, whitening):
+def test_score_matches_rewards_from_output_hidden_states(
+    tiny_model_dir, tiny_tokenizer, reference, method, norm, whitening
+):
     tok = tiny_tokenizer
     fractions = [0.25, 0.5, 1.0]  # hidden-state indices int(f * 4) = 1, 2, 4 (4 = after the final norm)
-    s = _settings(tok, embed_method=method, use_whitening=whitening, alignment_coef=1.3, diversity_coef=0.7)
+    s = _settings(
+        tok, embed_method=method, feature_norm=norm, use_whitening=whitening, alignment_coef=1.3, diversity_coef=0.7
+    )
     rows, texts, comps = _scoring_batch(tok)
     samples = [_single_turn(row, c, s, tok) for row, group in zip(rows, comps, strict=True) for c in group]
     # What the feature network pools: prompt + completion content, without the stop token.
@@ -223,14 +233,14 @@ def test_score_matches_rewards_from_output_hidden_states(tiny_model_dir, tiny_to
     P, G = 2, 3
     gen = torch.stack(
         [
-            _oracle_pool(reference, seq, q.prompt_length, fractions, method)
+            _oracle_pool(reference, seq, q.prompt_length, fractions, method, norm)
             for seq, q in zip(expected_seqs, samples, strict=True)
         ]
     ).reshape(P, G, -1)
     gt = torch.stack(
         [
             _oracle_pool(
-                reference, list(r.prompt_ids) + _ids(tok, r.ground_truth), len(r.prompt_ids), fractions, method
+                reference, list(r.prompt_ids) + _ids(tok, r.ground_truth), len(r.prompt_ids), fractions, method, norm
             )
             for r in rows
         ]
@@ -369,6 +379,18 @@ def test_aggregate_hand_values():
     assert total("bnpo") == pytest.approx(3.0)  # (4 / 2) / 2 + (12 / 3) / 2: bnpo depends on the split
     with pytest.raises(ValueError, match="unknown loss_type"):
         losses.aggregate(token_loss, seq, 2, "ppo", norm)
+
+
+def test_aggregate_one_token_and_completions_without_tokens():
+    # The smallest step: one completion of one token, every denominator 1, so each type gives the token's loss.
+    one = losses.LossNorm(sequences=1, tokens=1, max_completion_length=1, micro_batches=1)
+    for kind in ("grpo", "dapo", "dr_grpo", "bnpo"):
+        assert float(losses.aggregate(torch.tensor([2.5]), torch.tensor([0]), 1, kind, one)) == 2.5, kind
+    # grpo over 3 completions: (1 token: 4), (2 tokens: 1, 3), and a masked one with no loss token, which
+    # still counts as a completion of mean 0: (4 / 1 + 4 / 2 + 0) / 3 = 2.
+    norm = losses.LossNorm(sequences=3, tokens=3, max_completion_length=4, micro_batches=1)
+    got = losses.aggregate(torch.tensor([4.0, 1.0, 3.0]), torch.tensor([0, 1, 1]), 3, "grpo", norm)
+    assert float(got) == pytest.approx(2.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,6 +567,49 @@ def test_stored_old_logprobs_give_the_same_first_iteration_gradient(tiny_model_d
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
     negative = [i for i, a in enumerate(buffer.advantage.tolist()) if a < 0]
     assert sum(p["clip_low"] for p in sums) == sum(sum(buffer.samples[i].loss_mask[1:]) for i in negative)
+
+
+def test_ce_runs_under_the_training_autocast_and_divides_by_the_steps_targets(tiny_model_dir, tiny_tokenizer):
+    """The CE pass runs under the step's autocast (bf16 here), and its NLL is divided by the step's CE target
+    count as given, however small (1 here: the loss is then the raw sum)."""
+    tok = tiny_tokenizer
+    s = _settings(tok, num_generations=2, loss_type="dapo", rl_coef=0.0, ce_coef=0.5)
+    model = _load(tiny_model_dir)
+    buffer = _training_batch(tok, s)
+    norm = losses.LossNorm(sequences=4, tokens=1, max_completion_length=MAX_COMPLETION, micro_batches=1)
+    bf16 = microbatch(
+        model, buffer, [0, 1, 2, 3], [0, 1], s, norm, 1, tok, pad_id=tok.pad_token_id, autocast_dtype=torch.bfloat16
+    )
+    refs = ce_sequences(buffer.rows, tok, s)
+    with torch.no_grad():
+        nll_bf16 = -float(policy_logprobs(model, refs, s, tok.pad_token_id, autocast_dtype=torch.bfloat16)[0].sum())
+        nll_fp32 = -float(policy_logprobs(model, refs, s, tok.pad_token_id)[0].sum())
+    assert bf16["ce_sum"] == pytest.approx(nll_bf16, rel=1e-5)
+    assert abs(nll_bf16 - nll_fp32) > 1e-3  # bf16 shows in the sum
+    assert bf16["loss"] == pytest.approx(0.5 * bf16["ce_sum"], rel=1e-6)  # divided by 1
+
+
+def test_models_that_run_padded_get_the_same_ce_and_stored_logprobs(tiny_model_dir, tiny_tokenizer):
+    """Eager attention cannot run packed, so the policy pass pads with the pad id: the CE and the stored
+    log-probs are still each sequence's plain teacher-forced values."""
+    from ebft.structured.forward import use_packed
+
+    tok = tiny_tokenizer
+    s = _settings(tok, num_generations=2, loss_type="dapo", rl_coef=0.0, ce_coef=0.5)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").float()
+    assert not use_packed(model)
+    buffer = _training_batch(tok, s)
+    sums = _run_step(model, buffer, s, tok, [[0, 1], [2, 3]], ce_tokens=1)
+    nll = 0.0
+    with torch.no_grad():
+        for r in buffer.rows:
+            seq = list(r.prompt_ids) + _ids(tok, r.ground_truth) + [tok.eos_token_id]
+            nll -= float(_teacher_forced_logp(model, seq)[len(r.prompt_ids) - 1 :].sum())
+        stored = old_logprobs(model, buffer.samples, s, tok.pad_token_id, 4, None)
+        for q, got in zip(buffer.samples, stored, strict=True):
+            want = _teacher_forced_logp(model, q.sequence)[torch.tensor(q.loss_mask[1:])]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert sum(p["ce_sum"] for p in sums) == pytest.approx(nll, rel=1e-5)
 
 
 def test_old_logprobs_are_taken_under_the_training_autocast(tiny_model_dir, tiny_tokenizer):
@@ -1061,6 +1126,30 @@ def test_mask_truncated_completions_and_stop_token(tiny_tokenizer):
         assert truncated.sequence == list(row.prompt_ids) + reply and truncated.feature_length == P + len(reply)
         assert truncated.loss_mask == [False] * P + [not mask_truncated] * len(reply)
         assert truncated.finished is False
+
+
+def test_sampler_logprobs_weigh_nothing_without_the_correction(tiny_model_dir, tiny_tokenizer):
+    """Rollouts that carry the sampler's log-probs (vLLM) are not reweighted when the importance-sampling
+    correction is off: the gradient is the plain on-policy one and no importance metrics are reported."""
+    tok = tiny_tokenizer
+    s = _settings(tok, num_generations=2, loss_type="dapo", is_correction=False)
+    model = _load(tiny_model_dir, lm_head_scale=4.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    row = _row(tok, [_user("question")], "answer")
+    ids = tuple(_ids(tok, "a reply") + [tok.eos_token_id])
+    with torch.no_grad():
+        current = _teacher_forced_logp(model, list(row.prompt_ids) + list(ids))[len(row.prompt_ids) - 1 :]
+    # With the correction on these would weigh exp(log 2) = 2 per token.
+    sample = _single_turn(row, Completion(ids, True, tuple((current - math.log(2.0)).tolist())), s, tok)
+    other = _single_turn(row, Completion(ids, True), s, tok)
+    zeros = torch.zeros(1, 2)
+    advantage = torch.tensor([1.0, -0.5])
+    buffer = RolloutBuffer([row], [sample, other], Scores(zeros, zeros, zeros, zeros, zeros[:, 0]), advantage, 0)
+    (sums,) = _run_step(model, buffer, s, tok, [[0, 1]])
+    assert not any(key.startswith("is_") for key in sums)
+    logp = _teacher_forced_logp(model, sample.sequence)[len(row.prompt_ids) - 1 :]
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(-(1.0 - 0.5) * logp.sum() / (2 * len(ids)), params)])
+    torch.testing.assert_close(_flat_grad(params), want, atol=1e-6, rtol=1e-4)
 
 
 def test_importance_weights_with_masked_truncated_completions(tiny_model_dir, tiny_tokenizer):

@@ -37,20 +37,22 @@ WHOLE_MODULES = (
     "ebft.strided.anchors",
     "ebft.strided.layout",
     "ebft.strided.step",
+    "ebft.structured.scoring",
 )
-# structured/step.py also holds the rollout and multi-turn bookkeeping; only its scoring and loss functions
-# are selected, by name in any module of ebft.structured so the selection survives moving them.
+# The rest of structured mode's scoring and loss: functions of step.py (which also rolls out), sample.py
+# and forward.py, selected by name in any module of ebft.structured so the selection survives moving them.
 STRUCTURED_FUNCTIONS = (
-    "_right_padded",
-    "embed",
-    "embed_pairs",
-    "score",
+    "right_padded",
     "loss_views",
     "loss_token_count",
+    "predicting_states",
     "policy_logprobs",
     "ce_sequences",
     "old_logprobs",
     "microbatch",
+    "_policy_gradient_term",
+    "_importance_weights",
+    "_ce_term",
     "_untempered",
 )
 SELECTED = tuple(f"{m}.*" for m in WHOLE_MODULES) + tuple(
