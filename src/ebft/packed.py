@@ -7,7 +7,9 @@ P prompts x n completions cost P x (Lp + n x C) token-forwards instead of P x n 
 tokens in the row (a tree node) keeps the position ids it has in its sequences, and the ``ebft_packed``
 attention lets its queries see the whole of every node before it on its path plus its own keys
 causally: the same arithmetic as the model's forward of each sequence alone. Gradients of a shared
-prefix are the sum over the sequences that read it, as they would be for separate copies.
+prefix are the sum over the sequences that read it, as they would be for separate copies. (With dropout
+active, a shared prefix draws one dropout mask for all its sequences where copies would draw one each:
+the same expected gradient, correlated across those sequences.)
 
 The backend plugs into transformers through its public ``AttentionInterface``; the plan travels to every
 layer as the ``ebft_packed`` keyword of the forward call (as ``ebft.strided.attention`` does).
