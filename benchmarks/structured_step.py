@@ -380,10 +380,10 @@ def main() -> None:
     # generation config.
     built = trainer._rollout_backend
 
-    def backend(cfg, model, tokenizer):
+    def backend(cfg, model, tokenizer, *rest):
         if not args.varied:
             model.get_base_model().generation_config.min_new_tokens = cfg.trl.max_completion_length
-        return built(cfg, model, tokenizer)
+        return built(cfg, model, tokenizer, *rest)
 
     trainer._rollout_backend = backend
 
