@@ -8,13 +8,14 @@ from contextlib import nullcontext
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from test_architectures import ARCHITECTURES, build_model
 from test_packed import _settings
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ebft import packed as packing
-from ebft.models import FeatureNetwork
+from ebft.models import FeatureNetwork, backbone_of
 from ebft.prefix_tree import prefix_tree
-from ebft.structured.forward import training_backend, use_packed
+from ebft.structured.forward import predicting_states, training_backend, use_packed
 from ebft.structured.rollout import Sampling
 from ebft.structured.sample import Sample
 from ebft.structured.scoring import embed
@@ -197,3 +198,24 @@ def test_shared_prefix_with_grouped_query_attention():
         for i, q in enumerate(seqs):
             alone = model.model(input_ids=torch.tensor([q])).last_hidden_state[0]
             torch.testing.assert_close(hidden[i, : len(q)], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_architecture_equals_each_view_alone(name):
+    """Whichever path ``use_packed`` picks (shared-prefix row, or padded for attention the packed backend
+    cannot reproduce: windows, soft-caps), each loss token's predicting state is the model's own state at
+    that position of its view alone. Prefixes of 9 shared tokens exceed the configs' 4-token windows."""
+    model = build_model(name)
+    gen = torch.Generator().manual_seed(2)
+    prefix = torch.randint(3, 37, (9,), generator=gen).tolist()
+    tails = [torch.randint(3, 37, (n,), generator=gen).tolist() for n in (5, 4, 6, 7)]
+    seqs = [prefix + tails[0], prefix + tails[1], prefix[:4] + tails[2], tails[3]]
+    views = [(q, [False] * 3 + [True] * (len(q) - 3)) for q in seqs]
+    with torch.no_grad():
+        states, targets, owner = predicting_states(model, views, 0)
+        body = backbone_of(model)
+        want = [body(input_ids=torch.tensor([q])).last_hidden_state[0, 2:-1] for q in seqs]
+    assert use_packed(model) == (packing.unsupported_reason(model.config) is None)
+    assert targets.tolist() == [t for q in seqs for t in q[3:]]
+    assert owner.tolist() == [v for v, q in enumerate(seqs) for _ in q[3:]]
+    torch.testing.assert_close(states, torch.cat(want), atol=1e-5, rtol=0)
