@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +89,7 @@ def pack(seqs: list[list[int]], *, share_prefixes: bool = True) -> Packed:
     """Lay token lists out in one row; an empty sequence takes no positions. ``share_prefixes``: every
     common prefix is stored once (False: each sequence whole, one after another)."""
     nodes, paths = (prefix_tree if share_prefixes else separate)(seqs)
-    offsets = [sum(n.length for n in nodes[:k]) for k in range(len(nodes))]
+    offsets = list(accumulate((n.length for n in nodes), initial=0))[:-1]
     segments = []
     for k, node in enumerate(nodes):
         chain, up = [], node.parent
