@@ -102,7 +102,8 @@ def _model(model_dir, adapter: str):
     return model
 
 
-@pytest.mark.parametrize(("adapter", "checkpointing"), [("lora", False), ("lora", True), ("full", False)])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("adapter", ["lora", "full"])
 def test_shared_logprobs_entropies_gradients_equal_padded_and_unshared(
     tiny_model_dir, tiny_tokenizer, adapter, checkpointing
 ):
