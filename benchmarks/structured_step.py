@@ -300,9 +300,12 @@ def print_lengths_and_padding(rolled: list[tuple[list, list]], args: argparse.Na
         f"completion {_spread(comps)}; completions stopped {sum(q.finished for _, s in rolled for q in s)}"
         f"/{len(comps)}"
     )
+    from ebft.packed import pack
+    from ebft.structured.sample import loss_views
+
     real = {"prefill": 0, "decode": 0, "policy": 0}
     padded = {"prefill": 0, "decode": 0, "policy": 0}
-    ebft_prefill = 0
+    ebft_prefill = shared_policy = 0
     for rows, samples in rolled:
         lp = [len(r.prompt_ids) for r in rows]
         c = [q.generated_tokens for q in samples]
@@ -316,6 +319,8 @@ def print_lengths_and_padding(rolled: list[tuple[list, list]], args: argparse.Na
             lens = [len(q.sequence) for q in samples[start : start + args.micro_batch]]
             real["policy"] += sum(lens)
             padded["policy"] += len(lens) * max(lens)
+            views = [seq for q in samples[start : start + args.micro_batch] for seq, _ in loss_views(q)]
+            shared_policy += pack(views).plan.total  # the packed row: each shared prefix once
     share = {k: 1 - real[k] / max(padded[k], 1) for k in real}
     print(
         "padding share, padded layout (generate over P x G rows, policy per micro-batch): "
@@ -326,6 +331,10 @@ def print_lengths_and_padding(rolled: list[tuple[list, list]], args: argparse.Na
         f"padding share, ebft: prefill {100 * (1 - prefill_tokens / max(ebft_prefill, 1)):.0f}% of "
         f"{ebft_prefill} positions (one row per prompt, not per sample: {real['prefill']} prompt tokens "
         f"for generate), decode 0% (finished rows leave), features 0% and policy 0% (packed rows)"
+    )
+    print(
+        f"policy token-forwards, ebft (shared prefixes): {shared_policy}, against {real['policy']} for every "
+        f"sequence whole ({shared_policy / max(real['policy'], 1):.2f}x)"
     )
 
 
@@ -371,10 +380,10 @@ def main() -> None:
     # generation config.
     built = trainer._rollout_backend
 
-    def backend(cfg, model, tokenizer):
+    def backend(cfg, model, tokenizer, *rest):
         if not args.varied:
             model.get_base_model().generation_config.min_new_tokens = cfg.trl.max_completion_length
-        return built(cfg, model, tokenizer)
+        return built(cfg, model, tokenizer, *rest)
 
     trainer._rollout_backend = backend
 

@@ -155,11 +155,12 @@ def test_packed_features_equal_padded(tiny_model_dir, tiny_tokenizer, method):
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
 
 
-def test_pack_and_unpack_layout():
-    row = packing.pack([[5, 6, 7], [], [8, 9]])
+def test_pack_and_unpack_layout_without_sharing():
+    row = packing.pack([[5, 6, 7], [], [8, 9]], share_prefixes=False)
     assert row.ids.tolist() == [[5, 6, 7, 8, 9]]
     assert row.positions.tolist() == [[0, 1, 2, 0, 1]]
-    assert (row.plan.offsets, row.plan.lengths) == ([0, 3, 3], [3, 0, 2])
+    assert row.plan.index == [[0, 1, 2], [], [3, 4]]
+    assert [(g.offset, g.length, g.context) for g in row.plan.segments] == [(0, 3, ()), (3, 2, ())]
     values = row.ids[..., None].float()  # [1, 5, 1]
     assert packing.unpack(values, row.plan)[..., 0].tolist() == [[5, 6, 7], [0, 0, 0], [8, 9, 0]]
 

@@ -1,10 +1,15 @@
-"""Padding-free forwards: many causal sequences packed into one row, attention confined to each sequence.
+"""Padding-free forwards with shared prefixes: many causal sequences in one row, each prefix computed once.
 
 A micro-batch of sequences of different lengths padded to its longest member spends the padding's share
-of every linear layer and attention on nothing. Packed, the N sequences become one row of T = sum of
-lengths tokens, positions restarting at 0 for each sequence, and the ``ebft_packed`` attention runs
-plain causal SDPA on each sequence's own slice of queries and keys: the same arithmetic as the padded
-forward of each sequence, none of its padding.
+of every linear layer and attention on nothing, and the n completions of a prompt each recompute the same
+prompt. Packed, the N sequences become one row holding each shared prefix once (``ebft.prefix_tree``):
+P prompts x n completions cost P x (Lp + n x C) token-forwards instead of P x n x (Lp + C). Each run of
+tokens in the row (a tree node) keeps the position ids it has in its sequences, and the ``ebft_packed``
+attention lets its queries see the whole of every node before it on its path plus its own keys
+causally: the same arithmetic as the model's forward of each sequence alone. Gradients of a shared
+prefix are the sum over the sequences that read it, as they would be for separate copies. (With dropout
+active, a shared prefix draws one dropout mask for all its sequences where copies would draw one each:
+the same expected gradient, correlated across those sequences.)
 
 The backend plugs into transformers through its public ``AttentionInterface``; the plan travels to every
 layer as the ``ebft_packed`` keyword of the forward call (as ``ebft.strided.attention`` does).
@@ -13,54 +18,105 @@ layer as the ``ebft_packed`` keyword of the forward call (as ``ebft.strided.atte
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
 
+from ebft.prefix_tree import prefix_tree, separate
+
 NAME = "ebft_packed"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One tree node in the row: ``offset`` its first packed position, ``length`` its tokens, ``context``
+    the (offset, length) of every node before it on its path, root first (keys its queries see in full)."""
+
+    offset: int
+    length: int
+    context: tuple[tuple[int, int], ...]
+
+    @property
+    def context_length(self) -> int:
+        return sum(n for _, n in self.context)
 
 
 @dataclass
 class PackedPlan:
-    """Where each sequence lies in the packed row: ``offsets[i]`` its first position, ``lengths[i]`` its
-    token count (both python ints, so slicing needs no device sync)."""
+    """Where everything lies in the packed row (python ints, so slicing needs no device sync).
 
-    offsets: list[int]
-    lengths: list[int]
+    segments: the row's runs of tokens in row order; index[i]: the packed position of each token of
+    sequence i, in order (positions of a shared prefix appear in every sequence that has it).
+    """
+
+    segments: list[Segment]
+    index: list[list[int]]
+    _masks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def total(self) -> int:
-        return sum(self.lengths)
+        """Tokens in the row: what one forward over it computes."""
+        return sum(g.length for g in self.segments)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ix) for ix in self.index]
+
+    def mask(self, k: int, device: torch.device) -> torch.Tensor:
+        """Boolean SDPA mask of segment ``k`` (True = attend): [length, context + length], the context in
+        full and the segment's own keys causally. Built once per plan and device (every layer reuses it)."""
+        key = (k, str(device))
+        if key not in self._masks:
+            g = self.segments[k]
+            own = torch.ones(g.length, g.length, dtype=torch.bool, device=device).tril()
+            seen = torch.ones(g.length, g.context_length, dtype=torch.bool, device=device)
+            self._masks[key] = torch.cat([seen, own], dim=1)
+        return self._masks[key]
 
 
 @dataclass
 class Packed:
-    """N sequences as one row: ids [1, T], positions [1, T] (0.. within each sequence), and the plan."""
+    """N sequences as one row: ids [1, T], positions [1, T] (each token's position in its sequences), plan."""
 
     ids: torch.Tensor
     positions: torch.Tensor
     plan: PackedPlan
 
 
-def pack(seqs: list[list[int]]) -> Packed:
-    """Concatenate token lists into one row; an empty sequence takes no positions."""
-    lengths = [len(q) for q in seqs]
-    offsets = [sum(lengths[:i]) for i in range(len(seqs))]
-    flat = [t for q in seqs for t in q]
+def pack(seqs: list[list[int]], *, share_prefixes: bool = True) -> Packed:
+    """Lay token lists out in one row; an empty sequence takes no positions. ``share_prefixes``: every
+    common prefix is stored once (False: each sequence whole, one after another)."""
+    nodes, paths = (prefix_tree if share_prefixes else separate)(seqs)
+    offsets = list(accumulate((n.length for n in nodes), initial=0))[:-1]
+    segments = []
+    for k, node in enumerate(nodes):
+        chain, up = [], node.parent
+        while up is not None:
+            chain.append((offsets[up], nodes[up].length))
+            up = nodes[up].parent
+        segments.append(Segment(offsets[k], node.length, tuple(reversed(chain))))
+    flat = [t for n in nodes for t in seqs[n.source][n.start : n.start + n.length]]
+    pos = [p for n in nodes for p in range(n.start, n.start + n.length)]
+    index = [[p for k in path for p in range(offsets[k], offsets[k] + nodes[k].length)] for path in paths]
     ids = torch.tensor(flat or [0], dtype=torch.long)[None]
-    positions = torch.cat([torch.arange(n) for n in lengths] or [torch.zeros(1, dtype=torch.long)])[None]
-    return Packed(ids=ids, positions=positions, plan=PackedPlan(offsets, lengths))
+    positions = torch.tensor(pos or [0], dtype=torch.long)[None]
+    return Packed(ids=ids, positions=positions, plan=PackedPlan(segments, index))
 
 
 def unpack(values: torch.Tensor, plan: PackedPlan) -> torch.Tensor:
     """Packed per-token values [1, T, ...] -> right-padded [N, W, ...] (W the longest sequence; zeros after
-    each sequence's end)."""
+    each sequence's end); a shared prefix's values are copied into every sequence that has it."""
     width = max(1, max(plan.lengths, default=1))
-    out = values.new_zeros((len(plan.lengths), width, *values.shape[2:]))
-    for i, (start, n) in enumerate(zip(plan.offsets, plan.lengths, strict=True)):
-        out[i, :n] = values[0, start : start + n]
-    return out
+    at = torch.zeros(len(plan.index), width, dtype=torch.long)
+    valid = torch.zeros(len(plan.index), width, dtype=torch.bool)
+    for i, ix in enumerate(plan.index):
+        at[i, : len(ix)] = torch.tensor(ix, dtype=torch.long)
+        valid[i, : len(ix)] = True
+    out = values[0, at.to(values.device)]  # [N, W, ...]
+    keep = valid.to(values.device).reshape(*valid.shape, *[1] * (values.dim() - 2))
+    return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 def unsupported_reason(config) -> str | None:
@@ -86,26 +142,42 @@ def unsupported_reason(config) -> str | None:
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention function: query [1, H, T, d], key/value [1, H_kv, T, d] -> [1, T, H, d]."""
+    """transformers attention function: query [1, H, T, d], key/value [1, H_kv, T, d] -> [1, T, H, d].
+
+    One SDPA per segment: a root segment is plain causal; a segment after a shared prefix takes the keys of
+    its whole path, with a boolean mask (SDPA applies a boolean mask as allow/deny, which is what is meant;
+    eager attention would add it to the scores).
+    """
     plan: PackedPlan | None = kwargs.get("ebft_packed")
     if plan is None:
         raise RuntimeError("the ebft_packed attention needs the ebft_packed keyword; use packed_forward()")
     if getattr(module, "sinks", None) is not None:
         raise RuntimeError(f"{type(module).__name__} has attention sinks, which the ebft_packed attention omits")
     gqa = query.shape[1] != key.shape[1]
-    parts = [
-        F.scaled_dot_product_attention(
-            query[:, :, a : a + n],
-            key[:, :, a : a + n],
-            value[:, :, a : a + n],
-            dropout_p=dropout,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=gqa,
+    parts = []
+    for k, g in enumerate(plan.segments):
+        own = slice(g.offset, g.offset + g.length)
+        if g.context:
+            cols = [slice(a, a + n) for a, n in g.context] + [own]
+            keys = torch.cat([key[:, :, c] for c in cols], dim=2)
+            values = torch.cat([value[:, :, c] for c in cols], dim=2)
+            mask, causal = plan.mask(k, query.device), False
+        else:
+            keys, values, mask, causal = key[:, :, own], value[:, :, own], None, True
+        parts.append(
+            F.scaled_dot_product_attention(
+                query[:, :, own],
+                keys,
+                values,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=causal,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
         )
-        for a, n in zip(plan.offsets, plan.lengths, strict=True)
-        if n > 0
-    ]
+    if not parts:  # nothing but the placeholder token of an all-empty batch, which nothing reads
+        return torch.zeros_like(query).transpose(1, 2).contiguous(), None
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -41,10 +41,12 @@ def embed(
     batch_size: int,
     *,
     packed: bool | None = None,
+    share_prefixes: bool = True,
 ) -> torch.Tensor:
     """Pooled features of whole sequences: N token lists -> [N, E] (float32, on the features' device).
 
     ``packed``: each chunk runs as one padding-free row (``ebft.packed``); None: whenever that is exact.
+    ``share_prefixes``: in that row each common prefix (a prompt's samples) is computed once.
     """
     out = []
     packed = use_packed(features.body) if packed is None else packed
@@ -52,7 +54,7 @@ def embed(
         chunk = seqs[start : start + batch_size]
         ids, lengths = right_padded(chunk, pad_id)
         if packed:  # one padding-free row; the pooled tokens are laid out padded again (cheap, [B, S, E])
-            row = packing.pack(chunk)
+            row = packing.pack(chunk, share_prefixes=share_prefixes)
             tokens = packing.unpack(
                 feat.combine_layers(features(row.ids, row.positions, row.plan), s.feature_norm), row.plan
             )

@@ -82,16 +82,23 @@ def policy_logprobs(
     autocast_dtype: torch.dtype | None = None,
     with_entropy: bool = False,
     packed: bool | None = None,
+    share_prefixes: bool = True,
 ):
     """The policy's log-prob of every loss token of ``samples``, flattened sample by sample.
 
     Returns (logp [T], seq_index [T]) or, with ``with_entropy``, (logp, seq_index, entropy [T]).
     Token t is scored by the hidden state at t - 1, under the sampler's distribution (temperature,
-    top-k, top-p, min-p). ``packed``: padding-free forward (``forward.predicting_states``); None: when exact.
+    top-k, top-p, min-p). ``packed``: padding-free forward (``forward.predicting_states``); None: when exact;
+    ``share_prefixes``: the packed row computes each common prefix (a prompt's samples) once.
     """
     views = [(i, seq, loss) for i, q in enumerate(samples) for seq, loss in loss_views(q)]
     states, targets, view = predicting_states(
-        model, [(seq, loss) for _, seq, loss in views], pad_id, autocast_dtype=autocast_dtype, packed=packed
+        model,
+        [(seq, loss) for _, seq, loss in views],
+        pad_id,
+        autocast_dtype=autocast_dtype,
+        packed=packed,
+        share_prefixes=share_prefixes,
     )
     owner = torch.tensor([i for i, _, _ in views], dtype=torch.long, device=view.device)[view]
     sm = s.sampling
