@@ -4,11 +4,15 @@ afterwards glibc's heap serves them again. Observed through glibc's own accounti
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
-from ebft.allocator import _glibc, large_blocks_from_mmap
+from ebft.allocator import _glibc, large_blocks_from_mmap, thresholds_set_by_user
 
 libc = _glibc()
 pytestmark = pytest.mark.skipif(
@@ -44,3 +48,44 @@ def test_big_blocks_are_mmapped_inside_and_heap_allocated_after():
     # Restored to glibc's steady state (32 MiB): a 4 MiB block is the heap's again.
     assert _mmapped_by_a_new_tensor(four_mb) == 0
     assert _mmapped_by_a_new_tensor(64 * 2**20) >= 64 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, False),
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, False),  # tunes something else
+        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, True),
+        ({"MALLOC_TRIM_THRESHOLD_": "0"}, True),
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=65536"}, True),
+        ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, True),
+    ],
+)
+def test_thresholds_set_by_user(environ, expected):
+    assert thresholds_set_by_user(environ) is expected
+
+
+def test_a_threshold_the_user_set_is_left_alone():
+    """glibc reads MALLOC_MMAP_THRESHOLD_ at start-up, hence a fresh process. With the user's 16 MiB
+    threshold, a 4 MiB block stays on the heap inside the block too (it would be mmapped without it)."""
+    code = textwrap.dedent(
+        f"""
+        import ctypes, torch
+        from ebft.allocator import _glibc, large_blocks_from_mmap
+        fields = {_FIELDS!r}
+        class Info(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in fields]
+        libc = _glibc()
+        libc.mallinfo2.restype = Info
+        with large_blocks_from_mmap():
+            before = libc.mallinfo2().hblkhd
+            block = torch.empty(4 * 2**20, dtype=torch.uint8)
+            print(libc.mallinfo2().hblkhd - before)
+        """
+    )
+    for user_threshold, expect_mmapped in ((None, True), (str(16 * 2**20), False)):
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+        if user_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = user_threshold
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert (int(out.stdout.split()[-1]) >= 4 * 2**20) is expect_mmapped, (user_threshold, out.stdout)
