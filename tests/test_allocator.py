@@ -4,11 +4,16 @@ afterwards glibc's heap serves them again. Observed through glibc's own accounti
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
-from ebft.allocator import _glibc, large_blocks_from_mmap
+from ebft.allocator import _glibc, large_blocks_from_mmap, thresholds_set_by_user
+from ebft.config import parse_config
 
 libc = _glibc()
 pytestmark = pytest.mark.skipif(
@@ -44,3 +49,86 @@ def test_big_blocks_are_mmapped_inside_and_heap_allocated_after():
     # Restored to glibc's steady state (32 MiB): a 4 MiB block is the heap's again.
     assert _mmapped_by_a_new_tensor(four_mb) == 0
     assert _mmapped_by_a_new_tensor(64 * 2**20) >= 64 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, False),
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, False),  # tunes something else
+        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, True),
+        ({"MALLOC_TRIM_THRESHOLD_": "0"}, True),
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=65536"}, True),
+        ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, True),
+    ],
+)
+def test_thresholds_set_by_user(environ, expected):
+    assert thresholds_set_by_user(environ) is expected
+
+
+def test_a_threshold_the_user_set_is_left_alone():
+    """glibc reads MALLOC_MMAP_THRESHOLD_ at start-up, hence a fresh process. With the user's 16 MiB
+    threshold, a 4 MiB block stays on the heap inside the block too (it would be mmapped without it)."""
+    code = textwrap.dedent(
+        f"""
+        import ctypes, torch
+        from ebft.allocator import _glibc, large_blocks_from_mmap
+        fields = {_FIELDS!r}
+        class Info(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in fields]
+        libc = _glibc()
+        libc.mallinfo2.restype = Info
+        with large_blocks_from_mmap():
+            before = libc.mallinfo2().hblkhd
+            block = torch.empty(4 * 2**20, dtype=torch.uint8)
+            print(libc.mallinfo2().hblkhd - before)
+        """
+    )
+    for user_threshold, expect_mmapped in ((None, True), (str(16 * 2**20), False)):
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+        if user_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = user_threshold
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert (int(out.stdout.split()[-1]) >= 4 * 2**20) is expect_mmapped, (user_threshold, out.stdout)
+
+
+def test_the_strided_policy_forward_and_not_its_backward_runs_with_big_blocks_from_mmap(tiny_model_dir):
+    """Inside ``strided_microbatch``: a 4 MiB block allocated while the policy forward saves tensors for
+    backward (pack hook) is mmapped; one allocated while the backward reads them back (unpack hook) is not."""
+    from ebft.data.collate import collate_documents
+    from ebft.models import feature_network_for, load_policy, load_tokenizer
+    from ebft.strided.step import StridedSettings, count_targets, strided_microbatch
+
+    cfg = parse_config(
+        {
+            "base_model": str(tiny_model_dir),
+            "rl": "ebft",
+            "ebft": {"mode": "strided", "stride": 4, "context_length": 4, "feature_layers": [0.25, 0.5]},
+            "datasets": [{"path": "unused.jsonl"}],
+            "adapter": "lora",
+            "lora_target_linear": True,
+            "bf16": False,
+        }
+    )
+    tok = load_tokenizer(cfg)
+    policy = load_policy(cfg, tok, torch.device("cpu"))
+    features = feature_network_for(cfg, policy, torch.device("cpu"))
+    policy.train()
+    s = StridedSettings.from_config(cfg.ebft)
+    ids = torch.randint(5, 300, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    batch = collate_documents([{"input_ids": ids, "labels": ids}], tok.pad_token_id)
+    in_forward, in_backward = [], []
+
+    def pack(t):
+        in_forward.append(_mmapped_by_a_new_tensor(4 * 2**20) > 0)
+        return t
+
+    def unpack(t):
+        in_backward.append(_mmapped_by_a_new_tensor(4 * 2**20) > 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        strided_microbatch(policy, features, batch, s, count_targets(batch, s))
+    # Every save of the forward; the last save is the loss's product with the advantages, formed after it.
+    assert len(in_forward) > 1 and all(in_forward[:-1]) and not in_forward[-1]
+    assert in_backward and not any(in_backward)
