@@ -8,8 +8,9 @@ pins them, so the heap grows by about a layer's temporaries per layer and its pa
 SmolLM2-135M (a strided LoRA step at sequence_len 256) that was over 1 GB of freed memory held by the
 process, as much as the live activations themselves (benchmarks/RESULTS.md).
 
-Inside :func:`large_blocks_from_mmap`, blocks of at least ``threshold`` bytes come from their own
-mmap and go back to the operating system when freed, so nothing pins them. Faulting fresh pages costs
+Inside :func:`large_blocks_from_mmap`, blocks of at least ``threshold`` bytes that the heap's free
+chunks cannot serve come from their own mmap and go back to the operating system when freed, so nothing
+pins them (glibc reuses a fitting free chunk of any size first: that memory is already held). Faulting fresh pages costs
 time, which is why it covers only the forward pass (fewer, longer-lived blocks) and not the backward.
 
 Afterwards the thresholds are set to glibc's steady state rather than to their previous values, which
