@@ -351,6 +351,38 @@ def test_clipped_surrogate_hand_values():
     torch.testing.assert_close(grad, -adv)
 
 
+@pytest.mark.parametrize(
+    ("eps_low", "eps_high", "n_low", "n_high"),
+    [
+        # bounds [0.8, 1.28]: r = e^-0.7 ~ 0.50 is below with A = -2, -0.5 (2 tokens); e^0.7 ~ 2.01 above
+        # with A = 0.5, 2 (2 tokens); e^-0.1 ~ 0.90 and e^0.1 ~ 1.11 lie inside.
+        (0.2, 0.28, 2, 2),
+        # bounds [1, 1]: r = e^0 = 1 lies exactly on both; the four ratios r != 1 are outside, each with two
+        # advantages of the binding sign: 4 low, 4 high.
+        (0.0, 0.0, 4, 4),
+    ],
+)
+def test_clip_flags_mark_exactly_the_tokens_whose_gradient_the_clip_removes(eps_low, eps_high, n_low, n_high):
+    # Oracle: autograd. A token counts as clipped when its advantage is non-zero and the clip leaves it no
+    # gradient. A ratio exactly on a bound still passes gradient (-A r), so it is not clipped; with A = 0
+    # there is no gradient at any ratio, and no clip to blame for it.
+    log_r = torch.tensor([-0.7, -0.1, 0.0, 0.1, 0.7], dtype=torch.float64)
+    adv_values = torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0], dtype=torch.float64)
+    shift, adv = (t.reshape(-1) for t in torch.meshgrid(log_r, adv_values, indexing="ij"))
+    old = torch.linspace(-3.0, -0.5, shift.numel(), dtype=torch.float64)
+    logp = (old + shift).requires_grad_(True)
+    sur = losses.clipped_surrogate(logp, old, adv, eps_low=eps_low, eps_high=eps_high)
+    (grad,) = torch.autograd.grad(sur.loss.sum(), logp)
+    no_gradient = grad == 0
+    assert torch.equal(sur.low_clipped, no_gradient & (adv < 0))
+    assert torch.equal(sur.high_clipped, no_gradient & (adv > 0))
+    assert (int(sur.low_clipped.sum()), int(sur.high_clipped.sum())) == (n_low, n_high)
+    # On a bound (r = 1 with eps = 0) the gradient is the unclipped -A r = -A.
+    on_bound = (shift == 0) & (adv != 0)
+    if eps_low == 0.0:
+        torch.testing.assert_close(grad[on_bound], -adv[on_bound])
+
+
 def test_aggregate_hand_values():
     # Two completions: tokens (1, 3) and (2, 4, 6). Sum 16 over 5 tokens.
     token_loss = torch.tensor([1.0, 3.0, 2.0, 4.0, 6.0])
