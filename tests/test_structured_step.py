@@ -1089,6 +1089,30 @@ def test_multi_turn_loss_scores_the_sampled_ids_in_their_own_contexts(tiny_model
     torch.testing.assert_close(logp, want, atol=1e-5, rtol=1e-5)
 
 
+def test_loss_token_count_is_the_number_of_log_probs_the_loss_reads(tiny_model_dir, tiny_tokenizer):
+    """The step's token denominators (dapo, is_tokens, skipping) count what ``policy_logprobs`` scores."""
+    tok = tiny_tokenizer
+    s = _settings(tok, num_generations=1)
+
+    def single(seq, mask):
+        return Sample(seq, 1, mask, len(seq), True, "")
+
+    samples = [
+        # A one-token prompt: both completion tokens are predicted (at positions 0 and 1): 2.
+        single([7, 8, 9], [False, True, True]),
+        # A view's first token has no position before it, so it cannot be a target: 1 of 2.
+        single([7, 8, 9], [True, True, False]),
+        # Multi-turn, one view per reply: (ctx 7 | reply 8, 9) gives 2, (ctx 7, 8, 9, 10 | reply 11) gives 1: 3.
+        replace(single([7, 8, 9, 10, 11], [False] * 5), turns=(((7,), (8, 9)), ((7, 8, 9, 10), (11,)))),
+        # The same conversation excluded from the loss: 0.
+        replace(single([7, 8, 9, 10, 11], [False] * 5), turns=(((7,), (8, 9)), ((7, 8, 9, 10), (11,))), trained=False),
+    ]
+    assert [loss_token_count(q) for q in samples] == [2, 1, 3, 0]
+    with torch.no_grad():
+        _, seq = policy_logprobs(_load(tiny_model_dir), samples, s, tok.pad_token_id)
+    assert torch.bincount(seq, minlength=len(samples)).tolist() == [2, 1, 3, 0]
+
+
 def test_completion_cap_hand_cases(tiny_tokenizer):
     s = _settings(tiny_tokenizer, max_completion_length=100, adaptive_max_tokens=True, gt_length_multiplier=1.5)
     assert ADAPTIVE_FLOOR == 64
