@@ -217,8 +217,16 @@ def test_score_matches_rewards_from_output_hidden_states(
 ):
     tok = tiny_tokenizer
     fractions = [0.25, 0.5, 1.0]  # hidden-state indices int(f * 4) = 1, 2, 4 (4 = after the final norm)
+    # Both whitening spaces, without more cases: they differ in the ground truth's whitened vector.
+    space = "sample" if method in ("mean_pooling", "concat") else "feature"
     s = _settings(
-        tok, embed_method=method, feature_norm=norm, use_whitening=whitening, alignment_coef=1.3, diversity_coef=0.7
+        tok,
+        embed_method=method,
+        feature_norm=norm,
+        use_whitening=whitening,
+        whitening_space=space,
+        alignment_coef=1.3,
+        diversity_coef=0.7,
     )
     rows, texts, comps = _scoring_batch(tok)
     samples = [_single_turn(row, c, s, tok) for row, group in zip(rows, comps, strict=True) for c in group]
@@ -246,7 +254,9 @@ def test_score_matches_rewards_from_output_hidden_states(
         ]
     )
     if whitening:
-        want = rewards.reward_terms(gen.float(), gt.float(), alignment_coef=1.3, diversity_coef=0.7, use_whitening=True)
+        want = rewards.reward_terms(
+            gen.float(), gt.float(), alignment_coef=1.3, diversity_coef=0.7, use_whitening=True, whitening_space=space
+        )
         alignment, diversity, reward, cfm = want.alignment, want.diversity, want.reward, want.cfm
     else:
         phi = torch.nn.functional.normalize(gen, dim=-1)
