@@ -135,8 +135,26 @@ def test_strided_identical_blocks_get_bitwise_identical_scores_under_bf16(whiten
     assert not torch.equal(scores.reward[:, 0][valid], scores.reward[:, 1][valid])
 
 
-def test_structured_identical_completions_get_bitwise_identical_scores_under_bf16(tiny_model_dir, tiny_tokenizer):
-    """Copies of one completion in different padded feature batches score the same, bit for bit."""
+class _Jittered:
+    """A feature network whose every output element carries seeded noise of ``size``: the last-bit differences
+    copies of one completion get from kernels that sum in another order for another batch (bf16 on GPUs),
+    which this machine's kernels may not show."""
+
+    def __init__(self, inner: FeatureNetwork, size: float):
+        self.inner, self.size, self.body = inner, size, inner.body
+        self.gen = torch.Generator().manual_seed(0)
+
+    def __call__(self, input_ids, position_ids, plan=None):
+        hidden = self.inner(input_ids, position_ids, plan)
+        return [h + self.size * torch.randn(h.shape, generator=self.gen) for h in hidden]
+
+
+@pytest.mark.parametrize("jitter", [0.0, 3e-4])
+def test_structured_identical_completions_get_bitwise_identical_scores_under_bf16(
+    tiny_model_dir, tiny_tokenizer, jitter
+):
+    """Copies of one completion in different padded feature batches score the same, bit for bit, also when
+    their features differ by precision noise (``jitter``)."""
     from transformers import AutoModelForCausalLM
 
     from ebft.data.structured import prompt_row
@@ -187,6 +205,8 @@ def test_structured_identical_completions_get_bitwise_identical_scores_under_bf1
     samples = [_single_turn(row, Completion(tuple(ids(t) + [tok.eos_token_id]), True), s, tok) for t in texts]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).float()
     network = FeatureNetwork(model, feat.layer_indices([0.5, 1.0], 4), autocast_dtype=torch.bfloat16)
+    if jitter:
+        network = _Jittered(network, jitter)
     # Feature batches of 3: sample 0 is padded to the long completion's width, its copy (sample 3) is
     # alone in the second batch and not padded at all.
     scores = score(network, [row], samples, s, tok.pad_token_id, batch_size=3)
