@@ -36,6 +36,21 @@ def test_duplicate_sources_never_match_across_groups():
     assert rewards.duplicate_sources(ids).tolist() == [[0], [0]]
 
 
+def test_structured_copies_are_found_by_the_tokens_the_feature_network_reads():
+    from ebft.structured.sample import Sample
+    from ebft.structured.scoring import duplicate_samples
+
+    def sample(seq, feature_length):
+        return Sample(seq, 1, [False] + [True] * (len(seq) - 1), feature_length, True, "")
+
+    # [5] is not a copy of [5, 1]: the shorter one is padded with a value that is no token id (1 is one).
+    # [5, 1, 9] read up to its feature length 2 is [5, 1], a copy of sample 0.
+    samples = [sample([5, 1], 2), sample([5], 1), sample([5, 1, 9], 2), sample([5], 1)]
+    assert duplicate_samples(samples, 1, 4).tolist() == [[0, 1, 0, 1]]
+    # As two groups of two, nothing matches across groups.
+    assert duplicate_samples(samples, 2, 2).tolist() == [[0, 1], [0, 1]]
+
+
 @pytest.mark.parametrize("space", ["feature", "sample"])
 def test_near_duplicates_score_exactly_like_exact_duplicates(space):
     """Features of duplicates that differ by bf16-sized noise score as if they were bit-identical."""

@@ -36,6 +36,11 @@ def test_layer_indices_rejects_out_of_range(bad):
         layer_indices([0.5, bad], 4)
 
 
+def test_layer_indices_of_a_one_layer_model():
+    # hidden_states has 2 entries: 0 (embeddings) and 1 (the only layer); int(0.5 * 1) = 0, int(1.0 * 1) = 1.
+    assert layer_indices([0.0, 0.5, 1.0], 1) == [0, 0, 1]
+
+
 def test_layer_indices_rejects_no_layers():
     with pytest.raises(ValueError, match="num_layers"):
         layer_indices([0.5], 0)
