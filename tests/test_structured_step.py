@@ -317,6 +317,10 @@ def test_group_advantages_hand_values():
     assert rewards.group_advantages(torch.tensor([[5.0, 5.0]]), "group").tolist() == [[0.0, 0.0]]
     with pytest.raises(ValueError, match="batch standard deviation"):
         rewards.group_advantages(reward, "batch")
+    with pytest.raises(
+        ValueError, match=r"unknown scale_rewards 'token'; expected one of \('group', 'batch', 'none'\)"
+    ):
+        rewards.group_advantages(reward, "token")
 
 
 # ---------------------------------------------------------------------------------------------
