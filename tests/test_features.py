@@ -210,7 +210,8 @@ def test_pool_rejects_bad_arguments():
         pool(tokens, valid, "max_pooling")
     with pytest.raises(ValueError, match="completion mask"):
         pool(tokens, valid, "completion_mean")
-    with pytest.raises(ValueError, match="valid must have shape"):
+    # tokens [2, 4, 2]: the message names the shape valid needs, the tokens' without the feature dim.
+    with pytest.raises(ValueError, match=r"valid must have shape \(2, 4\), got \(2, 3\)"):
         pool(tokens, valid[:, :3], "last_token")
     gappy = torch.tensor([[True, False, True, False], [True, True, True, True]])
     with pytest.raises(ValueError, match="contiguous"):
