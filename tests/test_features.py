@@ -86,7 +86,7 @@ def test_combine_layers_rejects_bad_input():
         combine_layers([torch.ones(2)], "layerwise")
     with pytest.raises(ValueError, match="same shape"):
         combine_layers([torch.ones(2), torch.ones(3)], "none")
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(ValueError, match="^combine_layers needs at least one layer$"):
         combine_layers([], "none")
 
 
@@ -208,8 +208,10 @@ def test_pool_rejects_bad_arguments():
     tokens, valid = _hand_batch()
     with pytest.raises(ValueError, match="embed_method"):
         pool(tokens, valid, "max_pooling")
-    with pytest.raises(ValueError, match="completion mask"):
+    with pytest.raises(ValueError, match="^embed_method 'completion_mean' needs a completion mask$"):
         pool(tokens, valid, "completion_mean")
+    with pytest.raises(ValueError, match=r"completion must have shape \(2, 4\), got \(2, 3\)"):
+        pool(tokens, valid, "completion_mean", completion=valid[:, :3])
     # tokens [2, 4, 2]: the message names the shape valid needs, the tokens' without the feature dim.
     with pytest.raises(ValueError, match=r"valid must have shape \(2, 4\), got \(2, 3\)"):
         pool(tokens, valid[:, :3], "last_token")

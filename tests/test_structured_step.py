@@ -315,7 +315,7 @@ def test_group_advantages_hand_values():
     torch.testing.assert_close(rewards.group_advantages(reward, "none"), centred)
     # A constant group has std 0: advantages 0, not NaN.
     assert rewards.group_advantages(torch.tensor([[5.0, 5.0]]), "group").tolist() == [[0.0, 0.0]]
-    with pytest.raises(ValueError, match="batch standard deviation"):
+    with pytest.raises(ValueError, match="^scale_rewards 'batch' needs the batch standard deviation$"):
         rewards.group_advantages(reward, "batch")
     with pytest.raises(
         ValueError, match=r"unknown scale_rewards 'token'; expected one of \('group', 'batch', 'none'\)"
