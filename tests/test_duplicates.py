@@ -30,6 +30,11 @@ def test_duplicate_sources_hand_example():
     assert rewards.duplicate_sources(ids).tolist() == [[0, 1, 0, 1, 4], [0, 1, 1, 3, 4]]
 
 
+def test_duplicate_sources_rejects_ids_without_a_group_dim():
+    with pytest.raises(ValueError, match=r"expected ids \[G, n, L\], got \(2, 3\)"):
+        rewards.duplicate_sources(torch.zeros(2, 3, dtype=torch.long))
+
+
 def test_duplicate_sources_never_match_across_groups():
     # The same tokens in two groups are not duplicates of each other: every sample is its own source.
     ids = torch.tensor([[[7, 7]], [[7, 7]]])  # [G=2, n=1, L=2]

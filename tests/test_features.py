@@ -195,11 +195,13 @@ def test_pool_matches_oracle_with_leading_dims(method):
     assert torch.allclose(out, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("length", [3, 1])  # 1: no position but 0 to read, even for an empty row
 @pytest.mark.parametrize("method", ["last_token", "mean_pooling", "completion_mean", "concat"])
-def test_pool_sequence_without_valid_tokens_is_zero(method):
-    tokens = torch.ones(2, 3, 2)
-    valid = torch.tensor([[False, False, False], [True, True, False]])
-    out = pool(tokens, valid, method, completion=torch.ones(2, 3, dtype=torch.bool))
+def test_pool_sequence_without_valid_tokens_is_zero(method, length):
+    tokens = torch.ones(2, length, 2)
+    valid = torch.zeros(2, length, dtype=torch.bool)
+    valid[1, : max(1, length - 1)] = True  # row 0 has no valid token, row 1 one or two
+    out = pool(tokens, valid, method, completion=torch.ones(2, length, dtype=torch.bool))
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.equal(out[1], torch.ones_like(out[1]))
 
@@ -216,5 +218,5 @@ def test_pool_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"valid must have shape \(2, 4\), got \(2, 3\)"):
         pool(tokens, valid[:, :3], "last_token")
     gappy = torch.tensor([[True, False, True, False], [True, True, True, True]])
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match="^embed_method 'concat' needs one contiguous valid span per sequence$"):
         pool(tokens, gappy, "concat")
