@@ -80,3 +80,22 @@ def test_soft_capped_head_with_the_default_chunking():
     with torch.no_grad():
         want = (3.0 * torch.tanh(head.head(hidden) / 3.0)).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
         torch.testing.assert_close(token_logprobs(hidden, targets, head), want)
+
+
+def test_default_chunks_hold_one_logits_tensor_of_about_64_mib():
+    # A vocabulary of 2^15: CHUNK_ELEMENTS (2^24) / 2^15 = 512 rows per head call, so 513 rows take two
+    # calls (512 + 1), each [rows, 2^15] fp32 logits of at most 512 * 2^15 * 4 B = 64 MiB.
+    head = torch.nn.Linear(1, 1 << 15, bias=False)
+    rows = []
+    head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        token_logprobs(torch.randn(513, 1), torch.zeros(513, dtype=torch.long), head)
+    assert rows == [512, 1]
+
+
+def test_no_rows_give_empty_float32_log_probs_and_entropies():
+    head = torch.nn.Linear(8, 16).to(torch.bfloat16)
+    logp, entropy = token_logprobs(
+        torch.zeros(0, 8, dtype=torch.bfloat16), torch.zeros(0, dtype=torch.long), head, with_entropy=True
+    )
+    assert (logp.shape, logp.dtype, entropy.shape, entropy.dtype) == ((0,), torch.float32, (0,), torch.float32)
