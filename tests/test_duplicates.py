@@ -30,10 +30,30 @@ def test_duplicate_sources_hand_example():
     assert rewards.duplicate_sources(ids).tolist() == [[0, 1, 0, 1, 4], [0, 1, 1, 3, 4]]
 
 
+def test_duplicate_sources_rejects_ids_without_a_group_dim():
+    with pytest.raises(ValueError, match=r"expected ids \[G, n, L\], got \(2, 3\)"):
+        rewards.duplicate_sources(torch.zeros(2, 3, dtype=torch.long))
+
+
 def test_duplicate_sources_never_match_across_groups():
     # The same tokens in two groups are not duplicates of each other: every sample is its own source.
     ids = torch.tensor([[[7, 7]], [[7, 7]]])  # [G=2, n=1, L=2]
     assert rewards.duplicate_sources(ids).tolist() == [[0], [0]]
+
+
+def test_structured_copies_are_found_by_the_tokens_the_feature_network_reads():
+    from ebft.structured.sample import Sample
+    from ebft.structured.scoring import duplicate_samples
+
+    def sample(seq, feature_length):
+        return Sample(seq, 1, [False] + [True] * (len(seq) - 1), feature_length, True, "")
+
+    # [5] is not a copy of [5, 1]: the shorter one is padded with a value that is no token id (1 is one).
+    # [5, 1, 9] read up to its feature length 2 is [5, 1], a copy of sample 0.
+    samples = [sample([5, 1], 2), sample([5], 1), sample([5, 1, 9], 2), sample([5], 1)]
+    assert duplicate_samples(samples, 1, 4).tolist() == [[0, 1, 0, 1]]
+    # As two groups of two, nothing matches across groups.
+    assert duplicate_samples(samples, 2, 2).tolist() == [[0, 1], [0, 1]]
 
 
 @pytest.mark.parametrize("space", ["feature", "sample"])
@@ -135,8 +155,26 @@ def test_strided_identical_blocks_get_bitwise_identical_scores_under_bf16(whiten
     assert not torch.equal(scores.reward[:, 0][valid], scores.reward[:, 1][valid])
 
 
-def test_structured_identical_completions_get_bitwise_identical_scores_under_bf16(tiny_model_dir, tiny_tokenizer):
-    """Copies of one completion in different padded feature batches score the same, bit for bit."""
+class _Jittered:
+    """A feature network whose every output element carries seeded noise of ``size``: the last-bit differences
+    copies of one completion get from kernels that sum in another order for another batch (bf16 on GPUs),
+    which this machine's kernels may not show."""
+
+    def __init__(self, inner: FeatureNetwork, size: float):
+        self.inner, self.size, self.body = inner, size, inner.body
+        self.gen = torch.Generator().manual_seed(0)
+
+    def __call__(self, input_ids, position_ids, plan=None):
+        hidden = self.inner(input_ids, position_ids, plan)
+        return [h + self.size * torch.randn(h.shape, generator=self.gen) for h in hidden]
+
+
+@pytest.mark.parametrize("jitter", [0.0, 3e-4])
+def test_structured_identical_completions_get_bitwise_identical_scores_under_bf16(
+    tiny_model_dir, tiny_tokenizer, jitter
+):
+    """Copies of one completion in different padded feature batches score the same, bit for bit, also when
+    their features differ by precision noise (``jitter``)."""
     from transformers import AutoModelForCausalLM
 
     from ebft.data.structured import prompt_row
@@ -187,6 +225,8 @@ def test_structured_identical_completions_get_bitwise_identical_scores_under_bf1
     samples = [_single_turn(row, Completion(tuple(ids(t) + [tok.eos_token_id]), True), s, tok) for t in texts]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).float()
     network = FeatureNetwork(model, feat.layer_indices([0.5, 1.0], 4), autocast_dtype=torch.bfloat16)
+    if jitter:
+        network = _Jittered(network, jitter)
     # Feature batches of 3: sample 0 is padded to the long completion's width, its copy (sample 3) is
     # alone in the second batch and not padded at all.
     scores = score(network, [row], samples, s, tok.pad_token_id, batch_size=3)

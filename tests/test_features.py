@@ -36,6 +36,11 @@ def test_layer_indices_rejects_out_of_range(bad):
         layer_indices([0.5, bad], 4)
 
 
+def test_layer_indices_of_a_one_layer_model():
+    # hidden_states has 2 entries: 0 (embeddings) and 1 (the only layer); int(0.5 * 1) = 0, int(1.0 * 1) = 1.
+    assert layer_indices([0.0, 0.5, 1.0], 1) == [0, 0, 1]
+
+
 def test_layer_indices_rejects_no_layers():
     with pytest.raises(ValueError, match="num_layers"):
         layer_indices([0.5], 0)
@@ -81,7 +86,7 @@ def test_combine_layers_rejects_bad_input():
         combine_layers([torch.ones(2)], "layerwise")
     with pytest.raises(ValueError, match="same shape"):
         combine_layers([torch.ones(2), torch.ones(3)], "none")
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(ValueError, match="^combine_layers needs at least one layer$"):
         combine_layers([], "none")
 
 
@@ -190,11 +195,13 @@ def test_pool_matches_oracle_with_leading_dims(method):
     assert torch.allclose(out, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("length", [3, 1])  # 1: no position but 0 to read, even for an empty row
 @pytest.mark.parametrize("method", ["last_token", "mean_pooling", "completion_mean", "concat"])
-def test_pool_sequence_without_valid_tokens_is_zero(method):
-    tokens = torch.ones(2, 3, 2)
-    valid = torch.tensor([[False, False, False], [True, True, False]])
-    out = pool(tokens, valid, method, completion=torch.ones(2, 3, dtype=torch.bool))
+def test_pool_sequence_without_valid_tokens_is_zero(method, length):
+    tokens = torch.ones(2, length, 2)
+    valid = torch.zeros(2, length, dtype=torch.bool)
+    valid[1, : max(1, length - 1)] = True  # row 0 has no valid token, row 1 one or two
+    out = pool(tokens, valid, method, completion=torch.ones(2, length, dtype=torch.bool))
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.equal(out[1], torch.ones_like(out[1]))
 
@@ -203,10 +210,13 @@ def test_pool_rejects_bad_arguments():
     tokens, valid = _hand_batch()
     with pytest.raises(ValueError, match="embed_method"):
         pool(tokens, valid, "max_pooling")
-    with pytest.raises(ValueError, match="completion mask"):
+    with pytest.raises(ValueError, match="^embed_method 'completion_mean' needs a completion mask$"):
         pool(tokens, valid, "completion_mean")
-    with pytest.raises(ValueError, match="valid must have shape"):
+    with pytest.raises(ValueError, match=r"completion must have shape \(2, 4\), got \(2, 3\)"):
+        pool(tokens, valid, "completion_mean", completion=valid[:, :3])
+    # tokens [2, 4, 2]: the message names the shape valid needs, the tokens' without the feature dim.
+    with pytest.raises(ValueError, match=r"valid must have shape \(2, 4\), got \(2, 3\)"):
         pool(tokens, valid[:, :3], "last_token")
     gappy = torch.tensor([[True, False, True, False], [True, True, True, True]])
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match="^embed_method 'concat' needs one contiguous valid span per sequence$"):
         pool(tokens, gappy, "concat")

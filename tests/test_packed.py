@@ -144,7 +144,9 @@ def test_packed_logprobs_equal_each_sequence_alone(tiny_model_dir, tiny_tokenize
 @pytest.mark.parametrize("method", ["last_token", "mean_pooling", "completion_mean", "concat"])
 def test_packed_features_equal_padded(tiny_model_dir, tiny_tokenizer, method):
     tok = tiny_tokenizer
-    s = _settings(tok, embed_method=method)
+    # Every feature_norm on both paths (the padded one must honour it as the packed one does).
+    norm = {"last_token": "per_layer", "mean_pooling": "joint", "completion_mean": "none", "concat": "joint"}[method]
+    s = _settings(tok, embed_method=method, feature_norm=norm)
     model = _lora(tiny_model_dir)
     features = FeatureNetwork(model, [1, 2, 3])
     seqs = [q.sequence for q in _samples(tok)] + [_ids(tok, "x")]

@@ -72,6 +72,7 @@ def test_anchors_per_document_and_padding_never_anchored():
         (4, 1, 2, 5),  # prompt + prefix = 5 > context 2: the completion's first tokens stay ground truth
         (1, 1, 5, 5),  # prompt + prefix = 2 < context 5: the anchor never moves before context_length
         (3, 0, 3, 3),  # equal
+        (0, 3, 1, 3),  # an empty prompt is still a prompt (-1 is none): 0 + 3 > context 1
     ],
 )
 def test_first_anchor_is_max_of_context_and_prompt_plus_prefix(prompt, mcp, ctx, first):

@@ -217,8 +217,16 @@ def test_score_matches_rewards_from_output_hidden_states(
 ):
     tok = tiny_tokenizer
     fractions = [0.25, 0.5, 1.0]  # hidden-state indices int(f * 4) = 1, 2, 4 (4 = after the final norm)
+    # Both whitening spaces, without more cases: they differ in the ground truth's whitened vector.
+    space = "sample" if method in ("mean_pooling", "concat") else "feature"
     s = _settings(
-        tok, embed_method=method, feature_norm=norm, use_whitening=whitening, alignment_coef=1.3, diversity_coef=0.7
+        tok,
+        embed_method=method,
+        feature_norm=norm,
+        use_whitening=whitening,
+        whitening_space=space,
+        alignment_coef=1.3,
+        diversity_coef=0.7,
     )
     rows, texts, comps = _scoring_batch(tok)
     samples = [_single_turn(row, c, s, tok) for row, group in zip(rows, comps, strict=True) for c in group]
@@ -246,7 +254,9 @@ def test_score_matches_rewards_from_output_hidden_states(
         ]
     )
     if whitening:
-        want = rewards.reward_terms(gen.float(), gt.float(), alignment_coef=1.3, diversity_coef=0.7, use_whitening=True)
+        want = rewards.reward_terms(
+            gen.float(), gt.float(), alignment_coef=1.3, diversity_coef=0.7, use_whitening=True, whitening_space=space
+        )
         alignment, diversity, reward, cfm = want.alignment, want.diversity, want.reward, want.cfm
     else:
         phi = torch.nn.functional.normalize(gen, dim=-1)
@@ -305,8 +315,12 @@ def test_group_advantages_hand_values():
     torch.testing.assert_close(rewards.group_advantages(reward, "none"), centred)
     # A constant group has std 0: advantages 0, not NaN.
     assert rewards.group_advantages(torch.tensor([[5.0, 5.0]]), "group").tolist() == [[0.0, 0.0]]
-    with pytest.raises(ValueError, match="batch standard deviation"):
+    with pytest.raises(ValueError, match="^scale_rewards 'batch' needs the batch standard deviation$"):
         rewards.group_advantages(reward, "batch")
+    with pytest.raises(
+        ValueError, match=r"unknown scale_rewards 'token'; expected one of \('group', 'batch', 'none'\)"
+    ):
+        rewards.group_advantages(reward, "token")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +363,38 @@ def test_clipped_surrogate_hand_values():
     assert not on.low_clipped.any() and not on.high_clipped.any()
     (grad,) = torch.autograd.grad(on.loss.sum(), logp)
     torch.testing.assert_close(grad, -adv)
+
+
+@pytest.mark.parametrize(
+    ("eps_low", "eps_high", "n_low", "n_high"),
+    [
+        # bounds [0.8, 1.28]: r = e^-0.7 ~ 0.50 is below with A = -2, -0.5 (2 tokens); e^0.7 ~ 2.01 above
+        # with A = 0.5, 2 (2 tokens); e^-0.1 ~ 0.90 and e^0.1 ~ 1.11 lie inside.
+        (0.2, 0.28, 2, 2),
+        # bounds [1, 1]: r = e^0 = 1 lies exactly on both; the four ratios r != 1 are outside, each with two
+        # advantages of the binding sign: 4 low, 4 high.
+        (0.0, 0.0, 4, 4),
+    ],
+)
+def test_clip_flags_mark_exactly_the_tokens_whose_gradient_the_clip_removes(eps_low, eps_high, n_low, n_high):
+    # Oracle: autograd. A token counts as clipped when its advantage is non-zero and the clip leaves it no
+    # gradient. A ratio exactly on a bound still passes gradient (-A r), so it is not clipped; with A = 0
+    # there is no gradient at any ratio, and no clip to blame for it.
+    log_r = torch.tensor([-0.7, -0.1, 0.0, 0.1, 0.7], dtype=torch.float64)
+    adv_values = torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0], dtype=torch.float64)
+    shift, adv = (t.reshape(-1) for t in torch.meshgrid(log_r, adv_values, indexing="ij"))
+    old = torch.linspace(-3.0, -0.5, shift.numel(), dtype=torch.float64)
+    logp = (old + shift).requires_grad_(True)
+    sur = losses.clipped_surrogate(logp, old, adv, eps_low=eps_low, eps_high=eps_high)
+    (grad,) = torch.autograd.grad(sur.loss.sum(), logp)
+    no_gradient = grad == 0
+    assert torch.equal(sur.low_clipped, no_gradient & (adv < 0))
+    assert torch.equal(sur.high_clipped, no_gradient & (adv > 0))
+    assert (int(sur.low_clipped.sum()), int(sur.high_clipped.sum())) == (n_low, n_high)
+    # On a bound (r = 1 with eps = 0) the gradient is the unclipped -A r = -A.
+    on_bound = (shift == 0) & (adv != 0)
+    if eps_low == 0.0:
+        torch.testing.assert_close(grad[on_bound], -adv[on_bound])
 
 
 def test_aggregate_hand_values():
@@ -1055,6 +1101,30 @@ def test_multi_turn_loss_scores_the_sampled_ids_in_their_own_contexts(tiny_model
         want = torch.cat([_teacher_forced_logp(model, list(ctx) + list(r))[len(ctx) - 1 :] for ctx, r in sample.turns])
     assert (seq == 0).all()
     torch.testing.assert_close(logp, want, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_token_count_is_the_number_of_log_probs_the_loss_reads(tiny_model_dir, tiny_tokenizer):
+    """The step's token denominators (dapo, is_tokens, skipping) count what ``policy_logprobs`` scores."""
+    tok = tiny_tokenizer
+    s = _settings(tok, num_generations=1)
+
+    def single(seq, mask):
+        return Sample(seq, 1, mask, len(seq), True, "")
+
+    samples = [
+        # A one-token prompt: both completion tokens are predicted (at positions 0 and 1): 2.
+        single([7, 8, 9], [False, True, True]),
+        # A view's first token has no position before it, so it cannot be a target: 1 of 2.
+        single([7, 8, 9], [True, True, False]),
+        # Multi-turn, one view per reply: (ctx 7 | reply 8, 9) gives 2, (ctx 7, 8, 9, 10 | reply 11) gives 1: 3.
+        replace(single([7, 8, 9, 10, 11], [False] * 5), turns=(((7,), (8, 9)), ((7, 8, 9, 10), (11,)))),
+        # The same conversation excluded from the loss: 0.
+        replace(single([7, 8, 9, 10, 11], [False] * 5), turns=(((7,), (8, 9)), ((7, 8, 9, 10), (11,))), trained=False),
+    ]
+    assert [loss_token_count(q) for q in samples] == [2, 1, 3, 0]
+    with torch.no_grad():
+        _, seq = policy_logprobs(_load(tiny_model_dir), samples, s, tok.pad_token_id)
+    assert torch.bincount(seq, minlength=len(samples)).tolist() == [2, 1, 3, 0]
 
 
 def test_completion_cap_hand_cases(tiny_tokenizer):

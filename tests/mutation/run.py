@@ -133,6 +133,19 @@ def score(
     return "\n".join(lines), (0 if not counts["not run"] else 1), escaped
 
 
+def by_module(codes: dict[str, int | None], equivalent: dict[str, str], cpu_only: dict[str, str]) -> str:
+    """One line per module: how many of its selected mutants are killed, survived, ..., or listed."""
+    table: dict[str, Counter] = {}
+    for name, code in codes.items():
+        module = name.split(".x_")[0].split(".xǁ")[0]
+        kind = "equivalent" if name in equivalent else "CUDA-only" if name in cpu_only else classify(code)
+        table.setdefault(module, Counter())[kind] += 1
+    return "\n".join(
+        f"  {module}: {sum(c.values())} selected; " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+        for module, c in sorted(table.items())
+    )
+
+
 def tiny_model(root: Path = ROOT) -> Path:
     """The tests' tiny model, built once for all mutants (conftest's EBFT_TEST_TINY_MODEL_DIR)."""
     out = root / "mutants" / "tiny-llama"
@@ -172,10 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             print(f"mutmut exited with {rc}", file=sys.stderr)
             return rc
-    text, status, escaped = score(results(), *listed_mutants())
+    codes, listed = results(), listed_mutants()
+    text, status, escaped = score(codes, *listed)
     if escaped:
         print("not killed (see: mutmut show <name>):")
         print("\n".join(f"  {n}" for n in escaped))
+    print("by module:")
+    print(by_module(codes, *listed))
     print(text)
     return status
 
