@@ -635,6 +635,23 @@ def test_ce_runs_under_the_training_autocast_and_divides_by_the_steps_targets(ti
     assert bf16["loss"] == pytest.approx(0.5 * bf16["ce_sum"], rel=1e-6)  # divided by 1
 
 
+def test_rl_and_ce_in_one_microbatch_add_up(tiny_model_dir, tiny_tokenizer):
+    """Loss = rl_coef x surrogate + ce_coef x CE: with both on, one micro-batch's loss and gradient are the sums
+    of the RL-only and CE-only runs on the same batch (each term's own value is checked elsewhere)."""
+    tok = tiny_tokenizer
+    model = _load(tiny_model_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    runs = {}
+    for name, rl, ce in (("both", 0.8, 0.5), ("rl", 0.8, 0.0), ("ce", 0.0, 0.5)):
+        s = _settings(tok, num_generations=2, loss_type="dapo", rl_coef=rl, ce_coef=ce)
+        buffer = _training_batch(tok, s)
+        sums = _run_step(model, buffer, s, tok, [[0, 1, 2, 3]], ce_tokens=7)
+        runs[name] = (sums[0]["loss"], _flat_grad(params))
+    assert runs["rl"][0] != 0 and runs["ce"][0] != 0  # both terms are present in the sum below
+    assert runs["both"][0] == pytest.approx(runs["rl"][0] + runs["ce"][0], rel=1e-5)
+    torch.testing.assert_close(runs["both"][1], runs["rl"][1] + runs["ce"][1], atol=1e-6, rtol=1e-4)
+
+
 def test_models_that_run_padded_get_the_same_ce_and_stored_logprobs(tiny_model_dir, tiny_tokenizer):
     """Eager attention cannot run packed, so the policy pass pads with the pad id: the CE and the stored
     log-probs are still each sequence's plain teacher-forced values."""
