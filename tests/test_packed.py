@@ -180,3 +180,53 @@ def test_attention_the_packed_backend_cannot_reproduce_runs_padded():
     assert packing.unsupported_reason(unwindowed) is None
     llama._attn_implementation = "eager"
     assert "'eager'" in packing.unsupported_reason(llama)
+
+
+def _model(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").float().eval()
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_predicting_states_of_views_without_loss_tokens_are_empty(tiny_model_dir, packed):
+    """No loss token anywhere: no row, and the ids and owners are still integer tensors (the caller indexes
+    and gathers with them)."""
+    from ebft.structured.forward import predicting_states
+
+    model = _model(tiny_model_dir)
+    views = [([5, 6, 7], [False, False, False]), ([5, 8], [False, False])]
+    with torch.no_grad():
+        states, ids, owner = predicting_states(model, views, 0, packed=packed)
+    assert states.shape == (0, model.config.hidden_size)
+    assert ids.dtype == owner.dtype == torch.long and ids.numel() == owner.numel() == 0
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_target_right_after_a_one_token_prompt_is_predicted_by_that_token(tiny_model_dir, packed):
+    """A view whose second token is already a loss token (one-token prompt): it is predicted by the hidden
+    state of the first token, on both paths."""
+    from ebft.structured.forward import predicting_states
+
+    model = _model(tiny_model_dir)
+    views = [([9, 10, 11], [False, True, True]), ([9, 12, 13, 14], [False, False, True, True])]
+    with torch.no_grad():
+        states, ids, owner = predicting_states(model, views, 0, packed=packed)
+        alone = [model.model(torch.tensor([seq])).last_hidden_state[0] for seq, _ in views]
+    assert ids.tolist() == [10, 11, 13, 14] and owner.tolist() == [0, 0, 1, 1]
+    want = torch.stack([alone[0][0], alone[0][1], alone[1][1], alone[1][2]])
+    torch.testing.assert_close(states, want, atol=1e-5, rtol=1e-5)
+
+
+def test_predicting_states_run_under_the_autocast_dtype_asked_for(tiny_model_dir):
+    """float16 autocast is honoured, not replaced by the device's default autocast dtype (bfloat16 on CPU):
+    float16 keeps 10 mantissa bits to bfloat16's 7, so its states are the closer ones to float32's."""
+    from ebft.structured.forward import predicting_states
+
+    model = _model(tiny_model_dir)
+    views = [(list(range(5, 40)), [False] * 5 + [True] * 30)]
+    with torch.no_grad():
+        exact = predicting_states(model, views, 0)[0]
+        errors = {
+            dtype: (predicting_states(model, views, 0, autocast_dtype=dtype)[0].float() - exact).abs().max()
+            for dtype in (torch.float16, torch.bfloat16)
+        }
+    assert 0 < errors[torch.float16] < errors[torch.bfloat16] / 2
