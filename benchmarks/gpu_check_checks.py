@@ -116,10 +116,11 @@ def _pick(hidden: torch.Tensor, batch_rows: torch.Tensor, positions: torch.Tenso
 def packed_row_checks(model, batch, settings, precision: str, paths: dict[str, dict]) -> list[Check]:
     """Logits, log-probs and feature-layer states of the packed row under each plan in ``paths``
     (name -> ``build_plan`` keywords) against plain forwards of every block on its own prefix."""
+    from ebft.attention.strided import build_plan, strided_backend, strided_forward
     from ebft.features import layer_indices
     from ebft.losses import token_logprobs
-    from ebft.models import FeatureNetwork, backbone_of
-    from ebft.strided.attention import build_plan, strided_backend, strided_forward
+    from ebft.modeling.feature_network import FeatureNetwork
+    from ebft.modeling.parts import backbone_of
     from ebft.strided.generate import pack
     from ebft.strided.step import layout_for
 
@@ -170,7 +171,7 @@ def packed_row_checks(model, batch, settings, precision: str, paths: dict[str, d
 
 def cached_decoding_check(model, batch, settings) -> Check:
     """Greedy ``generate_blocks`` (fp32) against greedy full recomputation of each block from ``x[:c_k]``."""
-    from ebft.models import backbone_of
+    from ebft.modeling.parts import backbone_of
     from ebft.strided.generate import generate_blocks
     from ebft.strided.step import layout_for
 
@@ -203,7 +204,8 @@ def gradient_checks(model, batch, settings, precision: str, path: str, perturb: 
     """One training micro-batch (``strided_microbatch``, the device's own attention path) against the
     same loss over the dense mask; ``perturb`` is added to the step's gradient first (self-test only)."""
     from ebft.features import layer_indices
-    from ebft.models import FeatureNetwork, backbone_of
+    from ebft.modeling.feature_network import FeatureNetwork
+    from ebft.modeling.parts import backbone_of
     from ebft.strided.generate import pack
     from ebft.strided.step import count_targets, document_generators, layout_for, strided_microbatch
 

@@ -1,7 +1,7 @@
 """The timed runs of ``gpu_check.py``: optimizer steps of the strided and the structured trainer.
 
 Each run goes through ebft's own pieces: a ``TrainConfig`` from ``parse_config``, the policy made by
-``ebft.models.prepare_policy`` (dtype, gradient checkpointing, LoRA) from a Llama built from a config in
+``ebft.modeling.policy.prepare_policy`` (dtype, gradient checkpointing, LoRA) from a Llama built from a config in
 memory (random weights, seed 0; no hub), ``feature_network_for``, ``build_optimizer``, the mode's
 runner (``StridedRunner`` / ``StructuredRunner`` with ``HFGenerate``), ``clip_grad_norm``. The runner is
 handed a ``PhaseClock`` as its sharding: it times what the runner does under ``gathered()`` (rollouts and
@@ -57,10 +57,10 @@ def synchronizer(device: torch.device):
 
 class PhaseClock:
     """The runner's ``Sharding`` of an unsharded policy, timing every ``gathered()`` block (rollouts and
-    feature scoring, the no-grad phase). Everything else is delegated to ``ebft.distributed.Sharding``."""
+    feature scoring, the no-grad phase). Everything else is delegated to ``ebft.train.distributed.Sharding``."""
 
     def __init__(self, model, sync):
-        from ebft.distributed import Sharding
+        from ebft.train.distributed import Sharding
 
         self._inner, self._sync, self.seconds = Sharding(model), sync, 0.0
 
@@ -115,7 +115,8 @@ def build_policy(shape: str, cfg, device: torch.device):
     """A randomly initialised Llama of ``SHAPES[shape]`` made into the config's policy, built on ``device``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from ebft.models import policy_dtype, prepare_policy
+    from ebft.modeling.policy import prepare_policy
+    from ebft.modeling.precision import policy_dtype
 
     s = SHAPES[shape]
     config = LlamaConfig(
@@ -145,7 +146,7 @@ class Dims:
 
     @classmethod
     def of(cls, model) -> Dims:
-        from ebft.models import backbone_of
+        from ebft.modeling.parts import backbone_of
 
         c = model.config
         layers = backbone_of(model).layers
@@ -193,10 +194,10 @@ def _random_ids(gen: torch.Generator, vocab: int, n: int) -> list[int]:
 
 def _measure(runner, cfg, policy, clock, device, *, warmup: int, steps: int, deadline: float, flops_of_step):
     """Warm-up steps, then up to ``steps`` timed optimizer steps while the next one fits before ``deadline``."""
-    from ebft.checkpoint import TrainState
-    from ebft.distributed import clip_grad_norm
-    from ebft.metrics import peak_memory_bytes
-    from ebft.trainer import build_optimizer
+    from ebft.train.checkpoint import TrainState
+    from ebft.train.distributed import clip_grad_norm
+    from ebft.train.optim import build_optimizer
+    from ebft.train.reporting import peak_memory_bytes
 
     sync = synchronizer(device)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -263,7 +264,7 @@ def strided_run(
     from accelerate import Accelerator
 
     from ebft.data.collate import collate_documents
-    from ebft.models import feature_network_for
+    from ebft.modeling.feature_network import feature_network_for
     from ebft.strided.runner import StridedRunner
     from ebft.strided.step import layout_for
 
@@ -331,7 +332,7 @@ def structured_run(
     from accelerate import Accelerator
 
     from ebft.data.structured import PromptRow
-    from ebft.models import feature_network_for
+    from ebft.modeling.feature_network import feature_network_for
     from ebft.quickstart.scratch import train_tokenizer
     from ebft.structured.hf import HFGenerate
     from ebft.structured.rollout import Sampling
@@ -394,6 +395,6 @@ def structured_run(
 
 
 def _precision(cfg, device) -> str:
-    from ebft.models import autocast_dtype
+    from ebft.modeling.precision import autocast_dtype
 
     return "bf16" if autocast_dtype(cfg, device) is not None else "fp32"

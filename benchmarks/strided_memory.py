@@ -88,7 +88,7 @@ def run_env(src: Path, cache: Path) -> dict[str, str]:
 
 def convert_once(src: Path, cache: Path) -> None:
     """Fill the GGUF cache, so no measured run converts."""
-    code = f"from ebft.gguf_cache import gguf_to_folder; print(gguf_to_folder({str(smollm_gguf())!r}))"
+    code = f"from ebft.modeling.source import gguf_to_folder; print(gguf_to_folder({str(smollm_gguf())!r}))"
     subprocess.run([sys.executable, "-c", code], env=run_env(src, cache), check=True)
 
 

@@ -144,10 +144,12 @@ def main() -> None:
     from ebft.config import load_config
     from ebft.data.collate import collate_documents
     from ebft.data.load import load_strided_datasets
-    from ebft.distributed import Sharding
-    from ebft.models import feature_network_for, load_policy, load_tokenizer
+    from ebft.modeling.feature_network import feature_network_for
+    from ebft.modeling.policy import load_policy
+    from ebft.modeling.tokenizer import load_tokenizer
     from ebft.strided import step as st
-    from ebft.trainer import build_optimizer
+    from ebft.train.distributed import Sharding
+    from ebft.train.optim import build_optimizer
 
     report("imports", sampler)
     cfg = load_config(args.config, [f"--gradient_checkpointing={args.gradient_checkpointing}"])

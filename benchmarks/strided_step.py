@@ -67,7 +67,7 @@ def main() -> None:
 
     from ebft.data.collate import collate_documents
     from ebft.features import layer_indices
-    from ebft.models import FeatureNetwork
+    from ebft.modeling.feature_network import FeatureNetwork
     from ebft.quickstart.scratch import llama_config
     from ebft.strided.step import (
         StepTotals,
@@ -82,7 +82,7 @@ def main() -> None:
     if args.model:
         from transformers import AutoModelForCausalLM
 
-        from ebft.gguf_cache import local_model
+        from ebft.modeling.source import local_model
 
         model = AutoModelForCausalLM.from_pretrained(local_model(args.model, "--model"), dtype=torch.float32)
         model.config._attn_implementation = "sdpa"
@@ -182,7 +182,7 @@ def main() -> None:
             times.append(elapsed)
     # Phase split on the first micro-batch: generation and features+rewards timed on their own, the
     # policy pass (forward + backward) as the rest of a full micro-batch.
-    from ebft.strided.attention import build_plan
+    from ebft.attention.strided import build_plan
     from ebft.strided.generate import generate_blocks, pack
     from ebft.strided.step import score_rollouts
 

@@ -2,7 +2,7 @@
 
     python benchmarks/structured_step.py --workdir /tmp/ebft_structured_bench --threads 2
 
-The run goes through ``ebft.trainer.train`` itself (StructuredRunner, HFGenerate rollouts, the frozen
+The run goes through ``ebft.train.loop.train`` itself (StructuredRunner, HFGenerate rollouts, the frozen
 feature network, rewards, group advantages, the clipped surrogate, clip + AdamW), with a config built
 in Python. Nothing in the step is reimplemented here; the runner module's ``roll_out``, ``score`` and
 ``microbatch`` are wrapped only to time each phase.
@@ -204,7 +204,7 @@ def prepare(args: argparse.Namespace) -> Path:
     if args.real_model:
         real_model_dir(work)
     elif args.model:
-        from ebft.gguf_cache import local_model
+        from ebft.modeling.source import local_model
 
         shutil.rmtree(model_dir, ignore_errors=True)
         model_dir.symlink_to(Path(local_model(args.model, "--model")).resolve(), target_is_directory=True)
@@ -300,8 +300,8 @@ def print_lengths_and_padding(rolled: list[tuple[list, list]], args: argparse.Na
         f"completion {_spread(comps)}; completions stopped {sum(q.finished for _, s in rolled for q in s)}"
         f"/{len(comps)}"
     )
-    from ebft.packed import pack
-    from ebft.structured.sample import loss_views
+    from ebft.attention.packed import pack
+    from ebft.structured.rollout import loss_views
 
     real = {"prefill": 0, "decode": 0, "policy": 0}
     padded = {"prefill": 0, "decode": 0, "policy": 0}

@@ -134,7 +134,8 @@ def test_warm_start_mismatches_are_errors(tmp_path, tiny_model_dir, text_file, s
 
 
 def test_same_targets_spelled_differently_are_accepted(tmp_path, tiny_model_dir, sft_adapter):
-    from ebft.models import load_policy, load_tokenizer
+    from ebft.modeling.policy import load_policy
+    from ebft.modeling.tokenizer import load_tokenizer
 
     cfg = parse_config(
         _config(tiny_model_dir, "x.jsonl", lora_model_dir=str(sft_adapter), lora_target_modules=r".*\.(v_proj|q_proj)")
@@ -185,8 +186,10 @@ def test_feature_network_is_the_base_or_the_frozen_warm_start(tiny_model_dir, sf
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ebft.adapters import warm_start_critic
-    from ebft.models import feature_network_for, load_policy, load_tokenizer
+    from ebft.modeling.adapters import warm_start_critic
+    from ebft.modeling.feature_network import feature_network_for
+    from ebft.modeling.policy import load_policy
+    from ebft.modeling.tokenizer import load_tokenizer
 
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(12).expand(2, 12)
@@ -239,7 +242,9 @@ def test_qlora_trains_and_embeds_with_the_quantised_base(tmp_path, tiny_model_di
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from ebft.models import feature_network_for, load_policy, load_tokenizer
+    from ebft.modeling.feature_network import feature_network_for
+    from ebft.modeling.policy import load_policy
+    from ebft.modeling.tokenizer import load_tokenizer
 
     config = _config(
         tiny_model_dir,

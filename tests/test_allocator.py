@@ -18,8 +18,8 @@ import textwrap
 import pytest
 import torch
 
-from ebft.allocator import _glibc, large_blocks_from_mmap, thresholds_set_by_user
 from ebft.config import parse_config
+from ebft.train.allocator import _glibc, large_blocks_from_mmap, thresholds_set_by_user
 
 libc = _glibc()
 pytestmark = pytest.mark.skipif(
@@ -95,7 +95,7 @@ def test_a_threshold_the_user_set_is_left_alone():
     code = textwrap.dedent(
         f"""
         import ctypes, torch
-        from ebft.allocator import _glibc, large_blocks_from_mmap
+        from ebft.train.allocator import _glibc, large_blocks_from_mmap
         fields = {_FIELDS!r}
         class Info(ctypes.Structure):
             _fields_ = [(name, ctypes.c_size_t) for name in fields]
@@ -119,7 +119,9 @@ def _strided_probe(model_dir: str) -> dict:
     """Whether a 4 MiB block is mmapped at each save (pack hook) and each read-back (unpack hook) of
     autograd's saved tensors during one strided micro-batch of the tiny model."""
     from ebft.data.collate import collate_documents
-    from ebft.models import feature_network_for, load_policy, load_tokenizer
+    from ebft.modeling.feature_network import feature_network_for
+    from ebft.modeling.policy import load_policy
+    from ebft.modeling.tokenizer import load_tokenizer
     from ebft.strided.step import StridedSettings, count_targets, strided_microbatch
 
     cfg = parse_config(

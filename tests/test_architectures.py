@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from ebft.attention.strided import build_plan, strided_backend, strided_forward
+from ebft.attention.strided_layout import build_layout
+from ebft.attention.support import VERIFIED, check_strided_architecture, strided_problems
 from ebft.errors import ConfigError
 from ebft.losses import token_logprobs
-from ebft.models import FeatureNetwork, backbone_of, output_head
-from ebft.strided.architecture import VERIFIED, check_strided_architecture, strided_problems
-from ebft.strided.attention import build_plan, strided_backend, strided_forward
+from ebft.modeling.feature_network import FeatureNetwork
+from ebft.modeling.parts import backbone_of, output_head
 from ebft.strided.generate import generate_blocks, pack
-from ebft.strided.layout import build_layout
 
 ATOL = 1e-5
 VOCAB, WINDOW = 37, 4
@@ -285,8 +286,7 @@ def test_other_modes_score_tokens_with_the_models_own_logits(name):
 
     from ebft.data.collate import collate_documents
     from ebft.evaluate.strided import _token_ce
-    from ebft.structured.rollout import Sampling
-    from ebft.structured.sample import Sample
+    from ebft.structured.rollout import Sample, Sampling
     from ebft.structured.step import policy_logprobs
 
     model = build_model(name)

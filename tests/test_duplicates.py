@@ -12,9 +12,9 @@ import torch
 
 from ebft import features as feat
 from ebft import rewards
+from ebft.attention.strided import build_plan
 from ebft.data.collate import collate_documents
-from ebft.models import FeatureNetwork
-from ebft.strided.attention import build_plan
+from ebft.modeling.feature_network import FeatureNetwork
 from ebft.strided.generate import pack
 from ebft.strided.step import StridedSettings, layout_for, score_rollouts
 
@@ -42,7 +42,7 @@ def test_duplicate_sources_never_match_across_groups():
 
 
 def test_structured_copies_are_found_by_the_tokens_the_feature_network_reads():
-    from ebft.structured.sample import Sample
+    from ebft.structured.rollout import Sample
     from ebft.structured.scoring import duplicate_samples
 
     def sample(seq, feature_length):

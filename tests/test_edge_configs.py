@@ -92,7 +92,7 @@ def test_stop_token_id_outside_the_vocabulary_stops_train_before_any_weights_loa
 
 
 def test_stop_token_ids_inside_the_vocabulary_load(tmp_path, tiny_model_dir, tiny_tokenizer):
-    from ebft.models import load_tokenizer
+    from ebft.modeling.tokenizer import load_tokenizer
 
     last = len(tiny_tokenizer) - 1
     cfg = parse_config(_structured(tiny_model_dir, tmp_path, [0, last]))

@@ -228,7 +228,7 @@ def _oracle_ce(model, config: Path, indices: list[int]) -> float:
     """Token-weighted CE of the evaluated documents, one plain HF forward per document."""
     from ebft.config import load_config
     from ebft.data.load import load_strided_datasets
-    from ebft.models import load_tokenizer
+    from ebft.modeling.tokenizer import load_tokenizer
 
     cfg = load_config(config)
     rows = load_strided_datasets(cfg, load_tokenizer(cfg)).train

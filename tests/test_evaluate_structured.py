@@ -89,7 +89,7 @@ def _evaluate(config: Path, tmp_path: Path, *extra: str) -> dict:
 def _data(config: Path, **update):
     """The config's prompt rows as the training loader gives them (with ``update`` applied to the config)."""
     from ebft.config import load_config
-    from ebft.models import load_tokenizer
+    from ebft.modeling.tokenizer import load_tokenizer
 
     cfg = load_config(config).model_copy(update=update)
     return load_structured_datasets(cfg, load_tokenizer(cfg))
@@ -186,8 +186,7 @@ def test_alignment_reward_and_cfm_match_an_independent_recomputation(base_eval, 
     and recompute alignment, diversity, reward, best-of-n and the unbiased CFM from their definitions."""
     from ebft.config import load_config
     from ebft.structured.hf import HFGenerate
-    from ebft.structured.rollout import Sampling
-    from ebft.structured.sample import mix_seed
+    from ebft.structured.rollout import Sampling, mix_seed
 
     _tmp, config, report = base_eval
     cfg = load_config(config)

@@ -20,9 +20,9 @@ import yaml
 from conftest import stdlib_texts
 from fake_hub import FakeHub
 
-from ebft.card import render_card
 from ebft.cli import main
 from ebft.config import parse_config
+from ebft.deploy.card import render_card
 
 TOKENS = {"write-token": ("alice", "write"), "read-token": ("alice", "read")}
 
@@ -281,7 +281,7 @@ def test_missing_token_is_an_error_before_training(tmp_path, tiny_model_dir, tex
 def test_what_each_strategy_uploads_after_a_save(tmp_path, hub, strategy, expected):
     from huggingface_hub import HfApi
 
-    from ebft.hub import HubUpload
+    from ebft.deploy.hub import HubUpload
 
     checkpoint = tmp_path / "checkpoint-7"
     checkpoint.mkdir()
@@ -298,8 +298,8 @@ def test_what_each_strategy_uploads_after_a_save(tmp_path, hub, strategy, expect
 def test_upload_failures(tmp_path, hub, caplog):
     from huggingface_hub import HfApi
 
+    from ebft.deploy.hub import HubUpload
     from ebft.errors import EbftError
-    from ebft.hub import HubUpload
 
     (tmp_path / "checkpoint-1").mkdir()
     (tmp_path / "checkpoint-1" / "adapter_config.json").write_text("{}")

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
-from ebft.models import FeatureNetwork, prepare_policy
+from ebft.modeling.feature_network import FeatureNetwork
+from ebft.modeling.policy import prepare_policy
 
 
 def test_features_need_no_grad_with_gradient_checkpointing_and_equal_hidden_states():

@@ -24,7 +24,7 @@ from gguf_files import write_llama_gguf  # noqa: E402  (needs gguf)
 
 from ebft.cli import main  # noqa: E402
 from ebft.errors import ConfigError  # noqa: E402
-from ebft.gguf_cache import SOURCE_FILE, gguf_to_folder, local_model  # noqa: E402
+from ebft.modeling.source import SOURCE_FILE, gguf_to_folder, local_model
 
 SAMPLE = "def area(r):\n    return 3.14159 * r ** 2\n<|user|>\nwhat is this?</s>\n"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ebft.losses import token_logprobs
-from ebft.models import ScaledHead
+from ebft.modeling.parts import ScaledHead
 from ebft.sampling import truncation_keep
 
 

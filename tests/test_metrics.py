@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from ebft.errors import ConfigError
-from ebft.metrics import (
+from ebft.train.reporting import (
     MetricsLogger,
     Progress,
     RolloutLog,

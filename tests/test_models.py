@@ -8,7 +8,9 @@ from functools import partial
 import torch
 
 from ebft.config import parse_config
-from ebft.models import feature_network_for, load_policy, load_tokenizer
+from ebft.modeling.feature_network import feature_network_for
+from ebft.modeling.policy import load_policy
+from ebft.modeling.tokenizer import load_tokenizer
 
 
 def _lora_config(model_dir) -> object:

@@ -9,11 +9,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
-from ebft import packed as packing
-from ebft.models import FeatureNetwork
+from ebft.attention import packed as packing
+from ebft.modeling.feature_network import FeatureNetwork
 from ebft.structured.forward import training_backend, use_packed
-from ebft.structured.rollout import Sampling
-from ebft.structured.sample import Sample
+from ebft.structured.rollout import Sample, Sampling
 from ebft.structured.scoring import embed
 from ebft.structured.settings import StructuredSettings
 from ebft.structured.step import policy_logprobs

@@ -99,16 +99,15 @@ def test_interrupted_quickstart_says_to_run_it_again(tmp_path, monkeypatch, caps
     `ebft train` config to resume). The training phases are replaced so that only the orchestration runs."""
     import types
 
-    import ebft.quickstart.sft
-    import ebft.trainer
+    import ebft.quickstart.run
     from ebft.cli import main
     from ebft.errors import TrainingInterrupted
 
     def interrupted(cfg, console=None):
         raise TrainingInterrupted("interrupted at step 1; Resume with: ebft train <config> ...")
 
-    monkeypatch.setattr(ebft.quickstart.sft, "train_sft", lambda cfg, **_: types.SimpleNamespace(steps=10**9))
-    monkeypatch.setattr(ebft.trainer, "train", interrupted)
+    monkeypatch.setattr(ebft.quickstart.run, "train_sft", lambda cfg, **_: types.SimpleNamespace(steps=10**9))
+    monkeypatch.setattr(ebft.quickstart.run, "train", interrupted)
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--minutes", "0.1", "--model", "scratch"]) == 130
     err = capsys.readouterr().err

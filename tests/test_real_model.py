@@ -26,8 +26,9 @@ from ebft.cli import main
 from ebft.config import parse_config
 from ebft.data.collate import collate_documents
 from ebft.data.structured import prompt_row
-from ebft.gguf_cache import gguf_to_folder
-from ebft.models import FeatureNetwork, load_tokenizer
+from ebft.modeling.feature_network import FeatureNetwork
+from ebft.modeling.source import gguf_to_folder
+from ebft.modeling.tokenizer import load_tokenizer
 from ebft.strided.step import StridedSettings, count_targets, document_generators, strided_microbatch
 from ebft.structured.hf import HFGenerate
 from ebft.structured.step import StructuredSettings, loss_token_count, policy_logprobs, roll_out

@@ -131,7 +131,7 @@ def test_a_finished_run_can_be_extended(tmp_path, tiny_model_dir, data_file):
     ],
 )
 def test_checkpoint_due_hand_cases(step, total, save_steps, save_final, due):
-    from ebft.checkpoint import checkpoint_due
+    from ebft.train.checkpoint import checkpoint_due
 
     assert checkpoint_due(step, total, save_steps, save_final) is due
 

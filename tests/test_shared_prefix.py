@@ -12,12 +12,12 @@ from test_architectures import ARCHITECTURES, build_model
 from test_packed import _settings
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from ebft import packed as packing
-from ebft.models import FeatureNetwork, backbone_of
-from ebft.prefix_tree import prefix_tree
+from ebft.attention import packed as packing
+from ebft.attention.prefix_tree import prefix_tree
+from ebft.modeling.feature_network import FeatureNetwork
+from ebft.modeling.parts import backbone_of
 from ebft.structured.forward import predicting_states, training_backend, use_packed
-from ebft.structured.rollout import Sampling
-from ebft.structured.sample import Sample
+from ebft.structured.rollout import Sample, Sampling
 from ebft.structured.scoring import embed
 from ebft.structured.step import policy_logprobs
 

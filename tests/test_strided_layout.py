@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ebft.attention.strided_layout import build_layout, flex_block_mask, flex_mask_mod
 from ebft.losses import token_logprobs
 from ebft.strided.generate import generate_blocks, pack
-from ebft.strided.layout import build_layout, flex_block_mask, flex_mask_mod
 
 ATOL = 2e-5
 
@@ -212,7 +212,7 @@ def test_cached_generation_uses_the_current_cache_keyword(model):
     where the model takes ``cache=``, and must keep using it where that is all the model takes (5.0-5.23)."""
     import warnings
 
-    from ebft.models import cache_keyword
+    from ebft.modeling.parts import cache_keyword
 
     lay = _layout([9], 9, n=2, stride=3, ctx=2, g=3)
     with warnings.catch_warnings():
@@ -312,7 +312,7 @@ def test_top_p_logprobs_renormalise_over_the_nucleus(model):
 @pytest.mark.parametrize("chunk_queries", [1, 7, 256])
 def test_sparse_plan_attention_equals_dense_mask(model, chunk_queries):
     """The chunked ebft_strided attention gives the dense strided mask's hidden states and gradients."""
-    from ebft.strided.attention import build_plan, strided_backend, strided_forward
+    from ebft.attention.strided import build_plan, strided_backend, strided_forward
 
     lengths = [14, 9]
     ids, _ = _docs(lengths, seed=9)
@@ -340,7 +340,7 @@ def test_sparse_plan_attention_equals_dense_mask(model, chunk_queries):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_flex_plan_forward_equals_dense_mask(model):
     """The CUDA path's BlockMask (run here uncompiled, forward only) computes the same hidden states."""
-    from ebft.strided.attention import build_plan, strided_backend, strided_forward
+    from ebft.attention.strided import build_plan, strided_backend, strided_forward
 
     lengths = [14, 9]
     ids, _ = _docs(lengths, seed=9)

@@ -12,7 +12,7 @@ import torch
 
 from ebft import features as feat
 from ebft.data.collate import collate_documents
-from ebft.models import FeatureNetwork
+from ebft.modeling.feature_network import FeatureNetwork
 from ebft.strided.step import (
     StepTotals,
     StridedSettings,

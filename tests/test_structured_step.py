@@ -21,11 +21,10 @@ from ebft import features as feat
 from ebft import losses, rewards
 from ebft.config import TrlSection
 from ebft.data.structured import prompt_row
-from ebft.models import FeatureNetwork
+from ebft.modeling.feature_network import FeatureNetwork
 from ebft.sampling import truncation_keep
 from ebft.structured.hf import HFGenerate, cut_completion
-from ebft.structured.rollout import Completion, Sampling
-from ebft.structured.sample import Sample, loss_token_count
+from ebft.structured.rollout import Completion, Sample, Sampling, loss_token_count
 from ebft.structured.scoring import Scores, score
 from ebft.structured.settings import ADAPTIVE_FLOOR, StructuredSettings, completion_cap
 from ebft.structured.step import (

@@ -466,7 +466,7 @@ def _runner(tmp_path: Path, model_dir: Path, data: Path, async_prefetch: bool):
 
     from ebft.config import load_config
     from ebft.data.structured import load_structured_datasets
-    from ebft.models import feature_network_for
+    from ebft.modeling.feature_network import feature_network_for
     from ebft.structured.runner import StructuredRunner
 
     config = _config(
@@ -500,7 +500,7 @@ def _runner(tmp_path: Path, model_dir: Path, data: Path, async_prefetch: bool):
 
 
 def test_async_prefetch_gives_the_same_rollout_batches(tmp_path, tiny_model_dir, data_dir):
-    from ebft.checkpoint import TrainState
+    from ebft.train.checkpoint import TrainState
 
     outputs, states = {}, {}
     for prefetch in (False, True):

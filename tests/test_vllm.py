@@ -27,8 +27,10 @@ from launchers import train_on_two_processes
 from ebft.cli import main
 from ebft.errors import ConfigError
 from ebft.structured.rollout import Sampling
-from ebft.structured.vllm import VLLMBackend, VLLMClient, VLLMError, vllm_backend
-from ebft.vllm_serve import _run
+from ebft.vllm.backend import vllm_backend
+from ebft.vllm.client import VLLMClient, VLLMError
+from ebft.vllm.lora import VLLMBackend
+from ebft.vllm.serve import _run
 
 COMPLETIONS = "/v1/completions"
 

@@ -28,11 +28,11 @@ from safetensors.torch import load_file
 from ebft.cli import main
 from ebft.errors import ConfigError
 from ebft.structured.rollout import Sampling
-from ebft.structured.transport import GlooTransport, TransferError
-from ebft.structured.vllm import VLLMClient, VLLMError, VLLMSyncError
-from ebft.structured.vllm_weights import Collective, WeightSyncBackend
-from ebft.structured.weight_source import plan_chunks, policy_entries
-from ebft.structured.weight_transfer import WeightTransfer
+from ebft.vllm.client import VLLMClient, VLLMError, VLLMSyncError
+from ebft.vllm.transport import GlooTransport, TransferError
+from ebft.vllm.weight_source import plan_chunks, policy_entries
+from ebft.vllm.weight_transfer import WeightTransfer
+from ebft.vllm.weights import Collective, WeightSyncBackend
 
 GREEDY = Sampling(temperature=0.0)
 WEIGHT_ROUTES = ("/init_weight_transfer_engine", "/start_weight_update", "/update_weights", "/finish_weight_update")

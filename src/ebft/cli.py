@@ -10,7 +10,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ebft.config import config_warnings, dump_config, load_config
+from ebft.deploy.export import merge_lora
 from ebft.errors import EbftError, TrainingInterrupted
+from ebft.evaluate.output import render_table, write_json
+from ebft.evaluate.run import evaluate
+from ebft.quickstart.plot import plot_run
+from ebft.quickstart.run import DEFAULT_MINUTES, run_quickstart
+from ebft.train.loop import train
+from ebft.vllm.serve import vllm_serve
 
 log = logging.getLogger("ebft")
 
@@ -192,7 +200,6 @@ def _run(args, overrides: list[str]) -> int:
         if overrides:
             raise EbftError(f"ebft {args.command} takes no config overrides (got {' '.join(overrides)})")
         return _run_tool(args)
-    from ebft.config import config_warnings, dump_config, load_config
 
     cfg = load_config(args.config, overrides)
     for warning in config_warnings(cfg):
@@ -203,10 +210,7 @@ def _run(args, overrides: list[str]) -> int:
     if args.command == "evaluate":
         return _run_evaluate(args, cfg)
     if args.command == "vllm-serve":
-        from ebft.vllm_serve import vllm_serve
-
         return vllm_serve(cfg, print_command=args.print_command)
-    from ebft.trainer import train
 
     result = train(cfg, config_dir=Path(args.config).resolve().parent)
     log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
@@ -214,8 +218,6 @@ def _run(args, overrides: list[str]) -> int:
 
 
 def _run_evaluate(args, cfg) -> int:
-    from ebft.evaluate.output import render_table, write_json
-    from ebft.evaluate.run import evaluate
 
     result = evaluate(
         cfg,
@@ -234,13 +236,9 @@ def _run_evaluate(args, cfg) -> int:
 
 def _run_tool(args) -> int:
     if args.command == "merge-lora":
-        from ebft.export import merge_lora
-
         merge_lora(args.output_dir, args.out, base_model=args.base_model)
         return 0
     if args.command == "plot":
-        from ebft.quickstart.plot import plot_run
-
         paths = plot_run(args.run_dir, args.out)
         log.info("wrote %d plots to %s", len(paths), paths[0].parent if paths else args.out)
         return 0
@@ -248,7 +246,6 @@ def _run_tool(args) -> int:
     # demo's target is a small, possibly shared CPU machine); sleeping waits cost little on idle cores.
     # It only takes effect before torch is loaded, as in a fresh `ebft quickstart` process.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from ebft.quickstart.run import DEFAULT_MINUTES, run_quickstart
 
     minutes = DEFAULT_MINUTES if args.minutes is None else args.minutes
     result = run_quickstart(args.out, minutes, model=args.model)

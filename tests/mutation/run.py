@@ -35,7 +35,7 @@ WHOLE_MODULES = (
     "ebft.rewards",
     "ebft.losses",
     "ebft.strided.anchors",
-    "ebft.strided.layout",
+    "ebft.attention.strided_layout",
     "ebft.strided.step",
     "ebft.structured.scoring",
 )

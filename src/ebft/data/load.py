@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ebft.data.packing import end_documents, pack_documents
 from ebft.data.rows import ERROR, ROW, TOKEN_COLUMNS, apply_transform, block_errors
+from ebft.data.separator import document_separator
+from ebft.data.transforms import resolve_transform
 from ebft.errors import DataError
 
 if TYPE_CHECKING:
@@ -118,8 +121,6 @@ def load_strided_datasets(cfg, tokenizer, *, search_dir: str | Path | None = Non
     """
     from datasets import concatenate_datasets
 
-    from ebft.data.packing import end_documents, pack_documents
-
     skips = _Skips()
     parts = []
     for index, spec in enumerate(cfg.datasets):
@@ -155,7 +156,6 @@ def load_strided_datasets(cfg, tokenizer, *, search_dir: str | Path | None = Non
 
 def _separator(spec, index: int, options: dict, tokenizer):
     """The token that ends each document of ``spec`` (``ebft.data.separator``), logged."""
-    from ebft.data.separator import document_separator
 
     configured = getattr(spec, "document_separator", None)
     key = f"datasets.{index}.document_separator"
@@ -174,7 +174,6 @@ def _pretokenized(example: dict, tokenizer=None) -> dict:
 
 
 def _transform_for(spec, cfg, search_dir):
-    from ebft.data.transforms import resolve_transform
 
     type_name = getattr(spec, "type", None)
     if type_name is None:

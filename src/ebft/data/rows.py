@@ -11,6 +11,8 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Mapping, Sequence
 
+from ebft.strided.anchors import first_anchor, num_blocks
+
 ERROR = "_ebft_error"
 ROW = "_ebft_row"
 TOKEN_COLUMNS = ("input_ids", "labels", "prompt_length")
@@ -176,7 +178,6 @@ def block_errors(
     min_completion_prefix: int,
 ) -> list[str | None]:
     """Why each row has no strided block (None when it has at least one), per DESIGN 4 "Anchors"."""
-    from ebft.strided.anchors import first_anchor, num_blocks
 
     reasons: list[str | None] = []
     for length, prompt_length in zip(lengths, prompt_lengths, strict=False):

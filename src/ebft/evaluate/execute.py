@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ebft.evaluate import metrics as eval_metrics
+from ebft.evaluate.sandbox import run_code
 
 # Default wall-clock seconds for one completion's code and tests under --execute.
 EXEC_TIMEOUT = 3.0
@@ -62,7 +63,6 @@ def run_row_tests(
     The code is ``extract_code`` of the text; for a multi-turn row that text is the whole rolled-out rest
     of the conversation, so its first python block is what runs.
     """
-    from ebft.evaluate.sandbox import run_code
 
     def status(text: str) -> str:
         return run_code(extract_code(text), tests, timeout=timeout).status

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import torch
 
+from ebft.data.load import load_strided_datasets
+from ebft.data.structured import load_structured_datasets
 from ebft.errors import ConfigError, EbftError
+from ebft.modeling.policy import check_model_config, load_policy
+from ebft.modeling.tokenizer import load_tokenizer
 
 log = logging.getLogger("ebft")
 
@@ -51,7 +55,6 @@ def load_models(cfg, checkpoint: str | Path | None, device: torch.device):
     The feature source is always the base model's weights: the policy itself where they are shared
     (base, or LoRA under ``disable_adapter``), else a separately loaded base model.
     """
-    from ebft.models import check_model_config, load_policy, load_tokenizer
 
     check_model_config(cfg)
     if checkpoint is None:
@@ -84,11 +87,7 @@ def held_out_rows(cfg, tokenizer, split: str | None, config_dir: Path | None = N
     seed), else the datasets as written, with a warning that they may be the training data.
     ``config_dir``: where custom transform modules are looked up (as in training).
     """
-    if cfg.ebft.mode == "structured":
-        from ebft.data.structured import load_structured_datasets as load
-    else:
-        from ebft.data.load import load_strided_datasets as load
-
+    load = load_structured_datasets if cfg.ebft.mode == "structured" else load_strided_datasets
     if split is not None:
         specs = [spec.model_copy(update={"split": split}) for spec in cfg.datasets]
         data = load(cfg.model_copy(update={"datasets": specs, "val_set_size": 0.0}), tokenizer, search_dir=config_dir)

@@ -13,6 +13,11 @@ from ebft.evaluate.load import held_out_rows, load_models, spread_indices
 from ebft.evaluate.result import EvalResult
 from ebft.evaluate.strided import run_strided
 from ebft.evaluate.structured import run_structured
+from ebft.modeling.adapters import warm_start_critic
+from ebft.modeling.feature_network import feature_network_for
+from ebft.modeling.policy import load_warm_start
+from ebft.modeling.precision import autocast_dtype
+from ebft.train.reporting import Progress
 
 
 def evaluate(
@@ -28,8 +33,6 @@ def evaluate(
     description: str = "evaluate",
 ) -> EvalResult:
     """Evaluate ``cfg.base_model`` (or ``checkpoint``) on held-out rows; see the module docstring."""
-    from ebft import models
-    from ebft.metrics import Progress
 
     structured = cfg.ebft.mode == "structured"
     if execute and not structured:
@@ -53,12 +56,11 @@ def evaluate(
             f"ebft_opencode.transform; none of the {len(indices)} rows evaluated from the {source} has one"
         )
 
-    amp_dtype = models.autocast_dtype(cfg, device)
-    from ebft.adapters import load_warm_start, warm_start_critic
+    amp_dtype = autocast_dtype(cfg, device)
 
     if warm_start_critic(cfg):  # the run's critic: base + the lora_model_dir adapter, frozen
         feature_source = load_warm_start(cfg, tokenizer, device)
-    features = models.feature_network_for(cfg, feature_source, device, frozen_copy=warm_start_critic(cfg))
+    features = feature_network_for(cfg, feature_source, device, frozen_copy=warm_start_critic(cfg))
     del feature_source  # a separately loaded base model lives on only as the features' frozen copy
     policy.eval()
     with Progress(len(indices), description=description, console=console) as bar:

@@ -8,15 +8,17 @@ from contextlib import nullcontext
 
 import torch
 
+from ebft.data.collate import collate_documents
 from ebft.evaluate import metrics as eval_metrics
 from ebft.evaluate.result import ModeRun
+from ebft.losses import token_logprobs
+from ebft.modeling.parts import backbone_of, output_head
+from ebft.strided.step import StridedSettings, document_generators, roll_out, score_rollouts
 
 
 @torch.no_grad()
 def _token_ce(policy, batch, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced NLL per target: (nll [D, L-1], all-token mask, answer-token mask)."""
-    from ebft.losses import token_logprobs
-    from ebft.models import backbone_of, output_head
 
     mask_all, mask_answer = eval_metrics.next_token_masks(batch.lengths, batch.labels, batch.prompt_length)
     with autocast:
@@ -30,7 +32,6 @@ def _token_ce(policy, batch, autocast) -> tuple[torch.Tensor, torch.Tensor, torc
 @torch.no_grad()
 def score_batch(policy, features, batch, settings, *, generators, autocast_dtype=None) -> list[dict[str, float]]:
     """Per-document sums (``eval_metrics.SUM_KEYS``) for one collated batch of documents."""
-    from ebft.strided.step import roll_out, score_rollouts
 
     device = batch.input_ids.device
     r = roll_out(policy, batch, settings, generators=generators, autocast_dtype=autocast_dtype)
@@ -77,8 +78,6 @@ def score_batch(policy, features, batch, settings, *, generators, autocast_dtype
 
 
 def run_strided(cfg, rows, indices, tokenizer, policy, features, amp_dtype, bar) -> ModeRun:
-    from ebft.data.collate import collate_documents
-    from ebft.strided.step import StridedSettings, document_generators
 
     device = next(policy.parameters()).device
     settings = StridedSettings.from_config(cfg.ebft)

@@ -11,6 +11,13 @@ import torch
 from ebft.evaluate import metrics as eval_metrics
 from ebft.evaluate.execute import RowExecution, execution_metrics, run_row_tests
 from ebft.evaluate.result import ModeRun
+from ebft.rewards import reward_terms
+from ebft.structured.hf import HFGenerate
+from ebft.structured.rollout import mix_seed
+from ebft.structured.runner import FEATURE_BATCH
+from ebft.structured.scoring import duplicate_samples, embed_pairs
+from ebft.structured.settings import StructuredSettings
+from ebft.structured.step import ce_sequences, policy_logprobs, roll_out
 
 log = logging.getLogger("ebft")
 
@@ -27,7 +34,6 @@ def _ground_truth_nll(policy, rows, tokenizer, settings, autocast_dtype) -> list
     """Per row, teacher-forced on its ``ce_sequences`` reference (prompt + ground truth, + EOS on single-turn
     rows): the NLL of every target token 1..T-1 ``[T-1]``, and which targets are answer tokens ``[T-1]``
     bool (the training CE term's mask)."""
-    from ebft.structured.step import ce_sequences, policy_logprobs
 
     references = ce_sequences(rows, tokenizer, settings)
     every = [dataclasses.replace(q, loss_mask=[True] * len(q.sequence)) for q in references]
@@ -46,9 +52,6 @@ def score_prompts(
 ) -> list[dict[str, float]]:
     """Per-prompt sums (``eval_metrics.SUM_KEYS`` and ``STRUCTURED_SUM_KEYS``) of P prompt rows and their
     P x G samples in ``roll_out`` order (sample j of row p at p * G + j). One prompt is one "block"."""
-    from ebft.rewards import reward_terms
-    from ebft.structured.runner import FEATURE_BATCH
-    from ebft.structured.scoring import duplicate_samples, embed_pairs
 
     s, P, G = settings, len(rows), settings.num_generations
     pad = tokenizer.pad_token_id
@@ -119,10 +122,6 @@ STRUCTURED_NOTE = (
 
 
 def run_structured(cfg, rows, indices, tokenizer, policy, features, amp_dtype, bar, *, execute, timeout) -> ModeRun:
-    from ebft.structured.hf import HFGenerate
-    from ebft.structured.sample import mix_seed
-    from ebft.structured.settings import StructuredSettings
-    from ebft.structured.step import roll_out
 
     s = StructuredSettings.from_config(cfg, tokenizer.eos_token_id)
     G = s.num_generations

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ebft.evaluate.load import held_out_rows, load_models
+
 CONTEXT_LINES = 8  # lines of the prefix shown (the model sees all of it)
 
 
@@ -52,7 +54,6 @@ def example_blocks(
     """The example: the same held-out document, anchor and seeds for every model in ``checkpoints``
     (name -> checkpoint folder, None for the base model). Returns JSON-ready text. ``on_model`` is
     called after each model (a progress bar)."""
-    from ebft.evaluate.load import held_out_rows, load_models
 
     settings = eval_cfg.ebft
     n, g, temperature = settings.n_samples_per_prompt, settings.generate_max_len, settings.temperature

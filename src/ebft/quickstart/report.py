@@ -16,6 +16,7 @@ from pathlib import Path
 from ebft.evaluate.metrics import compare_paired
 from ebft.evaluate.output import METRICS, format_value, json_safe
 from ebft.quickstart.examples import render_html as render_example
+from ebft.quickstart.plot import plot_curves, plot_panels, read_metrics, series
 
 NAMES = {"base": "base", "sft": "SFT", "ebft": "EBFT"}
 # Held-out curves drawn for both runs: (metric, title).
@@ -102,7 +103,6 @@ def verdict_sentences(rows: Sequence[Mapping]) -> list[str]:
 
 def write_plots(out: Path, summary: Mapping, run_plots: Mapping[str, Sequence[Path]]) -> dict[str, str]:
     """Draw the report's figures into ``out/plots``; returns {name: path relative to out}."""
-    from ebft.quickstart.plot import plot_curves, plot_panels, read_metrics, series
 
     plots_dir = out / "plots"
     made: dict[str, Path] = {}

@@ -7,7 +7,7 @@ Phases (each with its own progress bar):
 2. base model: a byte-level BPE tokenizer and a small Llama trained from scratch with cross-entropy;
 3. fine-tuning from that base, on the same training documents in the same order, for the same number
    of optimizer steps with the same optimizer: (a) SFT (``quickstart.sft``), (b) strided EBFT
-   (``ebft.trainer.train``); both save a checkpoint at regular intervals;
+   (``ebft.train.loop.train``); both save a checkpoint at regular intervals;
 4. evaluation (``ebft.evaluate``) of base, SFT and EBFT on held-out files, and of every checkpoint on a
    smaller probe set for the curves;
 5. ``report.html``, ``summary.json`` and PNG plots.
@@ -28,10 +28,17 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ebft.config import dump_config, parse_config
 from ebft.errors import EbftError, TrainingInterrupted
-from ebft.gguf_cache import local_model
+from ebft.evaluate.output import write_json
+from ebft.evaluate.run import evaluate
+from ebft.modeling.source import local_model
+from ebft.quickstart import report
 from ebft.quickstart.corpus import stdlib_corpus, within_budget, write_jsonl
+from ebft.quickstart.examples import example_blocks
 from ebft.quickstart.model import BaseChoice, resolve_base
+from ebft.quickstart.plot import plot_run, require_pyplot
+from ebft.quickstart.scratch import build_model_dir
 from ebft.quickstart.settings import (
     EBFT,
     EBFT_RATIONALE,
@@ -39,6 +46,9 @@ from ebft.quickstart.settings import (
     PRETRAINED_RATIONALE,
     SCRATCH_FINETUNE,
 )
+from ebft.quickstart.sft import train_sft
+from ebft.train.loop import train
+from ebft.train.reporting import Progress
 
 log = logging.getLogger("ebft")
 
@@ -134,7 +144,6 @@ class Plan:
 
 
 def _config(base_model: Path, data: Path, output_dir: Path, **train_keys):
-    from ebft.config import parse_config
 
     raw = {
         "base_model": str(base_model),
@@ -237,15 +246,6 @@ def run_quickstart(
     import torch
     from rich.console import Console
 
-    from ebft.evaluate.output import write_json
-    from ebft.evaluate.run import evaluate
-    from ebft.metrics import Progress
-    from ebft.quickstart import report
-    from ebft.quickstart.examples import example_blocks
-    from ebft.quickstart.plot import plot_run, require_pyplot
-    from ebft.quickstart.sft import train_sft
-    from ebft.trainer import train
-
     require_pyplot()  # the report needs matplotlib: fail now with the install hint, not after minutes of training
 
     choice = resolve_base(model)
@@ -324,7 +324,6 @@ def run_quickstart(
         )
         configs = out / "configs"
         configs.mkdir(exist_ok=True)
-        from ebft.config import dump_config
 
         for name, cfg in (("pretrain", pre_cfg), ("finetune", ebft_cfg), ("evaluate", eval_cfg)):
             if cfg is not None:
@@ -418,9 +417,6 @@ def _scratch_base(out: Path, plan: Plan, seconds: dict, cpu_seconds: dict, conso
 
     Returns (base folder, (train data, held-out data, train files, all train files, held-out files),
     pretraining result, pretraining config)."""
-    from ebft.metrics import Progress
-    from ebft.quickstart.scratch import build_model_dir
-    from ebft.quickstart.sft import train_sft
 
     t0, c0 = time.perf_counter(), time.process_time()
     with Progress(2, description="corpus + tokenizer", console=console) as bar:

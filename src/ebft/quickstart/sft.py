@@ -19,7 +19,18 @@ from pathlib import Path
 
 import torch
 
-from ebft.trainer import TrainResult
+from ebft.config import dump_config
+from ebft.data.collate import collate_documents
+from ebft.data.load import load_strided_datasets
+from ebft.losses import token_logprobs
+from ebft.modeling.parts import backbone_of, output_head
+from ebft.modeling.policy import load_policy
+from ebft.modeling.precision import use_bf16
+from ebft.modeling.tokenizer import load_tokenizer
+from ebft.train.batches import global_micro_batches
+from ebft.train.loop import TrainResult
+from ebft.train.optim import build_optimizer, build_scheduler
+from ebft.train.reporting import MetricsLogger, Progress
 
 
 @dataclass
@@ -67,15 +78,6 @@ def train_sft(
     ``steps`` says how many optimizer steps were taken.
     """
     from accelerate.utils import set_seed
-
-    from ebft.config import dump_config
-    from ebft.data.collate import collate_documents
-    from ebft.data.load import load_strided_datasets
-    from ebft.loop import global_micro_batches
-    from ebft.losses import token_logprobs
-    from ebft.metrics import MetricsLogger, Progress
-    from ebft.models import backbone_of, load_policy, load_tokenizer, output_head, use_bf16
-    from ebft.trainer import build_optimizer, build_scheduler
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_seed(cfg.seed)

@@ -18,10 +18,10 @@ from contextlib import ExitStack
 
 import torch
 
-from ebft.models import backbone_of, cache_keyword, output_head
+from ebft.attention.strided import DecodePlan, DocumentPlan, MaskedQueries, strided_backend
+from ebft.attention.strided_layout import StridedLayout
+from ebft.modeling.parts import backbone_of, cache_keyword, output_head
 from ebft.sampling import sample_tokens
-from ebft.strided.attention import DecodePlan, DocumentPlan, MaskedQueries, strided_backend
-from ebft.strided.layout import StridedLayout
 
 
 @torch.no_grad()

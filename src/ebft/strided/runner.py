@@ -7,9 +7,9 @@ import math
 import torch
 
 from ebft.data.collate import collate_documents
-from ebft.distributed import Sharding
-from ebft.loop import StepOutput, global_micro_batches, reduce_sum
 from ebft.strided.step import StepTotals, StridedSettings, count_targets, document_generators, strided_microbatch
+from ebft.train.batches import StepOutput, global_micro_batches, reduce_sum
+from ebft.train.distributed import Sharding
 
 
 class StridedRunner:

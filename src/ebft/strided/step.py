@@ -14,14 +14,15 @@ import torch
 
 from ebft import features as feat
 from ebft import rewards
-from ebft.allocator import large_blocks_from_mmap
+from ebft.attention.strided import StridedPlan, build_plan, strided_backend, strided_forward
+from ebft.attention.strided_layout import StridedLayout, build_layout
 from ebft.data.collate import DocumentBatch
-from ebft.distributed import Sharding
 from ebft.losses import token_logprobs
-from ebft.models import FeatureNetwork, backbone_of, output_head
-from ebft.strided.attention import StridedPlan, build_plan, strided_backend, strided_forward
+from ebft.modeling.feature_network import FeatureNetwork
+from ebft.modeling.parts import backbone_of, output_head
 from ebft.strided.generate import generate_blocks, pack
-from ebft.strided.layout import StridedLayout, build_layout
+from ebft.train.allocator import large_blocks_from_mmap
+from ebft.train.distributed import Sharding
 
 
 @dataclass
@@ -242,7 +243,7 @@ def strided_microbatch(
     ``generators``: one per document (see ``generate_blocks``); the trainer derives them from the seed,
     the step and the document's place in the step, so rollouts are reproducible and independent of
     how the step is split into micro-batches. ``sharding``: how the policy runs under FSDP
-    (``ebft.distributed``); default unsharded.
+    (``ebft.train.distributed``); default unsharded.
     """
     device = batch.input_ids.device
     sharding = sharding or Sharding(policy)
@@ -334,7 +335,7 @@ def _policy_document(
 
     # The backend stays selected through backward: gradient checkpointing recomputes the layers there.
     with strided_backend(sharding.model):
-        with large_blocks_from_mmap():  # see ebft.allocator: what the forward keeps must not pin freed memory
+        with large_blocks_from_mmap():  # see ebft.train.allocator: what the forward keeps must not pin freed memory
             logp, ce_logp = sharding.grad_pass(forward)
         rl_sum = -(advantage[d, :, :, None].expand(n, K, g)[tok_valid].detach() * logp).sum()
         loss = s.rl_coef * rl_sum / max(totals.rl_tokens, 1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ebft.models import cache_keyword
+from ebft.modeling.parts import cache_keyword
 from ebft.structured.rollout import Sampling
 
 # generation_config settings under which transformers' generate would change the logits; a model that sets

@@ -1,7 +1,7 @@
 """The policy's hidden states at the positions that predict loss tokens, padded or packed.
 
 Padded: the views are right-padded to the longest one, [V, W] tokens go through the body. Packed
-(``ebft.packed``): the views share one row in which each common prefix (a prompt read by its n samples)
+(``ebft.attention.packed``): the views share one row in which each common prefix (a prompt read by its n samples)
 is stored once and every view attends to its own path only, so neither padding nor a repeated prompt
 costs anything. Both return the same rows in the same order;
 packing is used whenever the model's attention is one the packed backend reproduces exactly.
@@ -13,9 +13,9 @@ from contextlib import nullcontext
 
 import torch
 
-from ebft import packed as packing
-from ebft.models import backbone_of
-from ebft.structured.sample import right_padded
+from ebft.attention import packed as packing
+from ebft.modeling.parts import backbone_of
+from ebft.structured.rollout import right_padded
 
 
 def use_packed(model: torch.nn.Module) -> bool:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from ebft.data.structured import PromptRow
 from ebft.structured.chat import conversation_tokens, render_prompt_ids
-from ebft.structured.rollout import Completion, RolloutBackend
-from ebft.structured.sample import Sample, mix_seed
+from ebft.structured.rollout import Completion, RolloutBackend, Sample, mix_seed
 from ebft.structured.settings import StructuredSettings, completion_cap
 
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from ebft.distributed import Sharding
-from ebft.loop import StepOutput, global_micro_batches, reduce_sum
 from ebft.losses import LossNorm
-from ebft.structured.sample import Sample, loss_token_count, mix_seed
+from ebft.structured.rollout import Sample, loss_token_count, mix_seed
 from ebft.structured.scoring import score
 from ebft.structured.settings import StructuredSettings
 from ebft.structured.step import RolloutBuffer, microbatch, old_logprobs, roll_out
+from ebft.train.batches import StepOutput, global_micro_batches, reduce_sum
+from ebft.train.distributed import Sharding
 
 # Sequences per feature-network forward when scoring a rollout batch.
 FEATURE_BATCH = 16

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from ebft import features as feat
-from ebft import packed as packing
 from ebft import rewards
+from ebft.attention import packed as packing
 from ebft.data.structured import PromptRow
-from ebft.models import FeatureNetwork
+from ebft.modeling.feature_network import FeatureNetwork
 from ebft.structured.forward import use_packed
-from ebft.structured.sample import Sample, right_padded
+from ebft.structured.rollout import Sample, right_padded
 from ebft.structured.settings import StructuredSettings
 
 
@@ -45,7 +45,7 @@ def embed(
 ) -> torch.Tensor:
     """Pooled features of whole sequences: N token lists -> [N, E] (float32, on the features' device).
 
-    ``packed``: each chunk runs as one padding-free row (``ebft.packed``); None: whenever that is exact.
+    ``packed``: each chunk runs as one padding-free row (``ebft.attention.packed``); None: whenever that is exact.
     ``share_prefixes``: in that row each common prefix (a prompt's samples) is computed once.
     """
     out = []

@@ -15,15 +15,14 @@ import torch
 
 from ebft import losses
 from ebft.data.structured import PromptRow
-from ebft.distributed import Sharding
-from ebft.models import output_head
+from ebft.modeling.parts import output_head
 from ebft.structured.chat import conversation_tokens
 from ebft.structured.forward import predicting_states, training_backend
 from ebft.structured.multiturn import roll_out_conversations
-from ebft.structured.rollout import Completion, RolloutBackend
-from ebft.structured.sample import Sample, loss_token_count, loss_views
+from ebft.structured.rollout import Completion, RolloutBackend, Sample, loss_token_count, loss_views
 from ebft.structured.scoring import Scores
 from ebft.structured.settings import StructuredSettings, completion_cap
+from ebft.train.distributed import Sharding
 
 # ---------------------------------------------------------------------------------------------
 # Rollouts
@@ -205,7 +204,7 @@ def microbatch(
     backward and returns summed quantities for the step's metrics.
 
     Loss = rl_coef * aggregated clipped surrogate + ce_coef * CE (token mean over the step).
-    ``sharding``: how the policy runs under FSDP (``ebft.distributed``); default unsharded.
+    ``sharding``: how the policy runs under FSDP (``ebft.train.distributed``); default unsharded.
     """
     sharding = sharding or Sharding(model)
     sums: dict[str, float] = {}

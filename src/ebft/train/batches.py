@@ -1,4 +1,4 @@
-"""Small pieces shared by the training loop (``ebft.trainer``) and the per-mode runners."""
+"""Small pieces shared by the training loop (``ebft.train.loop``) and the per-mode runners."""
 
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ebft import distributed
 from ebft.errors import ConfigError
+from ebft.train import distributed
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

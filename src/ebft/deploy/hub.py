@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
+from ebft.config.deploy import uploads
 from ebft.errors import ConfigError, EbftError
+from ebft.train.batches import reduce_sum
 
 log = logging.getLogger("ebft")
 
@@ -88,7 +90,6 @@ def prepare_upload(cfg, accelerator) -> HubUpload | None:
 
     Every process learns whether the main process's checks passed, so none of them goes on alone.
     """
-    from ebft.config.deploy import uploads
 
     if not uploads(cfg):
         return None
@@ -99,8 +100,6 @@ def prepare_upload(cfg, accelerator) -> HubUpload | None:
         except ConfigError as exc:
             failure = exc
     if accelerator.num_processes > 1:
-        from ebft.loop import reduce_sum
-
         failed = reduce_sum(accelerator, torch.tensor([float(failure is not None)], device=accelerator.device))
         if failed.item() > 0 and failure is None:
             failure = ConfigError("hub_model_id: the Hub checks failed on the main process (see its error)")

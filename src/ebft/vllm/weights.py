@@ -3,8 +3,8 @@
 Used with ``trl.use_vllm: true`` and ``trl.vllm_lora_sync: false``: full fine-tuning, or LoRA sent as merged
 weights. Requests name the served base model; what it computes with is whatever the last sync sent.
 
-* ``sync`` sends the weights (``ebft.structured.weight_source``) with vLLM's weight-transfer protocol
-  (``ebft.structured.weight_transfer``) on its first call, whatever the step (the server may hold a
+* ``sync`` sends the weights (``ebft.vllm.weight_source``) with vLLM's weight-transfer protocol
+  (``ebft.vllm.weight_transfer``) on its first call, whatever the step (the server may hold a
   previous run's weights, and a resumed policy is not the base), then every ``sync_interval`` steps.
 * Only the main process (``transfer`` given) sends. Under several processes every process calls ``sync``
   at the same steps; ``collective`` lines them up and hands the main process's outcome to all, so a
@@ -28,11 +28,12 @@ from typing import Any
 import torch
 
 from ebft.errors import ConfigError
-from ebft.gguf_cache import local_model
+from ebft.modeling.source import local_model
 from ebft.structured.rollout import Completion, Sampling
-from ebft.structured.vllm import VLLMClient, VLLMError, VLLMSyncError, sample
-from ebft.structured.weight_source import policy_entries
-from ebft.structured.weight_transfer import WeightTransfer
+from ebft.vllm.client import VLLMClient, VLLMError, VLLMSyncError, sample
+from ebft.vllm.transport import GlooTransport, NcclTransport
+from ebft.vllm.weight_source import policy_entries
+from ebft.vllm.weight_transfer import WeightTransfer
 
 log = logging.getLogger("ebft")
 
@@ -136,10 +137,8 @@ def _served_model(cfg) -> tuple[torch.dtype | None, int | None]:
 
 
 def weight_sync_backend(cfg, sampling: Sampling, client: VLLMClient, gathered) -> WeightSyncBackend:
-    """The backend of ``cfg`` (full-weight sync) on ``client``'s server; see ``ebft.structured.vllm.vllm_backend``."""
+    """The backend of ``cfg`` (full-weight sync) on ``client``'s server; see ``ebft.vllm.backend.vllm_backend``."""
     from accelerate import PartialState
-
-    from ebft.structured.transport import GlooTransport, NcclTransport
 
     state, v = PartialState(), cfg.vllm
     transfer = None

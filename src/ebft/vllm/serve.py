@@ -34,7 +34,9 @@ import signal
 import subprocess
 import sys
 
+from ebft.config import vllm_serve_address
 from ebft.errors import ConfigError, EbftError
+from ebft.modeling.source import local_model
 
 # The values vLLM accepts for --max-lora-rank (its LoRAConfig.max_lora_rank choices, 0.10 onwards).
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -63,8 +65,6 @@ def max_lora_rank(lora_r: int) -> int:
 
 def serve_command(cfg) -> list[str]:
     """The argv that starts vLLM's OpenAI-compatible server for ``cfg`` (run with ``serve_env(cfg)`` set)."""
-    from ebft.config import vllm_serve_address
-    from ebft.gguf_cache import local_model
 
     host, port = vllm_serve_address(cfg)
     v = cfg.vllm

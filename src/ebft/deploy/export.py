@@ -16,8 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ebft.config import load_config
+from ebft.deploy.card import write_card
+from ebft.deploy.hub import prepare_upload
 from ebft.errors import ConfigError
-from ebft.gguf_cache import local_model
+from ebft.modeling.adapters import load_adapter, read_adapter_config
+from ebft.modeling.source import local_model
 
 log = logging.getLogger("ebft")
 
@@ -33,8 +37,6 @@ def merge_lora(run_dir: str | Path, out: str | Path | None = None, *, base_model
     saved in the dtype the base was stored in. Returns the output folder (default ``run_dir/merged``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from ebft.adapters import load_adapter, read_adapter_config
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -65,8 +67,6 @@ def merge_lora(run_dir: str | Path, out: str | Path | None = None, *, base_model
     merged.save_pretrained(target)
     tokenizer.save_pretrained(target)
     if cfg is not None:
-        from ebft.card import write_card
-
         write_card(target, cfg, kind="merged", metrics=last_logged(run if (run / "metrics.jsonl").exists() else None))
     log.info("merged %s into %s: %s", run, base, target)
     return target
@@ -80,7 +80,6 @@ def _stored_dtype(config) -> torch.dtype:
 
 
 def _run_config(run: Path):
-    from ebft.config import load_config
 
     for folder in (run, run.parent):
         if (folder / "config.yaml").is_file():
@@ -101,7 +100,6 @@ class RunExport:
     """The trainer's deployment hooks; see the module docstring. Only the main process writes or uploads."""
 
     def __init__(self, cfg, accelerator):
-        from ebft.hub import prepare_upload
 
         self.cfg = cfg
         self.is_main = accelerator.is_main_process
@@ -114,7 +112,6 @@ class RunExport:
     def finish(self, out_dir: Path, steps: int, metrics: dict[str, float]) -> None:
         if not self.is_main:
             return
-        from ebft.card import write_card
 
         kind = "adapter" if self.cfg.adapter is not None else "full"
         write_card(out_dir, self.cfg, kind=kind, metrics={"step": steps, **metrics})

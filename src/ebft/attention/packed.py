@@ -2,7 +2,7 @@
 
 A micro-batch of sequences of different lengths padded to its longest member spends the padding's share
 of every linear layer and attention on nothing, and the n completions of a prompt each recompute the same
-prompt. Packed, the N sequences become one row holding each shared prefix once (``ebft.prefix_tree``):
+prompt. Packed, the N sequences become one row holding each shared prefix once (``ebft.attention.prefix_tree``):
 P prompts x n completions cost P x (Lp + n x C) token-forwards instead of P x n x (Lp + C). Each run of
 tokens in the row (a tree node) keeps the position ids it has in its sequences, and the ``ebft_packed``
 attention lets its queries see the whole of every node before it on its path plus its own keys
@@ -12,7 +12,7 @@ active, a shared prefix draws one dropout mask for all its sequences where copie
 the same expected gradient, correlated across those sequences.)
 
 The backend plugs into transformers through its public ``AttentionInterface``; the plan travels to every
-layer as the ``ebft_packed`` keyword of the forward call (as ``ebft.strided.attention`` does).
+layer as the ``ebft_packed`` keyword of the forward call (as ``ebft.attention.strided`` does).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from ebft.prefix_tree import prefix_tree, separate
+from ebft.attention.prefix_tree import prefix_tree, separate
 
 NAME = "ebft_packed"
 

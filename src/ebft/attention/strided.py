@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ebft.strided.kernels import attend, causal_window_mask, softcap, window_mask
-from ebft.strided.layout import StridedLayout
+from ebft.attention.kernels import attend, causal_window_mask, softcap, window_mask
+from ebft.attention.strided_layout import StridedLayout, flex_block_mask
 
 NAME = "ebft_strided"
 # Generated queries per chunk: the chunk re-reads the document prefix once, so larger chunks read it
 # fewer times but attend over more of their own (mostly masked) generated keys. ~256 balances the two.
 CHUNK_QUERIES = 256
 # Attention-function keywords of transformers models that change the result and are not implemented
-# here; ``ebft.strided.architecture`` refuses such models at load time, this is the last line of defence.
+# here; ``ebft.attention.support`` refuses such models at load time, this is the last line of defence.
 UNSUPPORTED_KWARGS = {"s_aux": "attention sinks (GPT-OSS `sinks`)"}
 
 
@@ -117,8 +117,6 @@ class StridedPlan:
 
     def block_mask(self, window: int | None):
         if window not in self.block_masks:
-            from ebft.strided.layout import flex_block_mask
-
             self.block_masks[window] = flex_block_mask(self.flex_layout, window)
         return self.block_masks[window]
 

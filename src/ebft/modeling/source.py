@@ -225,3 +225,13 @@ def _drop_unlisted_tokens(key: str, file: Path, folder: Path, vocab: int):
             "the extra ones have no embeddings"
         )
     return tokenizer
+
+
+def require_local_folder(key: str, source: str) -> None:
+    """A path that can only be local and is not a folder: say so, instead of the hub's repo-id complaint."""
+    local = Path(source).expanduser()
+    if local.is_dir() or not (source.startswith(("/", ".", "~")) or local.exists()):
+        return
+    if local.exists():
+        raise ConfigError(f"{key}: {source!r} is a file, not a model folder")
+    raise ConfigError(f"{key}: no such folder {source!r}")

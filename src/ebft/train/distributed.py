@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ebft.errors import ConfigError
+from ebft.modeling.parts import backbone_of
 
 
 class ShardedPolicy(nn.Module):
@@ -103,8 +104,6 @@ def shard(
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
-    from ebft.models import backbone_of
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     layers = getattr(backbone_of(model), "layers", None)

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ebft.strided.kernels import window_mask
+from ebft.attention.kernels import window_mask
+from ebft.strided.anchors import block_anchors
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,6 @@ def build_layout(
 
     lengths: [D] real tokens per document; prompt_length: [D], -1 where the row has no prompt.
     """
-    from ebft.strided.anchors import block_anchors
 
     has_prompt = prompt_length >= 0
     first = torch.where(

@@ -2,7 +2,7 @@
 
 The server (``ebft vllm-serve`` with ``trl.vllm_lora_sync: false``: ``--weight-transfer-config
 '{"backend": "nccl"}'`` and ``VLLM_SERVER_DEV_MODE=1``) exposes HTTP control routes; the tensors travel
-over a process group of their own (``ebft.structured.transport``), the trainer's main process being rank 0:
+over a process group of their own (``ebft.vllm.transport``), the trainer's main process being rank 0:
 
 1. ``GET /get_world_size`` gives the server's worker count W; the group has 1 + W ranks.
 2. ``POST /init_weight_transfer_engine {"init_info": {<rendezvous>, "rank_offset": 1, "world_size": 1 + W,
@@ -27,9 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ebft.errors import EbftError
-from ebft.structured.transport import TransferError
-from ebft.structured.vllm import VLLMClient, VLLMError
-from ebft.structured.weight_source import Entry, plan_chunks
+from ebft.vllm.client import VLLMClient, VLLMError
+from ebft.vllm.transport import TransferError
+from ebft.vllm.weight_source import Entry, plan_chunks
 
 _START_HINT = (
     "start the server with `ebft vllm-serve CFG` and the same config: with trl.vllm_lora_sync: false it sets "

@@ -1,9 +1,9 @@
 """Which model architectures strided mode computes exactly (DESIGN 6c), decided from the HF config alone.
 
-The packed strided row runs every attention layer through ``ebft.strided.attention``, which applies what
+The packed strided row runs every attention layer through ``ebft.attention.strided``, which applies what
 transformers' attention modules pass it: the layer's scaling, its sliding window (per layer, so models
 that alternate local and global layers are exact), attention logit soft-capping and grouped-query
-attention; ``ebft.models.output_head`` applies the logit scaling and final soft-capping that follow the
+attention; ``ebft.modeling.parts.output_head`` applies the logit scaling and final soft-capping that follow the
 LM head (Cohere, Granite, Gemma). Anything else that changes
 what the model computes from a prefix is refused here, before any weights load, naming the config key.
 

@@ -15,25 +15,34 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
-import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ebft import checkpoint as ckpt
-from ebft import distributed
-from ebft.adapters import warm_start_critic
 from ebft.config import TrainConfig, dump_config
+from ebft.data.load import load_strided_datasets
+from ebft.data.structured import load_structured_datasets
+from ebft.deploy.export import RunExport
 from ebft.errors import ConfigError, EbftError, PolicySyncError, TrainingInterrupted
-from ebft.export import RunExport
-from ebft.loop import reduce_step_sums, reduce_sum
-from ebft.metrics import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
-from ebft.models import autocast_dtype, check_model_config, feature_network_for, load_policy, load_tokenizer
+from ebft.modeling.adapters import warm_start_critic
+from ebft.modeling.feature_network import feature_network_for
+from ebft.modeling.policy import check_model_config, load_policy
+from ebft.modeling.precision import autocast_dtype
+from ebft.modeling.tokenizer import load_tokenizer
+from ebft.strided.runner import StridedRunner
+from ebft.structured.hf import HFGenerate
+from ebft.structured.rollout import Sampling
+from ebft.structured.runner import StructuredRunner
+from ebft.train import checkpoint as ckpt
+from ebft.train import distributed
+from ebft.train.batches import reduce_step_sums, reduce_sum
+from ebft.train.optim import build_optimizer, build_scheduler
+from ebft.train.reporting import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
+from ebft.train.signals import stop_on_signals
+from ebft.vllm.backend import vllm_backend
 
 log = logging.getLogger("ebft")
 
@@ -63,54 +72,6 @@ class Window:
             else:
                 self.sums[key] = self.sums.get(key, 0.0) + value
         self.steps += 1
-
-
-def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(
-        params,
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-        weight_decay=cfg.weight_decay,
-        fused=cfg.optimizer == "adamw_torch_fused",
-    )
-
-
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    from transformers import get_scheduler
-
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil((cfg.warmup_ratio or 0.0) * total_steps)
-    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-@contextmanager
-def stop_on_signals():
-    """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second exits at once."""
-    requested: list[int] = []
-
-    def handler(signum, _frame):
-        if requested:
-            sys.stderr.write("second signal: exiting now without saving\n")
-            sys.stderr.flush()
-            import os
-
-            os._exit(128 + signum)
-        requested.append(signum)
-        sys.stderr.write("stopping after this step; a checkpoint will be saved (signal again to exit at once)\n")
-
-    previous = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: leave signal handling to the caller
-        previous = {}
-    try:
-        yield requested
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def _all_reduce_grads(accelerator, params: list[torch.nn.Parameter]) -> None:
@@ -400,11 +361,9 @@ def _build(cfg: TrainConfig, tokenizer, accelerator, config_dir: Path | None):
     weights, also on resume) and before FSDP shards the policy (sharded modules cannot be copied)."""
     device = accelerator.device
     if cfg.ebft.mode == "strided":
-        from ebft.data.load import load_strided_datasets as load_data
-        from ebft.strided.runner import StridedRunner as Runner
+        load_data, Runner = load_strided_datasets, StridedRunner
     else:
-        from ebft.data.structured import load_structured_datasets as load_data
-        from ebft.structured.runner import StructuredRunner as Runner
+        load_data, Runner = load_structured_datasets, StructuredRunner
     data = load_data(cfg, tokenizer, search_dir=config_dir)
     model = load_policy(cfg, tokenizer, device)
     features = feature_network_for(cfg, model, device, frozen_copy=warm_start_critic(cfg))
@@ -434,20 +393,14 @@ def _build(cfg: TrainConfig, tokenizer, accelerator, config_dir: Path | None):
 
 
 def _rollout_backend(cfg: TrainConfig, model, tokenizer, sharding):
-    from ebft.structured.rollout import Sampling
-
     sampling = Sampling.from_trl(cfg.trl, tokenizer.eos_token_id)
     if not cfg.trl.use_vllm:
-        from ebft.structured.hf import HFGenerate
-
         return HFGenerate(
             model,
             sampling=sampling,
             pad_token_id=tokenizer.pad_token_id,
             autocast_dtype=autocast_dtype(cfg, next(model.parameters()).device),
         )
-    from ebft.structured.vllm import vllm_backend
-
     return vllm_backend(cfg, sampling, gathered=sharding.gathered)
 
 

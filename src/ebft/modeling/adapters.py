@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ebft.errors import ConfigError
+from ebft.modeling.precision import use_bf16
 
 log = logging.getLogger("ebft")
 
@@ -38,8 +39,6 @@ def quantisation_kwargs(cfg, device: torch.device) -> dict:
     except ImportError as exc:
         raise ConfigError(f"{key}: needs {QUANTISATION_NEEDS}; it is not installed") from exc
     from transformers import BitsAndBytesConfig
-
-    from ebft.models import use_bf16
 
     if cfg.load_in_4bit:
         compute = torch.bfloat16 if use_bf16(cfg.bf16, device) else torch.float32
@@ -215,10 +214,3 @@ def _selected_modules(model: nn.Module, lora) -> set[str]:
 def warm_start_critic(cfg) -> bool:
     """Whether the feature network is the warm-started model itself (``ebft.feature_network: warm_start``)."""
     return cfg.adapter is not None and cfg.lora_model_dir is not None and cfg.ebft.feature_network == "warm_start"
-
-
-def load_warm_start(cfg, tokenizer, device: torch.device) -> nn.Module:
-    """Base + the ``lora_model_dir`` adapter as saved, for a frozen warm-start feature network."""
-    from ebft.models import load_policy
-
-    return load_policy(cfg.model_copy(update={"gradient_checkpointing": False}), tokenizer, device)

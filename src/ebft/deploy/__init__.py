@@ -1,0 +1,1 @@
+"""What a run hands over: the merged model, the run card and the Hub upload."""

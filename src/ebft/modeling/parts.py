@@ -1,0 +1,56 @@
+"""The parts of a causal LM that ebft drives itself: the decoder body, the output head (with what the
+model does to its logits after it), and the keyword its forward takes the KV cache under."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from ebft.errors import ConfigError
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer body (embeddings, layers, final norm) of a causal LM or its PEFT wrapper."""
+    body = model.get_decoder()
+    if body is None or body is model:
+        raise ConfigError(f"{type(model).__name__} exposes no decoder body (get_decoder()); it cannot be used")
+    return body
+
+
+class ScaledHead(nn.Module):
+    """The LM head followed by what the causal LM does to its logits after it: a constant factor (Cohere
+    ``logit_scale``, Granite 1 / ``logits_scaling``), then soft-capping (Gemma-2/3 ``final_logit_softcapping``:
+    cap * tanh(logits / cap))."""
+
+    def __init__(self, head: nn.Module, scale: float, cap: float | None):
+        super().__init__()
+        self.head, self.scale, self.cap = head, scale, cap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.cap is not None:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    """hidden [..., H] -> logits [..., V] exactly as the causal LM computes them from its last hidden state."""
+    head = model.get_output_embeddings()
+    text = model.config.get_text_config()
+    scale = 1.0
+    if getattr(text, "logit_scale", None) is not None:
+        scale *= text.logit_scale
+    if getattr(text, "logits_scaling", None) is not None:
+        scale /= text.logits_scaling
+    cap = getattr(text, "final_logit_softcapping", None)
+    return head if scale == 1.0 and cap is None else ScaledHead(head, scale, cap)
+
+
+def cache_keyword(body: nn.Module) -> str:
+    """The name under which ``body.forward`` takes the KV cache: ``cache`` since transformers 5.24
+    (``past_key_values`` is deprecated there, removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"

@@ -1,0 +1,92 @@
+"""The policy: a causal LM loaded from the config (full weights or LoRA, optionally quantised), and the checks
+that need only its config.json."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from ebft.attention.support import check_strided_architecture
+from ebft.errors import ConfigError
+from ebft.modeling.adapters import (
+    add_adapter,
+    check_adapter_source,
+    keep_4bit_layers_differentiable,
+    quantisation_kwargs,
+)
+from ebft.modeling.precision import policy_dtype
+from ebft.modeling.source import local_model, require_local_folder
+
+log = logging.getLogger("ebft")
+
+
+def check_model_config(cfg) -> None:
+    """Checks that need only the model's config.json, run before any data or weights load."""
+    from transformers import AutoConfig
+
+    source = local_model(cfg.base_model)
+    require_local_folder("base_model", source)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"base_model: cannot load the config of {source!r}: {type(exc).__name__}: {exc}") from exc
+    if cfg.ebft.mode == "strided":
+        check_strided_architecture(config)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    # Packed strided rows reuse the document's positions (a rollout token takes c_k + t < sequence_len).
+    if max_pos is not None and cfg.sequence_len > max_pos:
+        raise ConfigError(f"sequence_len: {cfg.sequence_len} exceeds the model's max_position_embeddings ({max_pos})")
+
+    check_adapter_source(cfg)
+
+
+def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
+    """The trainable model: full weights, or a PEFT LoRA wrapper over frozen base weights."""
+    from transformers import AutoModelForCausalLM
+
+    source = local_model(cfg.base_model)
+    require_local_folder("base_model", source)
+    quantised = quantisation_kwargs(cfg, device)
+    try:
+        # No attn_implementation: transformers then takes SDPA, or eager where the architecture has no
+        # SDPA path (Gemma-2's soft-capping). Strided passes swap in their own backend (strided.attention).
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=policy_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code, **quantised
+        )
+    # RuntimeError: weights whose shapes do not match config.json; SafetensorError: a truncated or
+    # corrupt weights file (an interrupted download).
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise ConfigError(f"base_model: cannot load {source!r}: {type(exc).__name__}: {exc}") from exc
+    if quantised:
+        keep_4bit_layers_differentiable(model)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return prepare_policy(model, cfg, device)
+
+
+def prepare_policy(model: nn.Module, cfg, device: torch.device) -> nn.Module:
+    """A loaded causal LM made into the config's policy: gradient checkpointing, LoRA (fresh, or
+    ``lora_model_dir``'s) when ``adapter`` is set, on ``device``. (``load_policy`` ends here; benchmarks that
+    build a model from a config in memory start here.) The config's ``use_cache`` is left as the model has
+    it, so a saved model is what users load for inference; every forward in ebft passes ``use_cache`` itself."""
+    if cfg.gradient_checkpointing:
+        kwargs = dict(cfg.gradient_checkpointing_kwargs or {})
+        kwargs.setdefault("use_reentrant", False)
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if cfg.adapter is not None:
+        model = add_adapter(cfg, model)
+        if cfg.gradient_checkpointing and kwargs.get("use_reentrant"):
+            model.enable_input_require_grads()
+    return model.to(device)
+
+
+def load_warm_start(cfg, tokenizer, device: torch.device) -> nn.Module:
+    """Base + the ``lora_model_dir`` adapter as saved, for a frozen warm-start feature network."""
+
+    return load_policy(cfg.model_copy(update={"gradient_checkpointing": False}), tokenizer, device)
