@@ -69,8 +69,8 @@ class HFGenerate:
     Where ``decode.generate_reason`` finds nothing against it (no repetition penalty, no logit-changing
     generation config, a cache it can repeat and shrink) the same draws come from
     ``decode.shared_prefill_generate`` instead: one prefill per prompt, finished rows leave the batch. The
-    choice is made once, here, and logged. Log-probs are not reported; the trainer scores completions with the policy itself (the sampler *is*
-    the policy here).
+    choice is made once, here, and logged. Log-probs are not reported; the trainer scores completions with
+    the policy itself (the sampler *is* the policy here).
     """
 
     def __init__(
