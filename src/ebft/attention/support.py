@@ -1,4 +1,4 @@
-"""Which model architectures strided mode computes exactly (DESIGN 6c), decided from the HF config alone.
+"""Which model architectures each mode computes exactly (DESIGN 6c, 6d), decided from the HF config alone.
 
 The packed strided row runs every attention layer through ``ebft.attention.strided``, which applies what
 transformers' attention modules pass it: the layer's scaling, its sliding window (per layer, so models
@@ -8,12 +8,18 @@ LM head (Cohere, Granite, Gemma). Anything else that changes
 what the model computes from a prefix is refused here, before any weights load, naming the config key.
 
 ``VERIFIED`` are the model types that ``tests/test_architectures.py`` checks against per-block forwards.
+
+Structured mode runs every causal LM: its feature and policy passes pack sequences into one row only where
+``ebft.attention.packed.unsupported_reason`` finds nothing against it, and run the model's own forward over
+padded sequences otherwise (recurrent and hybrid models, sliding windows, soft-capping); ``log_structured_passes``
+says which, and why, once at set-up.
 """
 
 from __future__ import annotations
 
 import logging
 
+from ebft.attention.packed import unsupported_reason
 from ebft.errors import ConfigError
 
 log = logging.getLogger("ebft")
@@ -67,7 +73,8 @@ def check_strided_architecture(config) -> None:
         raise ConfigError(
             f"base_model: ebft.mode strided cannot compute this {model_type!r} model exactly: "
             + "; ".join(problems)
-            + ". Use ebft.mode: structured, or a model of a supported architecture (README, Supported architectures)"
+            + ". "
+            + _what_works(config)
         )
     if model_type not in VERIFIED:
         log.warning(
@@ -76,3 +83,25 @@ def check_strided_architecture(config) -> None:
             model_type,
             ", ".join(VERIFIED),
         )
+
+
+def _what_works(config) -> str:
+    """What to use instead of strided mode for a model it refuses."""
+    if getattr(config.get_text_config(), "use_bidirectional_attention", False):
+        return (
+            "ebft trains causal language models, in either mode; use a causal model (README, Supported architectures)"
+        )
+    return (
+        "ebft.mode: structured trains it exactly: its feature and policy passes run the model's own forward, "
+        "one sequence per padded row, and its rollouts are sampled with the model's own cache (README, "
+        "Supported architectures)"
+    )
+
+
+def log_structured_passes(config) -> None:
+    """Log once, at set-up, whether structured mode packs this model's feature and policy passes, or why not."""
+    reason = unsupported_reason(config)
+    if reason is None:
+        log.info("structured mode: feature and policy passes packed (one row per batch, shared prefixes once)")
+    else:
+        log.info("structured mode: feature and policy passes padded, one sequence per row, not packed: %s", reason)

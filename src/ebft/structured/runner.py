@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ebft.attention.support import log_structured_passes
 from ebft.losses import LossNorm
 from ebft.structured.rollout import Sample, loss_token_count, mix_seed
 from ebft.structured.scoring import score
@@ -63,6 +64,7 @@ class StructuredRunner:
         self.sharding = sharding or Sharding(model)
         self.data, self.accelerator, self.amp, self.backend = data, accelerator, autocast_dtype, backend
         self.s = StructuredSettings.from_config(cfg, tokenizer.eos_token_id)
+        log_structured_passes(model.config)
         self.pad_id = tokenizer.pad_token_id
         self.keep_records = cfg.trl.log_completions
         self.local_prompts = cfg.micro_batch_size * cfg.gradient_accumulation_steps // self.s.num_generations
