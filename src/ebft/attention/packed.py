@@ -127,7 +127,8 @@ def unsupported_reason(config) -> str | None:
     from one sequence into the next, and an attention that windows, caps or sinks its scores computes something
     else: such models run padded instead, with their own layers and attention.
     """
-    text = getattr(config, "get_text_config", lambda: config)()
+    text_config = getattr(config, "get_text_config", None)
+    text = text_config(decoder=True) if text_config is not None else config
     layer_types = list(getattr(text, "layer_types", None) or [])
     stateful = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention", "chunked_attention")})
     if stateful:
