@@ -217,3 +217,75 @@ def hidden_states(model, ids: list[int]) -> list[torch.Tensor]:
             states = [model.get_input_embeddings()(x)] + states[:-2] + states[-1:]
     assert len(states) == model.config.num_hidden_layers + 1
     return [h[0].double() for h in states]
+
+
+# Qwen3.5's vocabulary size and the ids of its special tokens, as the example configs name them
+# (trl.generation_kwargs.stop_token_ids [248044, 248046], special_tokens.pad_token <|endoftext|>).
+QWEN35_VOCAB = 248320
+QWEN35_SPECIAL = {"<|endoftext|>": 248044, "<|im_start|>": 248045, "<|im_end|>": 248046}
+# Qwen3's chat template in short: ChatML turns, and an empty thinking block opening the reply when
+# enable_thinking is false.
+QWEN35_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+
+def qwen35_tokenizer(texts: list[str]):
+    """A byte-level BPE tokenizer trained on ``texts``, laid out like Qwen3.5's: 248320 ids, the special tokens
+    at Qwen3.5's own ids (the ids in between are placeholders that no text encodes to), ChatML template."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    spec = json.loads(bpe.to_str())
+    vocab = spec["model"]["vocab"]
+    by_id = {i: t for t, i in QWEN35_SPECIAL.items()}
+    for i in range(len(vocab), QWEN35_VOCAB):
+        vocab[by_id.get(i, f"<|placeholder_{i}|>")] = i
+    spec["added_tokens"] = [
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}
+        for t, i in QWEN35_SPECIAL.items()
+    ]  # fmt: skip
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = QWEN35_CHAT_TEMPLATE
+    assert len(fast) == QWEN35_VOCAB and fast.convert_tokens_to_ids("<|im_end|>") == 248046
+    return fast
+
+
+def save_qwen35(out, tokenizer, *, multimodal: bool = True):
+    """A tiny Qwen3.5 checkpoint in ``out``: the multimodal ``qwen3_5`` wrapper with a one-block vision tower, as
+    the hub checkpoints are (``multimodal=False``: the text-only ``qwen3_5_text``), and ``tokenizer``."""
+    import transformers
+
+    _, text = HYBRID["qwen3_5_text"]
+    special = {"pad_token_id": 248044, "bos_token_id": None, "eos_token_id": 248046}
+    text = {**text, **special, "vocab_size": QWEN35_VOCAB, "tie_word_embeddings": False}
+    if multimodal:
+        vision = {
+            **{"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32},
+            **{"patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 1, "num_position_embeddings": 16},
+        }
+        config = transformers.Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
+        cls = transformers.Qwen3_5ForConditionalGeneration
+    else:
+        config = transformers.Qwen3_5TextConfig(**text)
+        cls = transformers.Qwen3_5ForCausalLM
+    torch.manual_seed(0)
+    model = perturb_norms(cls(config))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
