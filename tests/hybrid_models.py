@@ -107,7 +107,6 @@ HYBRID = {
             "num_experts_per_tok": 1,
             "mamba_d_state": 8,
             "mamba_dt_rank": 4,
-            "use_mamba_kernels": False,
         },
     ),
     "bamba": (
@@ -126,7 +125,6 @@ HYBRID = {
             "ssm_state_size": 8,
             "n_groups": 1,
             "chunk_size": 8,
-            "use_mamba_kernels": False,
         },
     ),
     "mamba": (
@@ -162,10 +160,25 @@ HYBRID = {
 }
 
 
+# An attention model strided mode refuses (attention sinks) and structured mode runs padded.
+STRIDED_REFUSED = {
+    "gpt_oss": (
+        "GptOssConfig",
+        {
+            **ATTENTION,
+            "head_dim": 8,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_local_experts": 2,
+            "num_experts_per_tok": 1,
+            "sliding_window": 4,
+        },
+    ),  # fmt: skip
+}
 # The attention families of the strided-mode oracle (tests/test_architectures.py), same configs.
 ATTENTION_FAMILIES = list(ARCHITECTURES)
 # Every family of the structured-mode matrix; README "Supported architectures" lists their model types.
-FAMILIES = list(HYBRID) + ATTENTION_FAMILIES
+FAMILIES = list(HYBRID) + list(STRIDED_REFUSED) + ATTENTION_FAMILIES
 # MambaModel's output_hidden_states tuple has no embedding output: its entry k is the output of layer k.
 NO_EMBEDDING_STATE = ("mamba",)
 
@@ -185,8 +198,8 @@ def family_config(name: str, *, vocab_size: int = VOCAB, special: dict | None = 
     """The tiny config of family ``name`` (a hybrid one, or an attention one of the strided oracle)."""
     import transformers
 
-    if name in HYBRID:
-        cls, extra = HYBRID[name]
+    if name in HYBRID or name in STRIDED_REFUSED:
+        cls, extra = {**HYBRID, **STRIDED_REFUSED}[name]
         return getattr(transformers, cls)(vocab_size=vocab_size, **(special or SPECIAL), **extra)
     cls, extra = ARCHITECTURES[name]
     return getattr(transformers, cls)(**{**COMMON, "vocab_size": vocab_size, **(special or SPECIAL)}, **extra)
@@ -288,4 +301,19 @@ def save_qwen35(out, tokenizer, *, multimodal: bool = True):
     model = perturb_norms(cls(config))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def save_family(name: str, out, tokenizer_dir):
+    """The family's tiny model over the tokenizer in ``tokenizer_dir`` (its vocabulary and special ids), saved
+    with that tokenizer in ``out``: a local checkpoint for ``ebft.cli.main``."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    special = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    build_family(name, vocab_size=len(tok), special=special).save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / f, out / f)
     return out

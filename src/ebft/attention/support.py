@@ -37,6 +37,24 @@ VERIFIED = (
     "cohere2",
     "granite",
 )
+# The model types ``tests/test_hybrid_matrix.py`` checks in structured mode, one training step against
+# per-sequence forwards: the strided ones, hybrid and recurrent ones (which strided mode refuses), GPT-OSS.
+STRUCTURED_VERIFIED = (
+    *VERIFIED,
+    "qwen3_5",
+    "qwen3_5_text",
+    "qwen3_next",
+    "granitemoehybrid",
+    "lfm2",
+    "falcon_h1",
+    "jamba",
+    "bamba",
+    "nemotron_h",
+    "mamba",
+    "mamba2",
+    "recurrent_gemma",
+    "gpt_oss",
+)
 HONOURED_LAYER_TYPES = ("full_attention", "sliding_attention")
 # model_type -> what it computes that the strided attention does not.
 REFUSED_MODEL_TYPES = {
@@ -91,10 +109,15 @@ def _what_works(config) -> str:
         return (
             "ebft trains causal language models, in either mode; use a causal model (README, Supported architectures)"
         )
+    how = (
+        "its feature and policy passes run the model's own forward, one sequence per padded row, and its rollouts "
+        "are sampled with the model's own cache"
+    )
+    if config.model_type in STRUCTURED_VERIFIED:
+        return f"Use ebft.mode: structured, which trains it exactly: {how} (README, Supported architectures)"
     return (
-        "ebft.mode: structured trains it exactly: its feature and policy passes run the model's own forward, "
-        "one sequence per padded row, and its rollouts are sampled with the model's own cache (README, "
-        "Supported architectures)"
+        f"ebft.mode: structured can run it ({how}), but is not verified for {config.model_type!r} "
+        "(README, Supported architectures lists the model types it is verified for)"
     )
 
 
