@@ -307,13 +307,10 @@ def save_qwen35(out, tokenizer, *, multimodal: bool = True):
 def save_family(name: str, out, tokenizer_dir):
     """The family's tiny model over the tokenizer in ``tokenizer_dir`` (its vocabulary and special ids), saved
     with that tokenizer in ``out``: a local checkpoint for ``ebft.cli.main``."""
-    import shutil
-
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     special = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     build_family(name, vocab_size=len(tok), special=special).save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / f, out / f)
+    tok.save_pretrained(out)
     return out
