@@ -179,3 +179,15 @@ def test_generate_never_beam_searches():
         PROMPTS, 2, [6] * 4, SEEDS
     )
     assert got == want
+
+
+def test_trl_repetition_penalty_wins_over_the_models_generation_config():
+    """A checkpoint's generation_config repetition_penalty (Qwen2.5 ships 1.05) is replaced by trl's on every path:
+    generate is handed trl's value, so the decoder, which applies none, still draws what generate draws."""
+    model = build_family("qwen3_5_text")
+    model.generation_config.repetition_penalty = 1.3
+    sampling = Sampling(1.0, stop_token_ids=(2, 7))
+    backend = HFGenerate(model, sampling=sampling, pad_token_id=0)
+    assert backend.shared_prefill
+    generate = HFGenerate(model, sampling=sampling, pad_token_id=0, shared_prefill=False)
+    assert backend.generate(PROMPTS, 2, [8] * 4, SEEDS) == generate.generate(PROMPTS, 2, [8] * 4, SEEDS)

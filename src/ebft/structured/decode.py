@@ -37,8 +37,9 @@ _LOGIT_SETTINGS = (
     "min_length",
     "watermarking_config",
 )
-# generation_config settings whose default (1.0) changes nothing.
-_FACTOR_SETTINGS = ("repetition_penalty", "guidance_scale")
+# generation_config settings whose default (1.0) changes nothing. (A repetition_penalty there is not one:
+# ``HFGenerate`` hands generate trl's own, which takes precedence.)
+_FACTOR_SETTINGS = ("guidance_scale",)
 
 
 def _unwrapped(model):
