@@ -16,6 +16,7 @@ from ebft import features as feat
 from ebft import rewards
 from ebft.attention.strided import StridedPlan, build_plan, strided_backend, strided_forward
 from ebft.attention.strided_layout import StridedLayout, build_layout
+from ebft.choices import single_sample_fallback
 from ebft.data.collate import DocumentBatch
 from ebft.losses import token_logprobs
 from ebft.modeling.feature_network import FeatureNetwork
@@ -49,6 +50,8 @@ class StridedSettings:
     @classmethod
     def from_config(cls, ebft_cfg) -> StridedSettings:
         n = ebft_cfg.n_samples_per_prompt
+        # With one sample there is no group: no diversity term and no baseline (the config warns).
+        estimator, diversity_coef = single_sample_fallback(n, ebft_cfg.advantage_estimator, ebft_cfg.diversity_coef)
         return cls(
             stride=ebft_cfg.stride,
             context_length=ebft_cfg.context_length,
@@ -62,9 +65,8 @@ class StridedSettings:
             use_whitening=ebft_cfg.use_whitening,
             whitening_space=ebft_cfg.whitening_space,
             alignment_coef=ebft_cfg.alignment_coef,
-            # With one sample there is no group: no diversity term and no baseline (the config warns).
-            diversity_coef=ebft_cfg.diversity_coef if n > 1 else 0.0,
-            advantage_estimator=ebft_cfg.advantage_estimator if n > 1 else "reinforce",
+            diversity_coef=diversity_coef,
+            advantage_estimator=estimator,
             rl_coef=ebft_cfg.rl_coef,
             ce_coef=ebft_cfg.ce_coef,
         )
