@@ -7,7 +7,6 @@ micro-batch gradients then gives the same update for any split of the step (1 x 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +20,7 @@ from ebft.data.collate import DocumentBatch
 from ebft.losses import token_logprobs
 from ebft.modeling.feature_network import FeatureNetwork
 from ebft.modeling.parts import backbone_of, output_head
+from ebft.modeling.precision import autocast
 from ebft.strided.generate import generate_blocks, pack
 from ebft.train.allocator import large_blocks_from_mmap
 from ebft.train.distributed import Sharding
@@ -313,7 +313,7 @@ def _policy_document(
     n, K, g = lay.n, lay.k, lay.g
     tok_valid = lay.valid[0][None, :, None].expand(n, K, g)
     doc_ids = batch.input_ids[d]
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    amp = autocast(device, autocast_dtype)
     packed = pack(doc_ids[None], tokens[d : d + 1])
     plan = build_plan(lay, use_flex=use_flex)
     # Teacher-forced CE on the document's labelled tokens, counted once (the row is shared by all samples).
@@ -321,7 +321,7 @@ def _policy_document(
 
     def forward(policy):
         head = output_head(policy)
-        with autocast:
+        with amp:
             hidden = strided_forward(backbone_of(policy), packed, lay.position_ids(), plan)[0]  # [S, H]
             # RL: generated token (t, i, k) is scored by its own rollout's previous position (predictor_index).
             logp = token_logprobs(
