@@ -7,6 +7,7 @@ A *group* is the n samples that share one ground truth: one prompt in structured
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -163,6 +164,38 @@ def reward_terms(
     # Plug-in estimate of eq. 2 on the same vectors the reward sees.
     cfm = (phi.mean(1) - phi_gt.mean(1)).square().sum(-1)  # [G]
     return RewardTerms(alignment=alignment, diversity=diversity, reward=reward, cfm=cfm)
+
+
+class RewardKeys(Protocol):
+    """The reward keys of a mode's settings (``ebft.alignment_coef`` and the rest) that ``reward_terms_for`` reads."""
+
+    @property
+    def alignment_coef(self) -> float: ...
+
+    @property
+    def diversity_coef(self) -> float: ...
+
+    @property
+    def use_whitening(self) -> bool: ...
+
+    @property
+    def whitening_space(self) -> WhiteningSpace: ...
+
+
+def reward_terms_for(
+    gen: torch.Tensor, gt: torch.Tensor, keys: RewardKeys, same_as: torch.Tensor | None = None
+) -> RewardTerms:
+    """``reward_terms`` with the coefficients and whitening of ``keys``: what training (both modes) and
+    evaluation score with."""
+    return reward_terms(
+        gen,
+        gt,
+        alignment_coef=keys.alignment_coef,
+        diversity_coef=keys.diversity_coef,
+        use_whitening=keys.use_whitening,
+        whitening_space=keys.whitening_space,
+        same_as=same_as,
+    )
 
 
 def advantages(

@@ -15,7 +15,7 @@ from ebft import features as feat
 from ebft import rewards
 from ebft.attention.strided import StridedPlan, build_plan, strided_backend, strided_forward
 from ebft.attention.strided_layout import StridedLayout, build_layout
-from ebft.choices import single_sample_fallback
+from ebft.choices import AdvantageEstimator, FeatureNorm, PoolMethod, WhiteningSpace, single_sample_fallback
 from ebft.data.collate import DocumentBatch
 from ebft.losses import token_logprobs
 from ebft.modeling.feature_network import FeatureNetwork
@@ -37,13 +37,13 @@ class StridedSettings:
     temperature: float
     top_p: float
     min_completion_prefix: int
-    embed_method: str
-    feature_norm: str
+    embed_method: PoolMethod
+    feature_norm: FeatureNorm
     use_whitening: bool
-    whitening_space: str
+    whitening_space: WhiteningSpace
     alignment_coef: float
     diversity_coef: float
-    advantage_estimator: str
+    advantage_estimator: AdvantageEstimator
     rl_coef: float
     ce_coef: float
 
@@ -164,15 +164,7 @@ def score_rollouts(
     groups_gt = gt_vec[valid]  # [G, E']
     # A group is the n samples of one (document, block); copies are found by their generated tokens.
     block_ids = packed[:, gen_idx.reshape(-1)].reshape(D, n, K, g).permute(0, 2, 1, 3)[valid]  # [G, n, g]
-    terms = rewards.reward_terms(
-        groups_gen,
-        groups_gt,
-        alignment_coef=s.alignment_coef,
-        diversity_coef=s.diversity_coef,
-        use_whitening=s.use_whitening,
-        whitening_space=s.whitening_space,
-        same_as=rewards.duplicate_sources(block_ids),
-    )
+    terms = rewards.reward_terms_for(groups_gen, groups_gt, s, same_as=rewards.duplicate_sources(block_ids))
     adv = rewards.advantages(terms, s.advantage_estimator, s.alignment_coef, s.diversity_coef)
 
     def scatter(values: torch.Tensor) -> torch.Tensor:  # [G, n] -> [D, n, K]
