@@ -22,6 +22,7 @@ from ebft.modeling.feature_network import FeatureNetwork
 from ebft.modeling.parts import backbone_of, output_head
 from ebft.modeling.precision import autocast
 from ebft.strided.generate import generate_blocks, pack
+from ebft.strided.stats import StridedStats
 from ebft.train.allocator import large_blocks_from_mmap
 from ebft.train.distributed import Sharding
 
@@ -119,11 +120,15 @@ class Scores:
 
 @dataclass
 class MicroBatchResult:
-    """``loss`` is the micro-batch's share of the step loss; its gradient is already accumulated."""
+    """A micro-batch's statistics (``stats.loss``: its share of the step loss, whose gradient is already
+    accumulated) and, when asked for, its rollout records."""
 
-    loss: float
-    sums: dict[str, float] = field(default_factory=dict)
+    stats: StridedStats
     rollouts: list[dict] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        return self.stats.loss
 
 
 def score_rollouts(
@@ -232,7 +237,7 @@ def strided_microbatch(
     sharding: Sharding | None = None,
 ) -> MicroBatchResult:
     """Run one micro-batch, back-propagate its loss (divided by the optimizer step's totals) into the
-    policy's ``.grad``, and return the loss value and the metric sums.
+    policy's ``.grad``, and return its statistics (the loss value among them).
 
     ``generators``: one per document (see ``generate_blocks``); the trainer derives them from the seed,
     the step and the document's place in the step, so rollouts are reproducible and independent of
@@ -264,24 +269,25 @@ def strided_microbatch(
 
     sample_valid = layout.valid[:, None, :].expand(D, n, K)
     adv = scores.advantage[sample_valid]
-    sums = {
-        "blocks": float(layout.valid.sum()),
-        "docs": float(D),
-        "samples": float(sample_valid.sum()),
-        "alignment": float(scores.alignment[sample_valid].sum()),
-        "diversity": float(scores.diversity[sample_valid].sum()),
-        "reward": float(scores.reward[sample_valid].sum()),
-        "advantage": float(adv.sum()),
-        "advantage_sq": float((adv.double() ** 2).sum()),
-        "cfm": float(scores.cfm[layout.valid].sum()),
-        "rl_sum": rl_sum,
-        "rl_tokens": float(sample_valid.sum() * g),
-        "ce_sum": ce_sum,
-        "ce_tokens": float((batch.labels[:, 1:] != -100).sum()) if s.ce_coef > 0 else 0.0,
-        "doc_tokens": float(batch.lengths.sum()),
-    }
+    stats = StridedStats(
+        blocks=float(layout.valid.sum()),
+        docs=float(D),
+        samples=float(sample_valid.sum()),
+        alignment=float(scores.alignment[sample_valid].sum()),
+        diversity=float(scores.diversity[sample_valid].sum()),
+        reward=float(scores.reward[sample_valid].sum()),
+        advantage=float(adv.sum()),
+        advantage_sq=float((adv.double() ** 2).sum()),
+        cfm=float(scores.cfm[layout.valid].sum()),
+        rl_sum=rl_sum,
+        rl_tokens=float(sample_valid.sum() * g),
+        ce_sum=ce_sum,
+        ce_tokens=float((batch.labels[:, 1:] != -100).sum()) if s.ce_coef > 0 else 0.0,
+        doc_tokens=float(batch.lengths.sum()),
+        loss=loss,
+    )
     records = rollout_records(batch, layout, tokens, logp, scores) if keep_rollouts else []
-    return MicroBatchResult(loss=loss, sums=sums, rollouts=records)
+    return MicroBatchResult(stats=stats, rollouts=records)
 
 
 def _policy_document(
