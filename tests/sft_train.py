@@ -1,0 +1,11 @@
+"""``python sft_train.py CONFIG [--key=value ...]``: train a config with the SFT runner (not an ``ebft`` command;
+the multi-process tests launch it like ``ebft train``)."""
+
+import sys
+
+from ebft.config import load_config
+from ebft.sft.runner import mode
+from ebft.train.loop import train
+
+if __name__ == "__main__":
+    train(load_config(sys.argv[1], sys.argv[2:]), mode())
