@@ -74,7 +74,7 @@ def _hand_written_sft(cfg, model_dir: Path) -> tuple[dict[str, torch.Tensor], li
     """The oracle: plain SGD on the model's own forward, one document at a time. Step k takes the rows at
     places k*4 .. k*4+3 of the first epoch's permutation (randperm seeded by the seed; 16 rows, so 3 steps of
     2 x 2 stay inside it); its loss is the summed NLL of every labelled target over the step's count; the
-    gradient is clipped to norm 1 and the weights move by lr x gradient."""
+    gradient is clipped to ``max_grad_norm`` and the weights move by lr x gradient."""
     rows = load_strided_datasets(cfg, load_tokenizer(cfg)).train
     assert len(rows) == 16 and all(len(r["input_ids"]) == SEQUENCE_LEN for r in rows)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
@@ -92,7 +92,7 @@ def _hand_written_sft(cfg, model_dir: Path) -> tuple[dict[str, torch.Tensor], li
             targets += int((labels[1:] != -100).sum())
         assert targets == 4 * (SEQUENCE_LEN - 1)
         (nll / targets).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         with torch.no_grad():
             for p in params:
                 p -= cfg.learning_rate * p.grad
@@ -102,7 +102,9 @@ def _hand_written_sft(cfg, model_dir: Path) -> tuple[dict[str, torch.Tensor], li
 
 
 def test_sft_through_the_loop_is_the_hand_written_cross_entropy_step(tmp_path, tiny_model_dir, text_file):
-    cfg = _config(tiny_model_dir, text_file, tmp_path / "sft")
+    # Gradient norms here are about 2: a clip at 10 leaves them as they are, so a loss scaled by a wrong count
+    # (a micro-batch's targets instead of the step's) would move the weights by a different amount.
+    cfg = _config(tiny_model_dir, text_file, tmp_path / "sft", max_grad_norm=10.0)
     result = train(cfg, sft_mode())
     assert result.steps == 3
     expected, losses = _hand_written_sft(cfg, tiny_model_dir)
@@ -110,7 +112,7 @@ def test_sft_through_the_loop_is_the_hand_written_cross_entropy_step(tmp_path, t
     assert [row["step"] for row in logged] == [1, 2, 3]
     for row, loss in zip(logged, losses, strict=True):
         assert row["loss"] == row["ce_loss"] == pytest.approx(loss, rel=1e-5)
-        assert row["learning_rate"] == 0.05 and row["ebft/skipped_steps"] == 0
+        assert row["learning_rate"] == 0.05 and row["ebft/skipped_steps"] == 0 and row["grad_norm"] < 10
     got = load_file(tmp_path / "sft" / "model.safetensors")
     for key, value in got.items():
         torch.testing.assert_close(value, expected[key], atol=2e-6, rtol=1e-5, msg=key)
