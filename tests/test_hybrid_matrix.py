@@ -191,7 +191,7 @@ def test_one_structured_step_equals_per_sequence_forwards(name, monkeypatch):
     assert float(want.abs().max()) > 1e-3
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     # On-policy every ratio is 1: the step's loss is -(1/N) sum_i A_i = -mean(A), 0 for centred groups.
-    assert sum(p["loss"] for p in parts) == pytest.approx(float(-advantage.mean()), abs=1e-6)
+    assert sum(p.loss for p in parts) == pytest.approx(float(-advantage.mean()), abs=1e-6)
     if name in HYBRID:  # ... and the log says why: the layers, not the attention implementation
         assert not use_packed(policy)
         assert unsupported_reason(policy.config).startswith("layers that are not attention")
