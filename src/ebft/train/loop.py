@@ -28,7 +28,7 @@ from ebft.data.structured import load_structured_datasets
 from ebft.deploy.export import RunExport
 from ebft.errors import ConfigError, EbftError, PolicySyncError, TrainingInterrupted
 from ebft.modeling.adapters import warm_start_critic
-from ebft.modeling.feature_network import feature_network_for
+from ebft.modeling.feature_network import feature_network_for, state_placements
 from ebft.modeling.policy import check_model_config, load_policy
 from ebft.modeling.precision import autocast_dtype
 from ebft.modeling.tokenizer import load_tokenizer
@@ -39,6 +39,7 @@ from ebft.structured.runner import StructuredRunner
 from ebft.train import checkpoint as ckpt
 from ebft.train import distributed
 from ebft.train.batches import reduce_step_sums, reduce_sum
+from ebft.train.memory import Hardware, log_plan
 from ebft.train.optim import build_optimizer, build_scheduler
 from ebft.train.reporting import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
 from ebft.train.signals import stop_on_signals
@@ -178,6 +179,8 @@ def _set_up(cfg: TrainConfig, config_dir: Path | None, console) -> Session:
         (out_dir / "config.yaml").write_text(dump_config(cfg))
 
     check_model_config(cfg)
+    if is_main:
+        log_plan(cfg, Hardware.here(accelerator.num_processes))
     export = RunExport(cfg, accelerator)  # Hub credentials are checked here, before any weights load
     tokenizer = load_tokenizer(cfg)
     model, runner, sharding = _build(cfg, tokenizer, accelerator, config_dir)
@@ -366,7 +369,10 @@ def _build(cfg: TrainConfig, tokenizer, accelerator, config_dir: Path | None):
         load_data, Runner = load_structured_datasets, StructuredRunner
     data = load_data(cfg, tokenizer, search_dir=config_dir)
     model = load_policy(cfg, tokenizer, device)
-    features = feature_network_for(cfg, model, device, frozen_copy=warm_start_critic(cfg))
+    features = feature_network_for(
+        cfg, model, device, frozen_copy=warm_start_critic(cfg), processes=accelerator.num_processes
+    )
+    state_placements(features, accelerator)
     sharding = distributed.Sharding(model)
     if cfg.fsdp_version == 2 and accelerator.num_processes > 1:
         sharding = distributed.shard(
