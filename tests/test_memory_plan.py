@@ -271,6 +271,27 @@ def test_validate_prints_the_plan_and_what_to_change(tmp_path, tiny_model_dir, c
     assert "--device-memory: cannot read '80'; write a size such as 80GiB or 24GB" in capsys.readouterr().err
 
 
+def test_making_the_plan_leaves_the_random_state_alone(tiny_model_dir):
+    """ebft train makes the plan after seeding: a draw there would change the LoRA initialisation (and differ
+    between a run's main process, which plans, and the others)."""
+    from ebft.config import parse_config
+    from ebft.train.memory import Hardware, build_plan
+
+    raw = {
+        "base_model": str(tiny_model_dir),
+        "rl": "ebft",
+        "ebft": {"mode": "strided"},
+        "datasets": [{"path": "unused.jsonl", "type": "ebft_pretrain.transform"}],
+        "adapter": "lora",
+        "lora_target_linear": True,
+    }
+    torch.manual_seed(0)
+    build_plan(parse_config(raw), Hardware.here())
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
+
+
 def test_validate_without_the_model_config_says_so_and_succeeds(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")
     path = _config_file(tmp_path, "someone/not-cached-model")

@@ -38,10 +38,13 @@ def plan_model_config(cfg):
     try:
         return AutoConfig.from_pretrained(source, **kwargs), None
     except (OSError, ValueError, ImportError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        local = is_gguf(cfg.base_model) or Path(cfg.base_model).expanduser().exists()
-        fetch = "" if local else f"; fetch it (hf download {cfg.base_model} config.json) to see the plan"
-        return None, f"cannot read the config of {cfg.base_model!r} on this machine ({first}){fetch}"
+        if not (is_gguf(cfg.base_model) or Path(cfg.base_model).expanduser().exists()):
+            return None, (
+                f"the config of {cfg.base_model!r} is not in this machine's Hugging Face cache; fetch it "
+                f"(hf download {cfg.base_model} config.json) to see the plan"
+            )
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return None, f"cannot read the config of {cfg.base_model!r} ({first})"
 
 
 def _converted_folder(file: Path) -> Path | None:

@@ -60,7 +60,7 @@ class Hardware:
         gpus = visible_cuda_devices()
         capacities: dict[str, int | None] = {"cpu": _host_memory()}
         for i in range(gpus):
-            capacities[f"cuda:{i}"] = torch.cuda.get_device_properties(i).total_memory
+            capacities[f"cuda:{i}"] = cuda_memory(i)
         return cls(gpus, processes, capacities, present=True)
 
     @classmethod
@@ -78,6 +78,11 @@ class Hardware:
         if count == 0 and device_memory is not None:
             capacities["cpu"] = device_memory
         return cls(count, processes or 1, capacities, present=not foreign)
+
+
+def cuda_memory(index: int) -> int:
+    """Bytes of memory of visible GPU ``index``."""
+    return torch.cuda.get_device_properties(index).total_memory
 
 
 def _host_memory() -> int | None:
@@ -156,7 +161,10 @@ def build_plan(cfg, hardware: Hardware, shape: ModelShape | None = None) -> Memo
         config, reason = plan_model_config(cfg)
         if config is None:
             raise EbftError(f"memory plan: {reason}")
-        shape = model_shape(config, lora=lora_config_for_plan(cfg), trust_remote_code=cfg.trust_remote_code)
+        # Building a model, even on the meta device, draws from torch's generator (weight init, LoRA's
+        # kaiming init): the plan must leave the seeded state exactly as it found it.
+        with torch.random.fork_rng(devices=[]):
+            shape = model_shape(config, lora=lora_config_for_plan(cfg), trust_remote_code=cfg.trust_remote_code)
     bf16 = _bf16_on(cfg, hardware)
     weights, compute, features = (dtype_name(d) for d in run_dtypes(cfg, bf16))
     bits = 4 if cfg.load_in_4bit else 8 if cfg.load_in_8bit else None
