@@ -117,7 +117,6 @@ class FeatureNetwork:
 
         captured: dict[int, torch.Tensor] = {}
         layer_list = getattr(self.body, "layers", None)
-        started = time.perf_counter()
         with ExitStack() as stack:
             stack.enter_context(self._policy.disable_adapter() if self.shared else nullcontext())
             stack.enter_context(_eval_mode(self.body))
@@ -127,7 +126,6 @@ class FeatureNetwork:
                 if idx != self.depth:
                     stack.enter_context(_capture(layer_list, idx, captured))
             ids, pos = input_ids.to(self.device), position_ids.to(self.device)
-            moved_in = time.perf_counter() - started
             if plan is None:
                 last = self.body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
             elif isinstance(plan, PackedPlan):
@@ -141,27 +139,36 @@ class FeatureNetwork:
         out = [captured[i].detach().float() for i in self.layers]
         if self.device == self.home:
             return out
-        moving = time.perf_counter()
-        out = [h.to(self.home) for h in out]
-        self._state_transfer(ids, pos, out, moved_in + time.perf_counter() - moving)
-        return out
-
-    def _state_transfer(self, ids, pos, out: list[torch.Tensor], seconds: float) -> None:
-        """The cost of running on another device than the policy, in the log once (the first call's)."""
         if self._transfer_stated:
-            return
+            return [h.to(self.home) for h in out]
+        return self._first_transfer(ids, pos, out)
+
+    def _first_transfer(self, ids, pos, out: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The features moved to the policy's device, and what running on another device costs, in the log
+        once: the bytes each way and the seconds of the move back (timed after the forward has finished)."""
         self._transfer_stated = True
+        _synchronize(self.device)
+        started = time.perf_counter()
+        moved = [h.to(self.home) for h in out]
+        _synchronize(self.home)
+        seconds = time.perf_counter() - started
         sent = (ids.numel() * ids.element_size() + pos.numel() * pos.element_size()) / 2**20
-        returned = sum(h.numel() * h.element_size() for h in out) / 2**20
+        returned = sum(h.numel() * h.element_size() for h in moved) / 2**20
         log.info(
             "feature network on %s, policy on %s: each call moves its token ids there and the fp32 features back "
-            "(first call: %.2f MiB in, %.1f MiB out, %.3f s of transfers)",
+            "(first call: %.2f MiB in, %.1f MiB out in %.3f s)",
             self.device,
             self.home,
             sent,
             returned,
             seconds,
         )
+        return moved
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def plan_on(plan: StridedPlan, device: torch.device) -> StridedPlan:
