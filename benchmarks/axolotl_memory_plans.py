@@ -17,6 +17,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import AutoConfig
+
+from ebft.config import load_config
+from ebft.modeling.model_shape import model_shape
+from ebft.train.memory import Hardware, build_plan, lora_config_for_plan
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "tests" / "axolotl_examples"
 GIB = 2**30
 
@@ -72,19 +78,12 @@ SETUPS = {
 
 
 def _shape(base_model: str, cfg):
-    from transformers import AutoConfig
-
-    from ebft.modeling.model_shape import model_shape
-    from ebft.train.memory import lora_config_for_plan
-
     arch = dict(ARCHITECTURES[base_model])
     config = AutoConfig.for_model(arch.pop("model_type"), **arch)
     return model_shape(config, lora=lora_config_for_plan(cfg))
 
 
 def _plan(cfg, setup: Setup, shape, memory: int):
-    from ebft.train.memory import Hardware, build_plan
-
     capacities = {f"cuda:{i}": memory for i in range(setup.gpus)} | {"cpu": None}
     return build_plan(cfg, Hardware(setup.gpus, 1, capacities, present=False), shape)
 
@@ -115,8 +114,6 @@ def _verdicts(plan) -> str:
 
 
 def rows() -> list[str]:
-    from ebft.config import load_config
-
     out = [
         "| example | model, mode, weights | hardware (header) | planned GiB per device | "
         + "GPU memory: fits / does not fit | what to change |",

@@ -28,6 +28,7 @@ Prints one line per run and a markdown table.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -36,6 +37,11 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+
+from ebft.cli import main as ebft_main
+from ebft.config import load_config
+from ebft.modeling.source import gguf_to_folder
+from ebft.train.memory import Hardware, build_plan
 
 GIB = 2**30
 
@@ -52,19 +58,13 @@ def _status() -> dict[str, int]:
 
 def probe(config: str) -> dict:
     """Plan, then train ``config`` in this process; the plan's terms and the measured bytes."""
-    import gc
-
-    from ebft.cli import main
-    from ebft.config import load_config
-    from ebft.train.memory import Hardware, build_plan
-
     cfg = load_config(config)
     plan = build_plan(cfg, Hardware.here())
     device = plan.devices[0]
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now
     before = _status()
-    if main(["train", config]) != 0:
+    if ebft_main(["train", config]) != 0:
         raise SystemExit(f"ebft train {config} failed")
     after = _status()
     terms = {t.label: t.bytes for t in device.terms}
@@ -149,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         print(json.dumps(probe(args.probe)))
         return 0
-    from conftest import build_tiny_model  # tests/ on PYTHONPATH
-
-    from ebft.modeling.source import gguf_to_folder
+    from conftest import build_tiny_model  # tests/ on PYTHONPATH (the tests' own fixture code)
 
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)

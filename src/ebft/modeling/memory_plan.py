@@ -29,7 +29,8 @@ bfloat16 2); P_train the trainable parameters, P the policy's parameters. The te
   - optimizer step: torch's (foreach) AdamW forms sqrt(v) / sqrt(1 - beta2^t) + eps for every trainable
     weight at once before it updates them, a temporary of P_train x b(parameter dtype); the fused AdamW
     and SGD need none.
-  A layer's working set (no grad) is h + q + 2kv + 2I values a token.
+  A layer's working set (no grad) is h + q + 2kv + 2I values a token. Under FSDP2 the rollouts and the
+  feature pass hold the whole policy (gathered) on top of their share.
 * runtime: the CUDA context (about 0.5 GiB) on a GPU; the process's own footprint is not counted on a CPU.
 
 These are estimates of what the tensors need; allocator caching and fragmentation come on top (leave about

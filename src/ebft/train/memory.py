@@ -57,8 +57,11 @@ class Hardware:
 
     @classmethod
     def here(cls, processes: int = 1) -> Hardware:
+        """This machine's GPUs and memory; the processes of a run share its host memory, so each one's plan
+        gets its share of it."""
         gpus = visible_cuda_devices()
-        capacities: dict[str, int | None] = {"cpu": _host_memory()}
+        host = _host_memory()
+        capacities: dict[str, int | None] = {"cpu": None if host is None else host // processes}
         for i in range(gpus):
             capacities[f"cuda:{i}"] = cuda_memory(i)
         return cls(gpus, processes, capacities, present=True)
@@ -210,11 +213,13 @@ def log_plan(cfg, hardware: Hardware, *, shape: ModelShape | None = None) -> Mem
         plan = build_plan(cfg, hardware, shape)
     except EbftError as exc:
         log.info("%s", exc)
+        log.info("%s", describe(cfg, _bf16_on(cfg, hardware)))
         return None
     # The plan is advice: whatever keeps it from being made (a model class that cannot be built on the meta
     # device, a PEFT that cannot inject there) must not stop the run, whose own checks come next.
     except Exception as exc:  # noqa: BLE001
         log.warning("memory plan: not made (%s: %s)", type(exc).__name__, exc)
+        log.info("%s", describe(cfg, _bf16_on(cfg, hardware)))
         return None
     for line in plan.lines():
         log.info("%s", line)
