@@ -271,7 +271,9 @@ def test_axolotl_full_parameter_config_resolves(tmp_path):
     assert cfg.ebft.diversity_coef == 0.0 and cfg.ebft.use_whitening is True
     # One warning per ignored key that has a value; fp16/load_in_8bit: false and wandb_watch: (null)
     # agree with what ebft does, so they pass silently.
-    assert sorted(w.split(":")[0] for w in config_warnings(cfg)) == ["ddp", "device_map", "torch_dtype"]
+    # torch_dtype is honoured (bf16 trained weights), so it is no longer an ignored key.
+    assert sorted(w.split(":")[0] for w in config_warnings(cfg)) == ["ddp", "device_map"]
+    assert cfg.torch_dtype == "bfloat16"
 
 
 def test_guide_structured_config_resolves(tmp_path):

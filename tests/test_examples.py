@@ -157,7 +157,9 @@ def _check_outputs(example: Path, out: Path, overrides: list[str]) -> None:
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
 def test_example_validates_without_warnings(example, capsys):
     assert main(["validate", str(example)]) == 0
-    assert capsys.readouterr().err == ""
+    # stderr holds only the memory plan, or why there is none here (the hub model's config is not cached).
+    err = capsys.readouterr().err
+    assert "memory plan" in err and "WARNING" not in err and "error" not in err
     cfg = load_config(example)
     assert config_warnings(cfg) == []
 

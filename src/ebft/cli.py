@@ -19,6 +19,7 @@ from ebft.modes import mode_of
 from ebft.quickstart.plot import plot_run
 from ebft.quickstart.run import DEFAULT_MINUTES, run_quickstart
 from ebft.train.loop import train
+from ebft.train.memory import Hardware, log_plan, parse_size
 from ebft.vllm.serve import vllm_serve
 
 log = logging.getLogger("ebft")
@@ -48,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
             allow_abbrev=False,
         )
         cmd.add_argument("config", help="path to the YAML config")
+        if name == "validate":
+            _add_plan_options(cmd)
     _add_evaluate(sub, debug)
     _add_vllm_serve(sub, debug)
     quick = sub.add_parser(
@@ -83,6 +86,19 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default=None, help="folder for the PNGs (default: RUN_DIR/plots)")
     _add_merge_lora(sub, debug)
     return parser
+
+
+def _add_plan_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--device-memory",
+        default=None,
+        help="plan for GPUs with this much memory each (e.g. 80GiB, 24GB), also when none is here; with no GPU, "
+        "the CPU's memory (default: the memory of this machine's devices)",
+    )
+    cmd.add_argument(
+        "--gpus", type=int, default=None, help="plan for this many visible GPUs (default: those of this machine)"
+    )
+    cmd.add_argument("--processes", type=int, default=None, help="plan for this many training processes (default 1)")
 
 
 def _add_merge_lora(sub, debug: argparse.ArgumentParser) -> None:
@@ -207,6 +223,7 @@ def _run(args, overrides: list[str]) -> int:
         log.warning(warning)
     if args.command == "validate":
         print(dump_config(cfg), end="")
+        log_plan(cfg, _planned_hardware(args))
         return 0
     if args.command == "evaluate":
         return _run_evaluate(args, cfg)
@@ -216,6 +233,15 @@ def _run(args, overrides: list[str]) -> int:
     result = train(cfg, mode_of(cfg), config_dir=Path(args.config).resolve().parent)
     log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
     return 0
+
+
+def _planned_hardware(args) -> Hardware:
+    for name in ("gpus", "processes"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "gpus" else 1):
+            raise EbftError(f"--{name} must be >= {0 if name == 'gpus' else 1}, got {value}")
+    memory = parse_size(args.device_memory) if args.device_memory is not None else None
+    return Hardware.named(gpus=args.gpus, processes=args.processes, device_memory=memory)
 
 
 def _run_evaluate(args, cfg) -> int:

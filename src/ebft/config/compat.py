@@ -27,7 +27,6 @@ IGNORED_AXOLOTL_KEYS: dict[str, str] = {
     "attn_implementation": _ATTENTION_CHOSEN_BY_EBFT,
     "torch_compile": "ebft does not torch.compile the model (flex_attention compiles its own kernels on CUDA), "
     "so it also combines with gradient_checkpointing",
-    "torch_dtype": "the training precision is set by `bf16`",
     "tf32": "ebft leaves torch's TF32 matmul setting at its default",
     "model_type": "the model is always loaded with AutoModelForCausalLM",
     "tokenizer_type": "the tokenizer is always loaded with AutoTokenizer",

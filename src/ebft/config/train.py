@@ -143,6 +143,13 @@ class TrainConfig(Section):
         "auto",
         description="bfloat16 training: true, false (fp32) or auto (bf16 where the device supports it).",
     )
+    torch_dtype: Literal["bfloat16", "float32", "float16"] | None = Field(
+        None,
+        description="dtype the policy's weights are stored in. bfloat16 without an adapter trains bf16 weights: "
+        "gradients and AdamW moments are bf16 too (no float32 master copy; half the memory, updates rounded to "
+        "bf16); with LoRA it is the frozen base's dtype (adapters stay float32). float32: fp32 weights. null: "
+        "float32 for full fine-tuning, bf16 for a LoRA base when bf16 is on. float16 is refused (no loss scaling).",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         None, description="Keyword arguments for gradient checkpointing (e.g. use_reentrant)."
@@ -275,6 +282,15 @@ class TrainConfig(Section):
                         f"{e.context_length} + {e.generate_max_len} = {e.context_length + e.generate_max_len} "
                         f"tokens (got {self.sequence_len})"
                     ),
+                )
+            )
+        if self.torch_dtype == "float16":
+            problems.append(
+                (
+                    "torch_dtype",
+                    "float16 weights need loss scaling (a grad scaler), which ebft does not implement, and AdamW's "
+                    "epsilon underflows in float16; use bfloat16, or leave torch_dtype unset for float32 master "
+                    "weights",
                 )
             )
         if self.warmup_steps is not None and self.warmup_ratio is not None:

@@ -89,6 +89,11 @@ def _value_warnings(cfg: TrainConfig) -> list[str]:
             if getattr(cfg, key) != default
         ]
     out += deploy_warnings(cfg)
+    if cfg.torch_dtype == "bfloat16" and cfg.bf16 is False:
+        out.append(
+            "torch_dtype: bfloat16 weights with bf16: false: there is no autocast, so the model computes in "
+            "bfloat16, its weights' dtype"
+        )
     if cfg.gradient_checkpointing_kwargs is not None and not cfg.gradient_checkpointing:
         out.append("gradient_checkpointing_kwargs: has no effect without gradient_checkpointing: true")
     if cfg.lr_scheduler == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
