@@ -31,7 +31,6 @@ IGNORED_AXOLOTL_KEYS: dict[str, str] = {
     "tf32": "ebft leaves torch's TF32 matmul setting at its default",
     "model_type": "the model is always loaded with AutoModelForCausalLM",
     "tokenizer_type": "the tokenizer is always loaded with AutoTokenizer",
-    "chat_template": "the tokenizer's own chat template is used by the chat transforms",
     "strict": "ebft always rejects unknown keys",
     "dataset_prepared_path": "datasets are tokenised in memory at start-up; nothing is cached at this path",
     "dataset_processes": "dataset transforms run in the training process",

@@ -10,6 +10,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from ebft.config.base import Problems, Section, unknown_key_reason
 from ebft.config.deploy import deploy_problems
 from ebft.config.sections import DatasetSpec, EbftSection, FsdpSection, StrOrStrList, TrlSection, VllmSection
+from ebft.modeling.chat_templates import choice_problem
 
 # Dataset transforms shipped with the EBFT docs, by the mode whose rows they produce. A transform
 # of the other mode cannot work, so the pairing is checked before any data loads.
@@ -50,6 +51,21 @@ class TrainConfig(Section):
     special_tokens: dict[str, str] | None = Field(
         None,
         description="Tokens to set on the tokenizer: any of bos_token, eos_token, pad_token, unk_token.",
+    )
+
+    chat_template: str | None = Field(
+        None,
+        description="Chat template set on the tokenizer before any data is read, and saved with it: a named "
+        "format (chatml, qwen_25, qwen3, llama3, llama3_2_vision, gemma, phi_3, mistral_v1, mistral_v2v3, "
+        "mistral_v3_tekken, mistral_v7_tekken), tokenizer_default (the tokenizer's own; an error if it has "
+        "none), tokenizer_default_fallback_<name> (its own, else <name>) or jinja (chat_template_jinja); "
+        "null = the tokenizer's own, or chat_template_jinja when that is set.",
+    )
+    chat_template_jinja: str | None = Field(
+        None,
+        min_length=1,
+        description="With chat_template: jinja (or null): the Jinja chat template itself, or the path of a "
+        "file holding it.",
     )
 
     # Method
@@ -277,6 +293,10 @@ class TrainConfig(Section):
                     ),
                 )
             )
+        template_problem = choice_problem(self.chat_template, self.chat_template_jinja)
+        if template_problem is not None:
+            key = "chat_template_jinja" if template_problem.startswith("chat_template_jinja") else "chat_template"
+            problems.append((key, template_problem))
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             problems.append(("warmup_steps", "set warmup_steps or warmup_ratio, not both"))
         if self.val_set_size >= 1 and self.val_set_size != int(self.val_set_size):
