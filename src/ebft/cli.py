@@ -12,11 +12,12 @@ from pathlib import Path
 
 from ebft.config import config_warnings, dump_config, load_config
 from ebft.deploy.export import merge_lora
-from ebft.errors import EbftError, TrainingInterrupted
+from ebft.errors import ConfigError, EbftError, TrainingInterrupted
 from ebft.evaluate.output import render_table, write_json
 from ebft.evaluate.run import evaluate
 from ebft.quickstart.plot import plot_run
 from ebft.quickstart.run import DEFAULT_MINUTES, run_quickstart
+from ebft.train import preflight
 from ebft.train.loop import train
 from ebft.vllm.serve import vllm_serve
 
@@ -204,16 +205,32 @@ def _run(args, overrides: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     for warning in config_warnings(cfg):
         log.warning(warning)
+    config_dir = Path(args.config).resolve().parent
     if args.command == "validate":
-        print(dump_config(cfg), end="")
-        return 0
+        return _run_validate(args, cfg, config_dir)
     if args.command == "evaluate":
         return _run_evaluate(args, cfg)
     if args.command == "vllm-serve":
+        if not args.print_command:
+            preflight.check(cfg, "vllm-serve", config_dir=config_dir, source=args.config)
         return vllm_serve(cfg, print_command=args.print_command)
 
     result = train(cfg, config_dir=Path(args.config).resolve().parent)
     log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
+    return 0
+
+
+def _run_validate(args, cfg, config_dir: Path) -> int:
+    """The resolved config on stdout once everything training needs is here; else one error listing it all."""
+    found = preflight.preflight(cfg, "validate", config_dir=config_dir)
+    unreachable = preflight.probe_vllm(cfg) if not found.problems else None
+    for note in [*found.notes, *([unreachable] if unreachable else [])]:
+        log.warning(note)
+    if found.problems:
+        count = f"{len(found.problems)} problems" if len(found.problems) > 1 else "1 problem"
+        lines = "\n".join(f"  {p}" for p in found.problems)
+        raise ConfigError(f"{args.config}: the config is valid but training cannot start here, {count}:\n{lines}")
+    print(dump_config(cfg), end="")
     return 0
 
 

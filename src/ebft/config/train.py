@@ -159,6 +159,18 @@ class TrainConfig(Section):
         "auto",
         description="bfloat16 training: true, false (fp32) or auto (bf16 where the device supports it).",
     )
+    attn_implementation: (
+        Literal["eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "xformers", "sage", "fp8"]
+        | None
+    ) = Field(
+        None,
+        description="Attention backend of the model's own passes (sampling with transformers, padded passes, "
+        "evaluation): eager, sdpa, flex_attention, flash_attention_2 or flash_attention_3 (xformers, sage and fp8 "
+        "run as sdpa). Where the backend cannot run here (flash-attn not installed, no CUDA GPU, flex_attention "
+        "on CPU) the closest exact one, sdpa, is used with one warning. ebft's packed strided and prefix-sharing "
+        "passes always use their own exact attention. null = transformers' default (sdpa, or eager for a model "
+        "without an SDPA path).",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         None, description="Keyword arguments for gradient checkpointing (e.g. use_reentrant)."

@@ -50,13 +50,13 @@ def load_raw(spec) -> Dataset:
     if local.exists():
         if name is not None:
             raise DataError(f"dataset '{path}': 'name' selects a hub dataset configuration; this is a local path")
-        builder, files = _local_files(local, data_files, path)
+        builder, files = local_files(local, data_files, path)
         args: tuple = (builder,)
         # Local files form a single split called "train"; slices such as train[:10%] apply to it.
         kwargs: dict = {"data_files": files, "split": split}
         if builder == "text":
             kwargs["sample_by"] = "document"
-    elif _looks_local(path):
+    elif looks_local(path):
         raise DataError(f"dataset '{path}': no such file or folder")
     else:
         args = (path, name)
@@ -73,11 +73,13 @@ def load_raw(spec) -> Dataset:
         raise DataError(f"dataset '{path}' (split '{split}'): {type(cause).__name__}: {cause}") from exc
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
+    """Whether a dataset path can only mean a local file (a path, or a data file's extension), not a hub id."""
     return path.startswith(("/", ".", "~")) or Path(path).suffix.lower() in BUILDERS
 
 
-def _local_files(local: Path, data_files, path: str) -> tuple[str, list[str]]:
+def local_files(local: Path, data_files, path: str) -> tuple[str, list[str]]:
+    """(datasets builder, files) of a local dataset entry; DataError says what is missing or unreadable."""
     if local.is_file():
         if data_files:
             raise DataError(f"dataset '{path}': data_files selects files in a folder or hub dataset, not in a file")

@@ -17,6 +17,7 @@ from ebft.modeling.adapters import warm_start_critic
 from ebft.modeling.feature_network import feature_network_for
 from ebft.modeling.policy import load_warm_start
 from ebft.modeling.precision import autocast_dtype
+from ebft.train import preflight
 from ebft.train.reporting import Progress
 
 
@@ -42,6 +43,7 @@ def evaluate(
         )
     if exec_timeout <= 0:
         raise EbftError(f"--exec-timeout must be > 0 seconds, got {exec_timeout:g}")
+    preflight.check(cfg, "evaluate", config_dir=config_dir)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -37,7 +37,7 @@ from ebft.structured.hf import HFGenerate
 from ebft.structured.rollout import Sampling
 from ebft.structured.runner import StructuredRunner
 from ebft.train import checkpoint as ckpt
-from ebft.train import distributed
+from ebft.train import distributed, preflight
 from ebft.train.batches import reduce_step_sums, reduce_sum
 from ebft.train.optim import build_optimizer, build_scheduler
 from ebft.train.reporting import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
@@ -163,6 +163,7 @@ def _set_up(cfg: TrainConfig, config_dir: Path | None, console) -> Session:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    preflight.check(cfg, "train", config_dir=config_dir)  # before anything is written or loaded
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     is_main, rank = accelerator.is_main_process, accelerator.process_index
     out_dir = Path(cfg.output_dir)

@@ -1,0 +1,251 @@
+"""Everything a config needs from this machine, checked before any data or weights load.
+
+``ebft validate`` reports all of it, and ``ebft train`` (also ``evaluate``, ``preprocess``, ``vllm-serve``)
+refuses to start without it, each problem one ``key: what is wrong; the fix`` line:
+
+* optional packages: wandb for ``wandb_project``, tensorboard for ``use_tensorboard``, bitsandbytes for
+  ``load_in_4bit`` / ``load_in_8bit``, gguf for a ``.gguf`` base not converted yet, vllm for
+  ``ebft vllm-serve``;
+* the model: a local ``base_model`` folder with a config.json (not a LoRA adapter folder), or a ``.gguf``
+  file; a hub id that is not in the Hugging Face cache while ``HF_HUB_OFFLINE`` is set;
+* the tokenizer: a local folder (``tokenizer_config``, else the ``base_model`` folder) that holds one;
+* ``lora_model_dir``, ``chat_template_jinja`` (a file, and a template that compiles), data files (local paths
+  that exist, with readable file types) and the dataset transforms (importable ``module.function``);
+* ``trl.use_vllm``: whether the vLLM server answers. ``validate`` probes it once and says so; ``train``
+  waits for it, with a line giving the address and the time left, before anything loads.
+
+The checks only read the config and the file system; what they use from the machine (which packages are
+installed, whether CUDA is there) is passed in, so tests can say what is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ebft.config import vllm_client_address
+from ebft.data.load import local_files, looks_local
+from ebft.data.transforms import resolve_transform
+from ebft.errors import ConfigError, DataError
+from ebft.modeling.attention_choice import choose_attention
+from ebft.modeling.chat_templates import JINJA, template_text
+from ebft.modeling.optional import package_available
+from ebft.modeling.source import is_gguf, needs_conversion
+from ebft.vllm.client import VLLMClient, VLLMError
+
+log = logging.getLogger("ebft")
+
+COMMANDS = ("validate", "train", "evaluate", "preprocess", "vllm-serve")
+# Files whose presence makes a folder a tokenizer (one of them is enough for AutoTokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+# How long `ebft validate` waits for the vLLM server to answer: it only reports, so it must be quick.
+PROBE_SECONDS = 2.0
+
+
+@dataclass
+class Findings:
+    """problems: ``key: reason and fix`` lines that stop the command; notes: lines it only warns with."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def preflight(
+    cfg,
+    command: str = "train",
+    *,
+    config_dir: str | Path | None = None,
+    installed: Callable[[str], bool] = package_available,
+    cuda: bool | None = None,
+) -> Findings:
+    """What ``command`` needs and this machine lacks (see the module docstring). ``config_dir``: where custom
+    transform modules are found besides sys.path; ``installed(package)``; ``cuda``: training would run on CUDA
+    (default: whether torch sees a CUDA device)."""
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}")
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    found = Findings()
+    found.problems += _packages(cfg, command, installed)
+    found.problems += _model_and_tokenizer(cfg)
+    found.problems += _chat_template(cfg)
+    if command != "vllm-serve":
+        found.problems += _datasets(cfg, config_dir)
+    if command == "validate":
+        # Training logs this itself when it loads the model (once, whichever command loads it).
+        note = choose_attention(cfg.attn_implementation, cuda=cuda, installed=installed).note
+        found.notes += [note] if note else []
+    return found
+
+
+def check(cfg, command: str = "train", *, config_dir: str | Path | None = None, source: str | None = None) -> None:
+    """Raise one ConfigError listing every problem ``preflight`` finds for ``command``; log its notes.
+    Then, for ``train``, wait for the vLLM server (``wait_for_vllm``)."""
+    found = preflight(cfg, command, config_dir=config_dir)
+    for note in found.notes:
+        log.warning(note)
+    if found.problems:
+        count = f"{len(found.problems)} problems" if len(found.problems) > 1 else "1 problem"
+        where = f"{source}: " if source else ""
+        lines = "\n".join(f"  {p}" for p in found.problems)
+        raise ConfigError(f"{where}cannot {command} on this machine, {count}:\n{lines}")
+    if command == "train":
+        wait_for_vllm(cfg)
+
+
+def uses_vllm(cfg) -> bool:
+    return cfg.ebft.mode == "structured" and cfg.trl.use_vllm
+
+
+def wait_for_vllm(cfg, timeout: float | None = None) -> None:
+    """With ``trl.use_vllm``: wait for the server up to ``trl.vllm_server_timeout`` seconds, saying where and how
+    long is left; ConfigError naming the keys when it never answers."""
+    if not uses_vllm(cfg):
+        return
+    host, port = vllm_client_address(cfg)
+    wait = cfg.trl.vllm_server_timeout if timeout is None else timeout
+    try:
+        VLLMClient(host, port, timeout=min(wait, 10.0)).wait_until_ready(wait)
+    except VLLMError as exc:
+        raise ConfigError(f"trl.use_vllm: {exc}") from exc
+
+
+def probe_vllm(cfg, seconds: float = PROBE_SECONDS) -> str | None:
+    """A note when the vLLM server of a ``trl.use_vllm`` config does not answer within ``seconds`` (None when it
+    does, or when the config does not use one)."""
+    if not uses_vllm(cfg):
+        return None
+    host, port = vllm_client_address(cfg)
+    try:
+        VLLMClient(host, port, timeout=seconds, retries=0).wait_until_ready(seconds, interval=0.5, report_every=None)
+    except VLLMError:
+        return (
+            f"trl.use_vllm: no vLLM server answers at {host}:{port} yet; start it with `ebft vllm-serve CFG` "
+            f"before `ebft train`, which waits for it up to trl.vllm_server_timeout = {cfg.trl.vllm_server_timeout:g} s"
+        )
+    return None
+
+
+def _packages(cfg, command: str, installed: Callable[[str], bool]) -> list[str]:
+    needs: list[tuple[str, str, str]] = []  # (key, package, pip extra)
+    if command in ("validate", "train"):
+        if cfg.wandb_project is not None:
+            needs.append(("wandb_project", "wandb", "wandb"))
+        if cfg.use_tensorboard:
+            needs.append(("use_tensorboard", "tensorboard", "tensorboard"))
+    if command != "vllm-serve":
+        for key in ("load_in_4bit", "load_in_8bit"):
+            if getattr(cfg, key):
+                needs.append((key, "bitsandbytes", "qlora"))
+    for key in ("base_model", "tokenizer_config"):
+        value = getattr(cfg, key)
+        if value and is_gguf(value) and Path(value).expanduser().is_file() and needs_conversion(value):
+            needs.append((key, "gguf", "gguf"))
+    if command == "vllm-serve":
+        needs.append(("trl.use_vllm", "vllm", "vllm"))
+    return [
+        f"{key}: needs the {package} package, which is not installed; pip install 'ebft[{extra}]'"
+        + (" (or set wandb_project: null)" if package == "wandb" else "")
+        for key, package, extra in needs
+        if not installed(package)
+    ]
+
+
+def _model_and_tokenizer(cfg) -> list[str]:
+    problems = [p for p in (_model_source("base_model", cfg.base_model), _offline_hub(cfg.base_model)) if p]
+    if cfg.tokenizer_config is not None:
+        problems += [p for p in (_model_source("tokenizer_config", cfg.tokenizer_config, weights=False),) if p]
+    if not problems:
+        key = "tokenizer_config" if cfg.tokenizer_config else "base_model"
+        folder = Path(cfg.tokenizer_config or cfg.base_model).expanduser()
+        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            problems.append(
+                f"{key}: the folder {str(folder)!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                "save the tokenizer there or set tokenizer_config to a folder or hub id that has one"
+            )
+    lora = cfg.lora_model_dir
+    if cfg.adapter is not None and lora is not None and _is_path(lora) and not Path(lora).expanduser().is_dir():
+        problems.append(f"lora_model_dir: no such folder {lora!r} (relative paths are read from {os.getcwd()})")
+    return problems
+
+
+def _is_path(value: str) -> bool:
+    """Whether a model or adapter value can only be a local path (a hub id is 'name' or 'namespace/name')."""
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or Path(value).expanduser().exists()
+
+
+def _model_source(key: str, value: str, *, weights: bool = True) -> str | None:
+    path = Path(value).expanduser()
+    where = f" (relative paths are read from {os.getcwd()})" if not path.is_absolute() else ""
+    if is_gguf(value):
+        return None if path.is_file() else f"{key}: no such GGUF file {value!r}{where}"
+    if not _is_path(value):
+        return None
+    if not path.exists():
+        return f"{key}: no such folder {value!r}{where}; give a local model folder, a .gguf file or a hub id"
+    if not path.is_dir():
+        return f"{key}: {value!r} is a file, not a model folder (a .gguf file needs the .gguf extension)"
+    if weights and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return (
+            f"{key}: {value!r} holds a LoRA adapter, not a model; set base_model to the model it was trained on "
+            f"and lora_model_dir: {value} (with adapter: lora) to continue training it"
+        )
+    if weights and not (path / "config.json").is_file():
+        return f"{key}: the folder {value!r} holds no config.json, so it is not a Hugging Face model folder"
+    return None
+
+
+def _offline_hub(value: str) -> str | None:
+    """A hub id that cannot be fetched: offline mode, and not in the cache."""
+    if _is_path(value) or is_gguf(value) or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(value, "config.json"), str):
+        return None
+    return (
+        f"base_model: {value!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it first "
+        "(unset HF_HUB_OFFLINE) or give a local folder"
+    )
+
+
+def _chat_template(cfg) -> list[str]:
+    if cfg.chat_template_jinja is None or cfg.chat_template not in (None, JINJA):
+        return []
+    try:
+        text = template_text(cfg.chat_template_jinja)
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"chat_template_jinja: {exc}"]
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment().parse(text)
+    except TemplateSyntaxError as exc:
+        return [f"chat_template_jinja: not a valid Jinja template (line {exc.lineno}: {exc.message})"]
+    return []
+
+
+def _datasets(cfg, config_dir: str | Path | None) -> list[str]:
+    problems: list[str] = []
+    for i, spec in enumerate(cfg.datasets):
+        local = Path(spec.path).expanduser()
+        if local.exists():
+            try:
+                local_files(local, spec.data_files, spec.path)
+            except DataError as exc:
+                problems.append(f"datasets.{i}.path: {str(exc).removeprefix(f'dataset {spec.path!r}: ')}")
+        elif looks_local(spec.path):
+            where = f" (relative paths are read from {os.getcwd()})" if not local.is_absolute() else ""
+            problems.append(f"datasets.{i}.path: no such file or folder {spec.path!r}{where}")
+        if spec.type is not None:
+            try:
+                resolve_transform(spec.type, config_dir)
+            except DataError as exc:
+                problems.append(f"datasets.{i}.type: {exc}")
+    return problems
