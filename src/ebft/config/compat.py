@@ -32,7 +32,6 @@ IGNORED_AXOLOTL_KEYS: dict[str, str] = {
     "model_type": "the model is always loaded with AutoModelForCausalLM",
     "tokenizer_type": "the tokenizer is always loaded with AutoTokenizer",
     "strict": "ebft always rejects unknown keys",
-    "dataset_prepared_path": "datasets are tokenised in memory at start-up; nothing is cached at this path",
     "dataset_processes": "dataset transforms run in the training process",
     "pad_to_sequence_len": "micro-batches are padded to their longest document, not to sequence_len",
     "sample_packing": "packing is chosen per dataset with `datasets[].pack` (ebft_pretrain.transform)",

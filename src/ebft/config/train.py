@@ -89,6 +89,13 @@ class TrainConfig(Section):
         ">= 1 = that many rows (a whole number).",
     )
     sequence_len: int = Field(2048, ge=1, description="Maximum tokens per document (>= 1).")
+    dataset_prepared_path: str | None = Field(
+        None,
+        min_length=1,
+        description="Folder caching the prepared rows (transformed, tokenised, checked, split) under a hash of "
+        "everything that changes them; the next run with the same inputs reads them back. `ebft preprocess CFG` "
+        "fills it. null = prepare the rows in memory at every start.",
+    )
 
     # Schedule
     micro_batch_size: int = Field(1, ge=1, description="Documents (or prompts) per device per forward (>= 1).")

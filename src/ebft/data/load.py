@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ebft")
 
+# Lines this process has logged already (see _log_once).
+_said: set[str] = set()
+
 # File extension -> datasets builder. A .txt file is one document (one row), not one row per line.
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -128,6 +131,7 @@ def load_strided_datasets(cfg, tokenizer, *, search_dir: str | Path | None = Non
     for index, spec in enumerate(cfg.datasets):
         raw = load_raw(spec)
         fn, options = _transform_for(spec, cfg, search_dir)
+        announce(spec, len(raw))
         rows = apply_transform(raw, fn, options, tokenizer, desc=f"Tokenizing {spec.path}")
         unit = "row"
         if options.get("pack_length") is not None or options.get("end_length") is not None:
@@ -164,10 +168,21 @@ def _separator(spec, index: int, options: dict, tokenizer):
     if configured is None and options.get("pack_separator") is not None:
         configured, key = options["pack_separator"], f"dataset '{spec.path}': transform option pack_separator"
     chosen = document_separator(tokenizer, configured, key=key)
-    logger.info(
-        "dataset '%s': documents end with %r (id %d; %s)", spec.path, chosen.token, chosen.token_id, chosen.source
-    )
+    _log_once(f"dataset '{spec.path}': documents end with {chosen.token!r} (id {chosen.token_id}; {chosen.source})")
     return chosen
+
+
+def announce(spec, rows: int) -> None:
+    """The start line of a dataset's preparation (a large one takes minutes)."""
+    _log_once(f"dataset '{spec.path}': {rows} rows read; transforming and tokenizing ({spec.type or 'no transform'})")
+
+
+def _log_once(line: str) -> None:
+    """Log ``line`` unless this process already has: the quickstart and evaluation prepare the same data
+    several times, and the same line ten times says nothing new."""
+    if line not in _said:
+        _said.add(line)
+        logger.info(line)
 
 
 def _pretokenized(example: dict, tokenizer=None) -> dict:

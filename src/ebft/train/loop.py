@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from ebft.config import TrainConfig, dump_config
-from ebft.data.load import load_strided_datasets
-from ebft.data.structured import load_structured_datasets
+from ebft.data.cache import load_datasets
 from ebft.deploy.export import RunExport
 from ebft.errors import ConfigError, EbftError, PolicySyncError, TrainingInterrupted
 from ebft.modeling.adapters import warm_start_critic
@@ -361,11 +360,8 @@ def _build(cfg: TrainConfig, tokenizer, accelerator, config_dir: Path | None):
     is built before any checkpoint is loaded (for full fine-tuning it is a frozen copy of the *base*
     weights, also on resume) and before FSDP shards the policy (sharded modules cannot be copied)."""
     device = accelerator.device
-    if cfg.ebft.mode == "strided":
-        load_data, Runner = load_strided_datasets, StridedRunner
-    else:
-        load_data, Runner = load_structured_datasets, StructuredRunner
-    data = load_data(cfg, tokenizer, search_dir=config_dir)
+    Runner = StridedRunner if cfg.ebft.mode == "strided" else StructuredRunner
+    data = load_datasets(cfg, tokenizer, search_dir=config_dir)
     model = load_policy(cfg, tokenizer, device)
     features = feature_network_for(cfg, model, device, frozen_copy=warm_start_critic(cfg))
     sharding = distributed.Sharding(model)
