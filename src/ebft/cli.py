@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ebft.config import config_warnings, dump_config, load_config
+from ebft.config import config_notes, config_warnings, dump_config, load_config
 from ebft.data.cache import DEFAULT_PREPARED_PATH, load_datasets
 from ebft.deploy.export import merge_lora
 from ebft.errors import ConfigError, EbftError, TrainingInterrupted
@@ -218,6 +218,9 @@ def _run(args, overrides: list[str]) -> int:
     for warning in config_warnings(cfg):
         log.warning(warning)
     config_dir = Path(args.config).resolve().parent
+    if args.command in ("train", "evaluate"):
+        for note in config_notes(cfg):
+            log.info(note)
     if args.command == "validate":
         return _run_validate(args, cfg, config_dir)
     if args.command == "evaluate":

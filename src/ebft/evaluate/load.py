@@ -10,6 +10,7 @@ import torch
 
 from ebft.data.cache import load_datasets
 from ebft.errors import ConfigError, EbftError
+from ebft.modeling.adapters import peft_wrapping
 from ebft.modeling.policy import check_model_config, load_policy
 from ebft.modeling.tokenizer import load_tokenizer
 
@@ -76,7 +77,8 @@ def load_models(cfg, checkpoint: str | Path | None, device: torch.device):
     from peft import PeftModel
 
     try:
-        policy = PeftModel.from_pretrained(base, str(path)).to(device)
+        with peft_wrapping():
+            policy = PeftModel.from_pretrained(base, str(path)).to(device)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"--checkpoint {path}: cannot load the LoRA adapter onto {cfg.base_model!r}: {exc}") from exc
     return tokenizer, policy, policy, kind

@@ -19,6 +19,7 @@ def load_tokenizer(cfg):
     key = "tokenizer_config" if cfg.tokenizer_config else "base_model"
     source = local_model(cfg.tokenizer_config or cfg.base_model, key)
     require_local_folder(key, source)
+    log.info("loading the tokenizer of %s", source)
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:

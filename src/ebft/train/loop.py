@@ -205,7 +205,9 @@ def _set_up(cfg: TrainConfig, config_dir: Path | None, console) -> Session:
         log.info("resuming from %s at step %d", resume_dir, state.step)
     runner.start(state)
 
-    record_log = RolloutLog(out_dir / runner.log_name) if (runner.keep_records and is_main) else None
+    record_log = (
+        RolloutLog(out_dir / runner.log_name, decode=tokenizer.decode) if (runner.keep_records and is_main) else None
+    )
     logger = MetricsLogger(
         out_dir,
         use_tensorboard=cfg.use_tensorboard,
