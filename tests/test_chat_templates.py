@@ -10,6 +10,7 @@ was ignored with a warning and such a run failed with "the tokenizer has no chat
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,28 @@ def test_structured_chat_data_trains_with_chatml_on_a_tokenizer_without_one(bare
     # Saved with the model: the output folder's tokenizer and each checkpoint's render with chatml.
     for folder in (out, out / "checkpoint-1"):
         assert _render(AutoTokenizer.from_pretrained(folder)) == EXPECTED["chatml"]
+
+
+def test_a_turn_end_that_is_not_a_stop_token_is_named(bare_model_dir, tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "with-im-end"
+    tokenizer = AutoTokenizer.from_pretrained(bare_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    tokenizer.save_pretrained(folder)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with caplog.at_level(logging.WARNING, logger="ebft"):
+        load_tokenizer(
+            load_config(_cfg(bare_model_dir, tmp_path, tokenizer_config=str(folder), chat_template="chatml"))
+        )
+    assert [r.getMessage() for r in caplog.records] == [
+        f"chat_template: chatml ends each turn with '<|im_end|>' (id {im_end}), which is not the tokenizer's eos "
+        f"'</s>', so a completion does not stop there; add {im_end} to trl.generation_kwargs.stop_token_ids"
+    ]
+    caplog.clear()
+    stops = {"trl": {"num_generations": 4, "generation_kwargs": {"stop_token_ids": [im_end]}}}
+    with caplog.at_level(logging.WARNING, logger="ebft"):
+        load_tokenizer(
+            load_config(_cfg(bare_model_dir, tmp_path, tokenizer_config=str(folder), chat_template="chatml", **stops))
+        )
+    assert caplog.records == []

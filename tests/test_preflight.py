@@ -21,6 +21,7 @@ import yaml
 from ebft.cli import main
 from ebft.config import load_config
 from ebft.errors import ConfigError
+from ebft.modeling.adapters import QUANTISATION_NEEDS
 from ebft.train.preflight import check, preflight, probe_vllm
 
 
@@ -69,14 +70,15 @@ def test_each_optional_package_is_named_with_its_key_and_extra(tiny_model_dir, t
         "wandb_project: needs the wandb package, which is not installed; pip install 'ebft[wandb]' "
         "(or set wandb_project: null)",
         "use_tensorboard: needs the tensorboard package, which is not installed; pip install 'ebft[tensorboard]'",
-        "load_in_4bit: needs the bitsandbytes package, which is not installed; pip install 'ebft[qlora]'",
+        f"load_in_4bit: needs {QUANTISATION_NEEDS}; it is not installed",
     ]
     # Evaluation logs to no tracker; the vLLM server needs vllm (and no training data).
     assert _problems(path, "evaluate", installed=lambda _: False) == [
-        "load_in_4bit: needs the bitsandbytes package, which is not installed; pip install 'ebft[qlora]'"
+        f"load_in_4bit: needs {QUANTISATION_NEEDS}; it is not installed"
     ]
     assert _problems(path, "vllm-serve", installed=lambda _: False)[-1] == (
-        "trl.use_vllm: needs the vllm package, which is not installed; pip install 'ebft[vllm]'"
+        "trl.use_vllm: needs the vllm package, which is not installed; pip install 'ebft[vllm]' (it needs a CUDA "
+        "GPU and its own torch build; without trl.use_vllm, rollouts use transformers generate)"
     )
     assert _problems(path, installed=lambda _: True) == []
 
@@ -87,7 +89,7 @@ def test_a_gguf_base_needs_the_gguf_package_until_it_is_converted(tmp_path, docs
     gguf.write_bytes(b"GGUF")
     path = _write(tmp_path, base_model=str(gguf))
     assert _problems(path, installed=lambda p: p != "gguf") == [
-        "base_model: needs the gguf package, which is not installed; pip install 'ebft[gguf]'"
+        f"base_model: reading the GGUF file {gguf.resolve()} needs the gguf package: pip install 'ebft[gguf]'"
     ]
     assert _problems(_write(tmp_path, base_model=str(tmp_path / "missing.gguf"))) == [
         f"base_model: no such GGUF file '{tmp_path / 'missing.gguf'}'"
@@ -98,7 +100,10 @@ def test_model_and_tokenizer_folders(tiny_model_dir, tmp_path, docs):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _problems(_write(tmp_path, base_model=str(empty))) == [
-        f"base_model: the folder '{empty}' holds no config.json, so it is not a Hugging Face model folder"
+        f"base_model: the folder '{empty}' holds no config.json, so it is not a Hugging Face model folder",
+        f"base_model: the folder '{empty}' holds no tokenizer (none of tokenizer.json, tokenizer_config.json, "
+        "tokenizer.model, vocab.json, spiece.model); save the tokenizer there or set tokenizer_config to a folder "
+        "or hub id that has one",
     ]
     assert _problems(_write(tmp_path, base_model=str(tmp_path / "nope")))[0].startswith(
         f"base_model: no such folder '{tmp_path / 'nope'}'"
@@ -152,7 +157,7 @@ def test_data_files_transforms_adapters_and_templates(tiny_model_dir, tmp_path, 
         f"chat_template_jinja: no such template file '{tmp_path / 't.jinja'}' (give the Jinja text itself, "
         "or a file path)",
         f"datasets.0.path: no such file or folder 'data/train.jsonl' (relative paths are read from {tmp_path})",
-        "datasets.1.path: the folder has no .csv/.json/.jsonl/.parquet/.txt files",
+        "datasets.1.path: dataset 'folder': the folder has no .csv/.json/.jsonl/.parquet/.txt files",
         "datasets.1.type: dataset type 'my_transforms.transform': cannot import module 'my_transforms' (No module "
         "named 'my_transforms'); it is neither a built-in transform (ebft_pretrain, ebft_strided_structured, "
         "ebft_strided_chat, ebft_opencode, ebft_chat_multiturn, ebft_reasoning) nor importable from sys.path or "
@@ -254,3 +259,10 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_what_the_models_config_says_is_checked_too(tiny_model_dir, tmp_path, docs):
+    """Before this change only `train` read config.json; now `validate` does too."""
+    assert _problems(_write(tmp_path, base_model=str(tiny_model_dir), sequence_len=8192), "validate") == [
+        "sequence_len: 8192 exceeds the model's max_position_embeddings (4096)"
+    ]

@@ -78,7 +78,9 @@ def apply_chat_template(tok, cfg) -> None:
     replaced = "replacing the tokenizer's own" if getattr(tok, "chat_template", None) else "the tokenizer had none"
     tok.chat_template = chosen.text
     log.info("chat_template: rendering chats with %s (%s)", chosen.name, replaced)
-    if chosen.turn_end is not None and len(tok.tokenize(chosen.turn_end)) != 1:
+    if chosen.turn_end is None:
+        return
+    if len(tok.tokenize(chosen.turn_end)) != 1:
         log.warning(
             "chat_template: %s ends each turn with %r, which this tokenizer splits into several tokens, so a "
             "sampled turn cannot end on one stop token; add it to the vocabulary as the eos, e.g. "
@@ -86,4 +88,17 @@ def apply_chat_template(tok, cfg) -> None:
             chosen.name,
             chosen.turn_end,
             chosen.turn_end,
+        )
+        return
+    turn_end = tok.convert_tokens_to_ids(chosen.turn_end)
+    stops = cfg.trl.generation_kwargs.stop_token_ids or ()
+    if cfg.ebft.mode == "structured" and turn_end != tok.eos_token_id and turn_end not in stops:
+        log.warning(
+            "chat_template: %s ends each turn with %r (id %d), which is not the tokenizer's eos %r, so a completion "
+            "does not stop there; add %d to trl.generation_kwargs.stop_token_ids",
+            chosen.name,
+            chosen.turn_end,
+            turn_end,
+            tok.eos_token,
+            turn_end,
         )

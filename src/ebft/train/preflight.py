@@ -30,9 +30,12 @@ from ebft.config import vllm_client_address
 from ebft.data.load import local_files, looks_local
 from ebft.data.transforms import resolve_transform
 from ebft.errors import ConfigError, DataError
+from ebft.modeling.adapters import QUANTISATION_NEEDS
 from ebft.modeling.attention_choice import choose_attention
 from ebft.modeling.chat_templates import JINJA, template_text
 from ebft.modeling.optional import package_available
+from ebft.modeling.policy import check_model_config
+from ebft.modeling.source import INSTALL_HINT as GGUF_HINT
 from ebft.modeling.source import is_gguf, needs_conversion
 from ebft.vllm.client import VLLMClient, VLLMError
 
@@ -132,46 +135,66 @@ def probe_vllm(cfg, seconds: float = PROBE_SECONDS) -> str | None:
 
 
 def _packages(cfg, command: str, installed: Callable[[str], bool]) -> list[str]:
-    needs: list[tuple[str, str, str]] = []  # (key, package, pip extra)
+    needs: list[tuple[str, str, str]] = []  # (package, the problem line when it is missing)
     if command in ("validate", "train"):
         if cfg.wandb_project is not None:
-            needs.append(("wandb_project", "wandb", "wandb"))
+            needs.append(
+                (
+                    "wandb",
+                    "wandb_project: needs the wandb package, which is not installed; pip install 'ebft[wandb]' "
+                    "(or set wandb_project: null)",
+                )
+            )
         if cfg.use_tensorboard:
-            needs.append(("use_tensorboard", "tensorboard", "tensorboard"))
+            needs.append(
+                (
+                    "tensorboard",
+                    "use_tensorboard: needs the tensorboard package, which is not installed; "
+                    "pip install 'ebft[tensorboard]'",
+                )
+            )
     if command != "vllm-serve":
-        for key in ("load_in_4bit", "load_in_8bit"):
-            if getattr(cfg, key):
-                needs.append((key, "bitsandbytes", "qlora"))
+        needs += [
+            ("bitsandbytes", f"{key}: needs {QUANTISATION_NEEDS}; it is not installed")
+            for key in ("load_in_4bit", "load_in_8bit")
+            if getattr(cfg, key)
+        ]
     for key in ("base_model", "tokenizer_config"):
         value = getattr(cfg, key)
-        if value and is_gguf(value) and Path(value).expanduser().is_file() and needs_conversion(value):
-            needs.append((key, "gguf", "gguf"))
+        file = Path(value).expanduser() if value else None
+        if file is not None and is_gguf(value) and file.is_file() and needs_conversion(file):
+            needs.append(("gguf", f"{key}: reading the GGUF file {file.resolve()} needs the gguf package: {GGUF_HINT}"))
     if command == "vllm-serve":
-        needs.append(("trl.use_vllm", "vllm", "vllm"))
-    return [
-        f"{key}: needs the {package} package, which is not installed; pip install 'ebft[{extra}]'"
-        + (" (or set wandb_project: null)" if package == "wandb" else "")
-        for key, package, extra in needs
-        if not installed(package)
-    ]
+        needs.append(
+            (
+                "vllm",
+                "trl.use_vllm: needs the vllm package, which is not installed; pip install 'ebft[vllm]' (it needs a "
+                "CUDA GPU and its own torch build; without trl.use_vllm, rollouts use transformers generate)",
+            )
+        )
+    return [line for package, line in needs if not installed(package)]
 
 
 def _model_and_tokenizer(cfg) -> list[str]:
-    problems = [p for p in (_model_source("base_model", cfg.base_model), _offline_hub(cfg.base_model)) if p]
-    if cfg.tokenizer_config is not None:
-        problems += [p for p in (_model_source("tokenizer_config", cfg.tokenizer_config, weights=False),) if p]
-    if not problems:
-        key = "tokenizer_config" if cfg.tokenizer_config else "base_model"
-        folder = Path(cfg.tokenizer_config or cfg.base_model).expanduser()
-        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-            problems.append(
-                f"{key}: the folder {str(folder)!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                "save the tokenizer there or set tokenizer_config to a folder or hub id that has one"
-            )
+    model = [p for p in (_model_source("base_model", cfg.base_model), _offline_hub(cfg.base_model)) if p]
     lora = cfg.lora_model_dir
     if cfg.adapter is not None and lora is not None and _is_path(lora) and not Path(lora).expanduser().is_dir():
-        problems.append(f"lora_model_dir: no such folder {lora!r} (relative paths are read from {os.getcwd()})")
-    return problems
+        model.append(f"lora_model_dir: no such folder {lora!r} (relative paths are read from {os.getcwd()})")
+    if not model and Path(cfg.base_model).expanduser().is_dir():
+        # What the model's config.json says about this config (architecture, lengths, a warm-start adapter).
+        try:
+            check_model_config(cfg)
+        except ConfigError as exc:
+            model.append(str(exc))
+    tokenizer = [p for p in (_model_source("tokenizer_config", cfg.tokenizer_config, weights=False),) if p]
+    key = "tokenizer_config" if cfg.tokenizer_config else "base_model"
+    folder = Path(cfg.tokenizer_config or cfg.base_model).expanduser()
+    if not tokenizer and folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer.append(
+            f"{key}: the folder {str(folder)!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer there or set tokenizer_config to a folder or hub id that has one"
+        )
+    return model + tokenizer
 
 
 def _is_path(value: str) -> bool:
@@ -179,7 +202,9 @@ def _is_path(value: str) -> bool:
     return value.startswith(("/", ".", "~")) or value.count("/") > 1 or Path(value).expanduser().exists()
 
 
-def _model_source(key: str, value: str, *, weights: bool = True) -> str | None:
+def _model_source(key: str, value: str | None, *, weights: bool = True) -> str | None:
+    if value is None:
+        return None
     path = Path(value).expanduser()
     where = f" (relative paths are read from {os.getcwd()})" if not path.is_absolute() else ""
     if is_gguf(value):
@@ -239,7 +264,7 @@ def _datasets(cfg, config_dir: str | Path | None) -> list[str]:
             try:
                 local_files(local, spec.data_files, spec.path)
             except DataError as exc:
-                problems.append(f"datasets.{i}.path: {str(exc).removeprefix(f'dataset {spec.path!r}: ')}")
+                problems.append(f"datasets.{i}.path: {exc}")
         elif looks_local(spec.path):
             where = f" (relative paths are read from {os.getcwd()})" if not local.is_absolute() else ""
             problems.append(f"datasets.{i}.path: no such file or folder {spec.path!r}{where}")
