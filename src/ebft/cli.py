@@ -13,7 +13,7 @@ from pathlib import Path
 from ebft.config import config_notes, config_warnings, dump_config, load_config
 from ebft.data.cache import DEFAULT_PREPARED_PATH, load_datasets
 from ebft.deploy.export import merge_lora
-from ebft.errors import ConfigError, EbftError, TrainingInterrupted
+from ebft.errors import EbftError, TrainingInterrupted
 from ebft.evaluate.load import TRAIN_SAMPLE_DOCS
 from ebft.evaluate.output import render_table, write_json
 from ebft.evaluate.run import evaluate
@@ -244,9 +244,9 @@ def _run_validate(args, cfg, config_dir: Path) -> int:
     for note in [*found.notes, *([unreachable] if unreachable else [])]:
         log.warning(note)
     if found.problems:
-        count = f"{len(found.problems)} problems" if len(found.problems) > 1 else "1 problem"
-        lines = "\n".join(f"  {p}" for p in found.problems)
-        raise ConfigError(f"{args.config}: the config is valid but training cannot start here, {count}:\n{lines}")
+        raise preflight.problems_error(
+            found.problems, "the config is valid but training cannot start here", args.config
+        )
     print(dump_config(cfg), end="")
     return 0
 

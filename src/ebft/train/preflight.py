@@ -93,15 +93,20 @@ def check(cfg, command: str = "train", *, config_dir: str | Path | None = None, 
     for note in found.notes:
         log.warning(note)
     if found.problems:
-        count = f"{len(found.problems)} problems" if len(found.problems) > 1 else "1 problem"
-        where = f"{source}: " if source else ""
-        lines = "\n".join(f"  {p}" for p in found.problems)
-        raise ConfigError(f"{where}cannot {command} on this machine, {count}:\n{lines}")
+        raise problems_error(found.problems, f"cannot {command} on this machine", source)
     if command == "train":
         wait_for_vllm(cfg)
 
 
+def problems_error(problems: list[str], headline: str, source: str | None = None) -> ConfigError:
+    """One error: ``[source: ]headline, N problem(s):`` then one indented line per problem."""
+    count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
+    lines = "\n".join(f"  {p}" for p in problems)
+    return ConfigError(f"{source + ': ' if source else ''}{headline}, {count}:\n{lines}")
+
+
 def uses_vllm(cfg) -> bool:
+    """Whether ``cfg`` samples its rollouts from a vLLM server."""
     return cfg.ebft.mode == "structured" and cfg.trl.use_vllm
 
 
@@ -135,7 +140,7 @@ def probe_vllm(cfg, seconds: float = PROBE_SECONDS) -> str | None:
 
 
 def _packages(cfg, command: str, installed: Callable[[str], bool]) -> list[str]:
-    needs: list[tuple[str, str, str]] = []  # (package, the problem line when it is missing)
+    needs: list[tuple[str, str]] = []  # (package, the problem line when it is missing)
     if command in ("validate", "train"):
         if cfg.wandb_project is not None:
             needs.append(
