@@ -50,6 +50,14 @@ def test_a_lora_run_with_whitening_and_rollouts(tiny_model_dir, tmp_path, capsys
     # PEFT reads transformers' deprecated alias when it wraps the model; nothing of it reaches the user.
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
     log = "".join(capsys.readouterr().err.split())  # the console wraps long lines, paths included
+    # No silent phase: each slow one starts with a line saying what it does, in the order they run.
+    starts = [
+        f"loadingthetokenizerof{tiny_model_dir}",
+        f"dataset'{tmp_path / 'docs.jsonl'}':4rowsread;transformingandtokenizing(ebft_pretrain.transform)",
+        f"loadingthemodel{tiny_model_dir}",
+    ]
+    positions = [log.find(line) for line in starts]
+    assert -1 not in positions and positions == sorted(positions), positions
     assert log.count("".join(WHITENING_NOTE.split())) == 1
     merged = f"merge-lora: wrote {out / 'merged'}, the adapter in {out} merged into a copy of {tiny_model_dir} "
     assert "".join((merged + "(which is unchanged)").split()) in log
