@@ -39,7 +39,6 @@ SEED_METRICS = (
 )
 # Wall-clock and memory readings differ between two otherwise identical runs.
 TIMING_METRICS = ("tokens_per_second", "step_seconds", "peak_memory_mib")
-# input_text and text: the decoded input_ids and tokens, so the file reads without the tokenizer.
 ROLLOUT_KEYS = {"step", "document", "input_ids", "input_text", "length", "anchors", "samples"}
 BLOCK_KEYS = {"tokens", "text", "logprobs", "alignment", "diversity", "reward", "advantage"}
 
