@@ -18,6 +18,7 @@ from ebft.evaluate.load import TRAIN_SAMPLE_DOCS
 from ebft.evaluate.output import render_table, write_json
 from ebft.evaluate.run import evaluate
 from ebft.modeling.tokenizer import load_tokenizer
+from ebft.modes import mode_of
 from ebft.quickstart.plot import plot_run
 from ebft.quickstart.run import DEFAULT_MINUTES, run_quickstart
 from ebft.train import preflight
@@ -232,7 +233,7 @@ def _run(args, overrides: list[str]) -> int:
             preflight.check(cfg, "vllm-serve", config_dir=config_dir, source=args.config)
         return vllm_serve(cfg, print_command=args.print_command)
 
-    result = train(cfg, config_dir=Path(args.config).resolve().parent)
+    result = train(cfg, mode_of(cfg), config_dir=Path(args.config).resolve().parent)
     log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
     return 0
 

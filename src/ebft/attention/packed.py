@@ -17,13 +17,14 @@ layer as the ``ebft_packed`` keyword of the forward call (as ``ebft.attention.st
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
 
+from ebft.attention.backend import attention_backend
 from ebft.attention.prefix_tree import prefix_tree, separate
 
 NAME = "ebft_packed"
@@ -181,30 +182,9 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
-def _no_mask(*args, **kwargs):
-    """Each sequence's causal mask is implied by the plan; transformers must not build a T x T one."""
-    return None
-
-
-def register() -> str:
-    """Make ``ebft_packed`` known to transformers (idempotent); returns the backend name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(NAME, packed_attention)
-    AttentionMaskInterface.register(NAME, _no_mask)
-    return NAME
-
-
-@contextmanager
-def packed_backend(model: torch.nn.Module):
+def packed_backend(model: torch.nn.Module) -> AbstractContextManager:
     """Run ``model`` with the ``ebft_packed`` attention inside the block, its own backend outside."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(register())
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
+    return attention_backend(model, NAME, packed_attention)
 
 
 def packed_forward(body: torch.nn.Module, packed: Packed) -> torch.Tensor:

@@ -43,32 +43,46 @@ DEFAULT_PREPARED_PATH = "last_run_prepared"
 FORMAT = 1
 
 
+def cached(load):
+    """A mode's loader ``load(cfg, tokenizer, search_dir=...) -> StridedData | StructuredData`` that reads its rows
+    from ``dataset_prepared_path`` when it holds them for these inputs, and saves them there when it does not
+    (with the key unset, ``load`` itself)."""
+
+    def load_cached(cfg, tokenizer, *, search_dir: str | Path | None = None):
+        if cfg.dataset_prepared_path is None:
+            return load(cfg, tokenizer, search_dir=search_dir)
+        digest, inputs = cache_key(cfg, tokenizer, search_dir)
+        entry = Path(cfg.dataset_prepared_path).expanduser() / digest
+        if (entry / MANIFEST).is_file():
+            try:
+                data = _read(entry, cfg.ebft.mode)
+            except Exception as exc:  # noqa: BLE001 - whatever a damaged entry raises, it is prepared again
+                log.warning(
+                    "dataset_prepared_path: the prepared rows in %s cannot be read (%s: %s); preparing them again",
+                    entry,
+                    type(exc).__name__,
+                    exc,
+                )
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                log.info("dataset_prepared_path: reusing the prepared rows in %s (%s)", entry, _counts(data))
+                return data
+        log.info("dataset_prepared_path: no prepared rows for these inputs yet; preparing them into %s", entry)
+        data = load(cfg, tokenizer, search_dir=search_dir)
+        _write(entry, data, cfg.ebft.mode, inputs)
+        return data
+
+    return load_cached
+
+
+load_strided = cached(load_strided_datasets)
+load_structured = cached(load_structured_datasets)
+
+
 def load_datasets(cfg, tokenizer, *, search_dir: str | Path | None = None):
-    """The rows of ``cfg``'s mode (``StridedData`` or ``StructuredData``): read from ``dataset_prepared_path``
-    when it holds them for these inputs, else prepared (and, with the key set, saved there)."""
-    load = load_strided_datasets if cfg.ebft.mode == "strided" else load_structured_datasets
-    if cfg.dataset_prepared_path is None:
-        return load(cfg, tokenizer, search_dir=search_dir)
-    digest, inputs = cache_key(cfg, tokenizer, search_dir)
-    entry = Path(cfg.dataset_prepared_path).expanduser() / digest
-    if (entry / MANIFEST).is_file():
-        try:
-            data = _read(entry, cfg.ebft.mode)
-        except Exception as exc:  # noqa: BLE001 - whatever a damaged entry raises, it is prepared again
-            log.warning(
-                "dataset_prepared_path: the prepared rows in %s cannot be read (%s: %s); preparing them again",
-                entry,
-                type(exc).__name__,
-                exc,
-            )
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            log.info("dataset_prepared_path: reusing the prepared rows in %s (%s)", entry, _counts(data))
-            return data
-    log.info("dataset_prepared_path: no prepared rows for these inputs yet; preparing them into %s", entry)
-    data = load(cfg, tokenizer, search_dir=search_dir)
-    _write(entry, data, cfg.ebft.mode, inputs)
-    return data
+    """The rows of ``cfg``'s mode (``StridedData`` or ``StructuredData``), through ``dataset_prepared_path``."""
+    load = load_strided if cfg.ebft.mode == "strided" else load_structured
+    return load(cfg, tokenizer, search_dir=search_dir)
 
 
 def cache_key(cfg, tokenizer, search_dir: str | Path | None = None) -> tuple[str, dict]:

@@ -14,7 +14,7 @@ from ebft.attention.packed import Packed, PackedPlan, packed_forward
 from ebft.attention.strided import strided_backend, strided_forward
 from ebft.features import layer_indices
 from ebft.modeling.parts import backbone_of
-from ebft.modeling.precision import autocast_dtype
+from ebft.modeling.precision import autocast, autocast_dtype
 
 
 def _truncated(body: nn.Module, depth: int) -> nn.Module:
@@ -82,8 +82,7 @@ class FeatureNetwork:
         with ExitStack() as stack:
             stack.enter_context(self._policy.disable_adapter() if self.shared else nullcontext())
             stack.enter_context(_eval_mode(self.body))
-            if self.autocast_dtype is not None:
-                stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+            stack.enter_context(autocast(self.device, self.autocast_dtype))
             for idx in set(self.layers):
                 if idx != self.depth:
                     stack.enter_context(_capture(layer_list, idx, captured))

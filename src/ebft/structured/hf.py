@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 
+from ebft.modeling.precision import autocast
 from ebft.sampling import truncation_keep
 from ebft.structured import decode
 from ebft.structured.rollout import Completion, Sampling
@@ -98,9 +97,7 @@ class HFGenerate:
         self.model.eval()
         out: list[list[Completion]] = []
         step = max(1, self.rows_per_call // n)
-        amp = (
-            torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None else nullcontext()
-        )
+        amp = autocast(device, self.autocast_dtype)
         try:
             with torch.no_grad(), amp:
                 for start in range(0, len(prompts), step):
