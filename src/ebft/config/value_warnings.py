@@ -141,6 +141,7 @@ def _weight_transfer_warnings(cfg: TrainConfig) -> list[str]:
     ]
 
 
+# docs/design.md §5.4: whitened, linearly independent samples have the same diversity term.
 WHITENING_NOTE = (
     "ebft.use_whitening: the whitened samples of a group are orthonormal, so ebft/diversity is 0 by construction "
     "(a sample only scores 2/(n-1) per exact copy of itself in its group) and the reward is alignment_coef x "

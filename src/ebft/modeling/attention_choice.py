@@ -4,7 +4,7 @@ ebft's packed passes bring their own attention (the strided rows, ``ebft.attenti
 mode's prefix-sharing rows, ``ebft.attention.packed``) and set it only for the duration of each pass. Every
 other pass (sampling with transformers, padded policy and feature passes, evaluation) runs the backend
 the model was loaded with, which is this choice: transformers builds the mask each backend expects from
-the 2-D padding mask ebft passes (an additive float mask for eager, never a boolean one).
+the 2-D padding mask ebft passes (an additive float mask for eager, never a boolean one; docs/design.md §4.8).
 
 Each backend computes the same attention (softmax(q k^T * scale) v with the model's own mask, window and
 soft-capping), so where the requested one cannot run here the closest exact one is used, with one warning

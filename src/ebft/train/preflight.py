@@ -1,4 +1,4 @@
-"""Everything a config needs from this machine, checked before any data or weights load.
+"""Everything a config needs from this machine, checked before any data or weights load (docs/design.md §2).
 
 ``ebft validate`` reports all of it, and ``ebft train`` (also ``evaluate``, ``preprocess``, ``vllm-serve``)
 refuses to start without it, each problem one ``key: what is wrong; the fix`` line:
