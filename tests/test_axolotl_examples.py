@@ -119,7 +119,7 @@ def _train(example: Path, overrides: list[str], out: Path, capsys) -> None:
     err = capsys.readouterr().err
     if cfg.wandb_project is not None:
         # After the warnings about the keys ebft ignores, one error and nothing else.
-        error = f"\nerror: cannot train on this machine, 1 problem:\n  {WANDB_MISSING}\n"
+        error = f"\nerror: {example}: cannot train on this machine, 1 problem:\n  {WANDB_MISSING}\n"
         assert code == 2 and ("\n" + err).endswith(error)
         assert err.count("error") == 1
         assert not out.exists()  # stopped before config.yaml, data, model or tokenizer

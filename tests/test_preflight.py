@@ -22,7 +22,8 @@ from ebft.cli import main
 from ebft.config import load_config
 from ebft.errors import ConfigError
 from ebft.modeling.adapters import QUANTISATION_NEEDS
-from ebft.train.preflight import check, preflight, probe_vllm
+from ebft.train.preflight import preflight
+from ebft.vllm.backend import probe_server, wait_for_server
 
 
 def _write(tmp_path: Path, **keys) -> Path:
@@ -192,7 +193,7 @@ def test_train_stops_before_writing_or_loading_anything(tiny_model_dir, tmp_path
     assert main(["train", str(path)]) == 2
     assert time.perf_counter() - started < 20  # (loading data and model took ~40 s on the machine)
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot train on this machine, 1 problem:\n  wandb_project: needs the wandb package")
+    assert err.startswith(f"error: {path}: cannot train on this machine, 1 problem:\n  wandb_project: needs the wandb")
     assert not (tmp_path / "out").exists()  # no config.yaml written, nothing loaded
     assert main(["train", str(path), "--wandb_project=null"]) == 0
 
@@ -206,7 +207,7 @@ def test_the_loggers_own_import_check_stays(tmp_path, monkeypatch):
         MetricsLogger(tmp_path, wandb_project="x")
 
 
-def test_vllm_server_probe_and_wait(tiny_model_dir, tmp_path, docs, caplog):
+def test_vllm_server_probe_and_wait(tiny_model_dir, tmp_path, docs, caplog, capsys):
     port = _free_port()
     path = _write(
         tmp_path,
@@ -217,15 +218,31 @@ def test_vllm_server_probe_and_wait(tiny_model_dir, tmp_path, docs, caplog):
         trl={"use_vllm": True, "vllm_server_port": port, "vllm_server_timeout": 1.5, "max_completion_length": 16},
     )
     cfg = load_config(path)
-    assert probe_vllm(cfg, seconds=0.2) == (
+    assert probe_server(cfg, seconds=0.2) == (
         f"trl.use_vllm: no vLLM server answers at 127.0.0.1:{port} yet; start it with `ebft vllm-serve CFG` before "
         "`ebft train`, which waits for it up to trl.vllm_server_timeout = 1.5 s"
     )
     with caplog.at_level(logging.INFO, logger="ebft"), pytest.raises(ConfigError) as info:
-        check(cfg, "train", config_dir=tmp_path)
+        wait_for_server(cfg)
     assert str(info.value).startswith(f"trl.use_vllm: no vLLM server is ready at 127.0.0.1:{port} after 1.5s")
     waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for the vLLM server")]
     assert waits and f"at http://127.0.0.1:{port} (" in waits[0] and "s left; start it with" in waits[0]
+    # `ebft train` waits so before it writes or loads anything (the run said nothing for 240 s).
+    assert main(["train", str(path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"waiting for the vLLM server at http://127.0.0.1:{port} (" in err
+    assert f"error: trl.use_vllm: no vLLM server is ready at 127.0.0.1:{port} after 1.5s" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_from_code_runs_the_same_checks(tiny_model_dir, tmp_path, docs, monkeypatch):
+    from ebft.modes import mode_of
+    from ebft.train.loop import train
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    cfg = load_config(_write(tmp_path, base_model=str(tiny_model_dir), wandb_project="ebft"))
+    with pytest.raises(ConfigError, match="cannot train on this machine, 1 problem:\n  wandb_project: needs the"):
+        train(cfg, mode_of(cfg))
     assert not (tmp_path / "out").exists()
 
 

@@ -23,6 +23,7 @@ from ebft.quickstart.plot import plot_run
 from ebft.quickstart.run import DEFAULT_MINUTES, run_quickstart
 from ebft.train import preflight
 from ebft.train.loop import train
+from ebft.vllm.backend import probe_server, wait_for_server
 from ebft.vllm.serve import vllm_serve
 
 log = logging.getLogger("ebft")
@@ -233,7 +234,10 @@ def _run(args, overrides: list[str]) -> int:
             preflight.check(cfg, "vllm-serve", config_dir=config_dir, source=args.config)
         return vllm_serve(cfg, print_command=args.print_command)
 
-    result = train(cfg, mode_of(cfg), config_dir=Path(args.config).resolve().parent)
+    # Everything the machine lacks first, then the rollout server (which may still be starting): before any load.
+    preflight.check(cfg, "train", config_dir=config_dir, source=args.config)
+    wait_for_server(cfg)
+    result = train(cfg, mode_of(cfg), config_dir=config_dir)
     log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
     return 0
 
@@ -241,7 +245,7 @@ def _run(args, overrides: list[str]) -> int:
 def _run_validate(args, cfg, config_dir: Path) -> int:
     """The resolved config on stdout once everything training needs is here; else one error listing it all."""
     found = preflight.preflight(cfg, "validate", config_dir=config_dir)
-    unreachable = preflight.probe_vllm(cfg) if not found.problems else None
+    unreachable = probe_server(cfg) if not found.problems else None
     for note in [*found.notes, *([unreachable] if unreachable else [])]:
         log.warning(note)
     if found.problems:

@@ -11,8 +11,8 @@ refuses to start without it, each problem one ``key: what is wrong; the fix`` li
 * the tokenizer: a local folder (``tokenizer_config``, else the ``base_model`` folder) that holds one;
 * ``lora_model_dir``, ``chat_template_jinja`` (a file, and a template that compiles), data files (local paths
   that exist, with readable file types) and the dataset transforms (importable ``module.function``);
-* ``trl.use_vllm``: whether the vLLM server answers. ``validate`` probes it once and says so; ``train``
-  waits for it, with a line giving the address and the time left, before anything loads.
+* ``trl.use_vllm``: whether the vLLM server answers is ``ebft.vllm.backend``'s to say (``probe_server``,
+  ``wait_for_server``): ``validate`` probes it once, ``train`` waits for it before anything loads.
 
 The checks only read the config and the file system; what they use from the machine (which packages are
 installed, whether CUDA is there) is passed in, so tests can say what is installed.
@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ebft.config import vllm_client_address
 from ebft.data.load import local_files, looks_local
 from ebft.data.transforms import resolve_transform
 from ebft.errors import ConfigError, DataError
@@ -37,15 +36,12 @@ from ebft.modeling.optional import package_available
 from ebft.modeling.policy import check_model_config
 from ebft.modeling.source import INSTALL_HINT as GGUF_HINT
 from ebft.modeling.source import is_gguf, needs_conversion
-from ebft.vllm.client import VLLMClient, VLLMError
 
 log = logging.getLogger("ebft")
 
 COMMANDS = ("validate", "train", "evaluate", "preprocess", "vllm-serve")
 # Files whose presence makes a folder a tokenizer (one of them is enough for AutoTokenizer).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-# How long `ebft validate` waits for the vLLM server to answer: it only reports, so it must be quick.
-PROBE_SECONDS = 2.0
 
 
 @dataclass
@@ -87,15 +83,12 @@ def preflight(
 
 
 def check(cfg, command: str = "train", *, config_dir: str | Path | None = None, source: str | None = None) -> None:
-    """Raise one ConfigError listing every problem ``preflight`` finds for ``command``; log its notes.
-    Then, for ``train``, wait for the vLLM server (``wait_for_vllm``)."""
+    """Raise one ConfigError listing every problem ``preflight`` finds for ``command``; log its notes."""
     found = preflight(cfg, command, config_dir=config_dir)
     for note in found.notes:
         log.warning(note)
     if found.problems:
         raise problems_error(found.problems, f"cannot {command} on this machine", source)
-    if command == "train":
-        wait_for_vllm(cfg)
 
 
 def problems_error(problems: list[str], headline: str, source: str | None = None) -> ConfigError:
@@ -103,40 +96,6 @@ def problems_error(problems: list[str], headline: str, source: str | None = None
     count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
     lines = "\n".join(f"  {p}" for p in problems)
     return ConfigError(f"{source + ': ' if source else ''}{headline}, {count}:\n{lines}")
-
-
-def uses_vllm(cfg) -> bool:
-    """Whether ``cfg`` samples its rollouts from a vLLM server."""
-    return cfg.ebft.mode == "structured" and cfg.trl.use_vllm
-
-
-def wait_for_vllm(cfg, timeout: float | None = None) -> None:
-    """With ``trl.use_vllm``: wait for the server up to ``trl.vllm_server_timeout`` seconds, saying where and how
-    long is left; ConfigError naming the keys when it never answers."""
-    if not uses_vllm(cfg):
-        return
-    host, port = vllm_client_address(cfg)
-    wait = cfg.trl.vllm_server_timeout if timeout is None else timeout
-    try:
-        VLLMClient(host, port, timeout=min(wait, 10.0)).wait_until_ready(wait)
-    except VLLMError as exc:
-        raise ConfigError(f"trl.use_vllm: {exc}") from exc
-
-
-def probe_vllm(cfg, seconds: float = PROBE_SECONDS) -> str | None:
-    """A note when the vLLM server of a ``trl.use_vllm`` config does not answer within ``seconds`` (None when it
-    does, or when the config does not use one)."""
-    if not uses_vllm(cfg):
-        return None
-    host, port = vllm_client_address(cfg)
-    try:
-        VLLMClient(host, port, timeout=seconds, retries=0).wait_until_ready(seconds, interval=0.5, report_every=None)
-    except VLLMError:
-        return (
-            f"trl.use_vllm: no vLLM server answers at {host}:{port} yet; start it with `ebft vllm-serve CFG` "
-            f"before `ebft train`, which waits for it up to trl.vllm_server_timeout = {cfg.trl.vllm_server_timeout:g} s"
-        )
-    return None
 
 
 def _packages(cfg, command: str, installed: Callable[[str], bool]) -> list[str]:
