@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ebft.attention.support import log_structured_passes
 from ebft.data.cache import load_structured
 from ebft.losses import LossNorm
 from ebft.structured.hf import HFGenerate
@@ -48,6 +49,7 @@ class StructuredRunner:
         self.sharding = sharding or Sharding(model)
         self.data, self.accelerator, self.amp, self.backend = data, accelerator, autocast_dtype, backend
         self.s = StructuredSettings.from_config(cfg, tokenizer.eos_token_id)
+        log_structured_passes(model.config)
         self.pad_id = tokenizer.pad_token_id
         self.keep_records = cfg.trl.log_completions
         self.local_prompts = cfg.micro_batch_size * cfg.gradient_accumulation_steps // self.s.num_generations
