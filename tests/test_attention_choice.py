@@ -85,7 +85,10 @@ def _config(tmp_path, model_dir, **keys):
     return parse_config(raw)
 
 
-def test_the_model_is_loaded_with_the_backend(tiny_model_dir, tmp_path, caplog):
+def test_the_model_is_loaded_with_the_backend(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    from ebft.modeling import policy
+
+    monkeypatch.setattr(policy, "_said", set())  # as in a fresh process (other tests here load flash configs)
     tokenizer = load_tokenizer(_config(tmp_path, tiny_model_dir))
     eager = load_policy(_config(tmp_path, tiny_model_dir, attn_implementation="eager"), tokenizer, torch.device("cpu"))
     assert eager.config._attn_implementation == "eager"
