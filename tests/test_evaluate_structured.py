@@ -267,7 +267,12 @@ def test_val_set_size_evaluates_the_rows_training_held_out(tiny_model_dir, tmp_p
     assert len(data.val) == 2 and set(_gt_lengths(data.train)).isdisjoint(_gt_lengths(data.val))
 
 
-def test_without_split_or_validation_rows_it_says_so_and_samples_the_training_rows(tiny_model_dir, tmp_path, capsys):
+def test_without_split_or_validation_rows_it_says_so_and_samples_the_training_rows(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    from ebft.evaluate import run
+
+    monkeypatch.setattr(run, "_said", set())  # each line is said once per process; this test reads them
     config = _write_config(tmp_path, tiny_model_dir)
     report = _evaluate(config, tmp_path, "--max-docs", "2")
     # The CLI logs through rich, which wraps long lines.
