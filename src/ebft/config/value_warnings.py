@@ -146,6 +146,20 @@ def _weight_transfer_warnings(cfg: TrainConfig) -> list[str]:
     ]
 
 
+# docs/design.md §5.4: whitened, linearly independent samples have the same diversity term.
+WHITENING_NOTE = (
+    "ebft.use_whitening: the whitened samples of a group are orthonormal, so ebft/diversity is 0 by construction "
+    "(a sample only scores 2/(n-1) per exact copy of itself in its group) and the reward is alignment_coef x "
+    "alignment; diversity_coef then only penalises duplicate samples"
+)
+
+
+def config_notes(cfg: TrainConfig) -> list[str]:
+    """What a run logs once at its start so that its metrics read right (not a warning: nothing is wrong)."""
+    groups = cfg.ebft.n_samples_per_prompt if cfg.ebft.mode == "strided" else cfg.trl.num_generations
+    return [WHITENING_NOTE] if cfg.ebft.use_whitening and groups >= 2 else []
+
+
 def config_warnings(cfg: TrainConfig) -> list[str]:
     """Everything worth telling the user about ``cfg``, one ``key.path: message`` line each."""
     return [*cfg._load_warnings, *_value_warnings(cfg)]

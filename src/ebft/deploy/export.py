@@ -72,7 +72,7 @@ def merge_lora(run_dir: str | Path, out: str | Path | None = None, *, base_model
     tokenizer.save_pretrained(target)
     if cfg is not None:
         write_card(target, cfg, kind="merged", metrics=last_logged(run if (run / "metrics.jsonl").exists() else None))
-    log.info("merged %s into %s: %s", run, base, target)
+    log.info("merge-lora: wrote %s, the adapter in %s merged into a copy of %s (which is unchanged)", target, run, base)
     return target
 
 

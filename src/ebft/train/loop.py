@@ -28,7 +28,7 @@ from ebft.modeling.policy import check_model_config, load_policy
 from ebft.modeling.precision import autocast_dtype
 from ebft.modeling.tokenizer import load_tokenizer
 from ebft.train import checkpoint as ckpt
-from ebft.train import distributed
+from ebft.train import distributed, preflight
 from ebft.train.batches import reduce_sum
 from ebft.train.memory import Hardware, log_plan
 from ebft.train.optim import build_optimizer, build_scheduler
@@ -166,6 +166,7 @@ def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console) -> S
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    preflight.check(cfg, "train", config_dir=config_dir)  # before anything is written or loaded
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     is_main, rank = accelerator.is_main_process, accelerator.process_index
     out_dir = Path(cfg.output_dir)
@@ -212,7 +213,7 @@ def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console) -> S
     runner.start(state)
 
     keep = runner.keep_records and runner.log_name is not None and is_main
-    record_log = RolloutLog(out_dir / runner.log_name) if keep else None
+    record_log = RolloutLog(out_dir / runner.log_name, decode=tokenizer.decode) if keep else None
     logger = MetricsLogger(
         out_dir,
         use_tensorboard=cfg.use_tensorboard,
