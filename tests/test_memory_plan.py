@@ -94,8 +94,9 @@ def test_training_state_by_hand():
 
 
 def test_feature_network_by_hand():
-    # Cut after layer 3: embeddings 800 + 3 x 300 = 1,700 params; the whole body adds the final norm.
-    assert feature_term(SHAPE, BF16, Training(False, "adamw", True, feature_depth=3)).bytes == 1700 * 2
+    # Cut after layer 3: embeddings 800 + 3 x 300 + the final norm 8 (the cut view keeps it) = 1,708 params;
+    # the whole body is 800 + 4 x 300 + 8 = 2,008.
+    assert feature_term(SHAPE, BF16, Training(False, "adamw", True, feature_depth=3)).bytes == 1708 * 2
     assert feature_term(SHAPE, FP32, Training(False, "adamw", True, feature_depth=4)).bytes == 2008 * 4
     shared = Training(True, "adamw", True, feature_copy=False, feature_depth=3)
     assert feature_term(SHAPE, BF16, shared).bytes == 0
@@ -165,7 +166,7 @@ def test_devices_and_totals():
         SHAPE, FP32, training, work, policy_device="cpu", feature_device="cpu", capacities={"cpu": 10**6}
     )
     assert [d.device for d in one] == ["cpu"]
-    fixed = 8032 + 8032 + 16064 + 1700 * 4
+    fixed = 8032 + 8032 + 16064 + 1708 * 4
     assert one[0].total == fixed + max(p.bytes for p in one[0].phases)
     assert one[0].headroom == 10**6 - one[0].total
     two = plan_devices(
@@ -179,7 +180,7 @@ def test_devices_and_totals():
     )
     assert [d.device for d in two] == ["cuda:0", "cuda:1"]
     assert (
-        _bytes(two[0].terms)["frozen feature network"] == 0 and _bytes(two[1].terms)["frozen feature network"] == 6800
+        _bytes(two[0].terms)["frozen feature network"] == 0 and _bytes(two[1].terms)["frozen feature network"] == 6832
     )
     assert [p.name for p in two[1].phases] == ["feature pass"] and two[0].headroom is None
     assert _bytes(two[0].terms)["CUDA context"] == 2**29
@@ -246,10 +247,11 @@ def _config_file(tmp_path: Path, model_dir, **top) -> Path:
         "base_model": str(model_dir),
         "rl": "ebft",
         "ebft": {"mode": "strided"},
-        "datasets": [{"path": "unused.jsonl", "type": "ebft_pretrain.transform"}],
+        "datasets": [{"path": str(tmp_path / "docs.jsonl"), "type": "ebft_pretrain.transform"}],
         "sequence_len": 256,
         **top,
     }
+    (tmp_path / "docs.jsonl").write_text('{"text": "a document"}\n', encoding="utf-8")  # validate checks it exists
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path

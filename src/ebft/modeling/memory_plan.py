@@ -246,10 +246,10 @@ def structured_workload(
 
 
 def feature_network_params(shape: ModelShape, depth: int) -> int:
-    """Parameters of a frozen copy cut after layer ``depth``: embeddings, layers 1..depth, and the final norm
-    only when the copy is the whole body."""
-    norm = shape.final_norm_params if depth >= shape.layers else 0
-    return shape.embedding_params + sum(shape.layer_params[:depth]) + norm
+    """Parameters of a frozen copy cut after layer ``depth``: embeddings, layers 1..depth (at least one: hidden
+    state 0 is read on its way into layer 0), and the body's final norm, which the cut view keeps (its output is
+    not read, but it is part of the copy)."""
+    return shape.embedding_params + sum(shape.layer_params[: max(depth, 1)]) + shape.final_norm_params
 
 
 def weight_bytes(shape: ModelShape, precision: Precision, training: Training) -> tuple[int, int]:
