@@ -21,6 +21,7 @@ from transformers import AutoConfig
 
 from ebft.config import load_config
 from ebft.modeling.model_shape import model_shape
+from ebft.modes import mode_of
 from ebft.train.memory import Hardware, build_plan, lora_config_for_plan
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "tests" / "axolotl_examples"
@@ -85,7 +86,7 @@ def _shape(base_model: str, cfg):
 
 def _plan(cfg, setup: Setup, shape, memory: int):
     capacities = {f"cuda:{i}": memory for i in range(setup.gpus)} | {"cpu": None}
-    return build_plan(cfg, Hardware(setup.gpus, 1, capacities, present=False), shape)
+    return build_plan(cfg, Hardware(setup.gpus, 1, capacities, present=False), mode_of(cfg).workload, shape)
 
 
 def _apply(cfg, changes: dict[str, object]):

@@ -41,6 +41,7 @@ from pathlib import Path
 from ebft.cli import main as ebft_main
 from ebft.config import load_config
 from ebft.modeling.source import gguf_to_folder
+from ebft.modes import mode_of
 from ebft.train.memory import Hardware, build_plan
 
 GIB = 2**30
@@ -59,7 +60,7 @@ def _status() -> dict[str, int]:
 def probe(config: str) -> dict:
     """Plan, then train ``config`` in this process; the plan's terms and the measured bytes."""
     cfg = load_config(config)
-    plan = build_plan(cfg, Hardware.here())
+    plan = build_plan(cfg, Hardware.here(), mode_of(cfg).workload)
     device = plan.devices[0]
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now

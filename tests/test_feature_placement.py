@@ -147,9 +147,10 @@ def test_validate_places_the_feature_network_on_the_second_of_two_mocked_gpus(
         "base_model": str(tiny_model_dir),
         "rl": "ebft",
         "ebft": {"mode": "strided"},
-        "datasets": [{"path": "unused.jsonl", "type": "ebft_pretrain.transform"}],
+        "datasets": [{"path": str(tmp_path / "docs.jsonl"), "type": "ebft_pretrain.transform"}],
         "sequence_len": 256,
     }
+    (tmp_path / "docs.jsonl").write_text('{"text": "validate reads no rows, only that the file is there"}\n')
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     assert main(["validate", str(path)]) == 0

@@ -277,6 +277,7 @@ def test_making_the_plan_leaves_the_random_state_alone(tiny_model_dir):
     """ebft train makes the plan after seeding: a draw there would change the LoRA initialisation (and differ
     between a run's main process, which plans, and the others)."""
     from ebft.config import parse_config
+    from ebft.modes import mode_of
     from ebft.train.memory import Hardware, build_plan
 
     raw = {
@@ -288,7 +289,8 @@ def test_making_the_plan_leaves_the_random_state_alone(tiny_model_dir):
         "lora_target_linear": True,
     }
     torch.manual_seed(0)
-    build_plan(parse_config(raw), Hardware.here())
+    cfg = parse_config(raw)
+    build_plan(cfg, Hardware.here(), mode_of(cfg).workload)
     after = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3))
@@ -310,6 +312,7 @@ import gc, json, sys
 from pathlib import Path
 from ebft.cli import main
 from ebft.config import load_config
+from ebft.modes import mode_of
 from ebft.train.memory import Hardware, build_plan
 
 def status():
@@ -320,7 +323,8 @@ def status():
             out[key] = int(value.split()[0]) * 1024
     return out
 
-plan = build_plan(load_config(sys.argv[1]), Hardware.here()).devices[0]
+cfg = load_config(sys.argv[1])
+plan = build_plan(cfg, Hardware.here(), mode_of(cfg).workload).devices[0]
 gc.collect()
 Path("/proc/self/clear_refs").write_text("5")
 before = status()["VmRSS"]

@@ -278,7 +278,7 @@ def _run_validate(args, cfg, config_dir: Path) -> int:
             found.problems, "the config is valid but training cannot start here", args.config
         )
     print(dump_config(cfg), end="")
-    log_plan(cfg, _planned_hardware(args))
+    log_plan(cfg, _planned_hardware(args), mode_of(cfg).workload)
     return 0
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ebft.modeling.adapters import peft_wrapping
 from ebft.modeling.memory_plan import ModelShape
 from ebft.modeling.parts import backbone_of
 from ebft.modeling.source import SOURCE_FILE, cache_root, is_gguf
@@ -68,7 +69,8 @@ def model_shape(config, *, lora=None, trust_remote_code: bool = False) -> ModelS
         return shape
     from peft import get_peft_model
 
-    adapted = get_peft_model(model, lora)
+    with peft_wrapping():
+        adapted = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     return replace(shape, adapter_params=trainable)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ebft.data.cache import load_strided
+from ebft.modeling.memory_plan import ModelShape, Workload, strided_workload
 from ebft.strided.stats import StridedStats
 from ebft.strided.step import StepTotals, StridedSettings, count_targets, document_generators, strided_microbatch
 from ebft.train.batches import document_steps, global_micro_batches, local_documents, reduce_sum
@@ -110,4 +111,18 @@ def build(parts: Parts) -> StridedRunner:
     )
 
 
-MODE = Mode(load_data=load_strided, build=build)
+def workload(cfg, shape: ModelShape) -> Workload:
+    """The memory plan's token counts of a strided step on one process (full-length documents)."""
+    e = cfg.ebft
+    return strided_workload(
+        sequence_len=cfg.sequence_len,
+        stride=e.stride,
+        first_anchor=e.context_length,
+        gen_len=e.generate_max_len,
+        samples=e.n_samples_per_prompt,
+        docs=cfg.micro_batch_size,
+        ce=e.ce_coef > 0,
+    )
+
+
+MODE = Mode(load_data=load_strided, build=build, workload=workload)

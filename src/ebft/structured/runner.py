@@ -18,6 +18,7 @@ import torch
 from ebft.attention.support import log_structured_passes
 from ebft.data.cache import load_structured
 from ebft.losses import LossNorm
+from ebft.modeling.memory_plan import ModelShape, Workload, structured_workload
 from ebft.structured.hf import HFGenerate
 from ebft.structured.rollout import Sample, Sampling, loss_token_count, mix_seed
 from ebft.structured.scoring import score
@@ -291,4 +292,21 @@ def build(parts: Parts) -> StructuredRunner:
     )
 
 
-MODE = Mode(load_data=load_structured, build=build)
+def workload(cfg, shape: ModelShape) -> Workload:
+    """The memory plan's token counts of a structured rollout batch and step on one process (full-length
+    prompts and completions); hybrid bodies read padded rows, not packed ones."""
+    trl = cfg.trl
+    return structured_workload(
+        sequence_len=cfg.sequence_len,
+        completion_len=trl.max_completion_length,
+        generations=trl.num_generations,
+        micro_batch=cfg.micro_batch_size,
+        prompts=max(cfg.micro_batch_size * cfg.gradient_accumulation_steps // trl.num_generations, 1),
+        feature_batch=FEATURE_BATCH,
+        on_device=not trl.use_vllm,
+        shared_prefill=trl.repetition_penalty == 1,
+        packed=not shape.hybrid,
+    )
+
+
+MODE = Mode(load_data=load_structured, build=build, workload=workload)

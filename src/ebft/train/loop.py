@@ -182,8 +182,8 @@ def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console) -> S
         (out_dir / "config.yaml").write_text(dump_config(cfg))
 
     check_model_config(cfg)
-    if is_main:
-        log_plan(cfg, Hardware.here(accelerator.num_processes))
+    if is_main and mode.workload is not None:
+        log_plan(cfg, Hardware.here(accelerator.num_processes), mode.workload)
     export = RunExport(cfg, accelerator)  # Hub credentials are checked here, before any weights load
     tokenizer = load_tokenizer(cfg)
     model, runner, sharding = _build(cfg, mode, tokenizer, accelerator, config_dir)

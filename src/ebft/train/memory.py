@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +26,9 @@ from ebft.modeling.memory_plan import (
     gib,
     plan_devices,
     render,
-    strided_workload,
-    structured_workload,
 )
 from ebft.modeling.model_shape import model_shape, plan_model_config
 from ebft.modeling.precision import describe, dtype_name, run_dtypes
-from ebft.structured.runner import FEATURE_BATCH
 
 log = logging.getLogger("ebft")
 
@@ -130,36 +128,13 @@ def lora_config_for_plan(cfg):
     )
 
 
-def workload(cfg, shape: ModelShape) -> Workload:
-    """Token counts of the config's phases on one process (upper bounds: full-length documents and prompts)."""
-    e = cfg.ebft
-    if e.mode == "strided":
-        return strided_workload(
-            sequence_len=cfg.sequence_len,
-            stride=e.stride,
-            first_anchor=e.context_length,
-            gen_len=e.generate_max_len,
-            samples=e.n_samples_per_prompt,
-            docs=cfg.micro_batch_size,
-            ce=e.ce_coef > 0,
-        )
-    trl = cfg.trl
-    return structured_workload(
-        sequence_len=cfg.sequence_len,
-        completion_len=trl.max_completion_length,
-        generations=trl.num_generations,
-        micro_batch=cfg.micro_batch_size,
-        prompts=max(cfg.micro_batch_size * cfg.gradient_accumulation_steps // trl.num_generations, 1),
-        feature_batch=FEATURE_BATCH,
-        on_device=not trl.use_vllm,
-        shared_prefill=trl.repetition_penalty == 1,
-        packed=not shape.hybrid,
-    )
+WorkloadOf = Callable[..., Workload]  # (cfg, shape) -> the token counts of a mode's phases: Mode.workload
 
 
-def build_plan(cfg, hardware: Hardware, shape: ModelShape | None = None) -> MemoryPlan:
-    """The plan of process 0 (every process holds the same on its own GPU). ``shape``: the model's, when the
-    caller has it (the guide's table); else built from the config of ``cfg.base_model``."""
+def build_plan(cfg, hardware: Hardware, workload: WorkloadOf, shape: ModelShape | None = None) -> MemoryPlan:
+    """The plan of process 0 (every process holds the same on its own GPU). ``workload``: the mode's phases
+    (``Mode.workload``); ``shape``: the model's, when the caller has it (the guide's table); else built from the
+    config of ``cfg.base_model``."""
     if shape is None:
         config, reason = plan_model_config(cfg)
         if config is None:
@@ -207,10 +182,10 @@ def build_plan(cfg, hardware: Hardware, shape: ModelShape | None = None) -> Memo
     return MemoryPlan(header, devices)
 
 
-def log_plan(cfg, hardware: Hardware, *, shape: ModelShape | None = None) -> MemoryPlan | None:
+def log_plan(cfg, hardware: Hardware, workload: WorkloadOf, *, shape: ModelShape | None = None) -> MemoryPlan | None:
     """Log the plan, with a warning for every device it does not fit; an unreadable model config is noted."""
     try:
-        plan = build_plan(cfg, hardware, shape)
+        plan = build_plan(cfg, hardware, workload, shape)
     except EbftError as exc:
         log.info("%s", exc)
         log.info("%s", describe(cfg, _bf16_on(cfg, hardware)))

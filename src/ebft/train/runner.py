@@ -128,8 +128,10 @@ RunnerFactory = Callable[[Parts], "Runner[Any]"]
 class Mode:
     """A mode as the loop builds it: ``load_data(cfg, tokenizer, search_dir=...)`` (its rows; ``search_dir``:
     where custom transform modules are found), whether its runner reads a frozen feature network, and
-    ``build(parts)``, the factory of its runner."""
+    ``build(parts)``, the factory of its runner, and ``workload(cfg, shape)``, the token counts of its phases
+    that the memory plan prices (None: no plan is logged)."""
 
     load_data: Callable[..., Any]
     build: RunnerFactory
     needs_features: bool = True
+    workload: Callable[..., Any] | None = None
