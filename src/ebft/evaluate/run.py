@@ -11,6 +11,7 @@ from ebft.errors import EbftError
 from ebft.evaluate.execute import EXEC_TIMEOUT
 from ebft.evaluate.load import held_out_rows, load_models, spread_indices
 from ebft.evaluate.result import EvalResult
+from ebft.evaluate.sandbox import check_sandbox
 from ebft.evaluate.strided import run_strided
 from ebft.evaluate.structured import run_structured
 from ebft.modeling.adapters import warm_start_critic
@@ -42,6 +43,8 @@ def evaluate(
         )
     if exec_timeout <= 0:
         raise EbftError(f"--exec-timeout must be > 0 seconds, got {exec_timeout:g}")
+    if execute:
+        check_sandbox()  # no sandbox, no execution: refused before any weights load
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
