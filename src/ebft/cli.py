@@ -18,6 +18,7 @@ from ebft.evaluate.run import evaluate
 from ebft.quickstart.plot import plot_run
 from ebft.quickstart.run import DEFAULT_MINUTES, run_quickstart
 from ebft.train.loop import train
+from ebft.train.resume import Launch
 from ebft.vllm.serve import vllm_serve
 
 log = logging.getLogger("ebft")
@@ -47,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
             allow_abbrev=False,
         )
         cmd.add_argument("config", help="path to the YAML config")
+        if name == "train":
+            cmd.add_argument(
+                "--allow_config_change",
+                action="store_true",
+                help="resume a checkpoint although settings that change the run (data, model, sampling, EBFT, "
+                "optimizer...) differ from the ones it was trained with",
+            )
     _add_evaluate(sub, debug)
     _add_vllm_serve(sub, debug)
     quick = sub.add_parser(
@@ -212,7 +220,8 @@ def _run(args, overrides: list[str]) -> int:
     if args.command == "vllm-serve":
         return vllm_serve(cfg, print_command=args.print_command)
 
-    result = train(cfg, config_dir=Path(args.config).resolve().parent)
+    launch = Launch(config=args.config, overrides=tuple(overrides), allow_config_change=args.allow_config_change)
+    result = train(cfg, config_dir=Path(args.config).resolve().parent, launch=launch)
     log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
     return 0
 

@@ -14,6 +14,10 @@ class DataError(EbftError):
     """A dataset cannot be loaded or yields no usable rows."""
 
 
+class CheckpointError(EbftError):
+    """A checkpoint cannot be resumed: a file is missing, damaged, not plain data, or does not fit this run."""
+
+
 class TrainingInterrupted(EbftError):
     """The run was stopped by a signal after saving what it could; the message says how to go on."""
 

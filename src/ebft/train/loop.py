@@ -26,7 +26,7 @@ from ebft.config import TrainConfig, dump_config
 from ebft.data.load import load_strided_datasets
 from ebft.data.structured import load_structured_datasets
 from ebft.deploy.export import RunExport
-from ebft.errors import ConfigError, EbftError, PolicySyncError, TrainingInterrupted
+from ebft.errors import EbftError, PolicySyncError, TrainingInterrupted
 from ebft.modeling.adapters import warm_start_critic
 from ebft.modeling.feature_network import feature_network_for
 from ebft.modeling.policy import check_model_config, load_policy
@@ -38,9 +38,11 @@ from ebft.structured.rollout import Sampling
 from ebft.structured.runner import StructuredRunner
 from ebft.train import checkpoint as ckpt
 from ebft.train import distributed
+from ebft.train import lock as output_lock
 from ebft.train.batches import reduce_step_sums, reduce_sum
 from ebft.train.optim import build_optimizer, build_scheduler
 from ebft.train.reporting import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
+from ebft.train.resume import Launch, check_resume
 from ebft.train.signals import stop_on_signals
 from ebft.vllm.backend import vllm_backend
 
@@ -112,6 +114,8 @@ class Session:
     record_log: RolloutLog | None
     export: RunExport  # run card, merge_lora, Hub uploads
     last: dict[str, float] = field(default_factory=dict)
+    lock: output_lock.OutputLock = field(default_factory=output_lock.OutputLock)  # this run's output_dir
+    launch: Launch = field(default_factory=Launch)  # the command that started the run
 
     @property
     def is_main(self) -> bool:
@@ -132,10 +136,13 @@ class StepOutcome:
     sync_failed: PolicySyncError | None = None  # the rollout server could not be given this step's policy
 
 
-def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> TrainResult:
+def train(
+    cfg: TrainConfig, *, config_dir: Path | None = None, console=None, launch: Launch | None = None
+) -> TrainResult:
     """Run (or resume) ``cfg`` to its last step: set-up, then per step the update, logging and checkpoints;
-    the final model is written to output_dir. ``config_dir``: where custom transform modules are found."""
-    run = _set_up(cfg, config_dir, console)
+    the final model is written to output_dir. ``config_dir``: where custom transform modules are found;
+    ``launch``: the command line (for the resume command, and whether a resume may change settings)."""
+    run = _set_up(cfg, config_dir, console, launch or Launch())
     run.model.train()
     progress = Progress(
         run.total_steps,
@@ -152,13 +159,17 @@ def train(cfg: TrainConfig, *, config_dir: Path | None = None, console=None) -> 
                 _log(run, step, outcome)
                 bar.advance(1, postfix=f"reward {run.last.get(run.runner.reward_key, float('nan')):+.3f}")
                 _checkpoint_or_stop(run, step, stop, outcome.sync_failed)
+    except BaseException:
+        run.lock.release()  # the kernel releases it when the process ends; a caller may go on before that
+        raise
     finally:
         run.runner.close()
     _finish(run)
+    run.lock.release()
     return TrainResult(output_dir=run.out_dir, steps=run.total_steps, last_metrics=run.last)
 
 
-def _set_up(cfg: TrainConfig, config_dir: Path | None, console) -> Session:
+def _set_up(cfg: TrainConfig, config_dir: Path | None, console, launch: Launch) -> Session:
     """Accelerate, the output folder, model, runner, optimizer and schedule; the checkpoint resumed from."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -166,12 +177,12 @@ def _set_up(cfg: TrainConfig, config_dir: Path | None, console) -> Session:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     is_main, rank = accelerator.is_main_process, accelerator.process_index
     out_dir = Path(cfg.output_dir)
-    resume_dir = ckpt.resolve_resume(out_dir, cfg.resume_from_checkpoint)
-    if resume_dir is None and (found := ckpt.run_in_progress(out_dir)):
-        raise ConfigError(
-            f"output_dir: {out_dir} already holds a run ({', '.join(found[:3])}); continue it with "
-            "--resume_from_checkpoint=latest, or choose another output_dir"
-        )
+    lock = output_lock.lock_output_dir(out_dir, accelerator)  # before anything in the folder is read or written
+    resume_dir = ckpt.resume_point(out_dir, cfg.resume_from_checkpoint)
+    if resume_dir is not None:  # before any weights load: its files are intact and its settings are this run's
+        ckpt.verify(resume_dir, accelerator)
+        current = cfg.model_dump(mode="json")
+        check_resume(resume_dir, ckpt.saved_config(resume_dir), current, allow_config_change=launch.allow_config_change)
     set_seed(cfg.seed)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -199,10 +210,10 @@ def _set_up(cfg: TrainConfig, config_dir: Path | None, console) -> Session:
         ckpt.check_resume_step(resume_dir, state.step, total_steps)
         runner.load(resume_dir, rank)
         window = Window(**state.window) if state.window else Window()
-        if is_main:
-            for name in ("metrics.jsonl", runner.log_name):
-                ckpt.truncate_jsonl(out_dir / name, state.step)
         log.info("resuming from %s at step %d", resume_dir, state.step)
+    if is_main:  # lines after the resumed step (or, starting over, all) belong to the part being redone
+        for name in ("metrics.jsonl", runner.log_name):
+            ckpt.truncate_jsonl(out_dir / name, state.step)
     runner.start(state)
 
     record_log = RolloutLog(out_dir / runner.log_name) if (runner.keep_records and is_main) else None
@@ -234,6 +245,8 @@ def _set_up(cfg: TrainConfig, config_dir: Path | None, console) -> Session:
         logger=logger,
         record_log=record_log,
         export=export,
+        lock=lock,
+        launch=launch,
     )
 
 
@@ -298,7 +311,7 @@ def _checkpoint_or_stop(run: Session, step: int, stop: list[int], sync_failed: P
         saved = _save(run, f"checkpoint-{step}")  # the policy is good; only the rollout server is behind
         raise PolicySyncError(
             f"{sync_failed}\nThe policy after step {step} is saved in {saved}; once the server is restarted, "
-            f"resume with: ebft train <config> --output_dir={run.out_dir} --resume_from_checkpoint=latest"
+            f"resume with: {run.launch.resume_command(run.out_dir)}"
         ) from sync_failed
     if state.consecutive_skips >= cfg.max_consecutive_skipped_steps:
         saved = _save(run, f"checkpoint-{step}")
@@ -312,7 +325,7 @@ def _checkpoint_or_stop(run: Session, step: int, stop: list[int], sync_failed: P
         saved = _save(run, f"checkpoint-{step}")
         raise TrainingInterrupted(
             f"interrupted at step {step}; checkpoint saved to {saved}. Resume with: "
-            f"ebft train <config> --output_dir={run.out_dir} --resume_from_checkpoint=latest"
+            f"{run.launch.resume_command(run.out_dir)}"
         )
     if ckpt.checkpoint_due(step, run.total_steps, cfg.save_steps, cfg.save_final_checkpoint):
         _save(run, f"checkpoint-{step}")
@@ -330,6 +343,7 @@ def _save(run: Session, name: str) -> Path:
         scheduler=run.scheduler,
         state=run.state,
         accelerator=run.accelerator,
+        config=run.cfg.model_dump(mode="json"),
         extra=lambda tmp: run.runner.save(tmp, rank),
         sharded=run.sharding.sharded,
     )
