@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import re
@@ -42,6 +43,8 @@ from ebft.train.checkpoint_files import (
     write_json_atomic,
     write_manifest,
 )
+
+log = logging.getLogger("ebft")
 
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "train_config.json"
@@ -251,6 +254,11 @@ def resume_point(output_dir: Path, setting: str | None) -> Path | None:
         if found:
             return found[-1]
         if run_in_progress(output_dir):
+            log.warning(
+                "resume_from_checkpoint: latest, but %s holds no complete checkpoint (the run stopped before its "
+                "first one was saved): starting over from step 0",
+                output_dir,
+            )
             return None
         raise ConfigError(f"resume_from_checkpoint: latest, but {output_dir} holds no checkpoint-N folder")
     path = Path(setting)

@@ -162,7 +162,7 @@ HARMLESS = frozenset(
     }
 )
 
-_SHOWN = 60  # characters of a value shown in a message
+_SHOWN = 100  # characters of a value shown in a message: its start and its end (a path's name) when longer
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,8 @@ def _leaves(config: dict, prefix: str = "") -> dict:
 
 def _shown(value) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+    half = (_SHOWN - 3) // 2
+    return text if len(text) <= _SHOWN else text[:half] + "..." + text[-half:]
 
 
 def changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
