@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,9 @@ from ebft.evaluate.run import evaluate
 from ebft.quickstart.plot import plot_run
 from ebft.quickstart.run import DEFAULT_MINUTES, run_quickstart
 from ebft.train.loop import train
+from ebft.train.preflight import preflight
 from ebft.train.resume import Launch
+from ebft.train.signals import Stopped, raise_on_signals
 from ebft.vllm.serve import vllm_serve
 
 log = logging.getLogger("ebft")
@@ -192,15 +195,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     _setup_logging()
     try:
-        return _run(args, _split_overrides(extra))
+        with raise_on_signals():
+            return _run(args, _split_overrides(extra))
     except EbftError as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 130 if isinstance(exc, TrainingInterrupted) else 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + exc.signum if isinstance(exc, TrainingInterrupted) else 2
+    except (KeyboardInterrupt, Stopped) as exc:
+        # A signal outside the training loop's own handling: whatever was running was cleaned up on the way
+        # (finally blocks), nothing more was written; the shell's convention for the exit code.
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        print(f"stopped by {signal.Signals(signum).name} before `ebft {args.command}` finished", file=sys.stderr)
+        return 128 + signum
 
 
 def _run(args, overrides: list[str]) -> int:
@@ -213,6 +220,7 @@ def _run(args, overrides: list[str]) -> int:
     for warning in config_warnings(cfg):
         log.warning(warning)
     if args.command == "validate":
+        preflight(cfg, Path(args.config).resolve().parent)  # what train would reject, before any weights
         print(dump_config(cfg), end="")
         return 0
     if args.command == "evaluate":

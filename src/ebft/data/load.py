@@ -73,6 +73,19 @@ def load_raw(spec) -> Dataset:
         raise DataError(f"dataset '{path}' (split '{split}'): {type(cause).__name__}: {cause}") from exc
 
 
+def local_dataset_files(spec) -> list[Path]:
+    """The files of a local dataset entry, checked as ``load_raw`` checks them (no row is read); [] for a
+    Hub dataset. Raises DataError for a missing path, no or empty files, or unsupported file types."""
+    path = str(spec.path)
+    local = Path(path).expanduser()
+    if local.exists():
+        _, files = _local_files(local, getattr(spec, "data_files", None), path)
+        return [Path(f) for f in files]
+    if _looks_local(path):
+        raise DataError(f"dataset '{path}': no such file or folder")
+    return []
+
+
 def _looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or Path(path).suffix.lower() in BUILDERS
 

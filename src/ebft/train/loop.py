@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,7 +326,8 @@ def _checkpoint_or_stop(run: Session, step: int, stop: list[int], sync_failed: P
         saved = _save(run, f"checkpoint-{step}")
         raise TrainingInterrupted(
             f"interrupted at step {step}; checkpoint saved to {saved}. Resume with: "
-            f"{run.launch.resume_command(run.out_dir)}"
+            f"{run.launch.resume_command(run.out_dir)}",
+            signum=stop[0] if stop else signal.SIGINT,  # another process got the signal: SIGINT's code
         )
     if ckpt.checkpoint_due(step, run.total_steps, cfg.save_steps, cfg.save_final_checkpoint):
         _save(run, f"checkpoint-{step}")
