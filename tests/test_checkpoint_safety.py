@@ -236,3 +236,22 @@ def test_full_weights_of_another_shape_are_named(tmp_path, capsys, tiny_model_di
     err = _resume_error(cfg, capsys, "--adapter=lora", "--allow_config_change")
     assert "adapter_model.safetensors: missing, but this run trains a LoRA adapter" in err
     assert load_file(tmp_path / "run" / "checkpoint-1" / "model.safetensors")  # untouched by the failures
+
+
+@pytest.mark.parametrize("kind", ["adapter", "full"])
+def test_evaluate_refuses_a_malicious_pickled_checkpoint(trained, tmp_path, capsys, tiny_model_dir, kind):
+    """`ebft evaluate --checkpoint` of a folder whose weights are a pickle that runs code: one line, never run."""
+    folder = tmp_path / "foreign"
+    marker = tmp_path / "payload-ran"
+    if kind == "adapter":
+        shutil.copytree(trained / "run" / "checkpoint-2", folder)
+        (folder / "adapter_model.safetensors").unlink()
+        torch.save({"base_model.model.lm_head.weight": Payload(marker)}, folder / "adapter_model.bin")
+    else:
+        shutil.copytree(tiny_model_dir, folder)
+        (folder / "model.safetensors").unlink()
+        torch.save({"lm_head.weight": Payload(marker)}, folder / "pytorch_model.bin")
+    assert main(["evaluate", str(trained / "cfg.yaml"), "--checkpoint", str(folder), "--max-docs", "1"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "refused without being run" in last, last
+    assert not marker.exists()
