@@ -3,6 +3,7 @@ The attacks it must hold against are in test_sandbox_attacks.py."""
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -85,7 +86,7 @@ def test_scratch_working_directory_environment_and_view():
     assert env == "['HOME', 'LANG', 'PATH', 'PWD', 'TMPDIR']"
     # Only what the interpreter needs: no /etc, /home, /root of this machine (a /root here only leads
     # to the interpreter when it lives there, e.g. under pyenv), no /work, no /var.
-    assert set(eval(root)) <= {"dev", "lib", "lib32", "lib64", "libx32", "proc", "root", "tmp", "usr", "home"}
+    assert set(ast.literal_eval(root)) <= {"dev", "lib", "lib32", "lib64", "libx32", "proc", "root", "tmp", "usr", "home"}
     assert "etc" not in root and "var" not in root
 
 

@@ -18,7 +18,8 @@ The code is hostile (docs/guide.md, "Security"): each run is a fresh Python unde
 As an unprivileged user bwrap creates a user namespace and maps the caller to uid 65534 inside. Run as
 root it does not: a process whose real user is root is exempt from the process-count limit, so
 bwrap runs in its privileged mode (the same namespaces minus the user namespace) and the sandboxed
-process gives up root itself, for uid/gid 65534 with no capabilities, before anything else happens.
+process gives up root itself, for uid/gid 65534 with no capabilities, before anything else happens
+(its process count then includes any other process of uid 65534 on the machine).
 
 The code and a nonce come on stdin; the runner marks a complete run with the nonce, so an early
 ``os._exit(0)`` is not mistaken for success. The code shares its process with its tests, so code
@@ -300,7 +301,8 @@ def _launch(bwrap: str, source: bytes, *, timeout: float, memory_mb: int) -> Exe
                 info_write = -1
                 try:
                     init_fd = _namespace_init(info_read, timeout)
-                    proc.communicate(nonce.encode() + b"\n" + source, timeout=timeout)
+                    left = max(0.0, timeout - (time.perf_counter() - started))
+                    proc.communicate(nonce.encode() + b"\n" + source, timeout=left)
                 except subprocess.TimeoutExpired:
                     timed_out = True
                 finally:

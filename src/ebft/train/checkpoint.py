@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ebft.errors import ConfigError, EbftError
+from ebft.errors import CheckpointError, ConfigError, EbftError
 from ebft.train import distributed
 from ebft.train.checkpoint_files import (
     load_safetensors,
@@ -277,7 +277,7 @@ def verify(directory: Path, accelerator) -> None:
             message = str(exc)
     message = distributed.first_error(accelerator, message)
     if message is not None:
-        raise ConfigError(message)
+        raise CheckpointError(message)
 
 
 def saved_config(directory: Path) -> dict:
