@@ -226,7 +226,7 @@ def _measure(runner, cfg, policy, clock, device, *, warmup: int, steps: int, dea
             "policy": t1 - t0 - clock.seconds,
             "optimizer": t2 - t1,
             "policy_flops": flops_of_step(runner),
-            "sums": out.sums,
+            "stats": out.stats,
         }
 
     records, stopped = [], None
@@ -242,7 +242,7 @@ def _measure(runner, cfg, policy, clock, device, *, warmup: int, steps: int, dea
             break
     timed = records[warmup:] or records[-1:]  # a warm-up step stands in when no timed step fit
     best = min(timed, key=lambda r: r["seconds"])
-    metrics = runner.metrics({**best["sums"], "seconds": best["seconds"]}, 1)
+    metrics = runner.metrics(best["stats"], 1, best["seconds"])
     return {
         "stopped": stopped,
         "first_step_seconds": round(records[0]["seconds"], 3),

@@ -34,6 +34,7 @@ Prints one line per step (seconds, phase split, peak RSS), then ``ebft_*`` summa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -348,8 +349,8 @@ def main() -> None:
     model_config = json.loads((work / "model" / "config.json").read_text())
     args.layers = model_config["num_hidden_layers"]  # the feature depth below counts the real model's layers
 
-    from ebft import trainer
     from ebft.structured import runner as runner_module
+    from ebft.train import loop
 
     # Phase timers around the runner's own calls (same functions, same arguments).
     phases = {"generation": 0.0, "features+rewards": 0.0, "policy fwd+bwd": 0.0}
@@ -377,15 +378,13 @@ def main() -> None:
     runner_module.microbatch = timed("policy fwd+bwd", runner_module.microbatch)
 
     # Full-length completions (unless --varied): both rollout loops read min_new_tokens from the model's
-    # generation config.
-    built = trainer._rollout_backend
-
-    def backend(cfg, model, tokenizer, *rest):
+    # generation config, set here before the mode builds its runner and rollout backend.
+    def build(parts):
         if not args.varied:
-            model.get_base_model().generation_config.min_new_tokens = cfg.trl.max_completion_length
-        return built(cfg, model, tokenizer, *rest)
+            parts.model.get_base_model().generation_config.min_new_tokens = parts.cfg.trl.max_completion_length
+        return runner_module.build(parts)
 
-    trainer._rollout_backend = backend
+    mode = dataclasses.replace(runner_module.MODE, build=build)
 
     # Per-step wall time from the start of runner.run to the end of after_update (the loop's own
     # `elapsed` spans the same calls and is logged as step_seconds).
@@ -443,7 +442,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ebft_structured_out_") as out:
         cfg = config(args, work, Path(out) / "run")
         started = time.perf_counter()
-        trainer.train(cfg)
+        loop.train(cfg, mode)
         total = time.perf_counter() - started
         metrics = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
 

@@ -14,6 +14,8 @@ from launchers import train_on_two_processes
 from ebft.cli import main
 from ebft.config import config_warnings, load_config
 from ebft.errors import ConfigError
+from ebft.sft.runner import mode as sft_mode
+from ebft.train.loop import train
 
 _PORT = iter(range(29631, 29700))
 
@@ -111,6 +113,19 @@ def test_strided_two_sharded_processes_match_one_process(tmp_path, tiny_model_di
     _two_processes(cfg, "--micro_batch_size=1", f"--output_dir={two}")
     assert main(["train", str(cfg), "--micro_batch_size=2", f"--output_dir={one}"]) == 0
     _assert_same_run(two, one, _STRIDED_KEYS)
+
+
+def test_sft_two_sharded_processes_match_one_process(tmp_path, tiny_model_dir, data_file):
+    """The SFT runner gets FSDP2 and several processes from the loop: 2 sharded processes x micro-batch 1 with
+    accumulation 2 == 1 process x micro-batch 2 x 2 (the same rows, one step-global mean), weights and loss."""
+    cfg = _write(tmp_path, _strided(tiny_model_dir, data_file, gradient_accumulation_steps=2, max_steps=3))
+    two, one = tmp_path / "two", tmp_path / "one"
+    res = train_on_two_processes(
+        cfg, "--micro_batch_size=1", f"--output_dir={two}", port=next(_PORT), launcher="torchrun", sft=True
+    )
+    assert "FSDP2: policy sharded over 2 processes" in res.stdout + res.stderr
+    assert train(load_config(cfg, ["--micro_batch_size=2", f"--output_dir={one}"]), sft_mode()).steps == 3
+    _assert_same_run(two, one, ("loss", "ce_loss", "grad_norm"))
 
 
 def test_structured_two_sharded_processes_match_one_process(tmp_path, tiny_model_dir, pair_file):

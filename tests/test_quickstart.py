@@ -103,11 +103,12 @@ def test_interrupted_quickstart_says_to_run_it_again(tmp_path, monkeypatch, caps
     from ebft.cli import main
     from ebft.errors import TrainingInterrupted
 
-    def interrupted(cfg, console=None):
+    def sft_done_ebft_interrupted(cfg, mode, **_):
+        if not mode.needs_features:  # SFT (pretraining and the SFT arm) runs without the feature network
+            return types.SimpleNamespace(steps=10**9)
         raise TrainingInterrupted("interrupted at step 1; Resume with: ebft train <config> ...")
 
-    monkeypatch.setattr(ebft.quickstart.run, "train_sft", lambda cfg, **_: types.SimpleNamespace(steps=10**9))
-    monkeypatch.setattr(ebft.quickstart.run, "train", interrupted)
+    monkeypatch.setattr(ebft.quickstart.run, "train", sft_done_ebft_interrupted)
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--minutes", "0.1", "--model", "scratch"]) == 130
     err = capsys.readouterr().err

@@ -278,8 +278,8 @@ def test_ce_is_teacher_forced_nll_of_each_documents_labelled_tokens_once():
         labelled = torch.tensor(labels[1:]) != -100
         nll = nll - _teacher_forced_logp(model, ids)[labelled].sum()
     want = _grads(0.7 * nll / 13, params)
-    assert res.sums["ce_sum"] == pytest.approx(float(nll.detach()), rel=1e-5)
-    assert res.sums["ce_tokens"] == 13
+    assert res.stats.ce_sum == pytest.approx(float(nll.detach()), rel=1e-5)
+    assert res.stats.ce_tokens == 13
     assert res.loss == pytest.approx(0.7 * float(nll.detach()) / 13, rel=1e-5)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
@@ -314,8 +314,8 @@ def test_rl_gradient_is_token_weighted_over_documents_with_different_block_count
                 advs.append(block["advantage"])
     assert len(advs) == 18 and min(abs(a) for a in advs) > 1e-4  # every block carries a gradient
     want = _grads(loss / 54, params)
-    assert res.sums["rl_sum"] == pytest.approx(float(loss.detach()), rel=1e-4)
-    assert res.sums["ce_tokens"] == res.sums["ce_sum"] == 0.0  # no CE term
+    assert res.stats.rl_sum == pytest.approx(float(loss.detach()), rel=1e-4)
+    assert res.stats.ce_tokens == res.stats.ce_sum == 0.0  # no CE term
     assert res.loss == pytest.approx(float(loss.detach()) / 54, rel=1e-4)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
@@ -347,14 +347,14 @@ def test_microbatch_sums_add_up_what_the_rollout_records_show():
     num_blocks = sum(len(b) for b in blocks)
     # Document 0: first anchor max(2, 4 + 0) = 4, anchors 4, 6, 8 (8 + 3 <= 12); document 1: anchors 2, 4.
     assert [r["anchors"] for r in res.rollouts] == [[4, 6, 8], [2, 4]] and num_blocks == 5
-    sums = res.sums
-    assert (sums["blocks"], sums["docs"], sums["samples"]) == (5, 2, 5 * n)
-    assert sums["rl_tokens"] == 5 * n * g
-    assert sums["ce_tokens"] == 8 + 6  # labelled targets after position 0: 8 in document 0, 6 in document 1
-    assert sums["doc_tokens"] == 12 + 7
+    sums = res.stats
+    assert (sums.blocks, sums.docs, sums.samples) == (5, 2, 5 * n)
+    assert sums.rl_tokens == 5 * n * g
+    assert sums.ce_tokens == 8 + 6  # labelled targets after position 0: 8 in document 0, 6 in document 1
+    assert sums.doc_tokens == 12 + 7
     for key in ("alignment", "diversity", "reward", "advantage"):
-        assert sums[key] == pytest.approx(sum(b[key] for b in flat), abs=1e-4), key
-    assert sums["advantage_sq"] == pytest.approx(sum(b["advantage"] ** 2 for b in flat), abs=1e-4)
+        assert getattr(sums, key) == pytest.approx(sum(b[key] for b in flat), abs=1e-4), key
+    assert sums.advantage_sq == pytest.approx(sum(b["advantage"] ** 2 for b in flat), abs=1e-4)
     for b in flat:  # reward = alignment_coef * a - diversity_coef * d
         assert b["reward"] == pytest.approx(b["alignment"] - 0.5 * b["diversity"], abs=1e-5)
     cfm = 0.0
@@ -363,9 +363,9 @@ def test_microbatch_sums_add_up_what_the_rollout_records_show():
             a = [x["alignment"] for x in group]
             d = [x["diversity"] for x in group]
             cfm += (n + (n - 1) / 2 * sum(d)) / n**2 - sum(a) / n + 1
-    assert sums["cfm"] == pytest.approx(cfm, abs=1e-4)
+    assert sums.cfm == pytest.approx(cfm, abs=1e-4)
     # The loss value: rl_coef * RL / generated tokens + ce_coef * CE / labelled targets.
-    assert res.loss == pytest.approx(sums["rl_sum"] / (5 * n * g) + 0.2 * sums["ce_sum"] / 14, rel=1e-6)
+    assert res.loss == pytest.approx(sums.rl_sum / (5 * n * g) + 0.2 * sums.ce_sum / 14, rel=1e-6)
 
 
 def test_one_generated_token_and_one_ce_target_are_divided_by_one():
@@ -380,11 +380,11 @@ def test_one_generated_token_and_one_ce_target_are_divided_by_one():
     gens = document_generators(0, 1, 0, 1, "cpu")
     res = strided_microbatch(model, frozen, batch, s, totals, generators=gens, keep_rollouts=True)
     got = _accumulated(params)
-    assert res.loss == pytest.approx(res.sums["rl_sum"] + 0.5 * res.sums["ce_sum"], rel=1e-6)
+    assert res.loss == pytest.approx(res.stats.rl_sum + 0.5 * res.stats.ce_sum, rel=1e-6)
     ((block,),) = res.rollouts[0]["samples"]
     ce = -_teacher_forced_logp(model, [3, 5, 1])[1]
     rl = -block["advantage"] * _teacher_forced_logp(model, [3, 5, *block["tokens"]])[1]
-    assert res.sums["ce_sum"] == pytest.approx(float(ce.detach()), rel=1e-5)
+    assert res.stats.ce_sum == pytest.approx(float(ce.detach()), rel=1e-5)
     torch.testing.assert_close(got, _grads(rl + 0.5 * ce, params), atol=1e-6, rtol=1e-4)  # divided by 1 and 1
 
 

@@ -27,6 +27,7 @@ from ebft.structured.hf import HFGenerate, cut_completion
 from ebft.structured.rollout import Completion, Sample, Sampling, loss_token_count
 from ebft.structured.scoring import Scores, score
 from ebft.structured.settings import ADAPTIVE_FLOOR, StructuredSettings, completion_cap
+from ebft.structured.stats import StructuredStats
 from ebft.structured.step import (
     RolloutBuffer,
     _single_turn,
@@ -478,7 +479,7 @@ def _flat_grad(params):
 
 
 def _run_step(model, buffer, s, tok, splits, ce_tokens=0):
-    """microbatch over ``splits`` (lists of completion indices) with step-global norms; returns the sums."""
+    """microbatch over ``splits`` (lists of completion indices) with step-global norms; returns their statistics."""
     norm = losses.LossNorm(
         sequences=len(buffer.samples),
         tokens=sum(sum(q.loss_mask[1:]) for q in buffer.samples),
@@ -533,12 +534,12 @@ def test_on_policy_gradient_is_reinforce(tiny_model_dir, tiny_tokenizer, loss_ty
     assert float(want.abs().max()) > 1e-3
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
     # On-policy nothing is clipped; the summed micro-batch losses are the step loss (rl_coef 1: the RL loss).
-    assert sum(p["clip_low"] + p["clip_high"] for p in sums) == 0
-    assert sum(p["loss"] for p in sums) == pytest.approx(value, rel=1e-5)
-    assert sum(p["rl_loss"] for p in sums) == pytest.approx(value, rel=1e-5)
+    assert sum(p.clip_low + p.clip_high for p in sums) == 0
+    assert sum(p.loss for p in sums) == pytest.approx(value, rel=1e-5)
+    assert sum(p.rl_loss for p in sums) == pytest.approx(value, rel=1e-5)
     # Per micro-batch: its loss tokens, and the entropy of the sampler's distribution summed over them.
     for split, part in zip(splits, sums, strict=True):
-        assert part["rl_tokens"] == sum(sum(buffer.samples[i].loss_mask[1:]) for i in split)
+        assert part.rl_tokens == sum(sum(buffer.samples[i].loss_mask[1:]) for i in split)
         entropy = 0.0
         for i in split:
             q = buffer.samples[i]
@@ -546,7 +547,7 @@ def test_on_policy_gradient_is_reinforce(tiny_model_dir, tiny_tokenizer, loss_ty
                 logits = model(torch.tensor([q.sequence])).logits[0, :-1].float() / temperature
             logp_all = logits.log_softmax(-1)[torch.tensor(q.loss_mask[1:])]
             entropy += float(-(logp_all.exp() * logp_all).sum())
-        assert part["entropy"] == pytest.approx(entropy, rel=1e-4)
+        assert part.entropy == pytest.approx(entropy, rel=1e-4)
 
 
 def test_zero_advantage_micro_batches_are_skipped_when_asked(tiny_model_dir, tiny_tokenizer):
@@ -560,11 +561,11 @@ def test_zero_advantage_micro_batches_are_skipped_when_asked(tiny_model_dir, tin
     # The first micro-batch has nothing to learn; the second has one zero and one non-zero advantage.
     buffer.advantage = torch.tensor([0.0, 0.0, 0.0, 0.9])
 
-    assert _run_step(model, buffer, s, tok, [[0, 1]]) == [{"skipped_micro_batches": 1.0}]
+    assert _run_step(model, buffer, s, tok, [[0, 1]]) == [StructuredStats(skipped_micro_batches=1.0)]
     assert all(p.grad is None for p in params)  # no pass at all, not even one with weight 0
 
     sums = _run_step(model, buffer, s, tok, [[0, 1], [2, 3]])
-    assert sums[0] == {"skipped_micro_batches": 1.0} and "skipped_micro_batches" not in sums[1]
+    assert sums[0] == StructuredStats(skipped_micro_batches=1.0) and sums[1].skipped_micro_batches == 0
     got = _flat_grad(params)
     tokens = sum(sum(q.loss_mask[1:]) for q in buffer.samples)
     total = 0.0
@@ -577,7 +578,7 @@ def test_zero_advantage_micro_batches_are_skipped_when_asked(tiny_model_dir, tin
 
     # Without the flag the zero-advantage micro-batch runs (its tokens count) and adds a zero gradient.
     sums = _run_step(model, buffer, replace(s, skip_zero_advantage_batches=False), tok, [[0, 1], [2, 3]])
-    assert "skipped_micro_batches" not in sums[0] and sums[0]["rl_tokens"] > 0
+    assert sums[0].skipped_micro_batches == 0 and sums[0].rl_tokens > 0
     torch.testing.assert_close(_flat_grad(params), want, atol=1e-6, rtol=1e-4)
 
 
@@ -611,7 +612,7 @@ def test_stored_old_logprobs_give_the_same_first_iteration_gradient(tiny_model_d
     want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, params)])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
     negative = [i for i, a in enumerate(buffer.advantage.tolist()) if a < 0]
-    assert sum(p["clip_low"] for p in sums) == sum(sum(buffer.samples[i].loss_mask[1:]) for i in negative)
+    assert sum(p.clip_low for p in sums) == sum(sum(buffer.samples[i].loss_mask[1:]) for i in negative)
 
 
 def test_ce_runs_under_the_training_autocast_and_divides_by_the_steps_targets(tiny_model_dir, tiny_tokenizer):
@@ -629,9 +630,9 @@ def test_ce_runs_under_the_training_autocast_and_divides_by_the_steps_targets(ti
     with torch.no_grad():
         nll_bf16 = -float(policy_logprobs(model, refs, s, tok.pad_token_id, autocast_dtype=torch.bfloat16)[0].sum())
         nll_fp32 = -float(policy_logprobs(model, refs, s, tok.pad_token_id)[0].sum())
-    assert bf16["ce_sum"] == pytest.approx(nll_bf16, rel=1e-5)
+    assert bf16.ce_sum == pytest.approx(nll_bf16, rel=1e-5)
     assert abs(nll_bf16 - nll_fp32) > 1e-3  # bf16 shows in the sum
-    assert bf16["loss"] == pytest.approx(0.5 * bf16["ce_sum"], rel=1e-6)  # divided by 1
+    assert bf16.loss == pytest.approx(0.5 * bf16.ce_sum, rel=1e-6)  # divided by 1
 
 
 def test_rl_and_ce_in_one_microbatch_add_up(tiny_model_dir, tiny_tokenizer):
@@ -645,7 +646,7 @@ def test_rl_and_ce_in_one_microbatch_add_up(tiny_model_dir, tiny_tokenizer):
         s = _settings(tok, num_generations=2, loss_type="dapo", rl_coef=rl, ce_coef=ce)
         buffer = _training_batch(tok, s)
         sums = _run_step(model, buffer, s, tok, [[0, 1, 2, 3]], ce_tokens=7)
-        runs[name] = (sums[0]["loss"], _flat_grad(params))
+        runs[name] = (sums[0].loss, _flat_grad(params))
     assert runs["rl"][0] != 0 and runs["ce"][0] != 0  # both terms are present in the sum below
     assert runs["both"][0] == pytest.approx(runs["rl"][0] + runs["ce"][0], rel=1e-5)
     torch.testing.assert_close(runs["both"][1], runs["rl"][1] + runs["ce"][1], atol=1e-6, rtol=1e-4)
@@ -671,7 +672,7 @@ def test_models_that_run_padded_get_the_same_ce_and_stored_logprobs(tiny_model_d
         for q, got in zip(buffer.samples, stored, strict=True):
             want = _teacher_forced_logp(model, q.sequence)[torch.tensor(q.loss_mask[1:])]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    assert sum(p["ce_sum"] for p in sums) == pytest.approx(nll, rel=1e-5)
+    assert sum(p.ce_sum for p in sums) == pytest.approx(nll, rel=1e-5)
 
 
 def test_old_logprobs_are_taken_under_the_training_autocast(tiny_model_dir, tiny_tokenizer):
@@ -712,7 +713,7 @@ def test_ce_term_is_teacher_forced_nll_of_ground_truth_and_eos(tiny_model_dir, t
         nll = nll - _teacher_forced_logp(model, seq)[len(r.prompt_ids) - 1 :].sum()
     want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(0.5 * nll / ce_tokens, params)])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
-    assert sum(p["ce_sum"] for p in sums) == pytest.approx(float(nll.detach()), rel=1e-5)
+    assert sum(p.ce_sum for p in sums) == pytest.approx(float(nll.detach()), rel=1e-5)
 
 
 def _labelled_runs(seq: list[int], mask: list[bool]) -> list[list[int]]:
@@ -1232,7 +1233,7 @@ def test_sampler_logprobs_weigh_nothing_without_the_correction(tiny_model_dir, t
     advantage = torch.tensor([1.0, -0.5])
     buffer = RolloutBuffer([row], [sample, other], Scores(zeros, zeros, zeros, zeros, zeros[:, 0]), advantage, 0)
     (sums,) = _run_step(model, buffer, s, tok, [[0, 1]])
-    assert not any(key.startswith("is_") for key in sums)
+    assert (sums.is_tokens, sums.is_ratio_sum, sums.is_ratio_min) == (0, 0, math.inf)
     logp = _teacher_forced_logp(model, sample.sequence)[len(row.prompt_ids) - 1 :]
     want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(-(1.0 - 0.5) * logp.sum() / (2 * len(ids)), params)])
     torch.testing.assert_close(_flat_grad(params), want, atol=1e-6, rtol=1e-4)
@@ -1266,8 +1267,8 @@ def test_importance_weights_with_masked_truncated_completions(tiny_model_dir, ti
     buffer = RolloutBuffer([row], samples, Scores(zeros, zeros, zeros, zeros, zeros[:, 0]), advantage, 0)
     (sums,) = _run_step(model, buffer, s, tok, [[0, 1]])
     got = _flat_grad(params)
-    assert sums.get("is_tokens") == len(done_ids)
-    assert sums["is_ratio_sum"] == pytest.approx(2.0 * len(done_ids), rel=1e-4)
+    assert sums.is_tokens == len(done_ids)
+    assert sums.is_ratio_sum == pytest.approx(2.0 * len(done_ids), rel=1e-4)
     logp = _teacher_forced_logp(model, samples[0].sequence)[len(row.prompt_ids) - 1 :]
     want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(-2.0 * logp.sum() / len(done_ids), params)])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
@@ -1295,8 +1296,8 @@ def test_importance_weights_only_where_the_sampler_reported_log_probs(tiny_model
     buffer = RolloutBuffer([row], samples, Scores(zeros, zeros, zeros, zeros, zeros[:, 0]), advantage, 0)
     (sums,) = _run_step(model, buffer, s, tok, [[0, 1]])
     got = _flat_grad(params)
-    assert sums["is_tokens"] == len(a_ids)  # only the reported tokens enter the IS metrics
-    assert sums["is_ratio_sum"] == pytest.approx(4.0 * len(a_ids), rel=1e-4)  # raw ratio 4 before the clamp
+    assert sums.is_tokens == len(a_ids)  # only the reported tokens enter the IS metrics
+    assert sums.is_ratio_sum == pytest.approx(4.0 * len(a_ids), rel=1e-4)  # raw ratio 4 before the clamp
     tokens = len(a_ids) + len(b_ids)  # dapo: mean over every loss token of the step
     logp_a = _teacher_forced_logp(model, samples[0].sequence)[len(row.prompt_ids) - 1 :]
     logp_b = _teacher_forced_logp(model, samples[1].sequence)[len(row.prompt_ids) - 1 :]
@@ -1329,7 +1330,7 @@ def test_importance_weights_are_clamped_to_the_trl_clip_bounds(tiny_model_dir, t
     (sums,) = _run_step(model, buffer, s, tok, [[0, 1]])
     got = _flat_grad(params)
     # Raw ratios before the clamp: 4 per token of a, 1/4 per token of b.
-    assert sums["is_ratio_sum"] == pytest.approx(4.0 * len(a_ids) + 0.25 * len(b_ids), rel=1e-4)
+    assert sums.is_ratio_sum == pytest.approx(4.0 * len(a_ids) + 0.25 * len(b_ids), rel=1e-4)
     tokens = len(a_ids) + len(b_ids)  # dapo: mean over every loss token of the step
     logp_a = _teacher_forced_logp(model, samples[0].sequence)[len(row.prompt_ids) - 1 :]
     logp_b = _teacher_forced_logp(model, samples[1].sequence)[len(row.prompt_ids) - 1 :]
@@ -1370,9 +1371,9 @@ def test_importance_weights_are_clamped_to_one_over_cap_from_below(tiny_model_di
     (sums,) = _run_step(model, buffer, s, tok, [[0, 1]])
     got = _flat_grad(params)
     tokens = len(a_ids) + len(b_ids)
-    assert sums["is_tokens"] == tokens
-    assert sums["is_ratio_min"] == pytest.approx(0.25, rel=1e-4)  # the raw ratio, before the clamp
-    assert sums["is_ratio_sum"] == pytest.approx(0.25 * len(a_ids) + 4.0 * len(b_ids), rel=1e-4)
+    assert sums.is_tokens == tokens
+    assert sums.is_ratio_min == pytest.approx(0.25, rel=1e-4)  # the raw ratio, before the clamp
+    assert sums.is_ratio_sum == pytest.approx(0.25 * len(a_ids) + 4.0 * len(b_ids), rel=1e-4)
     logp_a = _teacher_forced_logp(model, samples[0].sequence)[len(row.prompt_ids) - 1 :]
     logp_b = _teacher_forced_logp(model, samples[1].sequence)[len(row.prompt_ids) - 1 :]
     # dapo on-policy: -(w * A * logp) summed over the step's tokens / its token count.

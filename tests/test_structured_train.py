@@ -530,9 +530,9 @@ def test_async_prefetch_gives_the_same_rollout_batches(tmp_path, tiny_model_dir,
     assert outputs[True, "calls"] == outputs[False, "calls"]
     for sync, pre in zip(outputs[False], outputs[True], strict=True):
         assert sync.records == pre.records
-        assert sync.sums == pre.sums
+        assert sync.stats == pre.stats
     # vLLM-style log-probs came back, so the importance weights were applied (to finished completions only).
-    assert all(out.sums["is_tokens"] > 0 for out in outputs[True])
+    assert all(out.stats.is_tokens > 0 for out in outputs[True])
 
 
 @pytest.mark.parametrize("count, printed", [(None, 8), (3, 3), (0, 0)])

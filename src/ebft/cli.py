@@ -16,6 +16,7 @@ from ebft.deploy.export import merge_lora
 from ebft.errors import EbftError, TrainingInterrupted
 from ebft.evaluate.output import render_table, write_json
 from ebft.evaluate.run import evaluate
+from ebft.modes import mode_of
 from ebft.quickstart.plot import plot_run
 from ebft.quickstart.run import DEFAULT_MINUTES, run_quickstart
 from ebft.train.loop import train
@@ -229,7 +230,7 @@ def _run(args, overrides: list[str]) -> int:
         return vllm_serve(cfg, print_command=args.print_command)
 
     launch = Launch(config=args.config, overrides=tuple(overrides), allow_config_change=args.allow_config_change)
-    result = train(cfg, config_dir=Path(args.config).resolve().parent, launch=launch)
+    result = train(cfg, mode_of(cfg), config_dir=Path(args.config).resolve().parent, launch=launch)
     log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
     return 0
 

@@ -12,15 +12,10 @@ Shape letters: T tokens, H hidden size of one layer, F number of chosen layers, 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 
-FeatureNorm = Literal["per_layer", "joint", "none"]
-PoolMethod = Literal["last_token", "mean_pooling", "completion_mean", "concat"]
-
-POOL_METHODS: tuple[str, ...] = ("last_token", "mean_pooling", "completion_mean", "concat")
-FEATURE_NORMS: tuple[str, ...] = ("per_layer", "joint", "none")
+from ebft.choices import FEATURE_NORMS, POOL_METHODS, FeatureNorm, PoolMethod
 
 # Norms below this count as zero; a zero vector is left at zero instead of becoming NaN.
 _NORM_EPS = 1e-12

@@ -7,18 +7,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ebft.choices import LOSS_TYPES
 from ebft.sampling import truncation_keep
 
 # Elements of one [chunk, V] fp32 logits tensor in ``token_logprobs`` (64 MiB).
 CHUNK_ELEMENTS = 1 << 24
-
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def _chunk_logprobs_parts(

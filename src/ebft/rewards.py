@@ -7,15 +7,19 @@ A *group* is the n samples that share one ground truth: one prompt in structured
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Protocol
 
 import torch
 
-WhiteningSpace = Literal["feature", "sample"]
-AdvantageEstimator = Literal["rloo", "group_norm", "reinforce"]
-
-WHITENING_SPACES: tuple[str, ...] = ("feature", "sample")
-ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("rloo", "group_norm", "reinforce")
+from ebft.choices import (
+    ADVANTAGE_ESTIMATORS,
+    REWARD_SCALINGS,
+    WHITENING_SPACES,
+    AdvantageEstimator,
+    RewardScaling,
+    WhiteningSpace,
+    single_sample_fallback,
+)
 
 # Singular values at or below this fraction of the group's largest are treated as zero (the paper
 # code's tolerance). It is what turns exact duplicates into a rank-deficient group.
@@ -162,6 +166,38 @@ def reward_terms(
     return RewardTerms(alignment=alignment, diversity=diversity, reward=reward, cfm=cfm)
 
 
+class RewardKeys(Protocol):
+    """The reward keys of a mode's settings (``ebft.alignment_coef`` and the rest) that ``reward_terms_for`` reads."""
+
+    @property
+    def alignment_coef(self) -> float: ...
+
+    @property
+    def diversity_coef(self) -> float: ...
+
+    @property
+    def use_whitening(self) -> bool: ...
+
+    @property
+    def whitening_space(self) -> WhiteningSpace: ...
+
+
+def reward_terms_for(
+    gen: torch.Tensor, gt: torch.Tensor, keys: RewardKeys, same_as: torch.Tensor | None = None
+) -> RewardTerms:
+    """``reward_terms`` with the coefficients and whitening of ``keys``: what training (both modes) and
+    evaluation score with."""
+    return reward_terms(
+        gen,
+        gt,
+        alignment_coef=keys.alignment_coef,
+        diversity_coef=keys.diversity_coef,
+        use_whitening=keys.use_whitening,
+        whitening_space=keys.whitening_space,
+        same_as=same_as,
+    )
+
+
 def advantages(
     terms: RewardTerms,
     estimator: AdvantageEstimator,
@@ -178,14 +214,15 @@ def advantages(
     * ``group_norm``: (r - mean r)/(std r + 1e-6) over the n samples, unbiased std.
     * ``reinforce``: the reward itself.
 
-    With n == 1 there is nothing to compare against, so ``rloo`` and ``group_norm`` fall back to
-    ``reinforce`` (the config warns about it); the diversity term is then 0 anyway.
+    With n == 1 there is nothing to compare against: ``choices.single_sample_fallback`` (``rloo`` and
+    ``group_norm`` become ``reinforce``; the config warns about it); the diversity term is then 0 anyway.
     """
     if estimator not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"unknown advantage_estimator {estimator!r}; expected one of {ADVANTAGE_ESTIMATORS}")
     r = terms.reward
     n = r.shape[-1]
-    if estimator == "reinforce" or n == 1:
+    estimator, diversity_coef = single_sample_fallback(n, estimator, diversity_coef)
+    if estimator == "reinforce":
         return r.clone()
     if estimator == "group_norm":
         return (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + GROUP_NORM_EPS)
@@ -196,8 +233,6 @@ def advantages(
     return alignment_coef * (a - base_a) - diversity_coef * (d - base_d)
 
 
-RewardScaling = Literal["group", "batch", "none"]
-REWARD_SCALINGS: tuple[str, ...] = ("group", "batch", "none")
 # Added to the standard deviation in group_advantages (TRL's constant) so a constant group gives 0.
 SCALE_EPS = 1e-4
 

@@ -17,13 +17,14 @@ layer as the ``ebft_packed`` keyword of the forward call (as ``ebft.attention.st
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
 
+from ebft.attention.backend import attention_backend
 from ebft.attention.prefix_tree import prefix_tree, separate
 
 NAME = "ebft_packed"
@@ -120,24 +121,34 @@ def unpack(values: torch.Tensor, plan: PackedPlan) -> torch.Tensor:
 
 
 def unsupported_reason(config) -> str | None:
-    """Why the packed attention cannot reproduce ``config``'s attention (None when it can).
+    """Why the packed row cannot reproduce ``config``'s model (None when it can).
 
-    The backend computes softmax(q k^T * scaling) v with a causal mask over each whole sequence; a model
-    whose attention also windows, caps or sinks its scores is run padded instead, by its own backend.
+    The backend computes softmax(q k^T * scaling) v with a causal mask over each whole sequence. A layer that
+    is not attention (recurrent, state-space, convolution, linear attention) carries its state along the row
+    from one sequence into the next, and an attention that windows, caps or sinks its scores computes something
+    else: such models run padded instead, with their own layers and attention.
     """
+    text_config = getattr(config, "get_text_config", None)
+    text = text_config(decoder=True) if text_config is not None else config
+    layer_types = list(getattr(text, "layer_types", None) or [])
+    stateful = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention", "chunked_attention")})
+    if stateful:
+        return (
+            f"layers that are not attention (layer types {stateful}): their recurrent or convolutional state "
+            "would run from one packed sequence into the next"
+        )
     impl = getattr(config, "_attn_implementation", None)
     if impl not in (None, "sdpa", NAME):
         # The model was loaded with another attention (eager where it has no SDPA path): the packed
         # pass computes SDPA's attention, so such a model runs padded with its own.
         return f"attention implementation {impl!r}"
-    text = getattr(config, "get_text_config", lambda: config)()
     if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
         return f"sliding-window attention (sliding_window={text.sliding_window})"
     for key in ("attn_logit_softcapping", "attention_chunk_size"):
         if getattr(text, key, None):
             return f"{key}={getattr(text, key)}"
-    if getattr(text, "layer_types", None) and any(t != "full_attention" for t in text.layer_types):
-        return f"layer types {sorted(set(text.layer_types))}"
+    if any(t != "full_attention" for t in layer_types):
+        return f"attention layers that are not all full attention (layer types {sorted(set(layer_types))})"
     return None
 
 
@@ -181,30 +192,9 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
-def _no_mask(*args, **kwargs):
-    """Each sequence's causal mask is implied by the plan; transformers must not build a T x T one."""
-    return None
-
-
-def register() -> str:
-    """Make ``ebft_packed`` known to transformers (idempotent); returns the backend name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(NAME, packed_attention)
-    AttentionMaskInterface.register(NAME, _no_mask)
-    return NAME
-
-
-@contextmanager
-def packed_backend(model: torch.nn.Module):
+def packed_backend(model: torch.nn.Module) -> AbstractContextManager:
     """Run ``model`` with the ``ebft_packed`` attention inside the block, its own backend outside."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(register())
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
+    return attention_backend(model, NAME, packed_attention)
 
 
 def packed_forward(body: torch.nn.Module, packed: Packed) -> torch.Tensor:

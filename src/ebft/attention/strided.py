@@ -19,11 +19,12 @@ The functions plug into transformers through its public ``AttentionInterface`` u
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 
+from ebft.attention.backend import attention_backend
 from ebft.attention.kernels import attend, causal_window_mask, softcap, window_mask
 from ebft.attention.strided_layout import StridedLayout, flex_block_mask
 
@@ -225,31 +226,9 @@ def strided_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _no_mask(*args, **kwargs):
-    """The plan carries the masks, so transformers must not build an S x S one for this backend."""
-    return None
-
-
-def register() -> str:
-    """Make ``ebft_strided`` known to transformers (idempotent); returns the backend name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(NAME, strided_attention)
-    AttentionMaskInterface.register(NAME, _no_mask)
-    return NAME
-
-
-@contextmanager
-def strided_backend(model: torch.nn.Module):
+def strided_backend(model: torch.nn.Module) -> AbstractContextManager:
     """Run ``model`` with the ``ebft_strided`` attention inside the block, its own backend outside."""
-    config = model.config
-    previous = config._attn_implementation
-    model.set_attn_implementation(register())
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
+    return attention_backend(model, NAME, strided_attention)
 
 
 def strided_forward(body: torch.nn.Module, packed: torch.Tensor, positions: torch.Tensor, plan: StridedPlan):

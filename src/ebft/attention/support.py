@@ -1,4 +1,4 @@
-"""Which model architectures strided mode computes exactly (DESIGN 6c), decided from the HF config alone.
+"""Which model architectures each mode computes exactly (DESIGN 6c, 6d), decided from the HF config alone.
 
 The packed strided row runs every attention layer through ``ebft.attention.strided``, which applies what
 transformers' attention modules pass it: the layer's scaling, its sliding window (per layer, so models
@@ -8,12 +8,18 @@ LM head (Cohere, Granite, Gemma). Anything else that changes
 what the model computes from a prefix is refused here, before any weights load, naming the config key.
 
 ``VERIFIED`` are the model types that ``tests/test_architectures.py`` checks against per-block forwards.
+
+Structured mode runs every causal LM: its feature and policy passes pack sequences into one row only where
+``ebft.attention.packed.unsupported_reason`` finds nothing against it, and run the model's own forward over
+padded sequences otherwise (recurrent and hybrid models, sliding windows, soft-capping); ``log_structured_passes``
+says which, and why, once at set-up.
 """
 
 from __future__ import annotations
 
 import logging
 
+from ebft.attention.packed import unsupported_reason
 from ebft.errors import ConfigError
 
 log = logging.getLogger("ebft")
@@ -30,6 +36,24 @@ VERIFIED = (
     "cohere",
     "cohere2",
     "granite",
+)
+# The model types ``tests/test_hybrid_matrix.py`` checks in structured mode, one training step against
+# per-sequence forwards: the strided ones, hybrid and recurrent ones (which strided mode refuses), GPT-OSS.
+STRUCTURED_VERIFIED = (
+    *VERIFIED,
+    "qwen3_5",
+    "qwen3_5_text",
+    "qwen3_next",
+    "granitemoehybrid",
+    "lfm2",
+    "falcon_h1",
+    "jamba",
+    "bamba",
+    "nemotron_h",
+    "mamba",
+    "mamba2",
+    "recurrent_gemma",
+    "gpt_oss",
 )
 HONOURED_LAYER_TYPES = ("full_attention", "sliding_attention")
 # model_type -> what it computes that the strided attention does not.
@@ -67,7 +91,8 @@ def check_strided_architecture(config) -> None:
         raise ConfigError(
             f"base_model: ebft.mode strided cannot compute this {model_type!r} model exactly: "
             + "; ".join(problems)
-            + ". Use ebft.mode: structured, or a model of a supported architecture (README, Supported architectures)"
+            + ". "
+            + _what_works(config)
         )
     if model_type not in VERIFIED:
         log.warning(
@@ -76,3 +101,30 @@ def check_strided_architecture(config) -> None:
             model_type,
             ", ".join(VERIFIED),
         )
+
+
+def _what_works(config) -> str:
+    """What to use instead of strided mode for a model it refuses."""
+    if getattr(config.get_text_config(), "use_bidirectional_attention", False):
+        return (
+            "ebft trains causal language models, in either mode; use a causal model (README, Supported architectures)"
+        )
+    how = (
+        "its feature and policy passes run the model's own forward, one sequence per padded row, and its rollouts "
+        "are sampled with the model's own cache"
+    )
+    if config.model_type in STRUCTURED_VERIFIED:
+        return f"Use ebft.mode: structured, which trains it exactly: {how} (README, Supported architectures)"
+    return (
+        f"ebft.mode: structured can run it ({how}), but is not verified for {config.model_type!r} "
+        "(README, Supported architectures lists the model types it is verified for)"
+    )
+
+
+def log_structured_passes(config) -> None:
+    """Log once, at set-up, whether structured mode packs this model's feature and policy passes, or why not."""
+    reason = unsupported_reason(config)
+    if reason is None:
+        log.info("structured mode: feature and policy passes packed (one row per batch, shared prefixes once)")
+    else:
+        log.info("structured mode: feature and policy passes padded, one sequence per row, not packed: %s", reason)

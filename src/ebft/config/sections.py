@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, PlainValidator, field_validator, model_validator
 
+from ebft.choices import AdvantageEstimator, FeatureNorm, LossType, PoolMethod, RewardScaling, WhiteningSpace
 from ebft.config.base import Problems, Section
 
 _DOTTED_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
@@ -42,12 +43,12 @@ class EbftSection(Section):
         description="Depths of the feature layers as fractions of the layer count, each in [0, 1]; "
         "layer index int(f * num_layers), 0.0 = embedding output, 1.0 = last layer.",
     )
-    embed_method: Literal["last_token", "mean_pooling", "completion_mean", "concat"] = Field(
+    embed_method: PoolMethod = Field(
         "last_token",
         description="How token features are pooled into one vector per sequence or block: last valid token, "
         "mean over valid tokens, mean over completion tokens, or the tokens at 25/50/75% concatenated.",
     )
-    feature_norm: Literal["per_layer", "joint", "none"] = Field(
+    feature_norm: FeatureNorm = Field(
         "per_layer",
         description="L2 normalisation of the hidden states: each layer before concatenation (per_layer), "
         "the concatenation (joint), or none.",
@@ -58,7 +59,7 @@ class EbftSection(Section):
         "group: strided mode with n_samples_per_prompt: 1 and whitening is refused (one sample whitened "
         "against itself has alignment +-2 whatever it says).",
     )
-    whitening_space: Literal["feature", "sample"] = Field(
+    whitening_space: WhiteningSpace = Field(
         "feature",
         description="Whitening operator: in feature space (paper eq. 8) or in the samples' row space "
         "(the paper's code). Only used with use_whitening.",
@@ -97,7 +98,7 @@ class EbftSection(Section):
     )
     temperature: float = Field(0.6, ge=0.0, description="Strided mode: sampling temperature (>= 0; 0 = greedy).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Strided mode: nucleus sampling threshold, in (0, 1].")
-    advantage_estimator: Literal["rloo", "group_norm", "reinforce"] = Field(
+    advantage_estimator: AdvantageEstimator = Field(
         "rloo",
         description="Strided mode: rloo (leave-one-out baseline), group_norm ((r - mean) / std) or "
         "reinforce (raw reward).",
@@ -307,12 +308,12 @@ class TrlSection(Section):
     skip_zero_advantage_batches: bool = Field(
         False, description="Skip the update for a micro-batch whose advantages are all zero."
     )
-    scale_rewards: Literal["group", "batch", "none"] = Field(
+    scale_rewards: RewardScaling = Field(
         "group",
         description="Divide advantages by the reward std of each prompt's group ('group', or true), of the "
         "whole batch ('batch'), or not at all ('none', or false).",
     )
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+    loss_type: LossType = Field(
         "grpo",
         description="How token losses are averaged: grpo (per completion, then over completions), bnpo "
         "(over the micro-batch's tokens), dr_grpo (by a constant max_completion_length), dapo (over the "

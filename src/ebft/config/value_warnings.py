@@ -6,6 +6,7 @@ Value-based (not "was the key written") so that a dumped and reloaded config war
 
 from __future__ import annotations
 
+from ebft.choices import single_sample_fallback
 from ebft.config.deploy import deploy_warnings
 from ebft.config.sections import EbftSection, TrlSection, VllmSection
 from ebft.config.train import TrainConfig
@@ -41,14 +42,14 @@ def _value_warnings(cfg: TrainConfig) -> list[str]:
     defaults = EbftSection()
     out: list[str] = []
     if e.mode == "strided":
-        if e.n_samples_per_prompt == 1:
-            if e.advantage_estimator in ("rloo", "group_norm"):
-                out.append(
-                    f"ebft.advantage_estimator: {e.advantage_estimator} needs n_samples_per_prompt >= 2; "
-                    "with 1 sample it falls back to reinforce (advantage = raw reward)"
-                )
-            if e.diversity_coef != 0:
-                out.append("ebft.diversity_coef: diversity disabled, it needs n_samples_per_prompt >= 2")
+        estimator, diversity = single_sample_fallback(e.n_samples_per_prompt, e.advantage_estimator, e.diversity_coef)
+        if estimator != e.advantage_estimator:
+            out.append(
+                f"ebft.advantage_estimator: {e.advantage_estimator} needs n_samples_per_prompt >= 2; "
+                f"with 1 sample it falls back to {estimator} (advantage = raw reward)"
+            )
+        if diversity != e.diversity_coef:
+            out.append("ebft.diversity_coef: diversity disabled, it needs n_samples_per_prompt >= 2")
         if e.temperature == 0:
             out.append(
                 "ebft.temperature: 0 means greedy decoding; all samples of a block are identical, so "

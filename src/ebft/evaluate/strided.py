@@ -4,7 +4,6 @@ plus teacher-forced cross-entropy over all and over answer tokens."""
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
 
 import torch
 
@@ -13,6 +12,7 @@ from ebft.evaluate import metrics as eval_metrics
 from ebft.evaluate.result import ModeRun
 from ebft.losses import token_logprobs
 from ebft.modeling.parts import backbone_of, output_head
+from ebft.modeling.precision import autocast
 from ebft.strided.step import StridedSettings, document_generators, roll_out, score_rollouts
 
 
@@ -48,8 +48,7 @@ def score_batch(policy, features, batch, settings, *, generators, autocast_dtype
         plain = score_rollouts(
             reuse, packed, plan, positions, layout, batch.labels, dataclasses.replace(settings, use_whitening=False)
         )
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    nll, mask_all, mask_answer = _token_ce(policy, batch, autocast)
+    nll, mask_all, mask_answer = _token_ce(policy, batch, autocast(device, autocast_dtype))
 
     n = layout.n
     out = []

@@ -11,7 +11,7 @@ import torch
 from ebft.evaluate import metrics as eval_metrics
 from ebft.evaluate.execute import RowExecution, execution_metrics, run_row_tests
 from ebft.evaluate.result import ModeRun
-from ebft.rewards import reward_terms
+from ebft.rewards import reward_terms_for
 from ebft.structured.hf import HFGenerate
 from ebft.structured.rollout import mix_seed
 from ebft.structured.runner import FEATURE_BATCH
@@ -57,21 +57,12 @@ def score_prompts(
     pad = tokenizer.pad_token_id
     # Both sides as training scores them (``structured.scoring.score``): whole sequences through the frozen network.
     gen, gt = embed_pairs(features, rows, samples, s, pad, FEATURE_BATCH)
-
-    def terms(use_whitening: bool):
-        return reward_terms(
-            gen,
-            gt,
-            alignment_coef=s.alignment_coef,
-            diversity_coef=s.diversity_coef,
-            use_whitening=use_whitening,
-            whitening_space=s.whitening_space,
-            same_as=duplicate_samples(samples, P, G).to(gen.device),
-        )
-
-    scores = terms(s.use_whitening)
+    same_as = duplicate_samples(samples, P, G).to(gen.device)
+    scores = reward_terms_for(gen, gt, s, same_as)
     # The CFM identity needs unit-norm, unwhitened features; a and d do not depend on the coefficients.
-    plain = terms(False) if s.use_whitening else scores
+    plain = (
+        reward_terms_for(gen, gt, dataclasses.replace(s, use_whitening=False), same_as) if s.use_whitening else scores
+    )
     cfm = eval_metrics.cfm_unbiased(plain.alignment, plain.diversity)  # [P]
     nll = _ground_truth_nll(policy, rows, tokenizer, s, autocast_dtype)
 

@@ -8,6 +8,9 @@
   tensors and wrong shapes are errors, never a partial load.
 * ``load_in_4bit`` / ``load_in_8bit`` load the frozen base through bitsandbytes; the adapters stay in
   full precision, and the feature network reads the same quantised base under ``disable_adapter``.
+* Targets PEFT refuses on the architecture (a Mamba mixer's ``out_proj``, say): ``lora_target_linear`` leaves
+  them out and logs it; ``lora_target_modules`` naming them is an error that lists them. PEFT itself is
+  asked, on a stand-in of one linear layer per module name, before the real model is touched.
 """
 
 from __future__ import annotations
@@ -76,20 +79,100 @@ def add_adapter(cfg, model: nn.Module) -> nn.Module:
     from peft import get_peft_model
 
     if cfg.lora_model_dir is None:
-        return get_peft_model(model, _config_lora(cfg))
+        lora = _config_lora(cfg, model)
+        try:
+            return get_peft_model(model, lora)
+        except ValueError as exc:  # PEFT: the targets match nothing
+            raise ConfigError(f"lora_target_modules: {exc}") from exc
     return _warm_start(cfg, model)
 
 
-def _config_lora(cfg):
+def _config_lora(cfg, model: nn.Module):
     from peft import LoraConfig
 
+    if cfg.lora_target_linear:
+        targets, excluded = "all-linear", _refused_linear_names(model)
+    else:
+        targets, excluded = cfg.lora_target_modules, None
+        _check_targets_accepted(model, targets)
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules="all-linear" if cfg.lora_target_linear else cfg.lora_target_modules,
+        target_modules=targets,
+        exclude_modules=excluded,
         task_type="CAUSAL_LM",
     )
+
+
+def _refused_linear_names(model: nn.Module) -> list[str] | None:
+    """The names of linear layers that PEFT refuses to adapt on this architecture (None when it takes them
+    all), each logged once: ``lora_target_linear`` leaves them out instead of failing."""
+    paths = _paths_by_name(model, lambda _path, module: isinstance(module, _linear_classes()))
+    refused = sorted(name for name, path in paths.items() if _peft_refuses(model, path))
+    if not refused:
+        return None
+    log.info(
+        "lora_target_linear: no LoRA on %s: PEFT does not adapt those layers of a %r model",
+        ", ".join(refused),
+        getattr(model.config, "model_type", type(model).__name__),
+    )
+    return refused
+
+
+def _check_targets_accepted(model: nn.Module, targets) -> None:
+    """ConfigError naming every module ``lora_target_modules`` selects that PEFT refuses on this architecture."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    probe = LoraConfig(target_modules=targets)
+    paths = _paths_by_name(model, lambda path, _module: bool(check_target_module_exists(probe, path)))
+    refused = sorted(name for name, path in paths.items() if _peft_refuses(model, path))
+    if refused:
+        raise ConfigError(
+            f"lora_target_modules: PEFT cannot put LoRA on {refused} in a "
+            f"{getattr(model.config, 'model_type', type(model).__name__)!r} model; remove them "
+            "(lora_target_linear: true adapts every linear layer PEFT accepts and leaves these out)"
+        )
+
+
+def _linear_classes() -> tuple[type, ...]:
+    """What PEFT's ``all-linear`` adapts: torch linear layers (bitsandbytes' included) and GPT-2's Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def _paths_by_name(model: nn.Module, keep) -> dict[str, str]:
+    """One full module path per module name (its last component) among the modules ``keep(path, module)``
+    selects, the output head left out (neither ``all-linear`` nor a LoRA head is meant)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out: dict[str, str] = {}
+    for path, module in model.named_modules():
+        if path and module is not head and keep(path, module):
+            out.setdefault(path.rsplit(".", 1)[-1], path)
+    return out
+
+
+def _peft_refuses(model: nn.Module, path: str) -> bool:
+    """Whether PEFT refuses LoRA on the module at ``path`` of ``model``'s architecture. Asked on a stand-in
+    (one 1 x 1 linear layer at the same path, under the model's config), so that a refusal never leaves the
+    real model half-adapted: PEFT checks each module only as it replaces it."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    stand_in = node = nn.Module()
+    *parents, name = path.split(".")
+    for part in parents:
+        child = nn.Module()
+        node.add_module(part, child)
+        node = child
+    node.add_module(name, nn.Linear(1, 1))
+    stand_in.config = model.config
+    try:
+        inject_adapter_in_model(LoraConfig(r=1, target_modules=[path]), stand_in)
+    except ValueError:
+        return True
+    return False
 
 
 def check_adapter_source(cfg) -> None:
@@ -151,7 +234,9 @@ def _normalised(source: str) -> str:
 def _warm_start(cfg, model: nn.Module) -> nn.Module:
     saved = saved_adapter_config(cfg)
     wanted = (
-        _selected_modules(model, _config_lora(cfg)) if (cfg.lora_target_linear or cfg.lora_target_modules) else None
+        _selected_modules(model, _config_lora(cfg, model))
+        if (cfg.lora_target_linear or cfg.lora_target_modules)
+        else None
     )
     saved.lora_dropout = cfg.lora_dropout
     model = load_adapter(model, cfg.lora_model_dir, saved, "lora_model_dir", trainable=True)

@@ -14,25 +14,26 @@ from ebft.attention.packed import Packed, PackedPlan, packed_forward
 from ebft.attention.strided import strided_backend, strided_forward
 from ebft.features import layer_indices
 from ebft.modeling.parts import backbone_of
-from ebft.modeling.precision import autocast_dtype
+from ebft.modeling.precision import autocast, autocast_dtype
 
 
 def _truncated(body: nn.Module, depth: int) -> nn.Module:
-    """A view of ``body`` that stops after layer ``depth`` and shares every weight with it.
+    """A view of ``body`` that runs its first ``depth`` layers (at least one) and shares every weight with it.
 
     Only the module containers are new, so LoRA layers inside stay the policy's own (and
     ``disable_adapter`` still applies). Stopping at the deepest feature layer skips the rest of the
-    network and the LM head (reference spec 11.2, item 4). The final norm is kept only when the view
-    is the whole body, so layer N's features are post-norm exactly as in ``output_hidden_states``.
+    network and the LM head (reference spec 11.2, item 4). Nothing else is changed: the view still ends
+    with the body's final norm, whatever the body calls it (``norm``, ``norm_f``, ``final_layernorm``, ...),
+    so its output is not a feature; ``FeatureNetwork`` reads hidden state ``depth`` from the output of
+    layer ``depth - 1`` (or the input of layer 0) instead, where ``output_hidden_states`` takes it.
     """
     layers = getattr(body, "layers", None)
     if not isinstance(layers, nn.ModuleList) or depth >= len(layers):
         return body
     view = copy.copy(body)
     view._modules = dict(body._modules)
-    view.layers = nn.ModuleList(list(layers)[:depth])
-    if hasattr(view, "norm"):
-        view.norm = nn.Identity()
+    # One layer at least: hidden state 0 is read on its way into layer 0.
+    view.layers = nn.ModuleList(list(layers)[: max(depth, 1)])
     return view
 
 
@@ -57,7 +58,12 @@ class FeatureNetwork:
         self.depth = max(self.layers)
         self.shared = hasattr(policy, "disable_adapter") and not frozen_copy
         self._policy = policy
-        view = _truncated(backbone_of(policy), self.depth)
+        body = backbone_of(policy)
+        # The body's own output (after its final norm) is hidden state num_layers; every other one is read
+        # from a layer, never from a truncated body's output.
+        layers = getattr(body, "layers", None)
+        self.num_layers = len(layers) if isinstance(layers, nn.ModuleList) else self.depth
+        view = _truncated(body, self.depth)
         if self.shared:
             self.body = view
         else:
@@ -82,10 +88,9 @@ class FeatureNetwork:
         with ExitStack() as stack:
             stack.enter_context(self._policy.disable_adapter() if self.shared else nullcontext())
             stack.enter_context(_eval_mode(self.body))
-            if self.autocast_dtype is not None:
-                stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+            stack.enter_context(autocast(self.device, self.autocast_dtype))
             for idx in set(self.layers):
-                if idx != self.depth:
+                if idx != self.num_layers:
                     stack.enter_context(_capture(layer_list, idx, captured))
             ids, pos = input_ids.to(self.device), position_ids.to(self.device)
             if plan is None:
@@ -95,7 +100,8 @@ class FeatureNetwork:
             else:
                 stack.enter_context(strided_backend(self.body))
                 last = strided_forward(self.body, ids, pos, plan)
-        captured[self.depth] = last
+        if self.depth == self.num_layers:
+            captured[self.depth] = last  # post-norm, as output_hidden_states has it
         # detach: with gradient checkpointing on, transformers marks the embedding output requires_grad even
         # under no_grad, and layer 0's state would then drag an autograd graph through the rewards.
         return [captured[i].detach().float() for i in self.layers]

@@ -21,8 +21,8 @@ def backbone_of(model: nn.Module) -> nn.Module:
 
 class ScaledHead(nn.Module):
     """The LM head followed by what the causal LM does to its logits after it: a constant factor (Cohere
-    ``logit_scale``, Granite 1 / ``logits_scaling``), then soft-capping (Gemma-2/3 ``final_logit_softcapping``:
-    cap * tanh(logits / cap))."""
+    ``logit_scale``, Granite 1 / ``logits_scaling``, Falcon-H1 ``lm_head_multiplier``), then soft-capping
+    (Gemma-2/3 ``final_logit_softcapping``, RecurrentGemma ``logits_soft_cap``: cap * tanh(logits / cap))."""
 
     def __init__(self, head: nn.Module, scale: float, cap: float | None):
         super().__init__()
@@ -46,7 +46,9 @@ def output_head(model: nn.Module) -> nn.Module:
         scale *= text.logit_scale
     if getattr(text, "logits_scaling", None) is not None:
         scale /= text.logits_scaling
-    cap = getattr(text, "final_logit_softcapping", None)
+    if getattr(text, "lm_head_multiplier", None) is not None:
+        scale *= text.lm_head_multiplier
+    cap = getattr(text, "final_logit_softcapping", None) or getattr(text, "logits_soft_cap", None)
     return head if scale == 1.0 and cap is None else ScaledHead(head, scale, cap)
 
 

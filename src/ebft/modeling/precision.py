@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 
 
@@ -24,3 +26,10 @@ def policy_dtype(cfg, device: torch.device) -> torch.dtype:
 def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
     """bf16 autocast where the config asks for it (see ``use_bf16``), else none (fp32)."""
     return torch.bfloat16 if use_bf16(cfg.bf16, device) else None
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; with ``dtype`` None no autocast (the weights' dtype)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)

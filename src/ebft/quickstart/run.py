@@ -6,8 +6,8 @@ Phases (each with its own progress bar):
    their path (deterministic, independent of which other files exist);
 2. base model: a byte-level BPE tokenizer and a small Llama trained from scratch with cross-entropy;
 3. fine-tuning from that base, on the same training documents in the same order, for the same number
-   of optimizer steps with the same optimizer: (a) SFT (``quickstart.sft``), (b) strided EBFT
-   (``ebft.train.loop.train``); both save a checkpoint at regular intervals;
+   of optimizer steps with the same optimizer, both through the training loop (``ebft.train.loop.train``):
+   (a) SFT (``ebft.sft``), (b) strided EBFT; both save a checkpoint at regular intervals;
 4. evaluation (``ebft.evaluate``) of base, SFT and EBFT on held-out files, and of every checkpoint on a
    smaller probe set for the curves;
 5. ``report.html``, ``summary.json`` and PNG plots.
@@ -33,6 +33,7 @@ from ebft.errors import EbftError, TrainingInterrupted
 from ebft.evaluate.output import write_json
 from ebft.evaluate.run import evaluate
 from ebft.modeling.source import local_model
+from ebft.modes import mode_of
 from ebft.quickstart import report
 from ebft.quickstart.corpus import stdlib_corpus, within_budget, write_jsonl
 from ebft.quickstart.examples import example_blocks
@@ -46,7 +47,7 @@ from ebft.quickstart.settings import (
     PRETRAINED_RATIONALE,
     SCRATCH_FINETUNE,
 )
-from ebft.quickstart.sft import train_sft
+from ebft.sft.runner import mode as sft_mode
 from ebft.train.loop import train
 from ebft.train.reporting import Progress
 
@@ -306,11 +307,11 @@ def run_quickstart(
         # 3. Fine-tuning: same config, same documents, same steps.
         ft_cfg = finetune_config(base, train_data, out / "sft", plan, keys)
         with timed("sft"):
-            sft = train_sft(ft_cfg, console=console, description="sft")
+            sft = train(ft_cfg, sft_mode("sft"), console=console)
         ebft_cfg = ft_cfg.model_copy(update={"output_dir": str(out / "ebft")})
         with timed("ebft"):
             try:
-                ebft = train(ebft_cfg, console=console)
+                ebft = train(ebft_cfg, mode_of(ebft_cfg), console=console)
             except TrainingInterrupted as exc:
                 # train's own message suggests resuming with `ebft train`; the quickstart has no such entry point.
                 raise TrainingInterrupted(
@@ -432,7 +433,7 @@ def _scratch_base(out: Path, plan: Plan, seconds: dict, cpu_seconds: dict, conso
     cpu_seconds["corpus + tokenizer"] = time.process_time() - c0
     t0, c0 = time.perf_counter(), time.process_time()
     pre_cfg = pretrain_config(init, train_data, out / "base", plan)
-    pre = train_sft(pre_cfg, console=console, description="pretrain", time_limit_s=plan.pretrain_seconds_cap)
+    pre = train(pre_cfg, sft_mode("pretrain"), console=console, max_seconds=plan.pretrain_seconds_cap)
     seconds["pretrain"] = time.perf_counter() - t0
     cpu_seconds["pretrain"] = time.process_time() - c0
     files = (train_data, heldout_data, train_files, all_train, heldout_files)

@@ -21,6 +21,7 @@ import torch
 from ebft.attention.strided import DecodePlan, DocumentPlan, MaskedQueries, strided_backend
 from ebft.attention.strided_layout import StridedLayout
 from ebft.modeling.parts import backbone_of, cache_keyword, output_head
+from ebft.modeling.precision import autocast
 from ebft.sampling import sample_tokens
 
 
@@ -59,8 +60,7 @@ def generate_blocks(
     try:
         with ExitStack() as stack:
             stack.enter_context(strided_backend(model))
-            if autocast_dtype is not None:
-                stack.enter_context(torch.autocast(input_ids.device.type, dtype=autocast_dtype))
+            stack.enter_context(autocast(input_ids.device, autocast_dtype))
             # No config: every layer keeps all its keys (see the module docstring).
             cache = DynamicCache()
             out = body(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
 
 import torch
 
-from ebft.data.collate import collate_documents
+from ebft.data.load import load_strided_datasets
+from ebft.strided.stats import StridedStats
 from ebft.strided.step import StepTotals, StridedSettings, count_targets, document_generators, strided_microbatch
-from ebft.train.batches import StepOutput, global_micro_batches, reduce_sum
+from ebft.train.batches import document_steps, global_micro_batches, local_documents, reduce_sum
+from ebft.train.checkpoint import TrainState
 from ebft.train.distributed import Sharding
+from ebft.train.runner import Mode, Parts, StepOutput
 
 
 class StridedRunner:
@@ -20,8 +23,11 @@ class StridedRunner:
     """
 
     label = "ebft strided"
-    reward_key = "ebft/mean_reward"
+    progress_metric = ("reward", "ebft/mean_reward")
+    reward_line = False
     log_name = "rollouts.jsonl"
+    record_order = "document"
+    stats_type = StridedStats
 
     def __init__(self, cfg, *, model, features, tokenizer, data, accelerator, autocast_dtype, sharding=None):
         self.cfg, self.model, self.features = cfg, model, features
@@ -33,31 +39,24 @@ class StridedRunner:
         self.batches = None
 
     def total_steps(self) -> int:
-        cfg = self.cfg
-        if cfg.max_steps is not None:
-            return cfg.max_steps
-        docs_per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * self.accelerator.num_processes
-        return max(1, math.ceil(cfg.num_epochs * len(self.data.train) / docs_per_step))
+        return document_steps(self.cfg, len(self.data.train), self.accelerator.num_processes)
 
-    def start(self, state) -> None:
+    def start(self, state: TrainState) -> None:
         mb, world = self.cfg.micro_batch_size, self.accelerator.num_processes
         self.batches = global_micro_batches(len(self.data.train), mb * world, self.cfg.seed, start=state.data_position)
 
-    def run(self, step: int, state) -> StepOutput:
+    def run(self, step: int, state: TrainState) -> StepOutput[StridedStats]:
         cfg, s, acc = self.cfg, self.settings, self.accelerator
         mb, gas = cfg.micro_batch_size, cfg.gradient_accumulation_steps
         world, rank, device = acc.num_processes, acc.process_index, acc.device
         pieces = [next(self.batches) for _ in range(gas)]
-        local = [
-            collate_documents([self.data.train[i] for i in piece[rank * mb : (rank + 1) * mb]], self.pad_id).to(device)
-            for piece in pieces
-        ]
+        local = local_documents(pieces, self.data.train, rank, mb, self.pad_id, device)
         counts = torch.tensor(
             [[c.rl_tokens, c.ce_tokens] for c in (count_targets(b, s) for b in local)], dtype=torch.float64
         ).sum(0)
         counts = reduce_sum(acc, counts.to(device))
         totals = StepTotals(int(counts[0]), int(counts[1]))
-        sums: dict[str, float] = {}
+        stats = StridedStats()
         records: list[dict] = []
         for index, batch in enumerate(local):
             first_doc = index * mb * world + rank * mb  # the document's place in the global step
@@ -72,46 +71,43 @@ class StridedRunner:
                 keep_rollouts=self.keep_records,
                 sharding=self.sharding,
             )
-            for key, value in result.sums.items():
-                sums[key] = sums.get(key, 0.0) + value
-            sums["loss"] = sums.get("loss", 0.0) + result.loss
+            stats += result.stats
             records.extend({"document": first_doc + d, **r} for d, r in enumerate(result.rollouts))
         state.data_position += gas
-        return StepOutput(sums=sums, records=records)
+        return StepOutput(stats=stats, records=records)
 
-    def metrics(self, sums: dict[str, float], steps: int) -> dict[str, float]:
-        """Quantities summed over ``steps`` logged steps -> the logged means (the seeds' strided names).
+    def metrics(self, stats: StridedStats, steps: int, seconds: float) -> dict[str, float]:
+        """The seeds' strided metric names (see ``StridedStats.metrics``)."""
+        return stats.metrics(self.settings.rl_coef, self.settings.ce_coef, seconds)
 
-        Every mean here is a ratio of two sums, so ``steps`` is not needed."""
-        s = self.settings
-        samples = max(sums["samples"], 1.0)
-        adv_mean = sums["advantage"] / samples
-        rl_loss = sums["rl_sum"] / max(sums["rl_tokens"], 1.0)
-        out = {
-            "ebft/alignment": sums["alignment"] / samples,
-            "ebft/diversity": sums["diversity"] / samples,
-            "ebft/mean_reward": sums["reward"] / samples,
-            "ebft/cfm_loss": sums["cfm"] / max(sums["blocks"], 1.0),
-            "ebft/rl_loss": rl_loss,
-            "ebft/advantages_std": math.sqrt(max(sums["advantage_sq"] / samples - adv_mean**2, 0.0)),
-            "ebft/num_blocks": sums["blocks"] / max(sums["docs"], 1.0),
-        }
-        loss = s.rl_coef * rl_loss
-        if s.ce_coef > 0:
-            out["ebft/ce_loss"] = sums["ce_sum"] / max(sums["ce_tokens"], 1.0)
-            loss += s.ce_coef * out["ebft/ce_loss"]
-        out["loss"] = loss
-        out["tokens_per_second"] = (sums["doc_tokens"] + sums["rl_tokens"]) / max(sums["seconds"], 1e-9)
-        return out
+    def show_records(self, console, records: list[dict]) -> None:
+        """Rollouts go to the records file only (token ids, not worth a console line)."""
 
     def after_update(self, step: int) -> None:
         """Nothing to sync: rollouts use the training weights."""
 
-    def save(self, directory, rank: int) -> None:
+    def save(self, directory: Path, rank: int) -> None:
         """No state beyond the trainer's: the data position says where the stream continues."""
 
-    def load(self, directory, rank: int) -> None:
+    def load(self, directory: Path, rank: int) -> None:
         """See ``save``."""
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def build(parts: Parts) -> StridedRunner:
+    """The strided runner over the loop's parts (it reads the frozen feature network)."""
+    return StridedRunner(
+        parts.cfg,
+        model=parts.model,
+        features=parts.features,
+        tokenizer=parts.tokenizer,
+        data=parts.data,
+        accelerator=parts.accelerator,
+        autocast_dtype=parts.autocast_dtype,
+        sharding=parts.sharding,
+    )
+
+
+MODE = Mode(load_data=load_strided_datasets, build=build)

@@ -7,7 +7,6 @@ micro-batch gradients then gives the same update for any split of the step (1 x 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -16,11 +15,14 @@ from ebft import features as feat
 from ebft import rewards
 from ebft.attention.strided import StridedPlan, build_plan, strided_backend, strided_forward
 from ebft.attention.strided_layout import StridedLayout, build_layout
+from ebft.choices import AdvantageEstimator, FeatureNorm, PoolMethod, WhiteningSpace, single_sample_fallback
 from ebft.data.collate import DocumentBatch
 from ebft.losses import token_logprobs
 from ebft.modeling.feature_network import FeatureNetwork
 from ebft.modeling.parts import backbone_of, output_head
+from ebft.modeling.precision import autocast
 from ebft.strided.generate import generate_blocks, pack
+from ebft.strided.stats import StridedStats
 from ebft.train.allocator import large_blocks_from_mmap
 from ebft.train.distributed import Sharding
 
@@ -36,19 +38,21 @@ class StridedSettings:
     temperature: float
     top_p: float
     min_completion_prefix: int
-    embed_method: str
-    feature_norm: str
+    embed_method: PoolMethod
+    feature_norm: FeatureNorm
     use_whitening: bool
-    whitening_space: str
+    whitening_space: WhiteningSpace
     alignment_coef: float
     diversity_coef: float
-    advantage_estimator: str
+    advantage_estimator: AdvantageEstimator
     rl_coef: float
     ce_coef: float
 
     @classmethod
     def from_config(cls, ebft_cfg) -> StridedSettings:
         n = ebft_cfg.n_samples_per_prompt
+        # With one sample there is no group: no diversity term and no baseline (the config warns).
+        estimator, diversity_coef = single_sample_fallback(n, ebft_cfg.advantage_estimator, ebft_cfg.diversity_coef)
         return cls(
             stride=ebft_cfg.stride,
             context_length=ebft_cfg.context_length,
@@ -62,9 +66,8 @@ class StridedSettings:
             use_whitening=ebft_cfg.use_whitening,
             whitening_space=ebft_cfg.whitening_space,
             alignment_coef=ebft_cfg.alignment_coef,
-            # With one sample there is no group: no diversity term and no baseline (the config warns).
-            diversity_coef=ebft_cfg.diversity_coef if n > 1 else 0.0,
-            advantage_estimator=ebft_cfg.advantage_estimator if n > 1 else "reinforce",
+            diversity_coef=diversity_coef,
+            advantage_estimator=estimator,
             rl_coef=ebft_cfg.rl_coef,
             ce_coef=ebft_cfg.ce_coef,
         )
@@ -117,11 +120,15 @@ class Scores:
 
 @dataclass
 class MicroBatchResult:
-    """``loss`` is the micro-batch's share of the step loss; its gradient is already accumulated."""
+    """A micro-batch's statistics (``stats.loss``: its share of the step loss, whose gradient is already
+    accumulated) and, when asked for, its rollout records."""
 
-    loss: float
-    sums: dict[str, float] = field(default_factory=dict)
+    stats: StridedStats
     rollouts: list[dict] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        return self.stats.loss
 
 
 def score_rollouts(
@@ -162,15 +169,7 @@ def score_rollouts(
     groups_gt = gt_vec[valid]  # [G, E']
     # A group is the n samples of one (document, block); copies are found by their generated tokens.
     block_ids = packed[:, gen_idx.reshape(-1)].reshape(D, n, K, g).permute(0, 2, 1, 3)[valid]  # [G, n, g]
-    terms = rewards.reward_terms(
-        groups_gen,
-        groups_gt,
-        alignment_coef=s.alignment_coef,
-        diversity_coef=s.diversity_coef,
-        use_whitening=s.use_whitening,
-        whitening_space=s.whitening_space,
-        same_as=rewards.duplicate_sources(block_ids),
-    )
+    terms = rewards.reward_terms_for(groups_gen, groups_gt, s, same_as=rewards.duplicate_sources(block_ids))
     adv = rewards.advantages(terms, s.advantage_estimator, s.alignment_coef, s.diversity_coef)
 
     def scatter(values: torch.Tensor) -> torch.Tensor:  # [G, n] -> [D, n, K]
@@ -238,7 +237,7 @@ def strided_microbatch(
     sharding: Sharding | None = None,
 ) -> MicroBatchResult:
     """Run one micro-batch, back-propagate its loss (divided by the optimizer step's totals) into the
-    policy's ``.grad``, and return the loss value and the metric sums.
+    policy's ``.grad``, and return its statistics (the loss value among them).
 
     ``generators``: one per document (see ``generate_blocks``); the trainer derives them from the seed,
     the step and the document's place in the step, so rollouts are reproducible and independent of
@@ -270,24 +269,25 @@ def strided_microbatch(
 
     sample_valid = layout.valid[:, None, :].expand(D, n, K)
     adv = scores.advantage[sample_valid]
-    sums = {
-        "blocks": float(layout.valid.sum()),
-        "docs": float(D),
-        "samples": float(sample_valid.sum()),
-        "alignment": float(scores.alignment[sample_valid].sum()),
-        "diversity": float(scores.diversity[sample_valid].sum()),
-        "reward": float(scores.reward[sample_valid].sum()),
-        "advantage": float(adv.sum()),
-        "advantage_sq": float((adv.double() ** 2).sum()),
-        "cfm": float(scores.cfm[layout.valid].sum()),
-        "rl_sum": rl_sum,
-        "rl_tokens": float(sample_valid.sum() * g),
-        "ce_sum": ce_sum,
-        "ce_tokens": float((batch.labels[:, 1:] != -100).sum()) if s.ce_coef > 0 else 0.0,
-        "doc_tokens": float(batch.lengths.sum()),
-    }
+    stats = StridedStats(
+        blocks=float(layout.valid.sum()),
+        docs=float(D),
+        samples=float(sample_valid.sum()),
+        alignment=float(scores.alignment[sample_valid].sum()),
+        diversity=float(scores.diversity[sample_valid].sum()),
+        reward=float(scores.reward[sample_valid].sum()),
+        advantage=float(adv.sum()),
+        advantage_sq=float((adv.double() ** 2).sum()),
+        cfm=float(scores.cfm[layout.valid].sum()),
+        rl_sum=rl_sum,
+        rl_tokens=float(sample_valid.sum() * g),
+        ce_sum=ce_sum,
+        ce_tokens=float((batch.labels[:, 1:] != -100).sum()) if s.ce_coef > 0 else 0.0,
+        doc_tokens=float(batch.lengths.sum()),
+        loss=loss,
+    )
     records = rollout_records(batch, layout, tokens, logp, scores) if keep_rollouts else []
-    return MicroBatchResult(loss=loss, sums=sums, rollouts=records)
+    return MicroBatchResult(stats=stats, rollouts=records)
 
 
 def _policy_document(
@@ -311,7 +311,7 @@ def _policy_document(
     n, K, g = lay.n, lay.k, lay.g
     tok_valid = lay.valid[0][None, :, None].expand(n, K, g)
     doc_ids = batch.input_ids[d]
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    amp = autocast(device, autocast_dtype)
     packed = pack(doc_ids[None], tokens[d : d + 1])
     plan = build_plan(lay, use_flex=use_flex)
     # Teacher-forced CE on the document's labelled tokens, counted once (the row is shared by all samples).
@@ -319,7 +319,7 @@ def _policy_document(
 
     def forward(policy):
         head = output_head(policy)
-        with autocast:
+        with amp:
             hidden = strided_forward(backbone_of(policy), packed, lay.position_ids(), plan)[0]  # [S, H]
             # RL: generated token (t, i, k) is scored by its own rollout's previous position (predictor_index).
             logp = token_logprobs(

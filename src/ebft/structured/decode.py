@@ -1,11 +1,18 @@
 """KV-cached sampling with one prefill per prompt and a batch that shrinks as completions finish.
 
 transformers ``generate`` with n samples per prompt prefills n copies of every prompt and keeps every
-row in the batch until the longest completion ends. Here each prompt is prefilled once, its KV cache is
+row in the batch until the longest completion ends. Here each prompt is prefilled once, its cache is
 repeated for its n samples, and a row leaves the batch (and its cache) as soon as it stops or reaches its
 prompt's cap. Each token is drawn exactly as ``HFGenerate`` draws it: the same ``SeededSampler`` over the
 same fp32 logits, each row from its own random stream, so a row's completion does not depend on which
 rows share its batch and equals the one ``generate`` produces for the same seed.
+
+The cache is the one transformers builds from the model's config (``DynamicCache``): key/value layers for
+attention, convolution and recurrent states for linear-attention, state-space and convolution layers
+(Qwen3.5, Mamba, LFM2, ...), both for hybrid layers (Falcon-H1). Its rows are repeated and selected with
+``reorder_cache``, which every one of those layer types implements over all of its per-row state (beam search
+relies on it). Models that keep a cache of another kind, and generation settings this loop does not apply,
+run through ``generate`` instead (``generate_reason``).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from ebft.modeling.parts import cache_keyword
 from ebft.structured.rollout import Sampling
 
 # generation_config settings under which transformers' generate would change the logits; a model that sets
-# one runs through generate itself (``supported``).
+# one runs through generate itself (``generate_reason``).
 _LOGIT_SETTINGS = (
     "no_repeat_ngram_size",
     "encoder_no_repeat_ngram_size",
@@ -28,16 +35,72 @@ _LOGIT_SETTINGS = (
     "sequence_bias",
     "exponential_decay_length_penalty",
     "min_length",
+    "watermarking_config",
 )
+# generation_config settings whose default (1.0) changes nothing. (A repetition_penalty there is not one:
+# ``HFGenerate`` hands generate trl's own, which takes precedence.)
+_FACTOR_SETTINGS = ("guidance_scale",)
 
 
-def supported(model, sampling: Sampling) -> bool:
-    """Whether this loop reproduces ``generate`` for ``model``: no repetition penalty, and no generation
-    config setting that would alter the logits (``min_new_tokens`` is honoured here)."""
+def _unwrapped(model):
+    """The transformers model under a PEFT wrapper (the model itself otherwise)."""
+    unwrap = getattr(model, "get_base_model", None)
+    return unwrap() if unwrap is not None else model
+
+
+def generate_reason(model, sampling: Sampling) -> str | None:
+    """Why ``model`` must sample through transformers ``generate``; None when this loop reproduces it.
+
+    ``generate`` is needed for a repetition penalty, for a generation_config setting that alters the logits
+    (``min_new_tokens`` is honoured here), and for a cache this loop cannot repeat and shrink.
+    """
     if sampling.repetition_penalty != 1.0:
-        return False
+        return f"trl.repetition_penalty {sampling.repetition_penalty} (the shared-prefill decoder does not apply it)"
     config = getattr(model, "generation_config", None)
-    return not any(getattr(config, key, None) for key in _LOGIT_SETTINGS)
+    changed = [key for key in _LOGIT_SETTINGS if getattr(config, key, None)]
+    changed += [key for key in _FACTOR_SETTINGS if getattr(config, key, None) not in (None, 1, 1.0)]
+    if changed:
+        return f"the model's generation_config sets {', '.join(changed)} (the shared-prefill decoder does not apply it)"
+    return cache_reason(model)
+
+
+def cache_reason(model) -> str | None:
+    """Why this loop cannot carry ``model``'s cache (None when it can): a model that builds a cache of its own
+    kind, or a cache layer type whose per-row state ``_select_rows`` is not known to cover."""
+    from transformers.cache_utils import (
+        DummyLayer,
+        DynamicCache,
+        DynamicLayer,
+        DynamicSlidingWindowLayer,
+        LinearAttentionAndFullAttentionLayer,
+        LinearAttentionAndSlidingWindowAttentionLayer,
+        LinearAttentionLayer,
+    )
+
+    base = _unwrapped(model)
+    # transformers' own test of whether generate may hand this model a DynamicCache (MiniMax, RWKV, xLSTM
+    # and others keep their state in a structure of their own).
+    default_cache = getattr(base, "_supports_default_dynamic_cache", None)
+    if default_cache is not None and not default_cache():
+        return f"{type(base).__name__} keeps its cache in a structure of its own"
+    known = (
+        DynamicLayer,
+        DynamicSlidingWindowLayer,
+        LinearAttentionLayer,
+        LinearAttentionAndFullAttentionLayer,
+        LinearAttentionAndSlidingWindowAttentionLayer,
+        DummyLayer,
+    )
+    other = sorted({type(x).__name__ for x in DynamicCache(config=base.config).layers if type(x) not in known})
+    if other:
+        return f"its cache has layers of type {other}"
+    return None
+
+
+def _select_rows(cache, rows: torch.Tensor) -> None:
+    """Row i of the cache becomes old row ``rows[i]`` in every layer: key/value, convolution and recurrent
+    state alike (``rows`` may repeat a row, to give a prompt's samples its prefill)."""
+    cache.reorder_cache(rows)
 
 
 def min_new_tokens(model) -> int:
@@ -74,14 +137,28 @@ def shared_prefill_generate(
         mask[i, width - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    base = _unwrapped(model)
+    cache = DynamicCache(config=base.config)
     # A PEFT wrapper forwards keyword arguments to the model it wraps: ask that model for the cache's name.
-    unwrap = getattr(model, "get_base_model", None)
-    cache_kw = cache_keyword(unwrap() if unwrap is not None else model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, **{cache_kw: cache})
-    logits = out.logits[:, -1].float().repeat_interleave(copies, dim=0)  # [P * copies, V]
+    cache_kw = cache_keyword(base)
+
+    def next_logits(ids, mask, positions, first: bool) -> torch.Tensor:
+        """[R, V] fp32 logits after ``ids``, with the inputs the model's own generation step builds from these
+        (``prepare_inputs_for_generation``: Mamba, say, takes no attention mask once its state is cached)."""
+        inputs = base.prepare_inputs_for_generation(
+            ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            is_first_iteration=first,
+            **{cache_kw: cache},
+        )
+        return model(**inputs).logits[:, -1].float()
+
+    logits = next_logits(ids, mask, positions, True).repeat_interleave(copies, dim=0)  # [P * copies, V]
     if copies > 1:
-        cache.batch_repeat_interleave(copies)
+        _select_rows(cache, torch.arange(P, device=device).repeat_interleave(copies))
     mask = mask.repeat_interleave(copies, dim=0)
     next_pos = positions[:, -1].repeat_interleave(copies) + 1  # [R]
     row_cap = torch.tensor([caps[r // copies] for r in range(P * copies)], device=device)
@@ -102,16 +179,9 @@ def shared_prefill_generate(
             break
         if bool(done.any()):
             keep = (~done).nonzero(as_tuple=True)[0]
-            cache.batch_select_indices(keep)
+            _select_rows(cache, keep)
             rows, token, mask, next_pos = rows[keep], token[keep], mask[keep], next_pos[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=next_pos[:, None],
-            logits_to_keep=1,
-            **{cache_kw: cache},
-        )
-        logits = out.logits[:, -1].float()
+        logits = next_logits(token[:, None], mask, next_pos[:, None], False)
         next_pos = next_pos + 1
     return generated

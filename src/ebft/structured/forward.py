@@ -15,6 +15,7 @@ import torch
 
 from ebft.attention import packed as packing
 from ebft.modeling.parts import backbone_of
+from ebft.modeling.precision import autocast
 from ebft.structured.rollout import right_padded
 
 
@@ -48,7 +49,7 @@ def predicting_states(
     """
     device = next(model.parameters()).device
     packed = use_packed(model) if packed is None else packed
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    amp = autocast(device, autocast_dtype)
     if packed:
         batch = packing.pack([seq for seq, _ in views], share_prefixes=share_prefixes)
         # A target's predicting state is the packed position of the token before it *in its own view*: for a

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import logging
 
 import torch
 
+from ebft.modeling.precision import autocast
 from ebft.sampling import truncation_keep
 from ebft.structured import decode
 from ebft.structured.rollout import Completion, Sampling
+
+log = logging.getLogger("ebft")
 
 
 def cut_completion(tokens: list[int], stop_ids: tuple[int, ...], cap: int) -> Completion:
@@ -63,10 +66,11 @@ class HFGenerate:
     streams keyed by the prompt's seed, so batching never changes a prompt's completions). Each call
     generates up to the largest cap of its prompts and cuts every completion at its own prompt's cap:
     for autoregressive sampling that is the same distribution as generating each with its own limit.
-    Where ``decode.supported`` (no repetition penalty, no logit-changing generation config) the same draws
-    come from ``decode.shared_prefill_generate`` instead: one prefill per prompt, finished rows leave the
-    batch. Log-probs are not reported; the trainer scores completions with the policy itself (the sampler *is*
-    the policy here).
+    Where ``decode.generate_reason`` finds nothing against it (no repetition penalty, no logit-changing
+    generation config, a cache it can repeat and shrink) the same draws come from
+    ``decode.shared_prefill_generate`` instead: one prefill per prompt, finished rows leave the batch. The
+    choice is made once, here, and logged. Log-probs are not reported; the trainer scores completions with
+    the policy itself (the sampler *is* the policy here).
     """
 
     def __init__(
@@ -81,8 +85,13 @@ class HFGenerate:
     ):
         self.model = model
         # One prefill per prompt and finished rows leaving the batch (``decode``), wherever that loop
-        # reproduces generate's draws; False: transformers generate always.
-        self.shared_prefill = shared_prefill
+        # reproduces generate's draws; shared_prefill=False: transformers generate always.
+        reason = decode.generate_reason(model, sampling) if shared_prefill else "shared_prefill=False"
+        self.shared_prefill = reason is None
+        if reason is None:
+            log.info("rollouts: shared-prefill decoder (one prefill per prompt, finished rows leave the batch)")
+        else:
+            log.info("rollouts: transformers generate, because of %s", reason)
         self.sampling = sampling
         self.pad_token_id = pad_token_id
         self.rows_per_call = rows_per_call
@@ -98,9 +107,7 @@ class HFGenerate:
         self.model.eval()
         out: list[list[Completion]] = []
         step = max(1, self.rows_per_call // n)
-        amp = (
-            torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None else nullcontext()
-        )
+        amp = autocast(device, self.autocast_dtype)
         try:
             with torch.no_grad(), amp:
                 for start in range(0, len(prompts), step):
@@ -114,7 +121,7 @@ class HFGenerate:
         s = self.sampling
         greedy = s.temperature <= 0
         copies = 1 if greedy else n  # greedy samples are all the same completion
-        if self.shared_prefill and decode.supported(self.model, s):
+        if self.shared_prefill:
             return self._decode(prompts, n, copies, caps, seeds, device)
         rows = [p for p in prompts for _ in range(copies)]  # sample j of prompt i is row i * copies + j
         width = max(len(p) for p in rows)
@@ -134,6 +141,8 @@ class HFGenerate:
             pad_token_id=self.pad_token_id,
             repetition_penalty=s.repetition_penalty,
             use_cache=True,
+            # A sampler: never beam search, whatever the model's generation_config says.
+            num_beams=1,
             # Sampling happens in SeededSampler; transformers only takes the argmax. Its own warpers are
             # switched off so that a model's generation_config (e.g. top_k 50) cannot apply.
             do_sample=False,

@@ -15,55 +15,42 @@ from pathlib import Path
 
 import torch
 
+from ebft.attention.support import log_structured_passes
+from ebft.data.structured import load_structured_datasets
 from ebft.losses import LossNorm
 from ebft.structured import buffer_state
-from ebft.structured.rollout import Sample, loss_token_count, mix_seed
+from ebft.structured.hf import HFGenerate
+from ebft.structured.rollout import Sample, Sampling, loss_token_count, mix_seed
 from ebft.structured.scoring import score
 from ebft.structured.settings import StructuredSettings
+from ebft.structured.stats import StructuredStats
 from ebft.structured.step import RolloutBuffer, microbatch, old_logprobs, roll_out
-from ebft.train.batches import StepOutput, global_micro_batches, reduce_sum
+from ebft.train.batches import global_micro_batches, reduce_sum
 from ebft.train.distributed import Sharding
+from ebft.train.runner import Mode, Parts, StepOutput
+from ebft.vllm.backend import vllm_backend
 
 # Sequences per feature-network forward when scoring a rollout batch.
 FEATURE_BATCH = 16
 
-# Keys every process reports each step (the loop reduces them by position, so the set is fixed).
-_SUM_KEYS = (
-    "samples",
-    "groups",
-    "alignment",
-    "diversity",
-    "reward",
-    "reward_sq",
-    "advantage",
-    "advantage_sq",
-    "cfm",
-    "completion_tokens",
-    "truncated",
-    "rl_loss",
-    "rl_tokens",
-    "entropy",
-    "clip_low",
-    "clip_high",
-    "ce_sum",
-    "ce_tokens",
-    "is_ratio_sum",
-    "is_tokens",
-    "skipped_micro_batches",
-    "loss",
-)
-
 
 class StructuredRunner:
+    """One rollout batch serves ``num_iterations`` optimizer steps; each step trains on it in
+    ``gradient_accumulation_steps`` micro-batches of ``micro_batch_size`` completions per process."""
+
     label = "ebft structured"
-    reward_key = "ebft/reward"
+    progress_metric = ("reward", "ebft/reward")
+    reward_line = True
     log_name = "completions.jsonl"
+    record_order = "sample"
+    stats_type = StructuredStats
 
     def __init__(self, cfg, *, model, features, tokenizer, data, accelerator, autocast_dtype, backend, sharding=None):
         self.cfg, self.model, self.features, self.tokenizer = cfg, model, features, tokenizer
         self.sharding = sharding or Sharding(model)
         self.data, self.accelerator, self.amp, self.backend = data, accelerator, autocast_dtype, backend
         self.s = StructuredSettings.from_config(cfg, tokenizer.eos_token_id)
+        log_structured_passes(model.config)
         self.pad_id = tokenizer.pad_token_id
         self.keep_records = cfg.trl.log_completions
         self.local_prompts = cfg.micro_batch_size * cfg.gradient_accumulation_steps // self.s.num_generations
@@ -151,7 +138,7 @@ class StructuredRunner:
 
     # -- one optimizer step ----------------------------------------------------------------------
 
-    def run(self, step: int, state) -> StepOutput:
+    def run(self, step: int, state) -> StepOutput[StructuredStats]:
         cfg, s, acc = self.cfg, self.s, self.accelerator
         generation = (step - 1) // s.num_iterations
         fresh = self.buffer is None or self.buffer.generation != generation
@@ -175,12 +162,11 @@ class StructuredRunner:
             max_completion_length=s.max_completion_length,
             micro_batches=cfg.gradient_accumulation_steps * acc.num_processes,
         )
-        sums = dict.fromkeys(_SUM_KEYS, 0.0)
-        sums["is_ratio_min"] = math.inf
+        stats = StructuredStats()
         for k in range(cfg.gradient_accumulation_steps):
             indices = list(range(k * mb, (k + 1) * mb))
             ce_rows = [i // G for i in indices if i % G == 0]  # a prompt's CE goes with its first sample
-            part = microbatch(
+            stats += microbatch(
                 self.model,
                 buf,
                 indices,
@@ -193,30 +179,29 @@ class StructuredRunner:
                 autocast_dtype=self.amp,
                 sharding=self.sharding,
             )
-            for key, value in part.items():
-                sums[key] = min(sums[key], value) if key.endswith("_min") else sums[key] + value
-        sums.update(self._rollout_sums(buf))
-        sums["ce_tokens"] = float(local[2])
+        stats += self._rollout_stats(buf)
+        stats += StructuredStats(ce_tokens=float(local[2]))
         records = self._records(buf, step) if (fresh and self.keep_records) else []
-        return StepOutput(sums=sums, records=records)
+        return StepOutput(stats=stats, records=records)
 
-    def _rollout_sums(self, buf: RolloutBuffer) -> dict[str, float]:
+    def _rollout_stats(self, buf: RolloutBuffer) -> StructuredStats:
+        """The rollout batch's fields of the statistics (the micro-batches leave them at zero)."""
         sc = buf.scores
         adv = buf.advantage.double()
         reward = sc.reward.double()
-        return {
-            "samples": float(len(buf.samples)),
-            "groups": float(len(buf.rows)),
-            "alignment": float(sc.alignment.sum()),
-            "diversity": float(sc.diversity.sum()),
-            "reward": float(reward.sum()),
-            "reward_sq": float((reward**2).sum()),
-            "advantage": float(adv.sum()),
-            "advantage_sq": float((adv**2).sum()),
-            "cfm": float(sc.cfm.sum()),
-            "completion_tokens": float(sum(q.generated_tokens for q in buf.samples)),
-            "truncated": float(sum(not q.finished for q in buf.samples)),
-        }
+        return StructuredStats(
+            samples=float(len(buf.samples)),
+            groups=float(len(buf.rows)),
+            alignment=float(sc.alignment.sum()),
+            diversity=float(sc.diversity.sum()),
+            reward=float(reward.sum()),
+            reward_sq=float((reward**2).sum()),
+            advantage=float(adv.sum()),
+            advantage_sq=float((adv**2).sum()),
+            cfm=float(sc.cfm.sum()),
+            completion_tokens=float(sum(q.generated_tokens for q in buf.samples)),
+            truncated=float(sum(not q.finished for q in buf.samples)),
+        )
 
     def _records(self, buf: RolloutBuffer, step: int) -> list[dict]:
         """completions.jsonl rows: prompt, completion, ground truth, reward terms and advantage."""
@@ -244,38 +229,22 @@ class StructuredRunner:
 
     # -- metrics ---------------------------------------------------------------------------------
 
-    def metrics(self, sums: dict[str, float], steps: int) -> dict[str, float]:
-        """Sums over ``steps`` logged steps -> means (``ebft/*`` as in the seeds, the rest as TRL names them)."""
-        s = self.s
-        samples = max(sums["samples"], 1.0)
-        steps = max(steps, 1)
-        reward_mean = sums["reward"] / samples
-        adv_mean = sums["advantage"] / samples
-        rl_tokens = max(sums["rl_tokens"], 1.0)
-        out = {
-            "ebft/alignment": sums["alignment"] / samples,
-            "ebft/diversity": sums["diversity"] / samples,
-            "ebft/reward": reward_mean,
-            "ebft/reward_std": math.sqrt(max(sums["reward_sq"] / samples - reward_mean**2, 0.0)),
-            "ebft/cfm_loss": sums["cfm"] / max(sums["groups"], 1.0),
-            "ebft/advantages_std": math.sqrt(max(sums["advantage_sq"] / samples - adv_mean**2, 0.0)),
-            "ebft/rl_loss": sums["rl_loss"] / steps,
-            "completions/mean_length": sums["completion_tokens"] / samples,
-            "completions/clipped_ratio": sums["truncated"] / samples,
-            "entropy": sums["entropy"] / rl_tokens,
-            "clip_ratio/low_mean": sums["clip_low"] / rl_tokens,
-            "clip_ratio/high_mean": sums["clip_high"] / rl_tokens,
-            "loss": sums["loss"] / steps,
-            "tokens_per_second": sums["completion_tokens"] / max(sums["seconds"], 1e-9),
-        }
-        if s.ce_coef > 0:
-            out["ebft/ce_loss"] = sums["ce_sum"] / max(sums["ce_tokens"], 1.0)
-        if sums["is_tokens"] > 0:
-            out["is_ratio/mean"] = sums["is_ratio_sum"] / sums["is_tokens"]
-            out["is_ratio/min"] = sums["is_ratio_min"]
-        if s.skip_zero_advantage_batches:
-            out["skipped_micro_batches"] = sums["skipped_micro_batches"] / steps
-        return out
+    def metrics(self, stats: StructuredStats, steps: int, seconds: float) -> dict[str, float]:
+        """See ``StructuredStats.metrics``."""
+        return stats.metrics(steps, seconds, ce=self.s.ce_coef > 0, skipping=self.s.skip_zero_advantage_batches)
+
+    def show_records(self, console, records: list[dict]) -> None:
+        """The first ``trl.num_completions_to_print`` completions of a fresh rollout batch (None: all)."""
+        count = self.cfg.trl.num_completions_to_print
+        if console is None or count == 0:
+            return
+        for r in records[:count]:
+            console.print(
+                f"[sample {r['sample']}] reward {r['reward']:+.3f} adv {r['advantage']:+.3f}\n"
+                f"  prompt: {r['prompt'][-200:]!r}\n  completion: {r['completion'][:400]!r}",
+                markup=False,
+                highlight=False,
+            )
 
     # -- around the optimizer step ---------------------------------------------------------------
 
@@ -297,3 +266,30 @@ class StructuredRunner:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
         self.backend.close()
+
+
+def build(parts: Parts) -> StructuredRunner:
+    """The structured runner over the loop's parts, with its rollout backend: sampling on the training
+    device, or a vLLM server (``trl.use_vllm``)."""
+    cfg, tokenizer = parts.cfg, parts.tokenizer
+    sampling = Sampling.from_trl(cfg.trl, tokenizer.eos_token_id)
+    if cfg.trl.use_vllm:
+        backend = vllm_backend(cfg, sampling, gathered=parts.sharding.gathered)
+    else:
+        backend = HFGenerate(
+            parts.model, sampling=sampling, pad_token_id=tokenizer.pad_token_id, autocast_dtype=parts.autocast_dtype
+        )
+    return StructuredRunner(
+        cfg,
+        model=parts.model,
+        features=parts.features,
+        tokenizer=tokenizer,
+        data=parts.data,
+        accelerator=parts.accelerator,
+        autocast_dtype=parts.autocast_dtype,
+        backend=backend,
+        sharding=parts.sharding,
+    )
+
+
+MODE = Mode(load_data=load_structured_datasets, build=build)

@@ -122,15 +122,8 @@ def score(
     needed for ``scale_rewards: batch`` only.
     """
     gen, gt = embed_pairs(features, rows, samples, s, pad_id, batch_size)
-    terms = rewards.reward_terms(
-        gen,
-        gt,
-        alignment_coef=s.alignment_coef,
-        diversity_coef=s.diversity_coef,
-        use_whitening=s.use_whitening,
-        whitening_space=s.whitening_space,
-        same_as=duplicate_samples(samples, len(rows), s.num_generations).to(gen.device),
-    )
+    same_as = duplicate_samples(samples, len(rows), s.num_generations).to(gen.device)
+    terms = rewards.reward_terms_for(gen, gt, s, same_as=same_as)
     spread = batch_std(terms.reward) if s.scale_rewards == "batch" else None
     adv = rewards.group_advantages(terms.reward, s.scale_rewards, spread)
     return Scores(terms.alignment, terms.diversity, terms.reward, adv, terms.cfm)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ebft.choices import FeatureNorm, LossType, PoolMethod, RewardScaling, WhiteningSpace
 from ebft.structured.rollout import Sampling
 
 # Adaptive max tokens never cuts a completion below this many tokens (or max_completion_length when
@@ -22,14 +23,14 @@ class StructuredSettings:
     adaptive_max_tokens: bool
     gt_length_multiplier: float
     sampling: Sampling
-    embed_method: str
-    feature_norm: str
+    embed_method: PoolMethod
+    feature_norm: FeatureNorm
     use_whitening: bool
-    whitening_space: str
+    whitening_space: WhiteningSpace
     alignment_coef: float
     diversity_coef: float
-    scale_rewards: str
-    loss_type: str
+    scale_rewards: RewardScaling
+    loss_type: LossType
     eps_low: float
     eps_high: float
     num_iterations: int

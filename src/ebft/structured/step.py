@@ -22,6 +22,7 @@ from ebft.structured.multiturn import roll_out_conversations
 from ebft.structured.rollout import Completion, RolloutBackend, Sample, loss_token_count, loss_views
 from ebft.structured.scoring import Scores
 from ebft.structured.settings import StructuredSettings, completion_cap
+from ebft.structured.stats import StructuredStats
 from ebft.train.distributed import Sharding
 
 # ---------------------------------------------------------------------------------------------
@@ -189,24 +190,25 @@ def microbatch(
     pad_id: int,
     autocast_dtype: torch.dtype | None = None,
     sharding: Sharding | None = None,
-) -> dict[str, float]:
+) -> StructuredStats:
     """Loss of the completions ``indices`` of ``buffer`` (and CE of the prompts ``ce_rows``); runs
-    backward and returns summed quantities for the step's metrics.
+    backward and returns the micro-batch's statistics (its policy-loss fields; the rollout batch's are the
+    runner's).
 
     Loss = rl_coef * aggregated clipped surrogate + ce_coef * CE (token mean over the step).
     ``sharding``: how the policy runs under FSDP (``ebft.train.distributed``); default unsharded.
     """
     sharding = sharding or Sharding(model)
-    sums: dict[str, float] = {}
     with training_backend(model):  # the packed forward's attention, also for backward's recomputation
-        total = _policy_gradient_term(buffer, indices, s, norm, pad_id, autocast_dtype, sharding, sums)
+        total, stats = _policy_gradient_term(buffer, indices, s, norm, pad_id, autocast_dtype, sharding)
         if s.ce_coef > 0 and ce_rows:
-            ce = _ce_term(buffer, ce_rows, s, ce_tokens, tokenizer, pad_id, autocast_dtype, sharding, sums)
+            ce, ce_sum = _ce_term(buffer, ce_rows, s, ce_tokens, tokenizer, pad_id, autocast_dtype, sharding)
+            stats += StructuredStats(ce_sum=ce_sum)
             total = ce if total is None else total + ce
         if total is not None:
             total.backward()
-            sums["loss"] = float(total.detach())
-    return sums
+            stats += StructuredStats(loss=float(total.detach()))
+    return stats
 
 
 def _policy_gradient_term(
@@ -217,22 +219,23 @@ def _policy_gradient_term(
     pad_id: int,
     autocast_dtype: torch.dtype | None,
     sharding: Sharding,
-    sums: dict[str, float],
-) -> torch.Tensor | None:
-    """rl_coef x the aggregated clipped surrogate of the completions ``indices`` (None when skipped)."""
+) -> tuple[torch.Tensor | None, StructuredStats]:
+    """rl_coef x the aggregated clipped surrogate of the completions ``indices`` (None when skipped), and
+    its statistics."""
     samples = [buffer.samples[i] for i in indices]
     adv = buffer.advantage[indices]
     skip_rl = s.rl_coef == 0 or not any(loss_token_count(q) for q in samples)
+    skipped = StructuredStats()
     if s.skip_zero_advantage_batches and bool((adv == 0).all()):
         skip_rl = True
-        sums["skipped_micro_batches"] = 1.0
+        skipped = StructuredStats(skipped_micro_batches=1.0)
     if skip_rl:
         if sharding.sharded and s.rl_coef != 0:
             # This process skips for reasons of its own data; under FSDP it still runs the pass (weight 0)
             # because the other processes' passes wait for its collectives.
             logp, _ = sharding.grad_pass(policy_logprobs, samples, s, pad_id, autocast_dtype=autocast_dtype)
-            return 0.0 * logp.sum()
-        return None
+            return 0.0 * logp.sum(), skipped
+        return None, skipped
     logp, seq, entropy = sharding.grad_pass(
         policy_logprobs, samples, s, pad_id, autocast_dtype=autocast_dtype, with_entropy=True
     )
@@ -240,24 +243,25 @@ def _policy_gradient_term(
         old = torch.cat([buffer.old_logprobs[i] for i in indices]).to(logp.device)
     else:
         old = logp.detach()
-    weight = _importance_weights(samples, old, seq, s, sums)
+    weight, ratios = _importance_weights(samples, old, seq, s)
     token_adv = adv.to(logp.device)[seq]
     sur = losses.clipped_surrogate(logp, old, token_adv, eps_low=s.eps_low, eps_high=s.eps_high, weight=weight)
     rl = losses.aggregate(sur.loss, seq, len(samples), s.loss_type, norm)
-    sums.update(
+    stats = ratios + StructuredStats(
         rl_loss=float(rl.detach()),
         rl_tokens=float(logp.numel()),
         entropy=float(entropy.sum()),
         clip_low=float(sur.low_clipped.sum()),
         clip_high=float(sur.high_clipped.sum()),
     )
-    return s.rl_coef * rl
+    return s.rl_coef * rl, stats
 
 
 def _importance_weights(
-    samples: list[Sample], old: torch.Tensor, seq: torch.Tensor, s: StructuredSettings, sums: dict[str, float]
-) -> torch.Tensor | None:
-    """Per-token weights ``[T]`` correcting for the sampler, or None when there is nothing to correct.
+    samples: list[Sample], old: torch.Tensor, seq: torch.Tensor, s: StructuredSettings
+) -> tuple[torch.Tensor | None, StructuredStats]:
+    """Per-token weights ``[T]`` correcting for the sampler (None when there is nothing to correct), and the
+    statistics of the raw ratios (``is_*``; zero, ``inf`` minimum, when no token has sampler log-probs).
 
     Off-policy correction for samples drawn by a stale or numerically different sampler (vLLM):
     w = pi_old / pi_behaviour per token, clamped to the trl importance-weight bounds [low, high]. Samples
@@ -265,17 +269,20 @@ def _importance_weights(
     """
     reported = [q.behaviour_logprobs is not None for q in samples]
     if not (s.is_correction and any(reported)):
-        return None
+        return None, StructuredStats()
     covered = torch.tensor(reported, device=old.device)[seq]
     values = [v for q in samples if q.behaviour_logprobs is not None for v in q.behaviour_logprobs]
     behaviour = old.clone()
     behaviour[covered] = torch.tensor(values, device=old.device, dtype=old.dtype)
     raw = torch.exp(old - behaviour)
+    stats = StructuredStats()
     if bool(covered.any()):
-        sums["is_ratio_sum"] = float(raw[covered].sum())
-        sums["is_ratio_min"] = float(raw[covered].min())
-        sums["is_tokens"] = float(covered.sum())
-    return raw.clamp(*s.is_bounds)
+        stats = StructuredStats(
+            is_ratio_sum=float(raw[covered].sum()),
+            is_ratio_min=float(raw[covered].min()),
+            is_tokens=float(covered.sum()),
+        )
+    return raw.clamp(*s.is_bounds), stats
 
 
 def _ce_term(
@@ -287,15 +294,14 @@ def _ce_term(
     pad_id: int,
     autocast_dtype: torch.dtype | None,
     sharding: Sharding,
-    sums: dict[str, float],
-) -> torch.Tensor:
-    """ce_coef x the teacher-forced NLL of the prompts ``ce_rows``' ground truths, per step token."""
+) -> tuple[torch.Tensor, float]:
+    """ce_coef x the teacher-forced NLL of the prompts ``ce_rows``' ground truths, per step token; and the
+    NLL summed (the ``ce_sum`` statistic)."""
     references = buffer.references(tokenizer, s)
     ce_samples = [references[p] for p in ce_rows]
     ce_logp, _ = sharding.grad_pass(policy_logprobs, ce_samples, _untempered(s), pad_id, autocast_dtype=autocast_dtype)
     ce = -ce_logp.sum() / max(ce_tokens, 1)
-    sums["ce_sum"] = float(-ce_logp.detach().sum())
-    return s.ce_coef * ce
+    return s.ce_coef * ce, float(-ce_logp.detach().sum())
 
 
 def _untempered(s: StructuredSettings) -> StructuredSettings:

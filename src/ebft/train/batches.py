@@ -1,23 +1,13 @@
-"""Small pieces shared by the training loop (``ebft.train.loop``) and the per-mode runners."""
+"""Which rows each step takes, and the reductions across processes that the loop and the runners share."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import math
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-
-@dataclass
-class StepOutput:
-    """What a runner's step hands back to the loop (its gradients are already in ``.grad``).
-
-    sums: quantities summed over this process's micro-batches; keys ending in ``_min`` are minima.
-    Every process must return the same keys. records: JSON-ready rows for the mode's log file.
-    """
-
-    sums: dict[str, float]
-    records: list[dict] = field(default_factory=list)
+from ebft.data.collate import DocumentBatch, collate_documents
 
 
 def global_micro_batches(num_rows: int, size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
@@ -41,6 +31,26 @@ def global_micro_batches(num_rows: int, size: int, seed: int, start: int = 0) ->
         position += 1
 
 
+def document_steps(cfg, num_rows: int, world: int) -> int:
+    """Optimizer steps of a run over document rows: ``max_steps``, else ``num_epochs`` passes over ``num_rows``
+    rows at ``micro_batch_size x gradient_accumulation_steps`` rows per process and step (at least one)."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    rows_per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
+    return max(1, math.ceil(cfg.num_epochs * num_rows / rows_per_step))
+
+
+def local_documents(
+    pieces: list[list[int]], rows: Sequence[Mapping], rank: int, size: int, pad_id: int, device
+) -> list[DocumentBatch]:
+    """This process's share of each global micro-batch in ``pieces``: rows ``rank * size`` to
+    ``(rank + 1) * size`` of it, collated and moved to ``device``."""
+    return [
+        collate_documents([rows[i] for i in piece[rank * size : (rank + 1) * size]], pad_id).to(device)
+        for piece in pieces
+    ]
+
+
 def reduce_sum(accelerator, values: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(values, reduction="sum") if accelerator.num_processes > 1 else values
 
@@ -53,17 +63,3 @@ def reduce_min(accelerator, values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.MIN)
     return values
-
-
-def reduce_step_sums(accelerator, sums: dict[str, float]) -> dict[str, float]:
-    """Sum (or, for ``_min`` keys, minimise) a step's sums over processes."""
-    keys = sorted(sums)
-    mins = [k for k in keys if k.endswith("_min")]
-    adds = [k for k in keys if not k.endswith("_min")]
-    device = accelerator.device
-    added = reduce_sum(accelerator, torch.tensor([sums[k] for k in adds], dtype=torch.float64, device=device))
-    out = dict(zip(adds, added.tolist(), strict=True))
-    if mins:
-        low = reduce_min(accelerator, torch.tensor([sums[k] for k in mins], dtype=torch.float64, device=device))
-        out.update(zip(mins, low.tolist(), strict=True))
-    return out

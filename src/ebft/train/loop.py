@@ -1,14 +1,11 @@
-"""The training loop of both modes: accelerate, optimizer, schedule, logging, checkpoints (DESIGN 3).
+"""The training loop of every mode: accelerate, optimizer, schedule, logging, checkpoints.
 
-A mode's *runner* (``ebft.strided.runner``, ``ebft.structured.runner``) does one optimizer step's
-rollouts, scoring and backward passes over ``gradient_accumulation_steps`` micro-batches of
-``micro_batch_size`` on each accelerate process; this loop reduces its sums, all-reduces gradients,
-clips, steps, logs and checkpoints.
-
-Exactness across layouts: the rows of a step, and each row's rollout randomness (keyed by seed, step
-or rollout batch, and the row's place in the global batch), do not depend on how the step is split
-into micro-batches or processes, and every loss is divided by step-global counts; gradients are
-summed across micro-batches and processes. So 1 x 8 == 8 x 1 == 2 processes x 4.
+The loop knows no mode: a ``Mode`` (``ebft.train.runner``) loads its data and builds its runner, which does
+one optimizer step's rollouts, scoring and backward passes over ``gradient_accumulation_steps``
+micro-batches of ``micro_batch_size`` on each accelerate process; this loop reduces the step's statistics,
+all-reduces gradients, clips, steps, logs and checkpoints. Every loss is divided by step-global counts and
+gradients are summed across micro-batches and processes, so 1 x 8 == 8 x 1 == 2 processes x 4 (the
+contract in ``ebft.train.runner``).
 """
 
 from __future__ import annotations
@@ -24,8 +21,6 @@ from typing import Any
 import torch
 
 from ebft.config import TrainConfig, dump_config
-from ebft.data.load import load_strided_datasets
-from ebft.data.structured import load_structured_datasets
 from ebft.deploy.export import RunExport
 from ebft.errors import EbftError, PolicySyncError, TrainingInterrupted
 from ebft.modeling.adapters import warm_start_critic
@@ -33,19 +28,16 @@ from ebft.modeling.feature_network import feature_network_for
 from ebft.modeling.policy import check_model_config, load_policy
 from ebft.modeling.precision import autocast_dtype
 from ebft.modeling.tokenizer import load_tokenizer
-from ebft.strided.runner import StridedRunner
-from ebft.structured.hf import HFGenerate
-from ebft.structured.rollout import Sampling
-from ebft.structured.runner import StructuredRunner
 from ebft.train import checkpoint as ckpt
 from ebft.train import distributed
 from ebft.train import lock as output_lock
-from ebft.train.batches import reduce_step_sums, reduce_sum
+from ebft.train.batches import reduce_sum
 from ebft.train.optim import build_optimizer, build_scheduler
 from ebft.train.reporting import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
 from ebft.train.resume import Launch, check_resume
+from ebft.train.runner import Mode, Parts, Runner, StepOutput
 from ebft.train.signals import stop_on_signals
-from ebft.vllm.backend import vllm_backend
+from ebft.train.stats import LoopStats, StepStats, Window
 
 log = logging.getLogger("ebft")
 
@@ -56,25 +48,12 @@ class TooManySkippedSteps(EbftError):
 
 @dataclass
 class TrainResult:
+    """Where the run wrote its model, the optimizer steps done (fewer than the run's total when
+    ``max_seconds`` ended it), and the last logged metrics."""
+
     output_dir: Path
     steps: int
     last_metrics: dict[str, float]
-
-
-@dataclass
-class Window:
-    """Sums since the last logged step (saved in checkpoints so a resumed run logs the same means)."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    steps: int = 0
-
-    def add(self, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            if key.endswith("_min"):
-                self.sums[key] = min(self.sums.get(key, math.inf), value)
-            else:
-                self.sums[key] = self.sums.get(key, 0.0) + value
-        self.steps += 1
 
 
 def _all_reduce_grads(accelerator, params: list[torch.nn.Parameter]) -> None:
@@ -103,7 +82,7 @@ class Session:
     out_dir: Path
     tokenizer: Any
     model: torch.nn.Module
-    runner: Any
+    runner: Runner[Any]
     sharding: distributed.Sharding
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -125,52 +104,74 @@ class Session:
 
 @dataclass
 class StepOutcome:
-    """One optimizer step as the loop saw it: the runner's output, its sums reduced over processes,
-    the gradient norm before clipping, the learning rate it used, whether it was applied."""
+    """One optimizer step as the loop saw it: the runner's output, its statistics reduced over processes,
+    the loop's own (gradient norm before clipping, seconds), the learning rate it used, whether it was
+    applied."""
 
-    out: Any
-    sums: dict[str, float]
-    grad_norm: float
+    out: StepOutput[Any]
+    stats: StepStats
+    loop: LoopStats
     lr: float
     finite: bool
-    seconds: float
     sync_failed: PolicySyncError | None = None  # the rollout server could not be given this step's policy
 
 
 def train(
-    cfg: TrainConfig, *, config_dir: Path | None = None, console=None, launch: Launch | None = None
+    cfg: TrainConfig,
+    mode: Mode,
+    *,
+    config_dir: Path | None = None,
+    console=None,
+    max_seconds: float | None = None,
+    launch: Launch | None = None,
 ) -> TrainResult:
-    """Run (or resume) ``cfg`` to its last step: set-up, then per step the update, logging and checkpoints;
-    the final model is written to output_dir. ``config_dir``: where custom transform modules are found;
+    """Run (or resume) ``cfg`` in ``mode`` to its last step: set-up, then per step the update, logging and
+    checkpoints; the final model is written to output_dir. ``config_dir``: where custom transform modules
+    are found. ``max_seconds``: stop early once this much time has passed since the first step began, after
+    the step under way, logging and saving as at the last step; ``TrainResult.steps`` says how many ran.
     ``launch``: the command line (for the resume command, and whether a resume may change settings)."""
-    run = _set_up(cfg, config_dir, console, launch or Launch())
+    run = _set_up(cfg, mode, config_dir, console, launch or Launch())
     run.model.train()
+    runner = run.runner
     progress = Progress(
         run.total_steps,
-        description=run.runner.label,
+        description=runner.label,
         completed=run.state.step,
         is_main=run.is_main,
         console=run.logger.console,
     )
+    word, key = runner.progress_metric
+    started = time.perf_counter()
     try:
         with run.logger, progress as bar, stop_on_signals() as stop:
             while run.state.step < run.total_steps:
                 step = run.state.step + 1
                 outcome = _step(run, step)
-                _log(run, step, outcome)
-                bar.advance(1, postfix=f"reward {run.last.get(run.runner.reward_key, float('nan')):+.3f}")
-                _checkpoint_or_stop(run, step, stop, outcome.sync_failed)
+                last = step == run.total_steps or _out_of_time(run, started, max_seconds)
+                _log(run, step, outcome, last)
+                bar.advance(1, postfix=f"{word} {run.last.get(key, float('nan')):+.3f}")
+                _checkpoint_or_stop(run, step, stop, outcome.sync_failed, last)
+                if last:
+                    break
     except BaseException:
         run.lock.release()  # the kernel releases it when the process ends; a caller may go on before that
         raise
     finally:
-        run.runner.close()
+        runner.close()
     _finish(run)
     run.lock.release()
-    return TrainResult(output_dir=run.out_dir, steps=run.total_steps, last_metrics=run.last)
+    return TrainResult(output_dir=run.out_dir, steps=run.state.step, last_metrics=run.last)
 
 
-def _set_up(cfg: TrainConfig, config_dir: Path | None, console, launch: Launch) -> Session:
+def _out_of_time(run: Session, started: float, max_seconds: float | None) -> bool:
+    """Whether ``max_seconds`` have passed, on any process (so that all of them stop after the same step)."""
+    if max_seconds is None:
+        return False
+    late = float(time.perf_counter() - started > max_seconds)
+    return reduce_sum(run.accelerator, torch.tensor([late], device=run.accelerator.device)).item() > 0
+
+
+def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console, launch: Launch) -> Session:
     """Accelerate, the output folder, model, runner, optimizer and schedule; the checkpoint resumed from."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -192,7 +193,7 @@ def _set_up(cfg: TrainConfig, config_dir: Path | None, console, launch: Launch) 
     check_model_config(cfg)
     export = RunExport(cfg, accelerator)  # Hub credentials are checked here, before any weights load
     tokenizer = load_tokenizer(cfg)
-    model, runner, sharding = _build(cfg, tokenizer, accelerator, config_dir)
+    model, runner, sharding = _build(cfg, mode, tokenizer, accelerator, config_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
     total_steps = runner.total_steps()
@@ -210,14 +211,16 @@ def _set_up(cfg: TrainConfig, config_dir: Path | None, console, launch: Launch) 
         )
         ckpt.check_resume_step(resume_dir, state.step, total_steps)
         runner.load(resume_dir, rank)
-        window = Window(**state.window) if state.window else Window()
+        window = Window.restored(state.window, runner.stats_type)
         log.info("resuming from %s at step %d", resume_dir, state.step)
     if is_main:  # lines after the resumed step (or, starting over, all) belong to the part being redone
         for name in ("metrics.jsonl", runner.log_name):
-            ckpt.truncate_jsonl(out_dir / name, state.step)
+            if name is not None:
+                ckpt.truncate_jsonl(out_dir / name, state.step)
     runner.start(state)
 
-    record_log = RolloutLog(out_dir / runner.log_name) if (runner.keep_records and is_main) else None
+    keep = runner.keep_records and runner.log_name is not None and is_main
+    record_log = RolloutLog(out_dir / runner.log_name) if keep else None
     logger = MetricsLogger(
         out_dir,
         use_tensorboard=cfg.use_tensorboard,
@@ -227,7 +230,7 @@ def _set_up(cfg: TrainConfig, config_dir: Path | None, console, launch: Launch) 
         config_dict=cfg.model_dump(mode="json"),
         is_main=is_main,
         console=console,
-        reward_line=cfg.ebft.mode == "structured",
+        reward_line=runner.reward_line,
     )
     return Session(
         cfg=cfg,
@@ -257,13 +260,12 @@ def _step(run: Session, step: int) -> StepOutcome:
     cfg, state = run.cfg, run.state
     started = time.perf_counter()
     out = run.runner.run(step, state)
-    sums = reduce_step_sums(run.accelerator, out.sums)
+    stats = out.stats.reduced(run.accelerator)
     if not run.sharding.sharded:  # FSDP has already summed (and sharded) them
         _all_reduce_grads(run.accelerator, run.params)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
     grad_norm = distributed.clip_grad_norm(run.params, max_norm)
-    finite = all(math.isfinite(v) for k, v in sums.items() if not k.endswith("_min"))
-    finite = finite and math.isfinite(grad_norm)
+    finite = stats.finite() and math.isfinite(grad_norm)
     lr = run.scheduler.get_last_lr()[0]
     if finite:
         run.optimizer.step()
@@ -280,33 +282,36 @@ def _step(run: Session, step: int) -> StepOutcome:
         sync_failed = None
     except PolicySyncError as exc:  # the step stands: it is logged and saved, then the run stops
         sync_failed = exc
-    return StepOutcome(out, sums, grad_norm, lr, finite, time.perf_counter() - started, sync_failed)
+    loop = LoopStats(grad_norm=grad_norm, seconds=time.perf_counter() - started)
+    return StepOutcome(out, stats, loop, lr, finite, sync_failed)
 
 
-def _log(run: Session, step: int, outcome: StepOutcome) -> None:
-    """Rollout records of this step, and the window's means every ``logging_steps`` (and at the end)."""
+def _log(run: Session, step: int, outcome: StepOutcome, last: bool) -> None:
+    """Records of this step, and the window's means every ``logging_steps`` and at the last step."""
     from accelerate.utils import gather_object
 
-    cfg = run.cfg
-    if run.runner.keep_records:
+    runner = run.runner
+    if runner.keep_records:
         records = outcome.out.records
         gathered = gather_object(records) if run.accelerator.num_processes > 1 else records
         if run.record_log is not None and gathered:
-            key = "document" if "document" in gathered[0] else "sample"
-            run.record_log.append([{"step": step, **r} for r in sorted(gathered, key=lambda r: r[key])])
-            _print_completions(run.logger.console, gathered, cfg)
+            ordered = sorted(gathered, key=lambda r: r[runner.record_order])
+            run.record_log.append([{"step": step, **r} for r in ordered])
+            runner.show_records(run.logger.console, gathered)
     if outcome.finite:
-        run.window.add({**outcome.sums, "grad_norm": outcome.grad_norm, "seconds": outcome.seconds})
-    if step % cfg.logging_steps == 0 or step == run.total_steps:
-        last = _logged(run.window, run.runner, outcome.lr, run.accelerator.device) if run.window.steps else {}
-        last["ebft/skipped_steps"] = float(run.state.skipped_steps)
-        run.logger.log(step, last)
-        run.last, run.window = last, Window()
+        run.window.add(outcome.stats, outcome.loop)
+    if step % run.cfg.logging_steps == 0 or last:
+        logged = _logged(run.window, runner, outcome.lr, run.accelerator.device)
+        logged["ebft/skipped_steps"] = float(run.state.skipped_steps)
+        run.logger.log(step, logged)
+        run.last, run.window = logged, Window()
 
 
-def _checkpoint_or_stop(run: Session, step: int, stop: list[int], sync_failed: PolicySyncError | None) -> None:
-    """Save every ``save_steps`` (and at the end, see ``checkpoint_due``); save and stop when the rollout
-    server could not be synced, after too many skipped steps, or on a signal (on any process)."""
+def _checkpoint_or_stop(
+    run: Session, step: int, stop: list[int], sync_failed: PolicySyncError | None, last: bool
+) -> None:
+    """Save every ``save_steps`` (and at the last step, see ``checkpoint_due``); save and stop when the
+    rollout server could not be synced, after too many skipped steps, or on a signal (on any process)."""
     cfg, state = run.cfg, run.state
     if sync_failed is not None:
         saved = _save(run, f"checkpoint-{step}")  # the policy is good; only the rollout server is behind
@@ -329,13 +334,13 @@ def _checkpoint_or_stop(run: Session, step: int, stop: list[int], sync_failed: P
             f"{run.launch.resume_command(run.out_dir)}",
             signum=stop[0] if stop else signal.SIGINT,  # another process got the signal: SIGINT's code
         )
-    if ckpt.checkpoint_due(step, run.total_steps, cfg.save_steps, cfg.save_final_checkpoint):
+    if ckpt.checkpoint_due(step, step if last else run.total_steps, cfg.save_steps, cfg.save_final_checkpoint):
         _save(run, f"checkpoint-{step}")
 
 
 def _save(run: Session, name: str) -> Path:
     target = run.out_dir / name
-    run.state.window = {"sums": dict(run.window.sums), "steps": run.window.steps}
+    run.state.window = run.window.saved()
     rank = run.accelerator.process_index
     ckpt.save_checkpoint(
         target,
@@ -368,21 +373,18 @@ def _finish(run: Session) -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    run.export.finish(run.out_dir, run.total_steps, run.last)
+    run.export.finish(run.out_dir, run.state.step, run.last)
 
 
-def _build(cfg: TrainConfig, tokenizer, accelerator, config_dir: Path | None):
-    """Data, policy, feature network, the policy's sharding and the mode's runner. The feature network
-    is built before any checkpoint is loaded (for full fine-tuning it is a frozen copy of the *base*
-    weights, also on resume) and before FSDP shards the policy (sharded modules cannot be copied)."""
+def _build(cfg: TrainConfig, mode: Mode, tokenizer, accelerator, config_dir: Path | None):
+    """Data, policy, feature network, the policy's sharding and the mode's runner, in the order ``Parts``
+    explains."""
     device = accelerator.device
-    if cfg.ebft.mode == "strided":
-        load_data, Runner = load_strided_datasets, StridedRunner
-    else:
-        load_data, Runner = load_structured_datasets, StructuredRunner
-    data = load_data(cfg, tokenizer, search_dir=config_dir)
+    data = mode.load_data(cfg, tokenizer, search_dir=config_dir)
     model = load_policy(cfg, tokenizer, device)
-    features = feature_network_for(cfg, model, device, frozen_copy=warm_start_critic(cfg))
+    features = None
+    if mode.needs_features:
+        features = feature_network_for(cfg, model, device, frozen_copy=warm_start_critic(cfg))
     sharding = distributed.Sharding(model)
     if cfg.fsdp_version == 2 and accelerator.num_processes > 1:
         sharding = distributed.shard(
@@ -394,50 +396,23 @@ def _build(cfg: TrainConfig, tokenizer, accelerator, config_dir: Path | None):
         log.info("FSDP2: policy sharded over %d processes", accelerator.num_processes)
     elif cfg.fsdp_version == 2:
         log.warning("fsdp_version: 2 with a single process: nothing to shard, training unsharded")
-    parts = {
-        "model": model,
-        "features": features,
-        "tokenizer": tokenizer,
-        "data": data,
-        "accelerator": accelerator,
-        "autocast_dtype": autocast_dtype(cfg, device),
-        "sharding": sharding,
-    }
-    if cfg.ebft.mode == "structured":
-        parts["backend"] = _rollout_backend(cfg, model, tokenizer, sharding)
-    return model, Runner(cfg, **parts), sharding
+    parts = Parts(
+        cfg=cfg,
+        model=model,
+        features=features,
+        tokenizer=tokenizer,
+        data=data,
+        accelerator=accelerator,
+        autocast_dtype=autocast_dtype(cfg, device),
+        sharding=sharding,
+    )
+    return model, mode.build(parts), sharding
 
 
-def _rollout_backend(cfg: TrainConfig, model, tokenizer, sharding):
-    sampling = Sampling.from_trl(cfg.trl, tokenizer.eos_token_id)
-    if not cfg.trl.use_vllm:
-        return HFGenerate(
-            model,
-            sampling=sampling,
-            pad_token_id=tokenizer.pad_token_id,
-            autocast_dtype=autocast_dtype(cfg, next(model.parameters()).device),
-        )
-    return vllm_backend(cfg, sampling, gathered=sharding.gathered)
-
-
-def _print_completions(console, records: list[dict], cfg: TrainConfig) -> None:
-    count = cfg.trl.num_completions_to_print  # None: all of them
-    if console is None or count == 0 or cfg.ebft.mode != "structured":
-        return
-    for r in records[:count]:
-        console.print(
-            f"[sample {r['sample']}] reward {r['reward']:+.3f} adv {r['advantage']:+.3f}\n"
-            f"  prompt: {r['prompt'][-200:]!r}\n  completion: {r['completion'][:400]!r}",
-            markup=False,
-            highlight=False,
-        )
-
-
-def _logged(window: Window, runner, lr: float, device) -> dict[str, float]:
-    sums, steps = window.sums, window.steps
-    out = runner.metrics(sums, steps)
-    out["grad_norm"] = sums["grad_norm"] / steps
-    out["learning_rate"] = lr
-    out["step_seconds"] = sums["seconds"] / steps
-    out["peak_memory_mib"] = peak_memory_bytes(device) / 2**20
+def _logged(window: Window, runner: Runner[Any], lr: float, device) -> dict[str, float]:
+    """The window's metrics: the runner's, then the loop's (empty when no step of the window was applied)."""
+    if window.stats is None:
+        return {}
+    out = runner.metrics(window.stats, window.steps, window.loop.seconds)
+    out.update(window.loop.metrics(window.steps, lr, peak_memory_bytes(device)))
     return out
