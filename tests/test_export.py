@@ -422,7 +422,7 @@ def test_smollm2_qlora_warm_start_merge_and_upload(tmp_path, smollm2_dir, text_f
 
     files = hub.files("alice/smollm2-ebft")
     assert {"adapter_model.safetensors", "README.md", "merged/model.safetensors"} <= set(files)
-    assert all(data == (run / name).read_bytes() for name, data in files.items())
+    _assert_uploaded_as_local(files, run)
     assert _front_matter(files["README.md"].decode())["tags"][:3] == [
         "ebft",
         "energy-based-fine-tuning",
@@ -444,6 +444,7 @@ def test_redactor_hand_cases(tmp_path):
         "/data/modelsX/y data/models/z org/model https://h.co/data/models"
     )
     assert r.text("`/home/alice` | /home/alice/") == "`<local>/alice` | <local>/alice"
+    assert r.text("- base_model:adapter:/data/models/llama-1b") == "- base_model:adapter:<local>/llama-1b"
     # JSON and YAML stay valid documents with the paths rewritten inside their values.
     j, y = tmp_path / "a.json", tmp_path / "c.yaml"
     j.write_text('{"base_model_name_or_path": "/data/models/llama-1b", "r": 4}')

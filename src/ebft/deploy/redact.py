@@ -59,9 +59,10 @@ class Redactor:
 
     def __init__(self, roots: Iterable[str]):
         alternatives = "|".join(re.escape(root.rstrip("/")) for root in sorted(set(roots), key=len, reverse=True))
-        # A root counts where it starts a path: not inside a longer path or a URL, and ending at a separator.
+        # A root counts where it starts a path (also after a colon, as in PEFT's `base_model:adapter:/x` tag):
+        # not inside a longer path or a URL's path, and ending at a separator.
         self._pattern = re.compile(
-            rf"(?<![\w.~/:-])(?:{alternatives})(?=$|/|[\s\"'`<>|()\[\]{{}},;])(?:/{_PATH_CHARS})?"
+            rf"(?<![\w.~/-])(?:{alternatives})(?=$|/|[\s\"'`<>|()\[\]{{}},;])(?:/{_PATH_CHARS})?"
         )
 
     def text(self, text: str) -> str:
