@@ -214,9 +214,9 @@ def test_quickstart_stopped_in_an_early_phase(tmp_path, run_command):
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_validate_stopped(tmp_path, tiny_model_dir, text_file, capsys, monkeypatch, sig, code):
     """validate is too quick to signal from outside: the signal is sent from inside its preflight."""
-    from ebft import cli
+    from ebft.train import preflight
 
-    monkeypatch.setattr(cli, "preflight", lambda cfg, folder: os.kill(os.getpid(), sig) or time.sleep(5))
+    monkeypatch.setattr(preflight, "preflight", lambda *args, **kwargs: os.kill(os.getpid(), sig) or time.sleep(5))
     assert main(["validate", str(_strided(tmp_path, tiny_model_dir, text_file))]) == code
     err = capsys.readouterr().err
     assert err.strip() == f"stopped by {signal.Signals(sig).name} before `ebft validate` finished"

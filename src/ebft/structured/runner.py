@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ebft.attention.support import log_structured_passes
-from ebft.data.structured import load_structured_datasets
+from ebft.data.cache import load_structured
 from ebft.losses import LossNorm
 from ebft.structured import buffer_state
 from ebft.structured.hf import HFGenerate
@@ -292,4 +292,4 @@ def build(parts: Parts) -> StructuredRunner:
     )
 
 
-MODE = Mode(load_data=load_structured_datasets, build=build)
+MODE = Mode(load_data=load_structured, build=build)

@@ -41,6 +41,9 @@ BREAKING = frozenset(
         "load_in_8bit",
         "load_in_4bit",
         "bf16",
+        "torch_dtype",
+        "chat_template",  # how prompts and answers are rendered into tokens
+        "chat_template_jinja",
         "fsdp_version",  # a sharded checkpoint holds the optimizer state by name, resumable only sharded
         # the data and how it is batched
         "datasets",
@@ -141,6 +144,8 @@ HARMLESS = frozenset(
         "trl.log_completions",
         "trl.num_completions_to_print",
         # where and how things run, not what they compute
+        "dataset_prepared_path",
+        "attn_implementation",
         "gradient_checkpointing",
         "gradient_checkpointing_kwargs",
         "fsdp_config",
