@@ -403,6 +403,24 @@ def test_execute_errors(tiny_model_dir, tmp_path, capsys):
     assert "--exec-timeout must be > 0" in capsys.readouterr().err
 
 
+def test_execute_refuses_without_bubblewrap(tmp_path, capsys, monkeypatch):
+    """No sandbox, no execution, and no weaker fallback: one line with the install command, before any
+    weights load (the base model here does not even exist)."""
+    from ebft.cli import main
+    from ebft.evaluate import sandbox
+
+    config = _write_config(tmp_path, tmp_path / "no-such-model")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    sandbox._checked_bwrap.cache_clear()
+    try:
+        assert main(["evaluate", str(config), "--split", "train", "--execute"]) == 2
+    finally:
+        sandbox._checked_bwrap.cache_clear()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --execute runs code only inside a bubblewrap sandbox")
+    assert "apt-get install bubblewrap" in err and len(err.splitlines()) == 1
+
+
 # ---------------------------------------------------------------- tests fields
 
 

@@ -2,8 +2,9 @@
 
 Oracles: the merged model's logits equal those of the base model with the adapter applied by PEFT;
 every file on the stand-in Hub (a loopback HTTP server speaking huggingface_hub's upload routes, named
-by HF_ENDPOINT) is byte-identical to the local file it came from; the card's metrics are the last line
-of metrics.jsonl.
+by HF_ENDPOINT) is byte-identical to the local file it came from, except that the text files name no
+local absolute path (those that did differ exactly there); the card's metrics are the last line of
+metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,8 @@ from fake_hub import FakeHub
 from ebft.cli import main
 from ebft.config import parse_config
 from ebft.deploy.card import render_card
+from ebft.deploy.redact import TEXT_SUFFIXES
+from ebft.train.checkpoint_files import verify_manifest
 
 TOKENS = {"write-token": ("alice", "write"), "read-token": ("alice", "read")}
 
@@ -65,6 +69,20 @@ def _write(tmp_path: Path, name: str, config: dict) -> Path:
 def _front_matter(card: str) -> dict:
     assert card.startswith("---\n")
     return yaml.safe_load(card.split("---\n")[1])
+
+
+def _assert_uploaded_as_local(files: dict[str, bytes], folder: Path) -> None:
+    """Each uploaded file is its local file, byte for byte, or, where the local file names a local path (the
+    test's folders are in the temporary folder), that file with the paths written <local>/NAME (and a
+    checkpoint's manifest rewritten to match); no uploaded text names the temporary or the home folder."""
+    local = [str(Path(tempfile.gettempdir())) + "/", str(Path.home()) + "/"]
+    for name, data in files.items():
+        path = folder / name
+        if data != path.read_bytes() and path.name != "manifest.json":  # a manifest follows its files
+            assert any(p.encode() in path.read_bytes() for p in local), name
+            assert b"<local>/" in data, name
+        if path.suffix in TEXT_SUFFIXES:
+            assert not [p for p in local if p.encode() in data], (name, data[:300])
 
 
 def _last_metrics(run: Path) -> dict:
@@ -186,8 +204,13 @@ def test_upload_every_save(lora_run):
     assert final <= set(files)
     assert "merged/model.safetensors" in files
     assert not [f for f in files if f.startswith("checkpoint-") or f.endswith(".pt")], "no training state at the root"
-    for name, data in files.items():
-        assert data == (run / name).read_bytes(), name
+    assert ".ebft.lock" not in files and (run / ".ebft.lock").exists()
+    _assert_uploaded_as_local(files, run)
+    assert (
+        yaml.safe_load(files["config.yaml"])["base_model"]
+        == "<local>/" + Path(yaml.safe_load((run / "config.yaml").read_text())["base_model"]).name
+    )
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"].startswith("<local>/")
     # every_save: each checkpoint when it was saved (the last step is checkpointed too), then the final run.
     assert [c["summary"] for c in repo.commits] == [
         "ebft: weights of checkpoint-1",
@@ -215,7 +238,14 @@ def test_upload_all_checkpoints_to_a_branch(tmp_path, tiny_model_dir, text_file,
         for name in ("adapter_model.safetensors", "optimizer.pt", "trainer_state.json"):
             path = f"checkpoint-{step}/{name}"
             assert files[path] == (tmp_path / "ckpts" / path).read_bytes()
-    assert files["README.md"] == (tmp_path / "ckpts" / "README.md").read_bytes()
+    _assert_uploaded_as_local(files, tmp_path / "ckpts")
+    # A downloaded checkpoint passes its (rewritten) manifest: its redacted config is what it records.
+    download = tmp_path / "download"
+    for name, data in files.items():
+        if name.startswith("checkpoint-2/"):
+            (download / name).parent.mkdir(parents=True, exist_ok=True)
+            (download / name).write_bytes(data)
+    verify_manifest(download / "checkpoint-2")
 
 
 def _fails_before_training(tmp_path: Path, name: str, config: dict, capsys) -> str:
@@ -393,9 +423,34 @@ def test_smollm2_qlora_warm_start_merge_and_upload(tmp_path, smollm2_dir, text_f
 
     files = hub.files("alice/smollm2-ebft")
     assert {"adapter_model.safetensors", "README.md", "merged/model.safetensors"} <= set(files)
-    assert all(data == (run / name).read_bytes() for name, data in files.items())
+    _assert_uploaded_as_local(files, run)
     assert _front_matter(files["README.md"].decode())["tags"][:3] == [
         "ebft",
         "energy-based-fine-tuning",
         "ebft-strided",
     ]
+
+
+def test_redactor_hand_cases(tmp_path):
+    from ebft.deploy.redact import Redactor
+
+    r = Redactor(["/data/models", "/home/alice"])
+    # A path under a root becomes <local>/ and its last component; a longer name that merely starts like a
+    # root, relative paths, Hub ids and URLs stay.
+    assert (
+        r.text("base /data/models/llama-1b, data /home/alice/x.jsonl.")
+        == "base <local>/llama-1b, data <local>/x.jsonl."
+    )
+    assert r.text("/data/modelsX/y data/models/z org/model https://h.co/data/models") == (
+        "/data/modelsX/y data/models/z org/model https://h.co/data/models"
+    )
+    assert r.text("`/home/alice` | /home/alice/") == "`<local>/alice` | <local>/alice"
+    assert r.text("- base_model:adapter:/data/models/llama-1b") == "- base_model:adapter:<local>/llama-1b"
+    # JSON and YAML stay valid documents with the paths rewritten inside their values.
+    j, y = tmp_path / "a.json", tmp_path / "c.yaml"
+    j.write_text('{"base_model_name_or_path": "/data/models/llama-1b", "r": 4}')
+    y.write_text("base_model: /data/models/llama-1b\ndatasets:\n- path: /home/alice/d.jsonl\n")
+    assert json.loads(r.file(j)) == {"base_model_name_or_path": "<local>/llama-1b", "r": 4}
+    assert yaml.safe_load(r.file(y)) == {"base_model": "<local>/llama-1b", "datasets": [{"path": "<local>/d.jsonl"}]}
+    (tmp_path / "b.json").write_text('{"r": 4}')
+    assert r.file(tmp_path / "b.json") is None  # nothing to rewrite: uploaded as it is

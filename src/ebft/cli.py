@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ from ebft.quickstart.run import DEFAULT_MINUTES, run_quickstart
 from ebft.train import preflight
 from ebft.train.loop import train
 from ebft.train.memory import Hardware, log_plan, parse_size
+from ebft.train.resume import Launch
+from ebft.train.signals import Stopped, raise_on_signals
 from ebft.vllm.backend import probe_server, wait_for_server
 from ebft.vllm.serve import vllm_serve
 
@@ -61,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("config", help="path to the YAML config")
         if name == "validate":
             _add_plan_options(cmd)
+        if name == "train":
+            cmd.add_argument(
+                "--allow_config_change",
+                action="store_true",
+                help="resume a checkpoint although settings that change the run (data, model, sampling, EBFT, "
+                "optimizer...) differ from the ones it was trained with",
+            )
     _add_evaluate(sub, debug)
     _add_vllm_serve(sub, debug)
     quick = sub.add_parser(
@@ -215,15 +225,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     _setup_logging()
     try:
-        return _run(args, _split_overrides(extra))
+        with raise_on_signals():
+            return _run(args, _split_overrides(extra))
     except EbftError as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 130 if isinstance(exc, TrainingInterrupted) else 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + exc.signum if isinstance(exc, TrainingInterrupted) else 2
+    except (KeyboardInterrupt, Stopped) as exc:
+        # A signal outside the training loop's own handling: whatever was running was cleaned up on the way
+        # (finally blocks), nothing more was written; the shell's convention for the exit code.
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        print(f"stopped by {signal.Signals(signum).name} before `ebft {args.command}` finished", file=sys.stderr)
+        return 128 + signum
 
 
 def _run(args, overrides: list[str]) -> int:
@@ -253,7 +267,8 @@ def _run(args, overrides: list[str]) -> int:
     # Everything the machine lacks first, then the rollout server (which may still be starting): before any load.
     preflight.check(cfg, "train", config_dir=config_dir, source=args.config)
     wait_for_server(cfg)
-    result = train(cfg, mode_of(cfg), config_dir=config_dir)
+    launch = Launch(config=args.config, overrides=tuple(overrides), allow_config_change=args.allow_config_change)
+    result = train(cfg, mode_of(cfg), config_dir=config_dir, launch=launch)
     log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
     return 0
 

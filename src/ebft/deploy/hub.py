@@ -14,6 +14,10 @@ What goes up (``hub_strategy``, as in transformers' Trainer):
 * ``checkpoint``: also the latest whole checkpoint (optimizer and RNG states too) as ``last-checkpoint/``;
 * ``all_checkpoints``: also every whole checkpoint as ``checkpoint-N/``.
 
+Every upload is a view of the folder with local absolute paths rewritten (``deploy.redact``): the
+config, cards and adapter configs name ``<local>/NAME`` instead of this machine's folders. The output
+folder's lock file (``.ebft.lock``: a PID and a host name) is never uploaded.
+
 Uploads run in the training process and block it while they run. A failed checkpoint upload is a
 warning (training goes on); a failed final upload is an error that says how to retry.
 """
@@ -27,31 +31,36 @@ from pathlib import Path
 import torch
 
 from ebft.config.deploy import uploads
+from ebft.deploy.redact import Redactor, local_roots, redacted_view
 from ebft.errors import ConfigError, EbftError
 from ebft.train.batches import reduce_sum
+from ebft.train.lock import LOCK_FILE
 
 log = logging.getLogger("ebft")
 
 # Never uploaded from output_dir at the end: checkpoints have their own strategy, the rest is per-sample data.
-FINAL_IGNORE = ["checkpoint-*", "checkpoint-*/**", "*.tmp/**", "rollouts.jsonl", "completions.jsonl"]
-# A checkpoint's training state (optimizer, scheduler, RNG, rollout buffer, step) and PEFT's placeholder card.
-STATE_FILES = ["*.pt", "trainer_state.json", "README.md"]
+FINAL_IGNORE = ["checkpoint-*", "checkpoint-*/**", "*.tmp/**", "rollouts.jsonl", "completions.jsonl", LOCK_FILE]
+# A checkpoint's training state (optimizer, scheduler, RNG, rollout buffer, step, config, manifest) and PEFT's
+# placeholder card.
+STATE_FILES = ["*.pt", "trainer_state.json", "train_config.json", "manifest.json", "README.md"]
 
 
 class HubUpload:
     """Uploads to one checked repo; built by :func:`prepare_upload`."""
 
-    def __init__(self, api, repo_id: str, strategy: str, revision: str | None):
+    def __init__(self, api, repo_id: str, strategy: str, revision: str | None, redactor: Redactor | None = None):
         self.api, self.repo_id, self.strategy, self.revision = api, repo_id, strategy, revision
+        self.redactor = redactor or Redactor(local_roots(None))
 
     def _upload(self, folder: Path, message: str, **kwargs) -> None:
-        self.api.upload_folder(
-            repo_id=self.repo_id,
-            folder_path=str(folder),
-            commit_message=message,
-            revision=self.revision,
-            **kwargs,
-        )
+        with redacted_view(folder, self.redactor) as view:
+            self.api.upload_folder(
+                repo_id=self.repo_id,
+                folder_path=str(view),
+                commit_message=message,
+                revision=self.revision,
+                **kwargs,
+            )
 
     def checkpoint(self, path: Path) -> None:
         """After ``path`` (a checkpoint-N folder) was saved: upload what the strategy asks for."""
@@ -80,7 +89,8 @@ class HubUpload:
             excluded = " ".join(f"--exclude '{p}'" for p in FINAL_IGNORE)
             raise EbftError(
                 f"hub: uploading {out_dir} to {self.repo_id} failed ({type(exc).__name__}: {exc}); the run is saved "
-                f"in {out_dir}. Retry with: hf upload {self.repo_id} {out_dir} . {excluded}"
+                f"in {out_dir}. Retry with: hf upload {self.repo_id} {out_dir} . {excluded} (this uploads the "
+                "files as they are, local paths in config.yaml and the cards included)"
             ) from exc
         log.info("hub: uploaded %s to %s", out_dir, self.repo_id)
 
@@ -142,4 +152,4 @@ def _checked_upload(cfg) -> HubUpload:
             f"hub_model_id: {who.get('name')!r} cannot create or write {repo_id!r} at {endpoint}: {exc}"
         ) from exc
     log.info("hub: uploads go to %s/%s (%s)", endpoint, repo_id, cfg.hub_strategy)
-    return HubUpload(api, repo_id, cfg.hub_strategy, cfg.hub_revision)
+    return HubUpload(api, repo_id, cfg.hub_strategy, cfg.hub_revision, Redactor(local_roots(cfg)))

@@ -4,6 +4,7 @@ source) and the held-out rows."""
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -79,8 +80,14 @@ def load_models(cfg, checkpoint: str | Path | None, device: torch.device):
     try:
         with peft_wrapping():
             policy = PeftModel.from_pretrained(base, str(path)).to(device)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"--checkpoint {path}: cannot load the LoRA adapter onto {cfg.base_model!r}: {exc}") from exc
+    # UnpicklingError: an adapter_model.bin that holds more than tensors, refused unrun (weights_only loading).
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        if isinstance(exc, pickle.UnpicklingError):
+            first = "a pickled weights file holds more than tensors; it was refused without being run"
+        raise ConfigError(
+            f"--checkpoint {path}: cannot load the LoRA adapter onto {cfg.base_model!r}: {type(exc).__name__}: {first}"
+        ) from exc
     return tokenizer, policy, policy, kind
 
 

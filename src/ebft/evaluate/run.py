@@ -12,6 +12,7 @@ from ebft.errors import EbftError
 from ebft.evaluate.execute import EXEC_TIMEOUT
 from ebft.evaluate.load import held_out_plan, held_out_rows, load_models, spread_indices
 from ebft.evaluate.result import EvalResult
+from ebft.evaluate.sandbox import check_sandbox
 from ebft.evaluate.strided import run_strided
 from ebft.evaluate.structured import run_structured
 from ebft.modeling.adapters import warm_start_critic
@@ -55,6 +56,8 @@ def evaluate(
         )
     if exec_timeout <= 0:
         raise EbftError(f"--exec-timeout must be > 0 seconds, got {exec_timeout:g}")
+    if execute:
+        check_sandbox()  # no sandbox, no execution: refused before any weights load
     preflight.check(cfg, "evaluate", config_dir=config_dir)
     what, limit = held_out_plan(cfg, split, max_docs)
     _say_once(f"evaluating on {what}")

@@ -4,6 +4,7 @@ that need only its config.json."""
 from __future__ import annotations
 
 import logging
+import pickle
 
 import torch
 from safetensors import SafetensorError
@@ -65,9 +66,13 @@ def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
             source, dtype=policy_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code, **quantised, **backend
         )
     # RuntimeError: weights whose shapes do not match config.json; SafetensorError: a truncated or
-    # corrupt weights file (an interrupted download).
-    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise ConfigError(f"base_model: cannot load {source!r}: {type(exc).__name__}: {exc}") from exc
+    # corrupt weights file (an interrupted download); UnpicklingError: a pickled weights file (.bin) that holds
+    # more than tensors, refused unrun by torch.load(weights_only=True).
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        if isinstance(exc, pickle.UnpicklingError):
+            first = "a pickled weights file holds more than tensors; it was refused without being run"
+        raise ConfigError(f"base_model: cannot load {source!r}: {type(exc).__name__}: {first}") from exc
     if quantised:
         keep_4bit_layers_differentiable(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

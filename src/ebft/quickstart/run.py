@@ -312,11 +312,12 @@ def run_quickstart(
         with timed("ebft"):
             try:
                 ebft = train(ebft_cfg, mode_of(ebft_cfg), console=console)
-            except TrainingInterrupted:
+            except TrainingInterrupted as exc:
                 # train's own message suggests resuming with `ebft train`; the quickstart has no such entry point.
                 raise TrainingInterrupted(
                     f"quickstart interrupted during EBFT fine-tuning; run `ebft quickstart --out {out}` again to "
-                    "start over"
+                    "start over",
+                    exc.signum,
                 ) from None
 
         # 4. Evaluation on held-out files.

@@ -19,6 +19,7 @@ from ebft.attention.support import log_structured_passes
 from ebft.data.cache import load_structured
 from ebft.losses import LossNorm
 from ebft.modeling.memory_plan import ModelShape, Workload, structured_workload
+from ebft.structured import buffer_state
 from ebft.structured.hf import HFGenerate
 from ebft.structured.rollout import Sample, Sampling, loss_token_count, mix_seed
 from ebft.structured.scoring import score
@@ -255,12 +256,12 @@ class StructuredRunner:
         """A rollout batch still to be reused (num_iterations > 1) goes into the checkpoint, so a resumed
         run trains on exactly the completions the uninterrupted run would have."""
         if self.buffer is not None and self.s.num_iterations > 1:
-            torch.save(self.buffer.state_dict(), Path(directory) / f"rollout_buffer_{rank}.pt")
+            buffer_state.save(self.buffer, directory, rank)
 
     def load(self, directory: Path, rank: int) -> None:
-        path = Path(directory) / f"rollout_buffer_{rank}.pt"
-        if path.exists():
-            self.buffer = RolloutBuffer(**torch.load(path, weights_only=False))
+        saved = buffer_state.load(directory, rank)
+        if saved is not None:
+            self.buffer = saved
 
     def close(self) -> None:
         if self._executor is not None:

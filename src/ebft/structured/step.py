@@ -165,16 +165,6 @@ class RolloutBuffer:
             self._references = ce_sequences(self.rows, tokenizer, s)
         return self._references
 
-    def state_dict(self) -> dict:
-        return {
-            "rows": self.rows,
-            "samples": self.samples,
-            "scores": self.scores,
-            "advantage": self.advantage,
-            "generation": self.generation,
-            "old_logprobs": self.old_logprobs,
-        }
-
 
 def old_logprobs(model, samples: list[Sample], s: StructuredSettings, pad_id: int, batch_size: int, amp) -> list:
     """Per-sample log-probs of the loss tokens under the current weights (no gradient)."""

@@ -189,3 +189,13 @@ _ADAPTER_KEY = re.compile(r"\.(lora_A|lora_B)\.(weight|bias)$")
 def adapter_key_to_module_key(key: str) -> str:
     """An ``adapter_model.safetensors`` key -> the PEFT model's parameter name (adapter ``default``)."""
     return _ADAPTER_KEY.sub(r".\1.default.\2", key)
+
+
+def first_error(accelerator, message: str | None) -> str | None:
+    """Every process's ``message`` (None where all went well) gathered: the first one, on every process, so
+    that all of them stop together instead of the others waiting in a collective for one that failed."""
+    if accelerator.num_processes == 1:
+        return message
+    from accelerate.utils import gather_object
+
+    return next((m for m in gather_object([message]) if m), None)

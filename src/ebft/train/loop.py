@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from ebft.config import TrainConfig, dump_config
 from ebft.deploy.export import RunExport
-from ebft.errors import ConfigError, EbftError, PolicySyncError, TrainingInterrupted
+from ebft.errors import EbftError, PolicySyncError, TrainingInterrupted
 from ebft.modeling.adapters import warm_start_critic
 from ebft.modeling.feature_network import feature_network_for, state_placements
 from ebft.modeling.policy import check_model_config, load_policy
@@ -29,10 +30,12 @@ from ebft.modeling.precision import autocast_dtype
 from ebft.modeling.tokenizer import load_tokenizer
 from ebft.train import checkpoint as ckpt
 from ebft.train import distributed, preflight
+from ebft.train import lock as output_lock
 from ebft.train.batches import reduce_sum
 from ebft.train.memory import Hardware, log_plan
 from ebft.train.optim import build_optimizer, build_scheduler
 from ebft.train.reporting import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
+from ebft.train.resume import Launch, check_resume
 from ebft.train.runner import Mode, Parts, Runner, StepOutput
 from ebft.train.signals import stop_on_signals
 from ebft.train.stats import LoopStats, StepStats, Window
@@ -92,6 +95,8 @@ class Session:
     record_log: RolloutLog | None
     export: RunExport  # run card, merge_lora, Hub uploads
     last: dict[str, float] = field(default_factory=dict)
+    lock: output_lock.OutputLock = field(default_factory=output_lock.OutputLock)  # this run's output_dir
+    launch: Launch = field(default_factory=Launch)  # the command that started the run
 
     @property
     def is_main(self) -> bool:
@@ -119,12 +124,14 @@ def train(
     config_dir: Path | None = None,
     console=None,
     max_seconds: float | None = None,
+    launch: Launch | None = None,
 ) -> TrainResult:
     """Run (or resume) ``cfg`` in ``mode`` to its last step: set-up, then per step the update, logging and
     checkpoints; the final model is written to output_dir. ``config_dir``: where custom transform modules
     are found. ``max_seconds``: stop early once this much time has passed since the first step began, after
-    the step under way, logging and saving as at the last step; ``TrainResult.steps`` says how many ran."""
-    run = _set_up(cfg, mode, config_dir, console)
+    the step under way, logging and saving as at the last step; ``TrainResult.steps`` says how many ran.
+    ``launch``: the command line (for the resume command, and whether a resume may change settings)."""
+    run = _set_up(cfg, mode, config_dir, console, launch or Launch())
     run.model.train()
     runner = run.runner
     progress = Progress(
@@ -147,9 +154,13 @@ def train(
                 _checkpoint_or_stop(run, step, stop, outcome.sync_failed, last)
                 if last:
                     break
+    except BaseException:
+        run.lock.release()  # the kernel releases it when the process ends; a caller may go on before that
+        raise
     finally:
         runner.close()
     _finish(run)
+    run.lock.release()
     return TrainResult(output_dir=run.out_dir, steps=run.state.step, last_metrics=run.last)
 
 
@@ -161,7 +172,7 @@ def _out_of_time(run: Session, started: float, max_seconds: float | None) -> boo
     return reduce_sum(run.accelerator, torch.tensor([late], device=run.accelerator.device)).item() > 0
 
 
-def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console) -> Session:
+def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console, launch: Launch) -> Session:
     """Accelerate, the output folder, model, runner, optimizer and schedule; the checkpoint resumed from."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -170,12 +181,12 @@ def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console) -> S
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     is_main, rank = accelerator.is_main_process, accelerator.process_index
     out_dir = Path(cfg.output_dir)
-    resume_dir = ckpt.resolve_resume(out_dir, cfg.resume_from_checkpoint)
-    if resume_dir is None and (found := ckpt.run_in_progress(out_dir)):
-        raise ConfigError(
-            f"output_dir: {out_dir} already holds a run ({', '.join(found[:3])}); continue it with "
-            "--resume_from_checkpoint=latest, or choose another output_dir"
-        )
+    lock = output_lock.lock_output_dir(out_dir, accelerator)  # before anything in the folder is read or written
+    resume_dir = ckpt.resume_point(out_dir, cfg.resume_from_checkpoint)
+    if resume_dir is not None:  # before any weights load: its files are intact and its settings are this run's
+        ckpt.verify(resume_dir, accelerator)
+        current = cfg.model_dump(mode="json")
+        check_resume(resume_dir, ckpt.saved_config(resume_dir), current, allow_config_change=launch.allow_config_change)
     set_seed(cfg.seed)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,11 +216,11 @@ def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console) -> S
         ckpt.check_resume_step(resume_dir, state.step, total_steps)
         runner.load(resume_dir, rank)
         window = Window.restored(state.window, runner.stats_type)
-        if is_main:
-            for name in ("metrics.jsonl", runner.log_name):
-                if name is not None:
-                    ckpt.truncate_jsonl(out_dir / name, state.step)
         log.info("resuming from %s at step %d", resume_dir, state.step)
+    if is_main:  # lines after the resumed step (or, starting over, all) belong to the part being redone
+        for name in ("metrics.jsonl", runner.log_name):
+            if name is not None:
+                ckpt.truncate_jsonl(out_dir / name, state.step)
     runner.start(state)
 
     keep = runner.keep_records and runner.log_name is not None and is_main
@@ -242,6 +253,8 @@ def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console) -> S
         logger=logger,
         record_log=record_log,
         export=export,
+        lock=lock,
+        launch=launch,
     )
 
 
@@ -308,7 +321,7 @@ def _checkpoint_or_stop(
         saved = _save(run, f"checkpoint-{step}")  # the policy is good; only the rollout server is behind
         raise PolicySyncError(
             f"{sync_failed}\nThe policy after step {step} is saved in {saved}; once the server is restarted, "
-            f"resume with: ebft train <config> --output_dir={run.out_dir} --resume_from_checkpoint=latest"
+            f"resume with: {run.launch.resume_command(run.out_dir)}"
         ) from sync_failed
     if state.consecutive_skips >= cfg.max_consecutive_skipped_steps:
         saved = _save(run, f"checkpoint-{step}")
@@ -322,7 +335,8 @@ def _checkpoint_or_stop(
         saved = _save(run, f"checkpoint-{step}")
         raise TrainingInterrupted(
             f"interrupted at step {step}; checkpoint saved to {saved}. Resume with: "
-            f"ebft train <config> --output_dir={run.out_dir} --resume_from_checkpoint=latest"
+            f"{run.launch.resume_command(run.out_dir)}",
+            signum=stop[0] if stop else signal.SIGINT,  # another process got the signal: SIGINT's code
         )
     if ckpt.checkpoint_due(step, step if last else run.total_steps, cfg.save_steps, cfg.save_final_checkpoint):
         _save(run, f"checkpoint-{step}")
@@ -340,6 +354,7 @@ def _save(run: Session, name: str) -> Path:
         scheduler=run.scheduler,
         state=run.state,
         accelerator=run.accelerator,
+        config=run.cfg.model_dump(mode="json"),
         extra=lambda tmp: run.runner.save(tmp, rank),
         sharded=run.sharding.sharded,
     )

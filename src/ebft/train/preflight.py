@@ -10,7 +10,9 @@ refuses to start without it, each problem one ``key: what is wrong; the fix`` li
   file; a hub id that is not in the Hugging Face cache while ``HF_HUB_OFFLINE`` is set;
 * the tokenizer: a local folder (``tokenizer_config``, else the ``base_model`` folder) that holds one;
 * ``lora_model_dir``, ``chat_template_jinja`` (a file, and a template that compiles), data files (local paths
-  that exist, with readable file types) and the dataset transforms (importable ``module.function``);
+  that exist, with readable file types) and the dataset transforms (importable ``module.function``; a custom
+  module is imported, so its top-level code runs here), or, for an entry without one, a first row that already
+  has the mode's fields (local JSON files);
 * ``trl.use_vllm``: whether the vLLM server answers is ``ebft.vllm.backend``'s to say (``probe_server``,
   ``wait_for_server``): ``validate`` probes it once, ``train`` waits for it before anything loads.
 
@@ -20,6 +22,7 @@ installed, whether CUDA is there) is passed in, so tests can say what is install
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -237,4 +240,47 @@ def _datasets(cfg, config_dir: str | Path | None) -> list[str]:
                 resolve_transform(spec.type, config_dir)
             except DataError as exc:
                 problems.append(f"datasets.{i}.type: {exc}")
+        elif local.exists() and (missing := _untransformed_row_lacks(cfg.ebft.mode, local, spec)):
+            problems.append(f"datasets.{i}.type: {missing}")
     return problems
+
+
+# The fields an entry without a transform must already have, per mode.
+NEEDED_FIELDS = {"strided": ("input_ids", "labels"), "structured": ("prompt", "ground_truth")}
+
+
+def _untransformed_row_lacks(mode: str, local: Path, spec) -> str | None:
+    """An entry without ``type`` is used as it is, so its rows must hold the mode's fields: checked on the
+    first row of a local JSON file (other sources are checked when the data is read)."""
+    try:
+        files = [Path(f) for f in local_files(local, spec.data_files, spec.path)[1]]
+    except DataError:
+        return None  # reported as datasets.N.path above
+    first = next((f for f in files if f.suffix.lower() in (".json", ".jsonl")), None)
+    row = _first_json_row(first) if first is not None else None
+    need = NEEDED_FIELDS.get(mode, ())
+    if not isinstance(row, dict) or all(field in row for field in need):
+        return None
+    example = "ebft_pretrain.transform for raw text" if mode == "strided" else "ebft_opencode.transform"
+    return (
+        f"none, so the rows are used as they are, but they have no {' / '.join(need)} ({mode} mode; the first "
+        f"row has {sorted(row)[:6]}); set type to a transform, e.g. {example}"
+    )
+
+
+def _first_json_row(path: Path):
+    """The first row of a JSON Lines file, or of a JSON array up to 16 MiB; None otherwise."""
+    if path.suffix.lower() == ".json" and path.stat().st_size > 16 * 2**20:
+        return None
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        if path.suffix.lower() == ".jsonl":
+            line = next((line for line in handle if line.strip()), "")
+            try:
+                return json.loads(line)
+            except ValueError:
+                return None
+        try:
+            data = json.load(handle)
+        except ValueError:
+            return None
+    return data[0] if isinstance(data, list) and data else None
