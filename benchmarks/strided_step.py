@@ -2,8 +2,12 @@
 
     python benchmarks/strided_step.py --hidden 256 --layers 4 --heads 4 --vocab 2048 --seq-len 1024 --docs 2
 
-Prints seconds per optimizer step (mean and median over --steps after --warmup), token-forwards per
-phase (generation, features, policy), and peak resident memory. The model is a Llama built from a
+Prints seconds per optimizer step (mean, median and fastest over --steps after --warmup) with each step's
+phases (generation = ``roll_out``, features + rewards = ``score_rollouts``, policy forward + backward = the
+rest of the micro-batch), token-forwards per phase, peak resident memory, and each phase of the fastest and
+the median step against this machine's limits: its FLOPs and bytes (``benchmarks/roofline.py`` states the
+formulas) at the fp32 matmul rate and streaming bandwidth that ``benchmarks/limits.py`` measured (``--limits
+FILE``; without it the model's shape is measured quickly at the end). The model is a Llama built from a
 config with random weights (seed 0) and LoRA on every linear layer, fp32 on CPU; documents are
 random tokens of exactly --seq-len tokens. The same settings run axolotl's trainer in
 benchmarks/axolotl_strided_step.py, so the two outputs compare directly. SmolLM2-135M's shape:
@@ -219,7 +223,7 @@ def main() -> None:
     from limits import limits_for
     from roofline import (
         ModelShape,
-        phase_report,
+        report_phases,
         strided_feature_calls,
         strided_generation_calls,
         strided_policy_calls,
@@ -244,13 +248,7 @@ def main() -> None:
         f"fp32 matmul {limits.rate(shape, 'body', 1024) / 1e9:.0f} GFLOP/s (body, 1024 rows)"
     )
     for label, record in (("fastest", fastest), ("median", median)):
-        reports = [phase_report(k, record[k], calls, shape, limits) for k, calls in work.items()]
-        for r in reports:
-            print(f"{label} step, {r.line()}")
-        bound = sum(r.bound for r in reports)
-        share = 100 * bound / record["seconds"]
-        print(f"{label} step: {record['seconds']:.2f} s against a bound of {bound:.2f} s ({share:.0f}%)")
-        for r in reports:
+        for r in report_phases(label, record, work, shape, limits):
             print(f"ebft_{label}_fraction_{r.name.split()[0].split('+')[0]}={r.fraction:.3f}")
 
 
