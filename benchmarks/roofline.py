@@ -43,6 +43,10 @@ class ModelShape:
     head_dim: int
     vocab: int
     layers: int
+    # Hybrid and recurrent models (benchmarks/hybrid_step.py): the weight-matrix parameters of one layer, counted
+    # from the model itself, and the share of layers that attend (the others mix by a recurrence, not counted).
+    matrix_params: int | None = None
+    attention_share: float = 1.0
 
     @classmethod
     def from_config(cls, cfg) -> ModelShape:
@@ -78,6 +82,8 @@ class ModelShape:
 
     @property
     def layer_params(self) -> int:
+        if self.matrix_params is not None:
+            return self.matrix_params
         return sum(o * i for o, i in self.body_linears())
 
     @property
@@ -125,12 +131,12 @@ def forward_call(
     ``cached_tokens``: cached (key, value) positions the call reads (decoding), fp32."""
     depth = shape.layers if depth is None else depth
     weights = shape.layer_params * depth + (shape.head_params if head_rows else 0)
-    kv_bytes = 4 * 2 * shape.kv_width * depth * cached_tokens
+    kv_bytes = 4 * 2 * shape.kv_width * depth * shape.attention_share * cached_tokens
     return Call(
         rows=tokens,
         body_flops=2.0 * shape.layer_params * depth * tokens,
         head_flops=2.0 * shape.head_params * head_rows,
-        attn_flops=4.0 * pairs * shape.attn_width * depth,
+        attn_flops=4.0 * pairs * shape.attn_width * depth * shape.attention_share,
         bytes=weight_bytes * weights + kv_bytes,
         head_rows=head_rows,
     )
