@@ -245,9 +245,9 @@ def test_guide_strided_config_resolves(tmp_path):
     assert (cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_linear) == ("lora", 16, 32, True)
     assert cfg.bf16 == "auto" and cfg.gradient_checkpointing is True
     assert cfg.gradient_checkpointing_kwargs == {"use_reentrant": True}
-    # flex_attention is the only key this file has that ebft does not use: exactly one warning.
-    warnings = config_warnings(cfg)
-    assert len(warnings) == 1 and warnings[0].startswith("flex_attention: ignored")
+    warnings = config_warnings(cfg)  # flex_attention is axolotl's older spelling of attn_implementation
+    assert warnings == ["flex_attention: read as attn_implementation: flex_attention (axolotl's older spelling)"]
+    assert cfg.attn_implementation == "flex_attention"
 
 
 def test_axolotl_pretrain_config_resolves(tmp_path):
@@ -259,9 +259,9 @@ def test_axolotl_pretrain_config_resolves(tmp_path):
     assert (cfg.max_steps, cfg.num_epochs, cfg.save_steps, cfg.logging_steps) == (5, 1.0, 100, 1)
     assert cfg.lora_dropout == 0.05 and cfg.wandb_project == "ebft" and cfg.val_set_size == 0.0
     assert cfg.output_dir == "./outputs/ebft-strided-validation"
-    warnings = config_warnings(cfg)
-    assert [w.split(":")[0] for w in warnings] == ["flash_attention", "datasets.0.train_on_split"]
-    assert "read as split: train[:100]" in warnings[1]
+    warnings = config_warnings(cfg)  # flash_attention: false asks for what happens anyway: no warning
+    assert [w.split(":")[0] for w in warnings] == ["datasets.0.train_on_split"]
+    assert "read as split: train[:100]" in warnings[0] and cfg.attn_implementation is None
 
 
 def test_axolotl_full_parameter_config_resolves(tmp_path):
@@ -271,7 +271,9 @@ def test_axolotl_full_parameter_config_resolves(tmp_path):
     assert cfg.ebft.diversity_coef == 0.0 and cfg.ebft.use_whitening is True
     # One warning per ignored key that has a value; fp16/load_in_8bit: false and wandb_watch: (null)
     # agree with what ebft does, so they pass silently.
-    assert sorted(w.split(":")[0] for w in config_warnings(cfg)) == ["ddp", "device_map", "torch_dtype"]
+    # torch_dtype is honoured (bf16 trained weights), so it is no longer an ignored key.
+    assert sorted(w.split(":")[0] for w in config_warnings(cfg)) == ["ddp", "device_map"]
+    assert cfg.torch_dtype == "bfloat16"
 
 
 def test_guide_structured_config_resolves(tmp_path):

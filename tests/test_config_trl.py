@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from ebft.config import (
-    IGNORED_AXOLOTL_KEYS,
     IGNORED_TRL_KEYS,
     IGNORED_VLLM_KEYS,
     LIMITED_TRL_KEYS,
@@ -947,7 +946,7 @@ def test_guide_quickstart_loads_with_its_values(tmp_path):
     assert vllm_client_address(cfg) == ("127.0.0.1", 8000)
     assert vllm_serve_address(cfg) == ("0.0.0.0", 8000)
     assert config_warnings(cfg) == [
-        f"flash_attention: ignored; {IGNORED_AXOLOTL_KEYS['flash_attention']}",
+        "flash_attention: read as attn_implementation: flash_attention_2 (axolotl's older spelling)",
         "trl.use_data_producer: not needed; ebft always builds each rollout batch inside its own training loop "
         "(sync and async alike)",
     ]

@@ -109,3 +109,20 @@ def test_document_separator_is_a_pretrain_key():
     data["datasets"][0]["type"] = "ebft_strided_chat.transform"
     with pytest.raises(ConfigError, match=r"datasets\.0\.document_separator: only ebft_pretrain\.transform"):
         parse_config(data)
+
+
+def test_the_separator_line_is_said_once_however_often_the_data_is_prepared(tmp_path, instruct_tokenizer, caplog):
+    """The quickstart prepares the same files for training and every evaluation: one line, not ten (issue 23)."""
+    path = _docs(tmp_path)
+    with caplog.at_level(logging.INFO, logger="ebft"):
+        for _ in range(3):
+            load_strided_datasets(_cfg(path, 4), instruct_tokenizer)
+    messages = [r.getMessage() for r in caplog.records if r.name == "ebft"]
+    assert sum("documents end with" in m for m in messages) == 1
+    assert (
+        sum(
+            m == f"dataset '{path}': 3 rows read; transforming and tokenizing (ebft_pretrain.transform)"
+            for m in messages
+        )
+        == 1
+    )

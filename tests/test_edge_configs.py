@@ -84,6 +84,7 @@ def test_stop_token_id_outside_the_vocabulary_stops_train_before_any_weights_loa
     path = tmp_path / "cfg.yaml"
     # A Llama-3 example's <|eot_id|> (128009) next to a valid id.
     path.write_text(yaml.safe_dump(_structured(tiny_model_dir, tmp_path, [tiny_tokenizer.eos_token_id, 128009])))
+    (tmp_path / "rows.jsonl").write_text('{"input": "q", "output": "a"}\n')  # (a missing file is found first)
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "trl.generation_kwargs.stop_token_ids" in err

@@ -267,12 +267,20 @@ def test_val_set_size_evaluates_the_rows_training_held_out(tiny_model_dir, tmp_p
     assert len(data.val) == 2 and set(_gt_lengths(data.train)).isdisjoint(_gt_lengths(data.val))
 
 
-def test_without_split_or_validation_rows_it_warns_and_uses_the_datasets(tiny_model_dir, tmp_path, capsys):
+def test_without_split_or_validation_rows_it_says_so_and_samples_the_training_rows(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    from ebft.evaluate import run
+
+    monkeypatch.setattr(run, "_said", set())  # each line is said once per process; this test reads them
     config = _write_config(tmp_path, tiny_model_dir)
     report = _evaluate(config, tmp_path, "--max-docs", "2")
     # The CLI logs through rich, which wraps long lines.
-    assert "which may be the training data" in " ".join(capsys.readouterr().err.split())
-    assert report["data"]["source"] == "datasets as written (split train)"
+    err = " ".join(capsys.readouterr().err.split())
+    # The first line says which rows, before any loading.
+    assert err.startswith("INFO evaluating on a sample of the training rows (at most 2 documents, spread evenly; ")
+    assert "evaluating 2 of the 6 training rows (split train)" in err
+    assert report["data"]["source"] == "training rows (split train)"
     assert [d["index"] for d in report["documents"]] == [0, 3]
 
 
@@ -460,3 +468,16 @@ def test_loader_reads_tests_and_skips_a_row_with_bad_unit_tests(tiny_model_dir, 
     assert loaded.first_skip_reason.startswith(
         f"dataset '{data}', row 1: transform raised ValueError: 'unit_tests' must be a list of test strings"
     )
+
+
+def test_the_training_sample_is_bounded_by_default(tiny_model_dir, tmp_path):
+    from ebft.config import load_config
+    from ebft.evaluate.load import TRAIN_SAMPLE_DOCS, held_out_plan
+
+    cfg = load_config(_write_config(tmp_path, tiny_model_dir))
+    assert TRAIN_SAMPLE_DOCS == 200  # the default the README and the guide document
+    assert held_out_plan(cfg, None, None)[1] == TRAIN_SAMPLE_DOCS
+    assert held_out_plan(cfg, None, 5)[1] == 5
+    # Held-out rows (a split, or val_set_size) are read in full unless --max-docs says otherwise.
+    assert held_out_plan(cfg, "test", None)[1] is None
+    assert held_out_plan(cfg.model_copy(update={"val_set_size": 2}), None, None)[1] is None

@@ -225,8 +225,8 @@ def _fails_before_training(tmp_path: Path, name: str, config: dict, capsys) -> s
 
 
 def test_hub_credentials_are_checked_before_training(tmp_path, tiny_model_dir, text_file, hub, monkeypatch, capsys):
-    config = _config(tiny_model_dir, text_file, hub_model_id="ebft-demo", datasets=[{"path": "/nonexistent.jsonl"}])
-    # The data does not even exist: each failure below comes first, before any data or weights load.
+    config = _config(tiny_model_dir, text_file, hub_model_id="ebft-demo")
+    # Each failure below comes before any data or weights load (no metrics.jsonl, see _fails_before_training).
     monkeypatch.setenv("HF_TOKEN", "stolen")
     assert "rejected the Hugging Face token (HTTP 401)" in _fails_before_training(tmp_path, "bad", config, capsys)
     monkeypatch.setenv("HF_TOKEN", "read-token")
@@ -237,8 +237,9 @@ def test_hub_credentials_are_checked_before_training(tmp_path, tiny_model_dir, t
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
     assert "cannot reach http://127.0.0.1:9" in _fails_before_training(tmp_path, "down", config, capsys)
     assert hub.repos == {}
-    # push_to_hub: false trains without any of these checks (here it fails later, on the missing data).
-    err = _fails_before_training(tmp_path, "off", {**config, "push_to_hub": False}, capsys)
+    # push_to_hub: false trains without any of these checks (here it fails on data that does not exist).
+    missing = {**config, "push_to_hub": False, "datasets": [{"path": "/nonexistent.jsonl"}]}
+    err = _fails_before_training(tmp_path, "off", missing, capsys)
     assert "hub" not in err.lower() and "nonexistent.jsonl" in err
 
 

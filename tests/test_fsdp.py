@@ -75,7 +75,10 @@ def _write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
 def _two_processes(cfg: Path, *args: str) -> None:
     """``ebft train`` under torchrun with 2 processes. FSDP mistakes hang rather than fail: hence the timeout."""
     res = train_on_two_processes(cfg, *args, port=next(_PORT), launcher="torchrun", timeout=180)
-    assert "FSDP2: policy sharded over 2 processes" in res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert "FSDP2: policy sharded over 2 processes" in out
+    # The main process states every process's feature-network placement (gathered from each).
+    assert "process 0: feature network: " in out and "process 1: feature network: " in out
 
 
 def _metrics(run: Path) -> list[dict]:

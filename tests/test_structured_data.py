@@ -265,7 +265,7 @@ def test_render_prompt_ids_passes_chat_template_kwargs():
 
 def test_a_chat_prompt_needs_a_chat_template():
     bare = char_tokenizer(chat_template=None)
-    with pytest.raises(DataError, match="tokenizer has no chat_template; use a tokenizer that has one.*as strings"):
+    with pytest.raises(DataError, match="tokenizer has no chat_template; set chat_template to .*as strings"):
         render_prompt_ids(bare, [user("hi")])
     assert tokens(bare, render_prompt_ids(bare, "hi")) == ["<s>", "h", "i"]
 

@@ -1,4 +1,4 @@
-"""Command-line front door: ``ebft validate|train|evaluate|vllm-serve CFG [--key=value ...]``,
+"""Command-line front door: ``ebft validate|train|preprocess|evaluate|vllm-serve CFG [--key=value ...]``,
 ``ebft quickstart``, ``ebft plot RUN_DIR``, ``ebft merge-lora RUN_DIR [--out DIR]``."""
 
 from __future__ import annotations
@@ -10,15 +10,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ebft.config import config_warnings, dump_config, load_config
+from ebft.config import config_notes, config_warnings, dump_config, load_config
+from ebft.data.cache import DEFAULT_PREPARED_PATH, load_datasets
 from ebft.deploy.export import merge_lora
 from ebft.errors import EbftError, TrainingInterrupted
+from ebft.evaluate.load import TRAIN_SAMPLE_DOCS
 from ebft.evaluate.output import render_table, write_json
 from ebft.evaluate.run import evaluate
+from ebft.modeling.tokenizer import load_tokenizer
 from ebft.modes import mode_of
 from ebft.quickstart.plot import plot_run
 from ebft.quickstart.run import DEFAULT_MINUTES, run_quickstart
+from ebft.train import preflight
 from ebft.train.loop import train
+from ebft.train.memory import Hardware, log_plan, parse_size
+from ebft.vllm.backend import probe_server, wait_for_server
 from ebft.vllm.serve import vllm_serve
 
 log = logging.getLogger("ebft")
@@ -38,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("validate", "load and check a config, print the resolved config; loads no weights"),
         ("train", "train with EBFT as the config says"),
+        (
+            "preprocess",
+            "prepare the datasets (transform, tokenize, check, split) into dataset_prepared_path, which later "
+            f"runs read back (default ./{DEFAULT_PREPARED_PATH}); loads no weights",
+        ),
     ):
         # No abbreviations: an override such as --he=1 must reach the config, not match --help.
         cmd = sub.add_parser(
@@ -48,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
             allow_abbrev=False,
         )
         cmd.add_argument("config", help="path to the YAML config")
+        if name == "validate":
+            _add_plan_options(cmd)
     _add_evaluate(sub, debug)
     _add_vllm_serve(sub, debug)
     quick = sub.add_parser(
@@ -83,6 +96,19 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default=None, help="folder for the PNGs (default: RUN_DIR/plots)")
     _add_merge_lora(sub, debug)
     return parser
+
+
+def _add_plan_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--device-memory",
+        default=None,
+        help="plan for GPUs with this much memory each (e.g. 80GiB, 24GB), also when none is here; with no GPU, "
+        "the CPU's memory (default: the memory of this machine's devices)",
+    )
+    cmd.add_argument(
+        "--gpus", type=int, default=None, help="plan for this many visible GPUs (default: those of this machine)"
+    )
+    cmd.add_argument("--processes", type=int, default=None, help="plan for this many training processes (default 1)")
 
 
 def _add_merge_lora(sub, debug: argparse.ArgumentParser) -> None:
@@ -121,7 +147,11 @@ def _add_evaluate(sub, debug: argparse.ArgumentParser) -> None:
         help="read every dataset entry at this split (e.g. test, train[90%%:]) instead of the val_set_size rows",
     )
     cmd.add_argument(
-        "--max-docs", type=int, default=None, help="evaluate at most N documents, spread evenly over the held-out set"
+        "--max-docs",
+        type=int,
+        default=None,
+        help="evaluate at most N documents, spread evenly over the rows read (default: all of --split or of the "
+        f"val_set_size rows; without either, a sample of {TRAIN_SAMPLE_DOCS} training documents)",
     )
     cmd.add_argument(
         "--output", default=None, help="JSON file to write (default: CHECKPOINT or output_dir /eval_results.json)"
@@ -205,16 +235,65 @@ def _run(args, overrides: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     for warning in config_warnings(cfg):
         log.warning(warning)
+    config_dir = Path(args.config).resolve().parent
+    if args.command in ("train", "evaluate"):
+        for note in config_notes(cfg):
+            log.info(note)
     if args.command == "validate":
-        print(dump_config(cfg), end="")
-        return 0
+        return _run_validate(args, cfg, config_dir)
     if args.command == "evaluate":
         return _run_evaluate(args, cfg)
+    if args.command == "preprocess":
+        return _run_preprocess(args, cfg, config_dir)
     if args.command == "vllm-serve":
+        if not args.print_command:
+            preflight.check(cfg, "vllm-serve", config_dir=config_dir, source=args.config)
         return vllm_serve(cfg, print_command=args.print_command)
 
-    result = train(cfg, mode_of(cfg), config_dir=Path(args.config).resolve().parent)
+    # Everything the machine lacks first, then the rollout server (which may still be starting): before any load.
+    preflight.check(cfg, "train", config_dir=config_dir, source=args.config)
+    wait_for_server(cfg)
+    result = train(cfg, mode_of(cfg), config_dir=config_dir)
     log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
+    return 0
+
+
+def _planned_hardware(args) -> Hardware:
+    for name in ("gpus", "processes"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "gpus" else 1):
+            raise EbftError(f"--{name} must be >= {0 if name == 'gpus' else 1}, got {value}")
+    memory = parse_size(args.device_memory) if args.device_memory is not None else None
+    return Hardware.named(gpus=args.gpus, processes=args.processes, device_memory=memory)
+
+
+def _run_validate(args, cfg, config_dir: Path) -> int:
+    """The resolved config on stdout once everything training needs is here; else one error listing it all."""
+    found = preflight.preflight(cfg, "validate", config_dir=config_dir)
+    unreachable = probe_server(cfg) if not found.problems else None
+    for note in [*found.notes, *([unreachable] if unreachable else [])]:
+        log.warning(note)
+    if found.problems:
+        raise preflight.problems_error(
+            found.problems, "the config is valid but training cannot start here", args.config
+        )
+    print(dump_config(cfg), end="")
+    log_plan(cfg, _planned_hardware(args))
+    return 0
+
+
+def _run_preprocess(args, cfg, config_dir: Path) -> int:
+    """Fill ``dataset_prepared_path`` as axolotl's ``preprocess`` does (its default folder when the key is unset)."""
+    if cfg.dataset_prepared_path is None:
+        cfg = cfg.model_copy(update={"dataset_prepared_path": DEFAULT_PREPARED_PATH})
+        log.warning(
+            "dataset_prepared_path is not set; preparing into ./%s (set dataset_prepared_path: %s for training to "
+            "read it)",
+            DEFAULT_PREPARED_PATH,
+            DEFAULT_PREPARED_PATH,
+        )
+    preflight.check(cfg, "preprocess", config_dir=config_dir, source=args.config)
+    load_datasets(cfg, load_tokenizer(cfg), search_dir=config_dir)
     return 0
 
 

@@ -117,6 +117,7 @@ class StridedPlan:
     chunks: list[Chunk]
     restore: torch.Tensor  # [G]: position in the chunk-ordered output of each generated packed row
     flex_layout: StridedLayout | None = None
+    layout: StridedLayout | None = None  # the chunked plan's layout, to rebuild it for another device
     block_masks: dict = field(default_factory=dict)
     compile_flex: bool = True  # False: flex_attention runs eagerly, a reference for the compiled kernel
     document: DocumentPlan = field(init=False)
@@ -188,7 +189,7 @@ def build_plan(
         order.append(q_index)
     restore = torch.empty(layout.total_len - L, dtype=torch.long, device=dev)
     restore[torch.cat(order) - L] = torch.arange(restore.numel(), device=dev)
-    return StridedPlan(doc_len=L, chunks=chunks, restore=restore)
+    return StridedPlan(doc_len=L, chunks=chunks, restore=restore, layout=layout)
 
 
 def decode_plan(

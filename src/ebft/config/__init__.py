@@ -25,6 +25,8 @@ Public API
   reinforce). Nothing is printed or logged here; the CLI prints the list. The load-time part is
   kept in a private attribute of the returned config, so a config built in code
   (``TrainConfig(...)``) has only the value-derived warnings.
+* :func:`config_notes` ``(cfg) -> list[str]``: lines a run logs once at its start so that its metrics
+  read right (for example that whitening makes the diversity term 0); not warnings.
 * :func:`dump_config` ``(cfg) -> str``: the resolved config as YAML; loading it again gives an
   equal config. Accepted-but-unused axolotl keys are not written (they change nothing).
 * :data:`IGNORED_AXOLOTL_KEYS` (accepted, one warning each, no effect) and
@@ -57,7 +59,7 @@ from ebft.config.compat import (
 from ebft.config.load import dump_config, load_config, parse_config
 from ebft.config.sections import DatasetSpec, EbftSection, FsdpSection, GenerationKwargs, TrlSection, VllmSection
 from ebft.config.train import TrainConfig, vllm_client_address, vllm_serve_address
-from ebft.config.value_warnings import config_warnings
+from ebft.config.value_warnings import config_notes, config_warnings
 
 __all__ = [
     "IGNORED_AXOLOTL_KEYS",
@@ -75,6 +77,7 @@ __all__ = [
     "TrainConfig",
     "TrlSection",
     "VllmSection",
+    "config_notes",
     "config_warnings",
     "dump_config",
     "load_config",

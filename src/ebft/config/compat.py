@@ -12,28 +12,25 @@ from typing import Any
 
 from ebft.config.base import show
 
-_ATTENTION_CHOSEN_BY_EBFT = (
-    "ebft picks the attention backend itself (SDPA with a boolean mask on CPU and for cached decoding, "
-    "a flex_attention BlockMask for the training and feature passes on CUDA)"
-)
+# axolotl's older boolean attention flags -> the attn_implementation each one means.
+LEGACY_ATTENTION_FLAGS: dict[str, str] = {
+    "flash_attention": "flash_attention_2",
+    "sdp_attention": "sdpa",
+    "flex_attention": "flex_attention",
+    "eager_attention": "eager",
+    "xformers_attention": "xformers",
+    "sage_attention": "sage",
+}
 
 # Axolotl keys that an axolotl config may carry but that change nothing here: key -> why / what
 # ebft does instead. Each one present (and not null) gives one warning.
 IGNORED_AXOLOTL_KEYS: dict[str, str] = {
-    "flash_attention": _ATTENTION_CHOSEN_BY_EBFT,
-    "flex_attention": _ATTENTION_CHOSEN_BY_EBFT,
-    "sdp_attention": _ATTENTION_CHOSEN_BY_EBFT,
-    "xformers_attention": _ATTENTION_CHOSEN_BY_EBFT,
-    "attn_implementation": _ATTENTION_CHOSEN_BY_EBFT,
     "torch_compile": "ebft does not torch.compile the model (flex_attention compiles its own kernels on CUDA), "
     "so it also combines with gradient_checkpointing",
-    "torch_dtype": "the training precision is set by `bf16`",
     "tf32": "ebft leaves torch's TF32 matmul setting at its default",
     "model_type": "the model is always loaded with AutoModelForCausalLM",
     "tokenizer_type": "the tokenizer is always loaded with AutoTokenizer",
-    "chat_template": "the tokenizer's own chat template is used by the chat transforms",
     "strict": "ebft always rejects unknown keys",
-    "dataset_prepared_path": "datasets are tokenised in memory at start-up; nothing is cached at this path",
     "dataset_processes": "dataset transforms run in the training process",
     "pad_to_sequence_len": "micro-batches are padded to their longest document, not to sequence_len",
     "sample_packing": "packing is chosen per dataset with `datasets[].pack` (ebft_pretrain.transform)",
@@ -194,6 +191,8 @@ def axolotl_compat(raw: dict[str, Any]) -> tuple[list[str], list[str]]:
     notes: list[str] = []
     problems: list[str] = []
     _fsdp_compat(raw, notes, problems)
+    _attention_compat(raw, notes, problems)
+    _report_to_compat(raw, notes, problems)
     for key in [k for k in raw if k in UNSUPPORTED_AXOLOTL_KEYS or k in IGNORED_AXOLOTL_KEYS]:
         value = raw.pop(key)
         if key in UNSUPPORTED_AXOLOTL_KEYS:
@@ -226,6 +225,54 @@ def axolotl_compat(raw: dict[str, Any]) -> tuple[list[str], list[str]]:
                     "key and loads the whole split); rename it to split"
                 )
     return notes, problems
+
+
+def _attention_compat(raw: dict[str, Any], notes: list[str], problems: list[str]) -> None:
+    """axolotl's boolean attention flags -> ``attn_implementation`` (in place); a flag set to false is dropped."""
+    for key in [k for k in raw if k in LEGACY_ATTENTION_FLAGS]:
+        value = raw.pop(key)
+        if _is_off(value):
+            continue
+        wanted = LEGACY_ATTENTION_FLAGS[key]
+        if value is not True:
+            problems.append(f"{key}: must be true or false (got {show(value)})")
+        elif raw.get("attn_implementation", wanted) != wanted:
+            problems.append(
+                f"{key}: true means attn_implementation: {wanted}, which conflicts with attn_implementation: "
+                f"{raw['attn_implementation']}; keep only attn_implementation"
+            )
+        else:
+            raw["attn_implementation"] = wanted
+            notes.append(f"{key}: read as attn_implementation: {wanted} (axolotl's older spelling)")
+
+
+REPORT_TO = ("wandb", "tensorboard", "none")
+
+
+def _report_to_compat(raw: dict[str, Any], notes: list[str], problems: list[str]) -> None:
+    """transformers' ``report_to`` -> ``use_tensorboard`` / ``wandb_project`` (in place)."""
+    if "report_to" not in raw:
+        return
+    value = raw.pop("report_to")
+    targets = [value] if isinstance(value, str) else value
+    if value is None or not targets or targets == ["none"]:
+        return
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        problems.append(f"report_to: must be a tracker name or a list of them: wandb, tensorboard (got {show(value)})")
+        return
+    for target in [t for t in targets if t not in REPORT_TO]:
+        problems.append(
+            f"report_to: ebft reports to wandb and tensorboard (and always to output_dir/metrics.jsonl), "
+            f"not {target!r}; list only wandb and/or tensorboard"
+        )
+    if "tensorboard" in targets:
+        if raw.get("use_tensorboard") is False:
+            problems.append("report_to: tensorboard conflicts with use_tensorboard: false; keep one of them")
+        else:
+            raw["use_tensorboard"] = True
+            notes.append("report_to: tensorboard read as use_tensorboard: true (events in output_dir/tensorboard)")
+    if "wandb" in targets and raw.get("wandb_project") is None:
+        problems.append("report_to: wandb needs the project to log to; set wandb_project: NAME")
 
 
 def _server_block_compat(raw: dict[str, Any], notes: list[str], problems: list[str]) -> None:

@@ -21,6 +21,7 @@ from ebft.config.compat import (
     IGNORED_AXOLOTL_KEYS,
     IGNORED_TRL_KEYS,
     IGNORED_VLLM_KEYS,
+    LEGACY_ATTENTION_FLAGS,
     LIMITED_TRL_KEYS,
     SAMPLING_KWARG_TRL_KEYS,
     UNSUPPORTED_AXOLOTL_KEYS,
@@ -193,7 +194,7 @@ def _valid_keys(container: Sequence[Any]) -> list[str]:
         return []
     keys = list(model.model_fields)
     if model is TrainConfig:
-        keys += [*IGNORED_AXOLOTL_KEYS, *UNSUPPORTED_AXOLOTL_KEYS]
+        keys += [*IGNORED_AXOLOTL_KEYS, *UNSUPPORTED_AXOLOTL_KEYS, *LEGACY_ATTENTION_FLAGS, "report_to"]
     if model is TrlSection:
         keys += [*UNSUPPORTED_TRL_KEYS, *IGNORED_TRL_KEYS, *LIMITED_TRL_KEYS]
     if model is VllmSection:

@@ -111,8 +111,9 @@ class EbftSection(Section):
     )
     feature_device: str | None = Field(
         None,
-        description="Device of a separate frozen feature network ('cpu', 'cuda', 'cuda:N', 'mps'); "
-        "null = the policy's device.",
+        description="Device of the frozen feature network ('cpu', 'cuda', 'cuda:N', 'mps'); null = the next "
+        "visible GPU when one process sees two or more, else the policy's device. On another device than the "
+        "policy it is a frozen copy (with LoRA too).",
     )
     log_rollouts: bool = Field(False, description="Write sampled rollouts to a JSON-lines file in output_dir.")
     feature_network: Literal["base", "warm_start"] = Field(

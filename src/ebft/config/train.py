@@ -10,6 +10,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from ebft.config.base import Problems, Section, unknown_key_reason
 from ebft.config.deploy import deploy_problems
 from ebft.config.sections import DatasetSpec, EbftSection, FsdpSection, StrOrStrList, TrlSection, VllmSection
+from ebft.modeling.chat_templates import choice_problem
 
 # Dataset transforms shipped with the EBFT docs, by the mode whose rows they produce. A transform
 # of the other mode cannot work, so the pairing is checked before any data loads.
@@ -52,6 +53,21 @@ class TrainConfig(Section):
         description="Tokens to set on the tokenizer: any of bos_token, eos_token, pad_token, unk_token.",
     )
 
+    chat_template: str | None = Field(
+        None,
+        description="Chat template set on the tokenizer before any data is read, and saved with it: a named "
+        "format (chatml, qwen_25, qwen3, llama3, llama3_2_vision, gemma, phi_3, mistral_v1, mistral_v2v3, "
+        "mistral_v3_tekken, mistral_v7_tekken), tokenizer_default (the tokenizer's own; an error if it has "
+        "none), tokenizer_default_fallback_<name> (its own, else <name>) or jinja (chat_template_jinja); "
+        "null = the tokenizer's own, or chat_template_jinja when that is set.",
+    )
+    chat_template_jinja: str | None = Field(
+        None,
+        min_length=1,
+        description="With chat_template: jinja (or null): the Jinja chat template itself, or the path of a "
+        "file holding it.",
+    )
+
     # Method
     rl: Literal["ebft"] = Field(description="Training method; must be 'ebft'.")
     ebft: EbftSection = Field(description="EBFT settings (the `ebft:` block).")
@@ -73,6 +89,13 @@ class TrainConfig(Section):
         ">= 1 = that many rows (a whole number).",
     )
     sequence_len: int = Field(2048, ge=1, description="Maximum tokens per document (>= 1).")
+    dataset_prepared_path: str | None = Field(
+        None,
+        min_length=1,
+        description="Folder caching the prepared rows (transformed, tokenised, checked, split) under a hash of "
+        "everything that changes them; the next run with the same inputs reads them back. `ebft preprocess CFG` "
+        "fills it. null = prepare the rows in memory at every start.",
+    )
 
     # Schedule
     micro_batch_size: int = Field(1, ge=1, description="Documents (or prompts) per device per forward (>= 1).")
@@ -142,6 +165,25 @@ class TrainConfig(Section):
     bf16: Literal[True, False, "auto"] = Field(
         "auto",
         description="bfloat16 training: true, false (fp32) or auto (bf16 where the device supports it).",
+    )
+    torch_dtype: Literal["bfloat16", "float32", "float16"] | None = Field(
+        None,
+        description="dtype the policy's weights are stored in. bfloat16 without an adapter trains bf16 weights: "
+        "gradients and AdamW moments are bf16 too (no float32 master copy; half the memory, updates rounded to "
+        "bf16); with LoRA it is the frozen base's dtype (adapters stay float32). float32: fp32 weights. null: "
+        "float32 for full fine-tuning, bf16 for a LoRA base when bf16 is on. float16 is refused (no loss scaling).",
+    )
+    attn_implementation: (
+        Literal["eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "xformers", "sage", "fp8"]
+        | None
+    ) = Field(
+        None,
+        description="Attention backend of the model's own passes (sampling with transformers, padded passes, "
+        "evaluation): eager, sdpa, flex_attention, flash_attention_2 or flash_attention_3 (xformers, sage and fp8 "
+        "run as sdpa). Where the backend cannot run here (flash-attn not installed, no CUDA GPU, flex_attention "
+        "on CPU) the closest exact one, sdpa, is used with one warning. ebft's packed strided and prefix-sharing "
+        "passes always use their own exact attention. null = transformers' default (sdpa, or eager for a model "
+        "without an SDPA path).",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
@@ -277,6 +319,19 @@ class TrainConfig(Section):
                     ),
                 )
             )
+        if self.torch_dtype == "float16":
+            problems.append(
+                (
+                    "torch_dtype",
+                    "float16 weights need loss scaling (a grad scaler), which ebft does not implement, and AdamW's "
+                    "epsilon underflows in float16; use bfloat16, or leave torch_dtype unset for float32 master "
+                    "weights",
+                )
+            )
+        template_problem = choice_problem(self.chat_template, self.chat_template_jinja)
+        if template_problem is not None:
+            key = "chat_template_jinja" if template_problem.startswith("chat_template_jinja") else "chat_template"
+            problems.append((key, template_problem))
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             problems.append(("warmup_steps", "set warmup_steps or warmup_ratio, not both"))
         if self.val_set_size >= 1 and self.val_set_size != int(self.val_set_size):

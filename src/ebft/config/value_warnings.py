@@ -89,6 +89,11 @@ def _value_warnings(cfg: TrainConfig) -> list[str]:
             if getattr(cfg, key) != default
         ]
     out += deploy_warnings(cfg)
+    if cfg.torch_dtype == "bfloat16" and cfg.bf16 is False:
+        out.append(
+            "torch_dtype: bfloat16 weights with bf16: false: there is no autocast, so the model computes in "
+            "bfloat16, its weights' dtype"
+        )
     if cfg.gradient_checkpointing_kwargs is not None and not cfg.gradient_checkpointing:
         out.append("gradient_checkpointing_kwargs: has no effect without gradient_checkpointing: true")
     if cfg.lr_scheduler == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
@@ -139,6 +144,20 @@ def _weight_transfer_warnings(cfg: TrainConfig) -> list[str]:
         for key in ("weight_transfer_backend", "weight_transfer_chunk_bytes", "weight_transfer_timeout")
         if getattr(cfg.vllm, key) != getattr(defaults, key)
     ]
+
+
+# docs/design.md §5.4: whitened, linearly independent samples have the same diversity term.
+WHITENING_NOTE = (
+    "ebft.use_whitening: the whitened samples of a group are orthonormal, so ebft/diversity is 0 by construction "
+    "(a sample only scores 2/(n-1) per exact copy of itself in its group) and the reward is alignment_coef x "
+    "alignment; diversity_coef then only penalises duplicate samples"
+)
+
+
+def config_notes(cfg: TrainConfig) -> list[str]:
+    """What a run logs once at its start so that its metrics read right (not a warning: nothing is wrong)."""
+    groups = cfg.ebft.n_samples_per_prompt if cfg.ebft.mode == "strided" else cfg.trl.num_generations
+    return [WHITENING_NOTE] if cfg.ebft.use_whitening and groups >= 2 else []
 
 
 def config_warnings(cfg: TrainConfig) -> list[str]:

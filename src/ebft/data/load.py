@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ebft")
 
+# Lines this process has logged already (see _log_once).
+_said: set[str] = set()
+
 # File extension -> datasets builder. A .txt file is one document (one row), not one row per line.
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -50,13 +53,13 @@ def load_raw(spec) -> Dataset:
     if local.exists():
         if name is not None:
             raise DataError(f"dataset '{path}': 'name' selects a hub dataset configuration; this is a local path")
-        builder, files = _local_files(local, data_files, path)
+        builder, files = local_files(local, data_files, path)
         args: tuple = (builder,)
         # Local files form a single split called "train"; slices such as train[:10%] apply to it.
         kwargs: dict = {"data_files": files, "split": split}
         if builder == "text":
             kwargs["sample_by"] = "document"
-    elif _looks_local(path):
+    elif looks_local(path):
         raise DataError(f"dataset '{path}': no such file or folder")
     else:
         args = (path, name)
@@ -73,11 +76,13 @@ def load_raw(spec) -> Dataset:
         raise DataError(f"dataset '{path}' (split '{split}'): {type(cause).__name__}: {cause}") from exc
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
+    """Whether a dataset path can only mean a local file (a path, or a data file's extension), not a hub id."""
     return path.startswith(("/", ".", "~")) or Path(path).suffix.lower() in BUILDERS
 
 
-def _local_files(local: Path, data_files, path: str) -> tuple[str, list[str]]:
+def local_files(local: Path, data_files, path: str) -> tuple[str, list[str]]:
+    """(datasets builder, files) of a local dataset entry; DataError says what is missing or unreadable."""
     if local.is_file():
         if data_files:
             raise DataError(f"dataset '{path}': data_files selects files in a folder or hub dataset, not in a file")
@@ -126,6 +131,7 @@ def load_strided_datasets(cfg, tokenizer, *, search_dir: str | Path | None = Non
     for index, spec in enumerate(cfg.datasets):
         raw = load_raw(spec)
         fn, options = _transform_for(spec, cfg, search_dir)
+        announce(spec, len(raw))
         rows = apply_transform(raw, fn, options, tokenizer, desc=f"Tokenizing {spec.path}")
         unit = "row"
         if options.get("pack_length") is not None or options.get("end_length") is not None:
@@ -162,10 +168,21 @@ def _separator(spec, index: int, options: dict, tokenizer):
     if configured is None and options.get("pack_separator") is not None:
         configured, key = options["pack_separator"], f"dataset '{spec.path}': transform option pack_separator"
     chosen = document_separator(tokenizer, configured, key=key)
-    logger.info(
-        "dataset '%s': documents end with %r (id %d; %s)", spec.path, chosen.token, chosen.token_id, chosen.source
-    )
+    _log_once(f"dataset '{spec.path}': documents end with {chosen.token!r} (id {chosen.token_id}; {chosen.source})")
     return chosen
+
+
+def announce(spec, rows: int) -> None:
+    """The start line of a dataset's preparation (a large one takes minutes)."""
+    _log_once(f"dataset '{spec.path}': {rows} rows read; transforming and tokenizing ({spec.type or 'no transform'})")
+
+
+def _log_once(line: str) -> None:
+    """Log ``line`` unless this process already has: the quickstart and evaluation prepare the same data
+    several times, and the same line ten times says nothing new."""
+    if line not in _said:
+        _said.add(line)
+        logger.info(line)
 
 
 def _pretokenized(example: dict, tokenizer=None) -> dict:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ebft.data.load import _transform_for, load_raw, split_validation
+from ebft.data.load import _transform_for, announce, load_raw, split_validation
 from ebft.data.rows import _call_batched, _call_rows, columns_to_remove
 from ebft.errors import DataError
 from ebft.structured.chat import conversation_tokens, render_prompt_ids
@@ -80,6 +80,7 @@ def load_structured_datasets(cfg, tokenizer, *, search_dir: str | Path | None = 
     for spec in cfg.datasets:
         raw = load_raw(spec)
         fn, options = _transform_for(spec, cfg, search_dir)
+        announce(spec, len(raw))
         if options.get("pack_length") is not None:
             raise DataError(
                 f"dataset '{spec.path}': transform '{spec.type}' packs documents into token chunks, which "

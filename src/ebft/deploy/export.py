@@ -21,6 +21,7 @@ from ebft.deploy.card import write_card
 from ebft.deploy.hub import prepare_upload
 from ebft.errors import ConfigError
 from ebft.modeling.adapters import load_adapter, read_adapter_config
+from ebft.modeling.precision import configured_dtype
 from ebft.modeling.source import local_model
 
 log = logging.getLogger("ebft")
@@ -34,7 +35,8 @@ def merge_lora(run_dir: str | Path, out: str | Path | None = None, *, base_model
     The base comes from ``base_model``, else the run's ``config.yaml`` (in ``run_dir`` or, for a
     ``checkpoint-N`` folder, its parent), else the adapter's own ``base_model_name_or_path``. It is
     loaded in fp32 without quantisation, so a QLoRA adapter merges into the full-precision weights, and
-    saved in the dtype the base was stored in. Returns the output folder (default ``run_dir/merged``).
+    saved in the run's ``torch_dtype`` when it sets one, else in the dtype the base was stored in. Returns
+    the output folder (default ``run_dir/merged``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -53,7 +55,9 @@ def merge_lora(run_dir: str | Path, out: str | Path | None = None, *, base_model
         run if (run / "tokenizer_config.json").is_file() else base, trust_remote_code=trust
     )
     try:
-        stored = _stored_dtype(AutoConfig.from_pretrained(base, trust_remote_code=trust))
+        stored = (configured_dtype(cfg) if cfg is not None else None) or _stored_dtype(
+            AutoConfig.from_pretrained(base, trust_remote_code=trust)
+        )
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"merge-lora: cannot load the base model {base!r}: {exc}") from exc
@@ -68,7 +72,7 @@ def merge_lora(run_dir: str | Path, out: str | Path | None = None, *, base_model
     tokenizer.save_pretrained(target)
     if cfg is not None:
         write_card(target, cfg, kind="merged", metrics=last_logged(run if (run / "metrics.jsonl").exists() else None))
-    log.info("merged %s into %s: %s", run, base, target)
+    log.info("merge-lora: wrote %s, the adapter in %s merged into a copy of %s (which is unchanged)", target, run, base)
     return target
 
 

@@ -8,13 +8,17 @@ from pathlib import Path
 
 import torch
 
-from ebft.data.load import load_strided_datasets
-from ebft.data.structured import load_structured_datasets
+from ebft.data.cache import load_datasets
 from ebft.errors import ConfigError, EbftError
+from ebft.modeling.adapters import peft_wrapping
 from ebft.modeling.policy import check_model_config, load_policy
 from ebft.modeling.tokenizer import load_tokenizer
 
 log = logging.getLogger("ebft")
+
+# `ebft evaluate` without held-out rows (val_set_size 0, no --split) evaluates at most this many training
+# documents, spread evenly: a stable mean in minutes rather than the whole training set.
+TRAIN_SAMPLE_DOCS = 200
 
 
 def spread_indices(total: int, limit: int | None) -> list[int]:
@@ -73,10 +77,32 @@ def load_models(cfg, checkpoint: str | Path | None, device: torch.device):
     from peft import PeftModel
 
     try:
-        policy = PeftModel.from_pretrained(base, str(path)).to(device)
+        with peft_wrapping():
+            policy = PeftModel.from_pretrained(base, str(path)).to(device)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"--checkpoint {path}: cannot load the LoRA adapter onto {cfg.base_model!r}: {exc}") from exc
     return tokenizer, policy, policy, kind
+
+
+def held_out_plan(cfg, split: str | None, max_docs: int | None) -> tuple[str, int | None]:
+    """(what ``evaluate`` reads, in words, for its first line; the most documents it evaluates).
+
+    ``split`` given: every dataset entry at that split. Else the validation rows when ``val_set_size`` > 0.
+    Else a sample of the training rows, at most ``TRAIN_SAMPLE_DOCS`` of them unless ``max_docs`` says
+    otherwise: the model may have trained on them, and the whole set can take hours.
+    """
+    limit = f"at most {max_docs} documents, spread evenly" if max_docs is not None else "every document"
+    if split is not None:
+        return f"the datasets at split '{split}' ({limit})", max_docs
+    if cfg.val_set_size > 0:
+        return f"the validation rows (val_set_size={cfg.val_set_size:g}, seed {cfg.seed}; {limit})", max_docs
+    cap = TRAIN_SAMPLE_DOCS if max_docs is None else max_docs
+    return (
+        f"a sample of the training rows (at most {cap} documents, spread evenly; the model may have trained on "
+        "them): val_set_size is 0 and no --split was given; set val_set_size or --split for held-out rows, "
+        "--max-docs for another sample size",
+        cap,
+    )
 
 
 def held_out_rows(cfg, tokenizer, split: str | None, config_dir: Path | None = None):
@@ -84,21 +110,15 @@ def held_out_rows(cfg, tokenizer, split: str | None, config_dir: Path | None = N
 
     ``split`` given: every dataset entry read at that split, in full. Otherwise the validation part
     of the training data when ``val_set_size`` > 0 (the same rows training held out: same data, same
-    seed), else the datasets as written, with a warning that they may be the training data.
+    seed), else the training rows (``held_out_plan`` bounds how many are read).
     ``config_dir``: where custom transform modules are looked up (as in training).
     """
-    load = load_structured_datasets if cfg.ebft.mode == "structured" else load_strided_datasets
     if split is not None:
         specs = [spec.model_copy(update={"split": split}) for spec in cfg.datasets]
-        data = load(cfg.model_copy(update={"datasets": specs, "val_set_size": 0.0}), tokenizer, search_dir=config_dir)
-        return data.train, f"datasets at split '{split}'"
+        at_split = cfg.model_copy(update={"datasets": specs, "val_set_size": 0.0})
+        return load_datasets(at_split, tokenizer, search_dir=config_dir).train, f"datasets at split '{split}'"
     if cfg.val_set_size > 0:
-        data = load(cfg, tokenizer, search_dir=config_dir)
+        data = load_datasets(cfg, tokenizer, search_dir=config_dir)
         return data.val, f"validation rows (val_set_size={cfg.val_set_size:g}, seed {cfg.seed})"
     splits = ", ".join(sorted({spec.split for spec in cfg.datasets}))
-    log.warning(
-        "val_set_size is 0 and no --split was given: evaluating on the config's datasets as written "
-        "(split %s), which may be the training data",
-        splits,
-    )
-    return load(cfg, tokenizer, search_dir=config_dir).train, f"datasets as written (split {splits})"
+    return load_datasets(cfg, tokenizer, search_dir=config_dir).train, f"training rows (split {splits})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 
 from ebft.errors import EbftError
 from ebft.evaluate.execute import EXEC_TIMEOUT
-from ebft.evaluate.load import held_out_rows, load_models, spread_indices
+from ebft.evaluate.load import held_out_plan, held_out_rows, load_models, spread_indices
 from ebft.evaluate.result import EvalResult
 from ebft.evaluate.strided import run_strided
 from ebft.evaluate.structured import run_structured
@@ -17,7 +18,19 @@ from ebft.modeling.adapters import warm_start_critic
 from ebft.modeling.feature_network import feature_network_for
 from ebft.modeling.policy import load_warm_start
 from ebft.modeling.precision import autocast_dtype
+from ebft.train import preflight
 from ebft.train.reporting import Progress
+
+log = logging.getLogger("ebft")
+
+# Lines already logged by this process: the quickstart evaluates the same rows with several checkpoints.
+_said: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    if line not in _said:
+        _said.add(line)
+        log.info(line)
 
 
 def evaluate(
@@ -42,6 +55,9 @@ def evaluate(
         )
     if exec_timeout <= 0:
         raise EbftError(f"--exec-timeout must be > 0 seconds, got {exec_timeout:g}")
+    preflight.check(cfg, "evaluate", config_dir=config_dir)
+    what, limit = held_out_plan(cfg, split, max_docs)
+    _say_once(f"evaluating on {what}")
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,7 +65,8 @@ def evaluate(
     rows, source = held_out_rows(cfg, tokenizer, split, Path(config_dir) if config_dir else None)
     if rows is None or len(rows) == 0:
         raise EbftError(f"no documents to evaluate in the {source}")
-    indices = spread_indices(len(rows), max_docs)
+    indices = spread_indices(len(rows), limit)
+    _say_once(f"evaluating {len(indices)} of the {len(rows)} {source}")
     if execute and not any(rows[i].tests for i in indices):
         raise EbftError(
             "--execute needs rows with unit tests: a `tests` field, e.g. OpenCodeInstruct's unit_tests via "

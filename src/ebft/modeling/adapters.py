@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import logging
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -74,6 +76,20 @@ def keep_4bit_layers_differentiable(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+@contextmanager
+def peft_wrapping():
+    """Around every PEFT call that wraps a transformers model (``get_peft_model``, ``PeftModel.from_pretrained``).
+
+    PEFT (0.21 and earlier) reads transformers' deprecated ``is_gradient_checkpointing`` alias in
+    ``PeftModel.__init__`` to decide whether to make the input embeddings require grad, and transformers 5
+    warns on every read; ebft itself only uses the ``activation_checkpointing`` API. This one message, raised
+    by that one read, is dropped here; any other warning passes.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_adapter(cfg, model: nn.Module) -> nn.Module:
     """``model`` wrapped in a trainable PEFT LoRA adapter: fresh, or the one in ``cfg.lora_model_dir``."""
     from peft import get_peft_model
@@ -81,7 +97,8 @@ def add_adapter(cfg, model: nn.Module) -> nn.Module:
     if cfg.lora_model_dir is None:
         lora = _config_lora(cfg, model)
         try:
-            return get_peft_model(model, lora)
+            with peft_wrapping():
+                return get_peft_model(model, lora)
         except ValueError as exc:  # PEFT: the targets match nothing
             raise ConfigError(f"lora_target_modules: {exc}") from exc
     return _warm_start(cfg, model)
@@ -259,7 +276,8 @@ def load_adapter(model: nn.Module, source: str, lora, key: str, *, trainable: bo
 
     lora.inference_mode = not trainable
     try:
-        model = get_peft_model(model, lora)
+        with peft_wrapping():
+            model = get_peft_model(model, lora)
     except ValueError as exc:  # PEFT: target modules not found in the base model
         raise ConfigError(f"{key}: the adapter in {source!r} does not fit the base model: {exc}") from exc
     device = next(model.parameters()).device
@@ -288,7 +306,8 @@ def _selected_modules(model: nn.Module, lora) -> set[str]:
     from peft import get_peft_model
 
     try:
-        probe = get_peft_model(model, lora)
+        with peft_wrapping():
+            probe = get_peft_model(model, lora)
     except ValueError as exc:  # PEFT: the config's targets match nothing
         raise ConfigError(f"lora_target_modules: {exc}") from exc
     names = _lora_module_names(probe)

@@ -17,10 +17,15 @@ from ebft.modeling.adapters import (
     keep_4bit_layers_differentiable,
     quantisation_kwargs,
 )
+from ebft.modeling.attention_choice import choose_attention, model_class_support
+from ebft.modeling.optional import package_available
 from ebft.modeling.precision import policy_dtype
 from ebft.modeling.source import local_model, require_local_folder
 
 log = logging.getLogger("ebft")
+
+# Attention warnings already given by this process (evaluation loads the base model more than once).
+_said: set[str] = set()
 
 
 def check_model_config(cfg) -> None:
@@ -50,11 +55,14 @@ def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
     source = local_model(cfg.base_model)
     require_local_folder("base_model", source)
     quantised = quantisation_kwargs(cfg, device)
+    attention = _attention(cfg, source, device)
+    backend = {} if attention is None else {"attn_implementation": attention}
+    log.info("loading the model %s", source)
     try:
-        # No attn_implementation: transformers then takes SDPA, or eager where the architecture has no
-        # SDPA path (Gemma-2's soft-capping). Strided passes swap in their own backend (strided.attention).
+        # Without attn_implementation transformers takes SDPA, or eager where the architecture has no SDPA
+        # path (Gemma-2's soft-capping). Strided and packed passes swap in their own backend for their duration.
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=policy_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code, **quantised
+            source, dtype=policy_dtype(cfg, device), trust_remote_code=cfg.trust_remote_code, **quantised, **backend
         )
     # RuntimeError: weights whose shapes do not match config.json; SafetensorError: a truncated or
     # corrupt weights file (an interrupted download).
@@ -65,6 +73,26 @@ def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     return prepare_policy(model, cfg, device)
+
+
+def _attention(cfg, source: str, device: torch.device) -> str | None:
+    """The backend for ``cfg.attn_implementation`` (``ebft.modeling.attention_choice``); its warning, when it
+    is not the one asked for, is logged once per process."""
+    from transformers import AutoConfig
+
+    if cfg.attn_implementation is None:
+        return None
+    config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    choice = choose_attention(
+        cfg.attn_implementation,
+        cuda=device.type == "cuda",
+        installed=package_available,
+        supports=model_class_support(config),
+    )
+    if choice.note is not None and choice.note not in _said:
+        _said.add(choice.note)
+        log.warning(choice.note)
+    return choice.implementation
 
 
 def prepare_policy(model: nn.Module, cfg, device: torch.device) -> nn.Module:

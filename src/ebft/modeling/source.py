@@ -69,9 +69,8 @@ def gguf_to_folder(
         what = "is a folder, not a GGUF file" if file.is_dir() else "no such file"
         raise ConfigError(f"{key}: {str(path)!r}: {what}")
     file = file.resolve()
-    stat = file.stat()
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    target = root / f"{file.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    target = _cached_folder(file, cache_dir)
+    root = target.parent
     if not _finished(target):
         _require_gguf_package(key, file)
         architecture, vocab = _read_header(key, file)
@@ -85,6 +84,19 @@ def gguf_to_folder(
         log.info("%s: using %s, converted from %s", key, target, file)
         _announced.add(target)
     return target
+
+
+def _cached_folder(file: Path, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder of the GGUF file ``file``, keyed by its name, size and modification time."""
+    stat = file.stat()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    return root / f"{file.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def needs_conversion(path: str | os.PathLike) -> bool:
+    """Whether the existing GGUF file ``path`` has no finished conversion in the cache yet (so loading it needs
+    the gguf package)."""
+    return not _finished(_cached_folder(Path(path).expanduser().resolve()))
 
 
 def _finished(folder: Path) -> bool:

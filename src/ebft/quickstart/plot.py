@@ -78,6 +78,9 @@ def _draw(ax, curves: Mapping[str, Curve], title: str, ylabel: str, xlabel: str)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    # Tick labels show the values themselves: an offset ("+1.388e3" above the axis) makes a metric that moves
+    # in its third decimal unreadable.
+    ax.ticklabel_format(axis="both", style="plain", useOffset=False)
     ax.grid(alpha=0.3)
     if len(curves) > 1:
         ax.legend()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ebft.data.load import load_strided_datasets
+from ebft.data.cache import load_strided
 from ebft.strided.stats import StridedStats
 from ebft.strided.step import StepTotals, StridedSettings, count_targets, document_generators, strided_microbatch
 from ebft.train.batches import document_steps, global_micro_batches, local_documents, reduce_sum
@@ -110,4 +110,4 @@ def build(parts: Parts) -> StridedRunner:
     )
 
 
-MODE = Mode(load_data=load_strided_datasets, build=build)
+MODE = Mode(load_data=load_strided, build=build)

@@ -175,8 +175,9 @@ def token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, in
 def _chat_text(tokenizer, messages: Sequence[Mapping], generation_prompt: bool, kwargs: Mapping | None) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
-            "the prompts are chat messages but the tokenizer has no chat_template; use a tokenizer that has "
-            "one (base_model or tokenizer_config) or give the prompts as strings"
+            "the prompts are chat messages but the tokenizer has no chat_template; set chat_template to the "
+            "model family's format (e.g. chatml, llama3, qwen3), use a tokenizer that has one, or give the "
+            "prompts as strings"
         )
     return tokenizer.apply_chat_template(
         list(messages), add_generation_prompt=generation_prompt, tokenize=False, **dict(kwargs or {})

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ebft.attention.support import log_structured_passes
-from ebft.data.structured import load_structured_datasets
+from ebft.data.cache import load_structured
 from ebft.losses import LossNorm
 from ebft.structured.hf import HFGenerate
 from ebft.structured.rollout import Sample, Sampling, loss_token_count, mix_seed
@@ -291,4 +291,4 @@ def build(parts: Parts) -> StructuredRunner:
     )
 
 
-MODE = Mode(load_data=load_structured_datasets, build=build)
+MODE = Mode(load_data=load_structured, build=build)

@@ -23,13 +23,14 @@ from ebft.config import TrainConfig, dump_config
 from ebft.deploy.export import RunExport
 from ebft.errors import ConfigError, EbftError, PolicySyncError, TrainingInterrupted
 from ebft.modeling.adapters import warm_start_critic
-from ebft.modeling.feature_network import feature_network_for
+from ebft.modeling.feature_network import feature_network_for, state_placements
 from ebft.modeling.policy import check_model_config, load_policy
 from ebft.modeling.precision import autocast_dtype
 from ebft.modeling.tokenizer import load_tokenizer
 from ebft.train import checkpoint as ckpt
-from ebft.train import distributed
+from ebft.train import distributed, preflight
 from ebft.train.batches import reduce_sum
+from ebft.train.memory import Hardware, log_plan
 from ebft.train.optim import build_optimizer, build_scheduler
 from ebft.train.reporting import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
 from ebft.train.runner import Mode, Parts, Runner, StepOutput
@@ -165,6 +166,7 @@ def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console) -> S
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    preflight.check(cfg, "train", config_dir=config_dir)  # before anything is written or loaded
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     is_main, rank = accelerator.is_main_process, accelerator.process_index
     out_dir = Path(cfg.output_dir)
@@ -180,6 +182,8 @@ def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console) -> S
         (out_dir / "config.yaml").write_text(dump_config(cfg))
 
     check_model_config(cfg)
+    if is_main:
+        log_plan(cfg, Hardware.here(accelerator.num_processes))
     export = RunExport(cfg, accelerator)  # Hub credentials are checked here, before any weights load
     tokenizer = load_tokenizer(cfg)
     model, runner, sharding = _build(cfg, mode, tokenizer, accelerator, config_dir)
@@ -209,7 +213,7 @@ def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console) -> S
     runner.start(state)
 
     keep = runner.keep_records and runner.log_name is not None and is_main
-    record_log = RolloutLog(out_dir / runner.log_name) if keep else None
+    record_log = RolloutLog(out_dir / runner.log_name, decode=tokenizer.decode) if keep else None
     logger = MetricsLogger(
         out_dir,
         use_tensorboard=cfg.use_tensorboard,
@@ -369,7 +373,10 @@ def _build(cfg: TrainConfig, mode: Mode, tokenizer, accelerator, config_dir: Pat
     model = load_policy(cfg, tokenizer, device)
     features = None
     if mode.needs_features:
-        features = feature_network_for(cfg, model, device, frozen_copy=warm_start_critic(cfg))
+        features = feature_network_for(
+            cfg, model, device, frozen_copy=warm_start_critic(cfg), processes=accelerator.num_processes
+        )
+        state_placements(features, accelerator)
     sharding = distributed.Sharding(model)
     if cfg.fsdp_version == 2 and accelerator.num_processes > 1:
         sharding = distributed.shard(

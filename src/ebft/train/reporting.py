@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -222,17 +222,22 @@ class RolloutLog:
     """Append-only JSON-lines file of rollout records (prompt, sample, rewards, ...).
 
     The caller decides whether this process logs (main only). Non-finite floats are written as
-    null so every line is strict JSON.
+    null so every line is strict JSON. With ``decode`` (token ids -> text, e.g. ``tokenizer.decode``) every
+    list of token ids in a record (``tokens``, ``input_ids``) gets its text next to it (``text``,
+    ``input_text``), so the file reads without the tokenizer.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, decode: Callable[[list[int]], str] | None = None) -> None:
         self.path = Path(path)
+        self.decode = decode
 
     def append(self, records: Sequence[Mapping[str, Any]]) -> None:
         """Write one compact JSON object per record and flush them to disk."""
         if not records:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.decode is not None:
+            records = [with_text(record, self.decode) for record in records]
         lines = [
             json.dumps(_jsonable(record), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
             for record in records
@@ -241,6 +246,23 @@ class RolloutLog:
         # outlives the run, at the cost of one open() per logged step.
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write("\n".join(lines) + "\n")
+
+
+# Token-id fields of rollout records -> the field their decoded text goes in.
+TEXT_FIELDS = {"tokens": "text", "input_ids": "input_text"}
+
+
+def with_text(record: Any, decode: Callable[[list[int]], str]) -> Any:
+    """``record`` with the decoded text of each token-id field (``TEXT_FIELDS``) beside it, at any depth."""
+    if isinstance(record, Mapping):
+        out = {key: with_text(value, decode) for key, value in record.items()}
+        for ids, text in TEXT_FIELDS.items():
+            if isinstance(record.get(ids), list) and text not in record:
+                out[text] = decode(record[ids])
+        return out
+    if isinstance(record, list):
+        return [with_text(value, decode) for value in record]
+    return record
 
 
 class Progress:

@@ -78,20 +78,35 @@ class VLLMClient:
         # The server is addressed directly: an http_proxy set for the internet must not capture it.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-    def wait_until_ready(self, timeout: float, interval: float = 1.0) -> None:
-        """Poll ``GET /health`` until it answers 200; VLLMError after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
+    def wait_until_ready(self, timeout: float, interval: float = 1.0, report_every: float | None = 10.0) -> None:
+        """Poll ``GET /health`` until it answers 200; VLLMError after ``timeout`` seconds. While the server does
+        not answer, a line names its address and the time left: when the wait starts and every
+        ``report_every`` seconds (None: no lines); one more says when it answered."""
+        started = time.monotonic()
+        deadline = started + timeout
+        report_at = started
         while True:
             try:
                 self._once("GET", "/health", None, max(0.1, min(self.timeout, deadline - time.monotonic())))
+                if report_at > started:  # it had to be waited for
+                    log.info("vLLM server at %s is ready (after %.0f s)", self.base_url, time.monotonic() - started)
                 return
             except (_Retryable, VLLMError) as exc:
                 last = exc
-            if time.monotonic() + interval > deadline:
+            now = time.monotonic()
+            if now + interval > deadline:
                 raise VLLMError(
                     f"no vLLM server is ready at {self.host}:{self.port} after {timeout:g}s "
                     f"(GET {self.base_url}/health: {last}); {_HINT}"
                 )
+            if report_every is not None and now >= report_at:
+                log.info(
+                    "waiting for the vLLM server at %s (%s): %.0f s left; start it with `ebft vllm-serve CFG`",
+                    self.base_url,
+                    last,
+                    deadline - now,
+                )
+                report_at = now + report_every
             time.sleep(interval)
 
     def complete(
