@@ -144,30 +144,13 @@ def rows(count: int, length: int) -> list[PromptRow]:
 
 
 def hybrid_shape(policy):
-    """The model's matrices for benchmarks/roofline.py: every 2-D weight of its decoder layers (projections of the
-    recurrent layers included, LoRA adapters not), attention only on the layers that attend; the rates are
-    measured on Llama-style matrices of the same hidden size. The recurrent mixing itself (the delta rule's and
-    the state-space scan's own arithmetic) is not counted: the fractions are upper bounds of the true ones."""
+    """The model's matrices for benchmarks/roofline.py (``ModelShape.of_model``: recurrent mixing not counted,
+    so the fractions are upper bounds of the true ones)."""
     from roofline import ModelShape
 
     from ebft.modeling.parts import backbone_of
 
-    c = policy.config
-    body = backbone_of(policy)
-    matrices = sum(p.numel() for n, p in body.layers.named_parameters() if p.dim() == 2 and "lora_" not in n)
-    types = list(getattr(c, "layer_types", None) or [])
-    heads = getattr(c, "num_attention_heads", None) or c.num_heads
-    return ModelShape(
-        hidden=c.hidden_size,
-        intermediate=getattr(c, "intermediate_size", None) or 2 * c.hidden_size,
-        heads=heads,
-        kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-        head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
-        vocab=c.vocab_size,
-        layers=c.num_hidden_layers,
-        matrix_params=matrices // c.num_hidden_layers,
-        attention_share=types.count("full_attention") / len(types) if types else 0.0,
-    )
+    return ModelShape.of_model(policy.config, backbone_of(policy).layers)
 
 
 def fractions(policy, batch, drawn, times, limits) -> dict[str, float]:

@@ -62,6 +62,31 @@ class ModelShape:
             layers=cfg.num_hidden_layers,
         )
 
+    @classmethod
+    def of_model(cls, config, layers) -> ModelShape:
+        """Any decoder, hybrids included: the weight-matrix parameters of its decoder ``layers`` (every 2-D weight,
+        the projections of recurrent layers included, LoRA adapters not), attention on the share of layers whose
+        ``layer_types`` entry is full attention (without ``layer_types``: all, or none for a model without
+        attention heads, such as Mamba). The sizes that pick the measured matmul rates are read as for a Llama
+        (a hybrid's recurrent mixing itself, the delta rule's or the state-space scan's own arithmetic, is not
+        counted)."""
+        matrices = sum(p.numel() for n, p in layers.named_parameters() if p.dim() == 2 and "lora_" not in n)
+        types = list(getattr(config, "layer_types", None) or [])
+        attends = getattr(config, "num_attention_heads", None) is not None  # a state-space model has none
+        share = types.count("full_attention") / len(types) if types else float(attends)
+        heads = getattr(config, "num_attention_heads", None) or config.num_heads
+        return cls(
+            hidden=config.hidden_size,
+            intermediate=getattr(config, "intermediate_size", None) or 2 * config.hidden_size,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            vocab=config.vocab_size,
+            layers=config.num_hidden_layers,
+            matrix_params=matrices // config.num_hidden_layers,
+            attention_share=share,
+        )
+
     @property
     def key(self) -> str:
         """The matrix sizes (not the layer count: the matmul rates do not depend on it)."""
@@ -282,30 +307,43 @@ def strided_pairs(doc_len: int, anchors: list[int], n: int, g: int) -> int:
     return causal_pairs(doc_len) + n * sum(g * c + g * (g + 1) // 2 for c in anchors)
 
 
-def strided_generation_calls(shape: ModelShape, doc_len: int, anchors: list[list[int]], n: int, g: int) -> list[Call]:
+def strided_generation_calls(
+    shape: ModelShape, doc_len: int, anchors: list[list[int]], n: int, g: int, *, weight_bytes: int = 4
+) -> list[Call]:
     """One causal prefill of the D documents (the head on each valid block's last prefix position), then g - 1
     cached decoding steps of n x (valid blocks) rows each; step t's row (i, k) attends to the c_k document keys
     and t + 1 keys of its own rollout, and the step reads each document's cache (L + t n K keys) once."""
     D = len(anchors)
     blocks = sum(len(a) for a in anchors)
-    calls = [forward_call(shape, D * doc_len, D * causal_pairs(doc_len), head_rows=blocks)]
+    w = {"weight_bytes": weight_bytes}
+    calls = [forward_call(shape, D * doc_len, D * causal_pairs(doc_len), head_rows=blocks, **w)]
     for t in range(1, g):
         rows = n * blocks
         pairs = n * sum(c + t + 1 for a in anchors for c in a)
         cached = D * doc_len + t * rows
-        calls.append(forward_call(shape, rows, pairs, head_rows=rows, cached_tokens=cached))
+        calls.append(forward_call(shape, rows, pairs, head_rows=rows, cached_tokens=cached, **w))
     return calls
 
 
-def strided_feature_calls(shape: ModelShape, doc_len: int, anchors: list[list[int]], n: int, g: int, depth: int):
+def strided_feature_calls(
+    shape: ModelShape, doc_len: int, anchors: list[list[int]], n: int, g: int, depth: int, *, weight_bytes: int = 4
+) -> list[Call]:
     """The feature network over each packed row (S = L + g n K tokens), layers 1..depth, no head."""
     tokens = sum(doc_len + g * n * len(a) for a in anchors)
     pairs = sum(strided_pairs(doc_len, a, n, g) for a in anchors)
-    return [forward_call(shape, tokens, pairs, depth=depth)]
+    return [forward_call(shape, tokens, pairs, depth=depth, weight_bytes=weight_bytes)]
 
 
 def strided_policy_calls(
-    shape: ModelShape, doc_len: int, anchors: list[list[int]], n: int, g: int, *, ce_targets: int, weights_train: bool
+    shape: ModelShape,
+    doc_len: int,
+    anchors: list[list[int]],
+    n: int,
+    g: int,
+    *,
+    ce_targets: int,
+    weights_train: bool,
+    weight_bytes: int = 4,
 ) -> list[Call]:
     """One training pass per document's packed row; the head scores every generated token and the CE targets."""
     return [
@@ -315,6 +353,7 @@ def strided_policy_calls(
             strided_pairs(doc_len, a, n, g),
             head_rows=n * len(a) * g + ce_targets,
             weights_train=weights_train,
+            weight_bytes=weight_bytes,
         )
         for a in anchors
     ]
@@ -323,15 +362,19 @@ def strided_policy_calls(
 # -- structured mode (prompt + completions; counted the same way for ebft and for axolotl) -------------------
 
 
-def structured_generation_calls(shape: ModelShape, prompts: list[int], completions: list[list[int]]) -> list[Call]:
+def structured_generation_calls(
+    shape: ModelShape, prompts: list[int], completions: list[list[int]], *, weight_bytes: int = 4
+) -> list[Call]:
     """Sampling ``completions[p]`` (token counts of prompt p's samples) after prompts of ``prompts`` tokens:
     each prompt prefilled once (its last position through the head), then one decoding call per step with
     every row still generating: a completion of c tokens takes c - 1 calls after the prefill; at step t a row
     attends to (and reads from its cache) its prompt and the t tokens before the new one."""
-    calls = [forward_call(shape, sum(prompts), sum(causal_pairs(lp) for lp in prompts), head_rows=len(prompts))]
+    w = {"weight_bytes": weight_bytes}
+    calls = [forward_call(shape, sum(prompts), sum(causal_pairs(lp) for lp in prompts), head_rows=len(prompts), **w)]
     for t in range(1, max(c for cs in completions for c in cs)):
         active = [lp + t for lp, cs in zip(prompts, completions, strict=True) for c in cs if c > t]
-        calls.append(forward_call(shape, len(active), sum(active), head_rows=len(active), cached_tokens=sum(active)))
+        rows = len(active)
+        calls.append(forward_call(shape, rows, sum(active), head_rows=rows, cached_tokens=sum(active), **w))
     return calls
 
 
@@ -343,26 +386,44 @@ def _shared_prompt_counts(prompt: int, continuations: list[int]) -> tuple[int, i
 
 
 def structured_feature_calls(
-    shape: ModelShape, prompts: list[int], completions: list[list[int]], truths: list[int], depth: int
+    shape: ModelShape,
+    prompts: list[int],
+    completions: list[list[int]],
+    truths: list[int],
+    depth: int,
+    *,
+    weight_bytes: int = 4,
 ) -> list[Call]:
     """The frozen network, layers 1..depth, no head, over prompt + completion and prompt + ground truth, each
     prompt computed once (the least work the reward needs)."""
     calls = []
     for lp, cs, gt in zip(prompts, completions, truths, strict=True):
         tokens, pairs = _shared_prompt_counts(lp, [*cs, gt])
-        calls.append(forward_call(shape, tokens, pairs, depth=depth))
+        calls.append(forward_call(shape, tokens, pairs, depth=depth, weight_bytes=weight_bytes))
     return calls
 
 
 def structured_policy_calls(
-    shape: ModelShape, prompts: list[int], completions: list[list[int]], *, weights_train: bool
+    shape: ModelShape,
+    prompts: list[int],
+    completions: list[list[int]],
+    *,
+    weights_train: bool,
+    truths: list[int] | None = None,
+    weight_bytes: int = 4,
 ) -> list[Call]:
     """Forward and backward over prompt + completion, each prompt computed once; the head scores every
-    completion token (the first one from the prompt's last position)."""
+    completion token (the first one from the prompt's last position). ``truths``: ground-truth lengths of a CE
+    term (prompt + ground truth, the head on every ground-truth token), none when None."""
     calls = []
-    for lp, cs in zip(prompts, completions, strict=True):
-        tokens, pairs = _shared_prompt_counts(lp, cs)
-        calls.append(training_call(shape, tokens, pairs, head_rows=sum(cs), weights_train=weights_train))
+    for p, (lp, cs) in enumerate(zip(prompts, completions, strict=True)):
+        ends = [*cs, truths[p]] if truths is not None else cs
+        tokens, pairs = _shared_prompt_counts(lp, ends)
+        calls.append(
+            training_call(
+                shape, tokens, pairs, head_rows=sum(ends), weights_train=weights_train, weight_bytes=weight_bytes
+            )
+        )
     return calls
 
 
