@@ -2,9 +2,19 @@
 
 Run with the interpreter of a separate venv that has axolotl installed, e.g.::
 
-    /opt/axo/bin/python benchmarks/axolotl_strided_step.py \
+    /work/axolotl-venv/bin/python benchmarks/axolotl_strided_step.py \
         --hidden 256 --layers 4 --heads 4 --vocab 2048 --seq-len 1024 \
         --docs 2 --n 4 --stride 8 --context 8 --gen 8
+
+That venv (never ebft's own) holds axolotl 0.19.0 on the same torch, transformers and peft as ebft's, so the
+two programs run the same library code; axolotl itself without its dependency pins (it pins transformers
+5.16.1, peft 0.20.0 and many CUDA packages), and only the packages its EBFT trainers import::
+
+    python3 -m venv /work/axolotl-venv
+    /work/axolotl-venv/bin/pip install torch==2.13.0 transformers==5.25.0 peft==0.21.2 accelerate==1.16.0 \
+        datasets==5.2.0 tokenizers==0.23.3 trl==1.9.0 addict numba requests pillow triton typing-extensions==4.15.0
+    /work/axolotl-venv/bin/pip install --no-deps axolotl==0.19.0 axolotl-contribs-lgpl==0.0.7 \
+        axolotl-contribs-mit==0.0.6
 
 What is measured: ``AxolotlStridedEBFTTrainer`` driven by its own ``Trainer.train()`` loop
 (compute_loss -> backward -> grad clip -> AdamW step -> zero_grad), one optimizer step per
@@ -13,6 +23,10 @@ are excluded from the timing. Output lines::
 
     axolotl_seconds_per_step=<mean over timed steps>
     axolotl_peak_rss_mib=<ru_maxrss of this process, MiB>
+    axolotl_fastest_fraction_step=<the step's least work at this machine's limits / its seconds>
+
+(the last against ``benchmarks/limits.py``'s measurements, ``--limits FILE``; the FLOP and byte formulas are
+in ``benchmarks/roofline.py``).
 
 CPU shims (axolotl 0.19.0 assumes CUDA on this path; each is reported at run time):
 
@@ -96,6 +110,7 @@ def parse_args(argv=None):
         action="store_true",
         help="enable HF gradient checkpointing (use_reentrant=True, as axolotl forces for strided)",
     )
+    p.add_argument("--limits", default=None, help="limits.py's JSON (default: measure this shape quickly at the end)")
     return p.parse_args(argv)
 
 
@@ -326,7 +341,35 @@ def main(argv=None) -> int:
     print(f"axolotl_seconds_per_step={mean:.4f}")
     print(f"axolotl_median_seconds_per_step={median:.4f} axolotl_min_seconds_per_step={min(timed):.4f}")
     print(f"axolotl_peak_rss_mib={rss_mib():.1f}")
+    report_limits(args, cfg, timed)
     return 0
+
+
+def report_limits(args, cfg, timed: list[float]) -> None:
+    """The fastest and the median step against this machine's limits: the least work of a strided step at
+    these settings (benchmarks/roofline.py, the counts ebft's strided_step.py uses; no CE term, axolotl's
+    ce_coef default is 0), whatever layout axolotl computes it with."""
+    import torch
+    from limits import limits_for
+    from roofline import (
+        ModelShape,
+        phase_report,
+        strided_feature_calls,
+        strided_generation_calls,
+        strided_policy_calls,
+    )
+
+    shape = ModelShape.from_config(cfg)
+    limits = limits_for(shape, torch.get_num_threads(), args.limits)
+    L, g, n = args.seq_len, args.gen, args.n
+    anchors = [list(range(args.context, L - g + 1, args.stride))] * args.docs
+    depth = max(int(f * args.layers) for f in (0.25, 0.5, 0.75))
+    calls = strided_generation_calls(shape, L, anchors, n, g) + strided_feature_calls(shape, L, anchors, n, g, depth)
+    calls += strided_policy_calls(shape, L, anchors, n, g, ce_targets=0, weights_train=False)
+    for label, seconds in (("fastest", min(timed)), ("median", statistics.median(timed))):
+        r = phase_report("step", seconds, calls, shape, limits)
+        print(f"{label} step against the limits ({limits.source}, {limits.threads} threads): {r.line()}")
+        print(f"axolotl_{label}_fraction_step={r.fraction:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Time axolotl 0.19.0's structured EBFT trainer without vLLM on CPU (baseline for ebft's structured mode).
 
-Run with the interpreter of the venv that has axolotl installed, after benchmarks/structured_step.py has
-written the shared model, tokenizer and data to --workdir::
+Run with the interpreter of the venv that has axolotl installed (how to make it: axolotl_strided_step.py),
+after benchmarks/structured_step.py has written the shared model, tokenizer and data to --workdir::
 
     python benchmarks/structured_step.py --workdir /tmp/ebft_structured_bench --threads 2
-    /opt/axo/bin/python benchmarks/axolotl_structured_step.py --workdir /tmp/ebft_structured_bench --threads 2
+    /work/axolotl-venv/bin/python benchmarks/axolotl_structured_step.py --workdir /tmp/ebft_structured_bench --threads 2
 
 What is measured: ``AxolotlEBFTTrainer`` (axolotl's ``EBFTMixin`` over ``AxolotlGRPOTrainer``, i.e. TRL
 ``GRPOTrainer``; the class axolotl picks for ``rl: ebft``, ``ebft.mode: structured`` without
@@ -35,6 +35,9 @@ Output lines::
     axolotl_seconds_per_step=<mean>
     axolotl_fastest_seconds_per_step=<min>
     axolotl_peak_rss_mib=<ru_maxrss of this process, MiB>
+    axolotl_{fastest,median}_fraction_{generation,features,policy}=<phase's least work at the limits / seconds>
+
+(the fractions against ``benchmarks/limits.py``'s measurements, ``--limits FILE``, formulas in roofline.py).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limits", default=None, help="limits.py's JSON (default: measure this shape quickly at the end)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
     p.add_argument("--varied", action="store_true", help="natural stopping: no forced min_new_tokens")
     return p.parse_args(argv)
@@ -241,11 +245,17 @@ def main(argv=None) -> int:
         return wrapper
 
     generate = trainer._generate
+    truth_tokens = {
+        r["prompt"]: len(tokenizer(r["ground_truth"], add_special_tokens=False)["input_ids"])
+        for r in rows
+        if isinstance(r["prompt"], str)
+    }
 
     def generate_and_count(prompts):
         out = generate(prompts)
         seen["completion_tokens"].append([len(c) for c in out[1]])
         seen.setdefault("prompt_tokens", []).append([len(tokenizer(p)["input_ids"]) for p in prompts])
+        seen.setdefault("truth_tokens", []).append([truth_tokens.get(p, 0) for p in prompts])
         return out
 
     trainer._generate = timed("generation", generate_and_count)
@@ -317,7 +327,42 @@ def main(argv=None) -> int:
         + f", rest {step_times[fastest] - sum(p.values()):.2f} s"
     )
     print(f"axolotl_peak_rss_mib={rss_mib():.1f}")
+    median = sorted(range(args.warmup, total_steps), key=lambda i: step_times[i])[len(timed_steps) // 2]
+    report_limits(args, base.config, seen, {"fastest": fastest, "median": median}, step_times, step_phases)
     return 0
+
+
+def report_limits(args, config, seen: dict, which: dict, step_times: list, step_phases: list) -> None:
+    """Each phase of the fastest and the median step against this machine's limits, counted from the step's
+    own completions as the least work the step needs (benchmarks/roofline.py; the counts ebft's
+    structured_step.py uses): each prompt computed once, whatever layout TRL and axolotl use."""
+    import torch
+    from limits import limits_for
+    from roofline import (
+        ModelShape,
+        report_phases,
+        structured_feature_calls,
+        structured_generation_calls,
+        structured_policy_calls,
+    )
+
+    shape = ModelShape.from_config(config)
+    depth = max(int(f * shape.layers) for f in (0.25, 0.5, 0.75))
+    limits = limits_for(shape, torch.get_num_threads(), args.limits)
+    G = args.num_generations
+    for label, i in which.items():
+        prompts = seen["prompt_tokens"][i][::G]  # TRL repeats each prompt for its G samples
+        truths = seen["truth_tokens"][i][::G]
+        lengths = seen["completion_tokens"][i]
+        completions = [lengths[p * G : (p + 1) * G] for p in range(len(prompts))]
+        work = {
+            "generation": structured_generation_calls(shape, prompts, completions),
+            "features+rewards": structured_feature_calls(shape, prompts, completions, truths, depth),
+            "policy fwd+bwd": structured_policy_calls(shape, prompts, completions, weights_train=False),
+        }
+        record = {"seconds": step_times[i], **step_phases[i]}
+        for r in report_phases(label, record, work, shape, limits):
+            print(f"axolotl_{label}_fraction_{r.name.split()[0].split('+')[0]}={r.fraction:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Verify and measure every CUDA path of ebft in one run (about 7 minutes on one H200; --quick: 2).
+"""Verify and measure every CUDA path of ebft in one run (about 8 minutes on one H200; --quick: 3).
 
     python benchmarks/gpu_check.py                  # on a CUDA machine: all parts
-    python benchmarks/gpu_check.py --quick          # a ~2-minute subset
+    python benchmarks/gpu_check.py --quick          # a ~3-minute subset
     python benchmarks/gpu_check.py --dry-run        # CPU: the same code on tiny shapes (the suite runs this)
 
 Parts, in order (each with its own time cap; a global deadline stops the run before --deadline seconds):
@@ -12,11 +12,17 @@ Parts, in order (each with its own time cap; a global deadline stops the run bef
   log-probs and gradients against the dense-mask path (gpu_check_checks.py);
 * strided: optimizer steps at the paper's settings (stride = context = generate_max_len = 8, n = 4,
   sequence_len 1024) on Llama-3.2-1B and -3B shapes (random weights), LoRA and full fine-tune, bf16;
-* structured: optimizer steps with HF generate rollouts (2 prompts x 4 completions of 256 tokens);
+  and one full fine-tune with the weights stored and trained in bf16 (``torch_dtype: bfloat16``);
+* structured: optimizer steps with the shared-prefill decoder's rollouts (2 prompts x 4 completions of 256 tokens);
+* hybrid: the same on a Qwen3.5-shaped hybrid (Gated DeltaNet 3 : 1 full attention, ``qwen3_5_text``, built from
+  a config), which structured mode runs padded, sampling with the decoder's recurrent-state cache;
 * fsdp: 2 sharded processes vs 1 process (gpu_check_fsdp.py), when 2 GPUs are visible.
 
-Timed runs report seconds per optimizer step, tokens per second, peak CUDA memory, and the policy
-pass's model FLOPs utilisation against --peak-tflops (the FLOP count is in the JSON as flop_formula).
+Timed runs report seconds per optimizer step, tokens per second, peak CUDA memory, the policy pass's model
+FLOPs utilisation (the FLOP count is in the JSON as flop_formula), and each phase's fraction of the GPU's
+limits: the NVIDIA datasheet's dense bf16 tensor-core peak and HBM bandwidth for the device found (the table
+is in gpu_check_limits.py; --peak-tflops / --peak-tb-s override it), against the FLOPs and bytes that
+benchmarks/roofline.py counts for the phase.
 Writes one JSON file (--out) after every part, prints a table, and exits 1 when an equality check
 fails or a part errors or times out.
 """
@@ -37,8 +43,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-PARTS = ("checks", "strided", "structured", "fsdp")
-H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H200 SXM spec sheet, dense bf16 tensor-core peak
+PARTS = ("checks", "strided", "structured", "hybrid", "fsdp")
 
 # What each mode runs. The 1B shape carries the checks (its head_dim and GQA are what training uses).
 SCALES = {
@@ -47,38 +52,44 @@ SCALES = {
         "check_lengths": (256, 200),
         "precisions": ("fp32", "bf16"),
         "strided": [("llama-3.2-1b", "lora"), ("llama-3.2-1b", None), ("llama-3.2-3b", "lora"), ("llama-3.2-3b", None)],
+        "bf16_weights": ("llama-3.2-1b", None),
         "seq_len": 1024,
         "micro": 4,
         "gas": 2,
         "steps": 3,
         "structured": {"shape": "llama-3.2-1b", "prompts": 2, "prompt_tokens": 256, "completion_tokens": 256},
-        "caps": {"checks": 150, "strided": 90, "structured": 60, "fsdp": 150},
-        "deadline": 450,
+        "hybrid": {"shape": "qwen3.5-small", "prompts": 2, "prompt_tokens": 256, "completion_tokens": 128},
+        "caps": {"checks": 150, "strided": 90, "structured": 60, "hybrid": 60, "fsdp": 150},
+        "deadline": 540,
     },
     "quick": {
         "check_shape": "llama-3.2-1b",
         "check_lengths": (256, 200),
         "precisions": ("bf16",),
         "strided": [("llama-3.2-1b", "lora")],
+        "bf16_weights": ("llama-3.2-1b", None),
         "seq_len": 1024,
         "micro": 4,
         "gas": 1,
         "steps": 2,
         "structured": {"shape": "llama-3.2-1b", "prompts": 2, "prompt_tokens": 256, "completion_tokens": 256},
-        "caps": {"checks": 70, "strided": 45, "structured": 30, "fsdp": 60},
-        "deadline": 150,
+        "hybrid": {"shape": "qwen3.5-small", "prompts": 2, "prompt_tokens": 128, "completion_tokens": 64},
+        "caps": {"checks": 70, "strided": 45, "structured": 30, "hybrid": 40, "fsdp": 60},
+        "deadline": 240,
     },
     "dry-run": {
         "check_shape": "tiny-a",
         "check_lengths": (40, 29),
         "precisions": ("fp32", "bf16"),
         "strided": [("tiny-a", "lora"), ("tiny-a", None), ("tiny-b", "lora"), ("tiny-b", None)],
+        "bf16_weights": ("tiny-a", None),
         "seq_len": 64,
         "micro": 2,
         "gas": 1,
         "steps": 1,
         "structured": {"shape": "tiny-b", "prompts": 2, "prompt_tokens": 16, "completion_tokens": 16},
-        "caps": {"checks": 120, "strided": 60, "structured": 60, "fsdp": 240},
+        "hybrid": {"shape": "qwen3.5-tiny", "prompts": 2, "prompt_tokens": 16, "completion_tokens": 12},
+        "caps": {"checks": 120, "strided": 60, "structured": 60, "hybrid": 60, "fsdp": 240},
         "deadline": 600,
     },
 }
@@ -88,12 +99,13 @@ MIN_PART = 15.0  # a part that would get less than this is skipped
 
 def parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a ~2-minute subset: bf16 checks, 1B LoRA, structured")
+    p.add_argument("--quick", action="store_true", help="a ~3-minute subset: bf16 checks, 1B runs, structured, hybrid")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, runs anywhere (CPU): tests the script")
     p.add_argument("--out", default="gpu_check.json", help="the JSON report (default: gpu_check.json)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
-    p.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS, help="bf16 peak for MFU")
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: the datasheet's)")
+    p.add_argument("--peak-tb-s", type=float, default=None, help="HBM bandwidth in TB/s (default: the datasheet's)")
     p.add_argument("--deadline", type=float, default=None, help="global limit in seconds (default: per mode)")
     p.add_argument("--fsdp-cpu", action="store_true", help="run the fsdp part on CPU with gloo (for tests)")
     p.add_argument("--no-gradient-checkpointing", action="store_true", help="timed runs without recomputation")
@@ -172,7 +184,7 @@ def run_part(report: dict, name: str, cap: float, fn, deadline_at: float, device
         torch.cuda.empty_cache()
 
 
-def plan(args, scale: dict, device, workdir: Path) -> list[tuple[str, float, object]]:
+def plan(args, scale: dict, device, workdir: Path, peak: dict) -> list[tuple[str, float, object]]:
     """(part name, cap, fn(part_deadline, found) -> result) in run order; a str instead of fn: why skipped."""
     import torch
     from gpu_check_checks import cached_decoding_check, check_documents, gradient_checks, packed_row_checks
@@ -202,31 +214,39 @@ def plan(args, scale: dict, device, workdir: Path) -> list[tuple[str, float, obj
             found += gradient_checks(model, batch, settings, precision, step_path, perturb)
         return {"shape": shape, "document_lengths": list(scale["check_lengths"]), "paths": list(paths)}
 
-    def strided(shape, adapter):
+    def with_mfu(result: dict) -> dict:
+        return result | {"mfu": float(f"{result['policy_tflops'] / peak['bf16_dense_tflops']:.4g}")}
+
+    def strided(shape, adapter, torch_dtype=None):
         def fn(deadline, _found):
             kw = {"seq_len": scale["seq_len"], "micro": scale["micro"], "gas": scale["gas"], "gc": gc_on}
+            kw |= {"peak": peak, "torch_dtype": torch_dtype}
             result = strided_run(shape, adapter, device, warmup=warmup, steps=scale["steps"], deadline=deadline, **kw)
-            return result | {"mfu": float(f"{result['policy_tflops'] / args.peak_tflops:.4g}")}
+            return with_mfu(result)
 
         return fn
 
-    def structured(deadline, _found):
-        st = scale["structured"]
-        result = structured_run(
-            st["shape"],
-            "lora",
-            device,
-            prompts=st["prompts"],
-            generations=4,
-            prompt_tokens=st["prompt_tokens"],
-            completion_tokens=st["completion_tokens"],
-            micro=4,
-            gc=gc_on,
-            warmup=warmup,
-            steps=max(scale["steps"] - 1, 1),
-            deadline=deadline,
-        )
-        return result | {"mfu": float(f"{result['policy_tflops'] / args.peak_tflops:.4g}")}
+    def structured_part(part: str):
+        def fn(deadline, _found):
+            st = scale[part]
+            result = structured_run(
+                st["shape"],
+                "lora",
+                device,
+                prompts=st["prompts"],
+                generations=4,
+                prompt_tokens=st["prompt_tokens"],
+                completion_tokens=st["completion_tokens"],
+                micro=4,
+                gc=gc_on,
+                warmup=warmup,
+                steps=max(scale["steps"] - 1, 1),
+                deadline=deadline,
+                peak=peak,
+            )
+            return with_mfu(result)
+
+        return fn
 
     def fsdp(deadline, found):
         result, checks = fsdp_part(workdir / "fsdp", cpu=args.fsdp_cpu, deadline=deadline)
@@ -243,8 +263,15 @@ def plan(args, scale: dict, device, workdir: Path) -> list[tuple[str, float, obj
     if "strided" in wanted:
         parts.append(runs[0])
     if "structured" in wanted:
-        parts.append((f"structured {scale['structured']['shape']} lora", caps["structured"], structured))
+        parts.append(
+            (f"structured {scale['structured']['shape']} lora", caps["structured"], structured_part("structured"))
+        )
+    if "hybrid" in wanted:
+        parts.append((f"hybrid {scale['hybrid']['shape']} lora", caps["hybrid"], structured_part("hybrid")))
     if "strided" in wanted:
+        shape, adapter = scale["bf16_weights"]
+        name = f"strided {shape} {adapter or 'full'} bf16-weights"
+        parts.append((name, caps["strided"], strided(shape, adapter, "bfloat16")))
         parts += runs[1:]
     if "fsdp" in wanted:
         gpus = torch.cuda.device_count() if device.type == "cuda" else 0
@@ -267,16 +294,28 @@ def table(report: dict) -> str:
         name = f"{c['path']}: {c['quantity']}"
         lines.append(f"{name:<40} {c['precision']:<9} {c['error']:>10.3g} {c['tolerance']:>10.3g}  {c['passed']}")
     lines.append("")
-    head = f"{'run':<34} {'s/step':>8} {'tokens/s':>10} {'peak MiB':>9} {'policy TFLOP/s':>15} {'MFU':>7}"
+    head = f"{'run':<42} {'s/step':>8} {'tokens/s':>10} {'peak MiB':>9} {'policy TFLOP/s':>15} {'MFU':>7}"
+    head += f" {'rollout+feat. at limit':>23} {'policy at limit':>16}"
     lines.append(head)
     for p in report["parts"]:
         r = p.get("result") or {}
         if p["status"] == "ok" and "fastest_step_seconds" in r:
+            at = r.get("at_limits", {})
+            cells = [
+                f"{at[k]['fraction_of_limit']:.1%} ({at[k]['limited_by']})" if k in at else "-"
+                for k in ("rollout_and_features", "policy")
+            ]
             lines.append(
-                f"{p['name']:<34} {r['fastest_step_seconds']:>8.3f} {r['tokens_per_second']:>10.0f} "
-                f"{r['peak_memory_mib']:>9} {r['policy_tflops']:>15.2f} {r['mfu']:>7.1%}"
+                f"{p['name']:<42} {r['fastest_step_seconds']:>8.3f} {r['tokens_per_second']:>10.0f} "
+                f"{r['peak_memory_mib']:>9} {r['policy_tflops']:>15.2f} {r['mfu']:>7.1%} {cells[0]:>23} {cells[1]:>16}"
                 + ("  (warm-up step only: includes compilation)" if r["timed_steps"] == 0 else "")
             )
+    peak = report.get("peaks", {})
+    if peak:
+        lines.append(
+            f"limits: {peak['product']}, dense bf16 {peak['bf16_dense_tflops']} TFLOP/s, HBM {peak['hbm_tb_s']} TB/s "
+            f"({peak['source']})"
+        )
     return "\n".join(lines)
 
 
@@ -309,13 +348,18 @@ def main(argv=None) -> int:
         # silently fall back to eager flex (O(S^2) memory). A training run needs two or three.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     from gpu_check_checks import TOLERANCE
+    from gpu_check_limits import peaks
     from gpu_check_runs import FLOP_FORMULA
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = peaks(name, args.peak_tflops, args.peak_tb_s)
 
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "mode": mode,
         "environment": environment(device),
-        "peak_tflops": args.peak_tflops,
+        "peak_tflops": peak["bf16_dense_tflops"],
+        "peaks": peak,
         "flop_formula": FLOP_FORMULA,
         "tolerances": TOLERANCE,
         "deadline_seconds": deadline,
@@ -325,7 +369,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     try:
         with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
-            for name, cap, fn in plan(args, scale, device, Path(work)):
+            for name, cap, fn in plan(args, scale, device, Path(work), peak):
                 if isinstance(fn, str):
                     report["parts"].append({"name": name, "status": "skipped", "reason": fn})
                 else:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+from gpu_check_limits import strided_at_limits, structured_at_limits
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,24 @@ SHAPES = {
     "tiny-a": Shape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, tied=True),
     "tiny-b": Shape(hidden=96, layers=3, heads=6, kv_heads=2, intermediate=192, vocab=512, tied=False),
 }
+
+# Hybrid models (Gated DeltaNet 3 : 1 full attention, Qwen3.5's layout), structured mode only: the tiny one keeps the
+# dry run fast; "qwen3.5-small" is what the GPU runs (random weights, seed 0; transformers' own kernels).
+HYBRIDS = {
+    "qwen3.5-small": {
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 8,
+        "heads": 8,
+        "vocab": 32000,
+    },
+    "qwen3.5-tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "heads": 2, "vocab": 512},
+}
+
+
+def vocab_of(shape: str) -> int:
+    return HYBRIDS[shape]["vocab"] if shape in HYBRIDS else SHAPES[shape].vocab
+
 
 FLOP_FORMULA = (
     "policy-pass FLOPs per optimizer step = (2 + 2w) * (N_layers * T + N_head * T_head) + 12 * P * d_attn * n_layers. "
@@ -77,8 +96,11 @@ class PhaseClock:
         self.seconds += time.perf_counter() - started
 
 
-def train_config(mode: str, *, adapter: str | None, seq_len: int, micro: int, gas: int, gc: bool, trl=None):
-    """The run's TrainConfig, validated like a user's YAML (the paper's settings, bf16)."""
+def train_config(
+    mode: str, *, adapter: str | None, seq_len: int, micro: int, gas: int, gc: bool, trl=None, torch_dtype=None
+):
+    """The run's TrainConfig, validated like a user's YAML (the paper's settings, bf16 autocast; ``torch_dtype``:
+    the dtype the weights are stored and trained in, the config key of that name)."""
     from ebft.config import parse_config
 
     ebft = {"mode": mode, "feature_layers": [0.25, 0.5, 0.75], "embed_method": "last_token", "use_whitening": True}
@@ -108,27 +130,48 @@ def train_config(mode: str, *, adapter: str | None, seq_len: int, micro: int, ga
         raw |= {"adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True}
     if trl is not None:
         raw["trl"] = trl
+    if torch_dtype is not None:
+        raw["torch_dtype"] = torch_dtype
     return parse_config(raw, source="benchmarks/gpu_check.py")
 
 
 def build_policy(shape: str, cfg, device: torch.device):
-    """A randomly initialised Llama of ``SHAPES[shape]`` made into the config's policy, built on ``device``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """A randomly initialised Llama of ``SHAPES[shape]`` (or Qwen3.5-style hybrid of ``HYBRIDS[shape]``) made into
+    the config's policy, built on ``device``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3_5TextConfig
 
     from ebft.modeling.policy import prepare_policy
     from ebft.modeling.precision import policy_dtype
 
-    s = SHAPES[shape]
-    config = LlamaConfig(
-        vocab_size=s.vocab,
-        hidden_size=s.hidden,
-        intermediate_size=s.intermediate,
-        num_hidden_layers=s.layers,
-        num_attention_heads=s.heads,
-        num_key_value_heads=s.kv_heads,
-        tie_word_embeddings=s.tied,
-        max_position_embeddings=4096,
-    )
+    if shape in HYBRIDS:
+        h = HYBRIDS[shape]
+        config = Qwen3_5TextConfig(
+            vocab_size=h["vocab"],
+            hidden_size=h["hidden_size"],
+            intermediate_size=h["intermediate_size"],
+            num_hidden_layers=h["num_hidden_layers"],
+            num_attention_heads=h["heads"],
+            num_key_value_heads=h["heads"] // 2,
+            head_dim=64,
+            linear_key_head_dim=64,
+            linear_value_head_dim=64,
+            linear_num_key_heads=h["heads"] // 2,
+            linear_num_value_heads=h["heads"],
+            layer_types=(["linear_attention"] * 3 + ["full_attention"]) * (h["num_hidden_layers"] // 4),
+            max_position_embeddings=4096,
+        )
+    else:
+        s = SHAPES[shape]
+        config = LlamaConfig(
+            vocab_size=s.vocab,
+            hidden_size=s.hidden,
+            intermediate_size=s.intermediate,
+            num_hidden_layers=s.layers,
+            num_attention_heads=s.heads,
+            num_key_value_heads=s.kv_heads,
+            tie_word_embeddings=s.tied,
+            max_position_embeddings=4096,
+        )
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the GPU: a 3B model's init on the CPU takes tens of seconds
         model = AutoModelForCausalLM.from_config(config, dtype=policy_dtype(cfg, device), attn_implementation="sdpa")
@@ -258,7 +301,19 @@ def _measure(runner, cfg, policy, clock, device, *, warmup: int, steps: int, dea
 
 
 def strided_run(
-    shape: str, adapter: str | None, device, *, seq_len: int, micro: int, gas: int, gc: bool, warmup, steps, deadline
+    shape: str,
+    adapter: str | None,
+    device,
+    *,
+    seq_len: int,
+    micro: int,
+    gas: int,
+    gc: bool,
+    warmup,
+    steps,
+    deadline,
+    peak: dict,
+    torch_dtype: str | None = None,
 ):
     """Optimizer steps of the strided trainer at the paper's settings on random-token documents."""
     from accelerate import Accelerator
@@ -268,7 +323,9 @@ def strided_run(
     from ebft.strided.runner import StridedRunner
     from ebft.strided.step import layout_for
 
-    cfg = train_config("strided", adapter=adapter, seq_len=seq_len, micro=micro, gas=gas, gc=gc)
+    cfg = train_config(
+        "strided", adapter=adapter, seq_len=seq_len, micro=micro, gas=gas, gc=gc, torch_dtype=torch_dtype
+    )
     policy = build_policy(shape, cfg, device)
     features = feature_network_for(cfg, policy, device)
     gen = torch.Generator().manual_seed(0)
@@ -310,6 +367,8 @@ def strided_run(
     # roll_out picks the attention path: the compiled flex BlockMask on CUDA, the chunked SDPA plan elsewhere.
     attention = "flex-compiled" if device.type == "cuda" else "sparse-sdpa"
     extra = {"attention": attention, "gradient_checkpointing": gc, "precision": _precision(cfg, device)}
+    extra["weights"] = str(next(p for n, p in policy.named_parameters() if "lora_" not in n).dtype)
+    out["at_limits"] = strided_at_limits(policy, cfg, device, layout, out, peak, micro=micro, gas=gas)
     return {"packed_row_tokens": T, **sizes, **extra, **out}
 
 
@@ -327,8 +386,10 @@ def structured_run(
     warmup,
     steps,
     deadline,
+    peak: dict,
 ):
-    """Optimizer steps of the structured trainer, HF generate rollouts forced to full length."""
+    """Optimizer steps of the structured trainer, rollouts forced to full length (the shared-prefill decoder,
+    which is also what hybrid models sample with)."""
     from accelerate import Accelerator
 
     from ebft.data.structured import PromptRow
@@ -350,7 +411,7 @@ def structured_run(
     base.generation_config.min_new_tokens = completion_tokens
     tokenizer = train_tokenizer(["def add(a, b):\n    return a + b\n"] * 20, vocab_size=300)
     gen = torch.Generator().manual_seed(0)
-    vocab = SHAPES[shape].vocab
+    vocab = vocab_of(shape)
     rows = [
         PromptRow(
             prompt="",
@@ -391,6 +452,7 @@ def structured_run(
         "completion_tokens": completion_tokens,
         "prompt_tokens": prompt_tokens,
     }
+    out["at_limits"] = structured_at_limits(policy, cfg, device, out, peak, sizes | {"prompts": prompts})
     return {**sizes, "gradient_checkpointing": gc, "precision": _precision(cfg, device), **out}
 
 

@@ -9,7 +9,8 @@ n samples, natural stopping on a handful of frequent tokens, a cap of --cap toke
 network, padded, rewards, advantages) and ``microbatch`` over every completion (policy forward, GRPO loss,
 backward). The decoder and ``generate`` draw the very same completions (checked on every repeat), so both
 paths do the same work after the rollouts. Repeats alternate the two paths; the table gets the median and the
-fastest wall and CPU (process) seconds of each phase.
+fastest wall and CPU (process) seconds of each phase, and the median fraction of this machine's limits that
+each phase's CPU seconds reach (``benchmarks/roofline.py`` counts, ``benchmarks/limits.py`` rates, ``--limits``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from types import SimpleNamespace
 
 import torch
+from limits import limits_for
 
 from ebft import features as feat
 from ebft import losses
@@ -79,6 +81,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=96)
     p.add_argument("--cap", type=int, default=96)
     p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--limits", default=None, help="limits.py's JSON (default: each model's shape measured quickly)")
     return p.parse_args()
 
 
@@ -140,6 +143,39 @@ def rows(count: int, length: int) -> list[PromptRow]:
     return out
 
 
+def hybrid_shape(policy):
+    """The model's matrices for benchmarks/roofline.py (``ModelShape.of_model``: recurrent mixing not counted,
+    so the fractions are upper bounds of the true ones)."""
+    from roofline import ModelShape
+
+    from ebft.modeling.parts import backbone_of
+
+    return ModelShape.of_model(policy.config, backbone_of(policy).layers)
+
+
+def fractions(policy, batch, drawn, times, limits) -> dict[str, float]:
+    """Each phase's CPU seconds against this machine's limits (benchmarks/roofline.py counts, limits.py rates)."""
+    from roofline import (
+        phase_report,
+        structured_feature_calls,
+        structured_generation_calls,
+        structured_policy_calls,
+    )
+
+    shape = hybrid_shape(policy)
+    depth = max(feat.layer_indices([0.25, 0.5, 0.75], shape.layers))
+    prompts = [len(r.prompt_ids) for r in batch]
+    lengths = [len(q) - prompts[i // args.samples] for i, q in enumerate(drawn)]
+    completions = [lengths[p * args.samples : (p + 1) * args.samples] for p in range(len(batch))]
+    truths = [len(r.gt_ids) for r in batch]
+    work = {
+        "rollouts": structured_generation_calls(shape, prompts, completions),
+        "features": structured_feature_calls(shape, prompts, completions, truths, depth),
+        "policy": structured_policy_calls(shape, prompts, completions, weights_train=False),
+    }
+    return {k: phase_report(k, times[k][1], calls, shape, limits).fraction for k, calls in work.items()}
+
+
 def step(policy, backend, batch, s, seeds) -> tuple[dict[str, tuple[float, float]], list]:
     """One step's phases: {phase: (wall seconds, CPU seconds)} and the completions drawn."""
     times = {}
@@ -175,6 +211,8 @@ def main() -> None:
         }
         assert paths["decoder"].shared_prefill
         results: dict[str, list[dict]] = {path: [] for path in paths}
+        at_limit: dict[str, list[dict]] = {path: [] for path in paths}
+        limits = limits_for(hybrid_shape(policy), args.threads, args.limits)
         lengths = None
         for r in range(args.repeats + 1):  # the first round warms up
             seeds = [1000 * r + p for p in range(args.prompts)]
@@ -183,22 +221,25 @@ def main() -> None:
                 times, drawn[path] = step(policy, backend, batch, s, seeds)
                 if r:
                     results[path].append(times)
+                    at_limit[path].append(fractions(policy, batch, drawn[path], times, limits))
             assert drawn["decoder"] == drawn["generate"], "the two paths drew different completions"
             lengths = [len(q) - len(batch[i // args.samples].prompt_ids) for i, q in enumerate(drawn["decoder"])]
         print(f"\n{name}: {args.prompts} prompts x {args.samples} samples, prompts of ~{args.prompt_tokens} tokens, "
               f"completion lengths (last repeat) mean {statistics.mean(lengths):.1f}, min {min(lengths)}, "
               f"max {max(lengths)} of cap {args.cap}")  # fmt: skip
-        print("| path | phase | median wall s | fastest wall s | median CPU s |")
-        print("|---|---|---|---|---|")
+        print("| path | phase | median wall s | fastest wall s | median CPU s | median CPU s at the limit |")
+        print("|---|---|---|---|---|---|")
         for path, runs in results.items():
             for phase in ("rollouts", "features", "policy", "step"):
                 if phase == "step":
                     walls = [sum(t[0] for t in run.values()) for run in runs]
                     cpus = [sum(t[1] for t in run.values()) for run in runs]
+                    share = ""
                 else:
                     walls, cpus = [run[phase][0] for run in runs], [run[phase][1] for run in runs]
+                    share = f"{100 * statistics.median(f[phase] for f in at_limit[path]):.0f}%"
                 print(f"| {path} | {phase} | {statistics.median(walls):.3f} | {min(walls):.3f} | "
-                      f"{statistics.median(cpus):.3f} |")  # fmt: skip
+                      f"{statistics.median(cpus):.3f} | {share} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from other processes falls on all of them alike; the load average is printed wit
 
     python benchmarks/strided_memory.py --src before=/tmp/before/src --src after=src --rounds 2
 
-Prints one line per run and a markdown table of medians; ``--json FILE`` keeps every run.
+Prints one line per run (with each step's fraction of this machine's limits: its least work by
+``benchmarks/roofline.py`` at the rates of ``benchmarks/limits.py``, ``--limits FILE``) and a markdown table
+of medians; ``--json FILE`` keeps every run.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from limits import limits_for
+from roofline import SHAPES, phase_report, strided_feature_calls, strided_generation_calls, strided_policy_calls
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+N, G = 4, 8  # n_samples_per_prompt, generate_max_len of the config below
+_LIMITS: list = []  # this machine's limits at 1 thread, measured (or read) once in main
 
 
 def smollm_gguf() -> Path:
@@ -115,8 +122,23 @@ def measure(src: Path, cache: Path, config: Path, out: Path, checkpointing: bool
         "cpu_s": sum(float(_time_field(report, f"{kind} time (seconds)")) for kind in ("User", "System")),
         "wall": _time_field(report, "Elapsed (wall clock) time (h:mm:ss or m:ss)"),
         "step_seconds": [m["step_seconds"] for m in metrics if "step_seconds" in m],
+        "step_fraction": [step_fraction(m) for m in metrics if "step_seconds" in m],
         "load": [load_before, os.getloadavg()[0]],
     }
+
+
+def step_fraction(m: dict) -> float:
+    """A logged step's least work at this machine's limits (1 thread) / its seconds (benchmarks/roofline.py):
+    one document of ``doc`` tokens with ``blocks`` blocks at anchors 8, 16, ... (n = 4, g = 8), recovered from
+    the step's metrics (tokens_per_second counts the document and the generated tokens)."""
+    blocks = round(m["ebft/num_blocks"])
+    doc = round(m["tokens_per_second"] * m["step_seconds"]) - blocks * N * G
+    anchors = [[8 + 8 * k for k in range(blocks)]]
+    shape = SHAPES["smollm2-135m"]
+    calls = strided_generation_calls(shape, doc, anchors, N, G)
+    calls += strided_feature_calls(shape, doc, anchors, N, G, depth=22)  # layers 0.25/0.5/0.75 of 30: 7, 15, 22
+    calls += strided_policy_calls(shape, doc, anchors, N, G, ce_targets=0, weights_train=False)
+    return phase_report("step", m["step_seconds"], calls, shape, _LIMITS[0]).fraction
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="write every run here")
+    parser.add_argument("--limits", default=None, help="limits.py's JSON (default: measured quickly first)")
     args = parser.parse_args(argv)
+    _LIMITS.append(limits_for(SHAPES["smollm2-135m"], 1, args.limits))
     trees = {label: Path(path).resolve() for label, path in (item.split("=", 1) for item in args.src)}
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ebft-strided-memory-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -142,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                 result |= measure(src, cache, config, out, checkpointing)
                 runs.append(result)
                 steps = ", ".join(f"{s:.1f}" for s in result["step_seconds"])
+                at_limit = ", ".join(f"{100 * f:.0f}%" for f in result["step_fraction"])
                 print(
                     f"round {round_} gc={checkpointing!s:5} {label:8} peak RSS {result['peak_rss_mib']:7.0f} MiB  "
-                    f"steps [{steps}] s  CPU {result['cpu_s']:.1f} s  wall {result['wall']}  "
+                    f"steps [{steps}] s ({at_limit} of the limit)  CPU {result['cpu_s']:.1f} s  wall {result['wall']} "
                     f"load {result['load'][0]:.2f} -> {result['load'][1]:.2f}",
                     flush=True,
                 )

@@ -14,7 +14,8 @@ measures at every phase boundary:
   unpack);
 * after the optimizer step, the bytes of the LoRA gradients and of AdamW's state;
 * the CPU seconds (user + system) of every phase, which load from other processes affects far less than
-  wall time.
+  wall time, and at the end each phase's CPU seconds against this machine's limits (its FLOPs and bytes by
+  ``benchmarks/roofline.py``, the rates of ``benchmarks/limits.py``: ``--limits FILE``).
 
     EBFT_CACHE=<workdir>/cache PYTHONPATH=src OMP_NUM_THREADS=1 \\
         python benchmarks/strided_memory_breakdown.py <workdir>/config.yaml --gradient-checkpointing true
@@ -90,15 +91,18 @@ class PeakSampler:
         self.cpu_start = cpu_seconds()
 
 
-def report(name: str, sampler: PeakSampler, extra: str = "") -> None:
+def report(name: str, sampler: PeakSampler, extra: str = "") -> float:
+    """Print the phase's memory readings; returns its CPU seconds."""
     h = heap()
+    spent = cpu_seconds() - sampler.cpu_start
     print(
         f"{name:28s} rss {rss():6.0f} (anon {h['rss_anon']:5.0f}, file {h['rss_file']:4.0f})  peak {sampler.peak:6.0f}"
         f"  heap used {h['heap_used']:6.0f} free-held {h['heap_free_held']:6.0f} mmapped {h['mmapped']:6.0f}"
-        f"  cpu {cpu_seconds() - sampler.cpu_start:5.1f} s {extra}",
+        f"  cpu {spent:5.1f} s {extra}",
         flush=True,
     )
     sampler.reset()
+    return spent
 
 
 class SavedForBackward:
@@ -135,6 +139,7 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("--gradient-checkpointing", choices=("true", "false"), required=True)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--limits", default=None, help="limits.py's JSON (default: measured quickly at the end)")
     args = parser.parse_args()
 
     sampler = PeakSampler()
@@ -165,14 +170,15 @@ def main() -> None:
     optimizer = build_optimizer(cfg, trainable)
     policy.train()
     report("data, optimizer", sampler)
+    phase_seconds: list[dict] = []
     for step in range(args.steps):
         batch = collate_documents([data.train[step]], tok.pad_token_id)
         totals = st.count_targets(batch, s)
         gens = st.document_generators(cfg.seed, step, 0, 1, "cpu")
         r = st.roll_out(policy, batch, s, generators=gens)
-        report(f"step {step}: generation", sampler, f"(packed tokens {r.packed.shape[1]})")
+        seconds = {"generation": report(f"step {step}: generation", sampler, f"(packed tokens {r.packed.shape[1]})")}
         scores = st.score_rollouts(features, r.packed, r.plan, r.positions, r.layout, batch.labels, s)
-        report(f"step {step}: features", sampler)
+        seconds["features+rewards"] = report(f"step {step}: features", sampler)
         parameters = {p.untyped_storage().data_ptr() for p in policy.parameters()}
         saved = SavedForBackward(policy.config.vocab_size, parameters)
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
@@ -180,7 +186,7 @@ def main() -> None:
                 Sharding(policy), batch, 0, r.layout, r.tokens, scores.advantage, s, totals, None, False
             )
         end = saved.at_forward_end
-        report(
+        seconds["policy fwd+bwd"] = report(
             f"step {step}: policy fwd+bwd",
             sampler,
             f"\n    saved for backward: activations {saved.total('activation'):.0f}, log-prob chunks "
@@ -193,6 +199,41 @@ def main() -> None:
         grads = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None) / MIB
         optimizer.zero_grad(set_to_none=True)
         report(f"step {step}: optimizer", sampler, f"(AdamW state {state:.0f}, LoRA grads {grads:.0f})")
+        length = int(batch.lengths[0])
+        phase_seconds.append(seconds | {"layout": r.layout, "length": length, "ce": int(totals.ce_tokens)})
+    against_limits(policy, cfg, phase_seconds, args.limits)
+
+
+def against_limits(policy, cfg, phase_seconds: list[dict], limits_file: str | None) -> None:
+    """Each phase's CPU seconds (one thread: CPU seconds are what the phase costs, whatever else runs)
+    against this machine's limits (benchmarks/roofline.py counts, benchmarks/limits.py rates)."""
+    import torch
+    from limits import limits_for
+    from roofline import (
+        ModelShape,
+        phase_report,
+        strided_feature_calls,
+        strided_generation_calls,
+        strided_policy_calls,
+    )
+
+    from ebft.features import layer_indices
+
+    shape = ModelShape.from_config(policy.config)
+    limits = limits_for(shape, torch.get_num_threads(), limits_file)
+    depth = max(layer_indices(cfg.ebft.feature_layers, shape.layers))
+    for step, p in enumerate(phase_seconds):
+        lay = p["layout"]
+        L, n, g = p["length"], lay.n, lay.g  # the document's own tokens (not its padding)
+        anchors = [lay.anchors[0][lay.valid[0]].tolist()]
+        work = {
+            "generation": strided_generation_calls(shape, L, anchors, n, g),
+            "features+rewards": strided_feature_calls(shape, L, anchors, n, g, depth),
+            "policy fwd+bwd": strided_policy_calls(shape, L, anchors, n, g, ce_targets=p["ce"], weights_train=False),
+        }
+        for name, calls in work.items():
+            line = phase_report(name, p[name], calls, shape, limits).line()
+            print(f"step {step}, CPU seconds against the limits: {line}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
     python benchmarks/strided_step.py --hidden 256 --layers 4 --heads 4 --vocab 2048 --seq-len 1024 --docs 2
 
-Prints seconds per optimizer step (mean and median over --steps after --warmup), token-forwards per
-phase (generation, features, policy), and peak resident memory. The model is a Llama built from a
+Prints seconds per optimizer step (mean, median and fastest over --steps after --warmup) with each step's
+phases (generation = ``roll_out``, features + rewards = ``score_rollouts``, policy forward + backward = the
+rest of the micro-batch), token-forwards per phase, peak resident memory, and each phase of the fastest and
+the median step against this machine's limits: its FLOPs and bytes (``benchmarks/roofline.py`` states the
+formulas) at the fp32 matmul rate and streaming bandwidth that ``benchmarks/limits.py`` measured (``--limits
+FILE``; without it the model's shape is measured quickly at the end). The model is a Llama built from a
 config with random weights (seed 0) and LoRA on every linear layer, fp32 on CPU; documents are
 random tokens of exactly --seq-len tokens. The same settings run axolotl's trainer in
 benchmarks/axolotl_strided_step.py, so the two outputs compare directly. SmolLM2-135M's shape:
@@ -51,6 +55,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--limits", default=None, help="limits.py's JSON (default: measure this shape quickly at start)")
     return p.parse_args()
 
 
@@ -162,8 +167,28 @@ def main() -> None:
     )
     print(f"peak RSS before training: {peak_rss_mib():.0f} MiB")
 
-    times = []
+    # Phase timers around the step's own calls (the same functions, looked up by strided_microbatch at run
+    # time): generation = roll_out, features + rewards = score_rollouts, policy = the rest of the micro-batch.
+    from ebft.strided import step as step_module
+
+    clock = {"generation": 0.0, "features+rewards": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                clock[name] += time.perf_counter() - t0
+
+        return wrapper
+
+    step_module.roll_out = timed("generation", step_module.roll_out)
+    step_module.score_rollouts = timed("features+rewards", step_module.score_rollouts)
+
+    records = []
     for step in range(args.warmup + args.steps):
+        clock.update(dict.fromkeys(clock, 0.0))
         started = time.perf_counter()
         counts = [count_targets(b, s) for b in batches]
         totals = StepTotals(sum(c.rl_tokens for c in counts), sum(c.ce_tokens for c in counts))
@@ -172,47 +197,59 @@ def main() -> None:
             d = b.input_ids.shape[0]
             strided_microbatch(model, features, b, s, totals, generators=document_generators(0, step, first, d, "cpu"))
             first += d
+        micro_done = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
+        phases = dict(clock, **{"policy fwd+bwd": micro_done - started - sum(clock.values())})
+        phases["rest"] = elapsed - (micro_done - started)
         tag = "warmup" if step < args.warmup else "timed"
-        print(f"step {step} ({tag}): {elapsed:.2f} s, peak RSS {peak_rss_mib():.0f} MiB", flush=True)
+        split = ", ".join(f"{k} {v:.2f} s" for k, v in phases.items())
+        print(f"step {step} ({tag}): {elapsed:.2f} s [{split}], peak RSS {peak_rss_mib():.0f} MiB", flush=True)
         if step >= args.warmup:
-            times.append(elapsed)
-    # Phase split on the first micro-batch: generation and features+rewards timed on their own, the
-    # policy pass (forward + backward) as the rest of a full micro-batch.
-    from ebft.attention.strided import build_plan
-    from ebft.strided.generate import generate_blocks, pack
-    from ebft.strided.step import score_rollouts
-
-    b = batches[0]
-    lay = layout_for(b, s)
-    pos = lay.position_ids()
-    t0 = time.perf_counter()
-    tokens = generate_blocks(model, b.input_ids, lay, temperature=s.temperature, position_ids=pos)
-    t1 = time.perf_counter()
-    score_rollouts(features, pack(b.input_ids, tokens), build_plan(lay), pos, lay, b.labels, s)
-    t2 = time.perf_counter()
-    strided_microbatch(
-        model,
-        features,
-        b,
-        s,
-        count_targets(b, s),
-        generators=document_generators(0, 99, 0, b.input_ids.shape[0], "cpu"),
-    )
-    t3 = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    gen_s, feat_s = t1 - t0, t2 - t1
-    print(
-        f"phases (first micro-batch): generation {gen_s:.2f} s, features+rewards {feat_s:.2f} s, "
-        f"policy fwd+bwd {max(t3 - t2 - gen_s - feat_s, 0.0):.2f} s"
-    )
+            records.append({"seconds": elapsed, **phases})
+    times = [r["seconds"] for r in records]
+    fastest = min(records, key=lambda r: r["seconds"])
+    median = sorted(records, key=lambda r: r["seconds"])[len(records) // 2]
+    print(f"ebft_step_seconds={[round(t, 2) for t in times]}")
     print(f"ebft_seconds_per_step={statistics.mean(times):.3f}")
     print(f"ebft_median_seconds_per_step={statistics.median(times):.3f}")
     print(f"ebft_fastest_seconds_per_step={min(times):.3f}")
+    print("ebft_fastest_step_phases=" + ", ".join(f"{k} {v:.2f} s" for k, v in fastest.items() if k != "seconds"))
     print(f"ebft_peak_rss_mib={peak_rss_mib():.0f}")
+
+    # Each phase of the fastest and the median step against this machine's limits (benchmarks/roofline.py).
+    from limits import limits_for
+    from roofline import (
+        ModelShape,
+        report_phases,
+        strided_feature_calls,
+        strided_generation_calls,
+        strided_policy_calls,
+    )
+
+    shape = ModelShape.from_config(cfg)
+    limits = limits_for(shape, torch.get_num_threads(), args.limits)
+    anchors = []
+    for b in batches:
+        lay = layout_for(b, s)
+        anchors += [lay.anchors[d][lay.valid[d]].tolist() for d in range(lay.num_docs)]
+    ce = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches) // len(anchors) if s.ce_coef > 0 else 0
+    work = {
+        "generation": strided_generation_calls(shape, L, anchors, n, g),
+        "features+rewards": strided_feature_calls(shape, L, anchors, n, g, depth),
+        "policy fwd+bwd": strided_policy_calls(
+            shape, L, anchors, n, g, ce_targets=ce, weights_train=args.full_finetune
+        ),
+    }
+    print(
+        f"limits ({limits.source}, {limits.threads} threads): streaming read {limits.bandwidth_gb_s:.1f} GB/s, "
+        f"fp32 matmul {limits.rate(shape, 'body', 1024) / 1e9:.0f} GFLOP/s (body, 1024 rows)"
+    )
+    for label, record in (("fastest", fastest), ("median", median)):
+        for r in report_phases(label, record, work, shape, limits):
+            print(f"ebft_{label}_fraction_{r.name.split()[0].split('+')[0]}={r.fraction:.3f}")
 
 
 if __name__ == "__main__":

@@ -121,3 +121,24 @@ def test_shared_prefill_avoids_the_deprecated_cache_keyword(tiny_model_dir, tiny
                 _prompts(tok), 2, [6] * 4, [1, 2, 3, 4]
             )
         assert [len(group) for group in out] == [2, 2, 2, 2]
+
+
+def test_in_place_cache_draws_what_the_concatenating_cache_drew(monkeypatch, tiny_model_dir, tiny_tokenizer):
+    """The decoder writes each step's keys and values into preallocated buffers (``PreallocatedCache``); before,
+    transformers' DynamicCache grew by concatenation. Same prompts, seeds and stops: the same completions, with
+    rows leaving the batch at different steps (the buffers' rows are selected as the cache's were)."""
+    from transformers import DynamicCache
+
+    from ebft.structured import decode
+
+    tok = tiny_tokenizer
+    model = _model(tiny_model_dir)
+    prompts = _prompts(tok)
+    stop = _frequent_token(model, tok, prompts)
+    sampling = Sampling(0.9, top_p=0.95, stop_token_ids=(tok.eos_token_id, stop))
+    shared = HFGenerate(model, sampling=sampling, pad_token_id=tok.pad_token_id)
+    caps, seeds = [20, 9, 20, 14], [3, 4, 5, 6]
+    new = shared.generate(prompts, 4, caps, seeds)
+    monkeypatch.setattr(decode, "PreallocatedCache", lambda room, config: DynamicCache(config=config))
+    assert shared.generate(prompts, 4, caps, seeds) == new
+    assert len({len(c.ids) for group in new for c in group}) >= 3  # rows left at several different steps

@@ -49,6 +49,8 @@ def test_dry_run_passes_and_reports_every_part(tmp_path):
         "checks": "ok",
         "strided tiny-a lora": "ok",
         "structured tiny-b lora": "ok",
+        "hybrid qwen3.5-tiny lora": "ok",
+        "strided tiny-a full bf16-weights": "ok",
         "strided tiny-a full": "ok",
         "strided tiny-b lora": "ok",
         "strided tiny-b full": "ok",
@@ -78,6 +80,14 @@ def test_dry_run_passes_and_reports_every_part(tmp_path):
     # Full fine-tuning adds the weight gradients: 6 instead of 4 per multiply-add of the matmuls.
     assert runs["strided tiny-a full"]["policy_flop_per_step"] == 2 * (6 * 30638080 + 15753216)
     assert "12 * P * d_attn" in report["flop_formula"] and report["peak_tflops"] == 989.0
+    # No CUDA device: the H200 SXM datasheet row stands in (dense bf16 989 TFLOP/s, HBM 4.8 TB/s).
+    assert report["peaks"]["hbm_tb_s"] == 4.8 and report["peaks"]["source"].startswith("NVIDIA datasheet")
+    for name, r in runs.items():
+        assert set(r["at_limits"]) == {"rollout_and_features", "policy"}, name
+        assert all(0 < v["fraction_of_limit"] < 1 for v in r["at_limits"].values()), name
+    # bf16-stored weights: the trained weights themselves are bf16 (torch_dtype: bfloat16), not fp32 masters.
+    assert runs["strided tiny-a full bf16-weights"]["weights"] == "torch.bfloat16"
+    assert runs["strided tiny-a full"]["weights"] == "torch.float32"
     assert "no CUDA" in next(p["reason"] for p in report["parts"] if p["name"] == "fsdp2 2 processes")
 
 
@@ -147,3 +157,18 @@ def test_a_part_past_its_cap_is_stopped_and_keeps_its_checks(gpu_check):
     gpu_check.run_part(report, "late", 60, slow, time.monotonic() + 20, cpu)
     assert report["parts"][1] == {"name": "late", "cap_seconds": 60, "status": "skipped", "reason": "global deadline"}
     assert gpu_check.exit_status(report) == 1
+
+
+def test_datasheet_peaks_by_device_name(gpu_check):
+    from gpu_check_limits import datasheet_product, peaks
+
+    assert datasheet_product("NVIDIA H100 80GB HBM3") == "H100 SXM"
+    assert datasheet_product("NVIDIA H100 PCIe") == "H100 PCIe"
+    assert datasheet_product("NVIDIA H100 NVL") == "H100 NVL"
+    assert datasheet_product("NVIDIA H200") == "H200 SXM"
+    assert datasheet_product("NVIDIA H200 NVL") == "H200 NVL"
+    assert datasheet_product("NVIDIA A100-SXM4-80GB") is None
+    h100 = peaks("NVIDIA H100 80GB HBM3")
+    assert (h100["bf16_dense_tflops"], h100["hbm_tb_s"], h100["source"]) == (989.0, 3.35, "NVIDIA datasheet")
+    assert peaks("NVIDIA H100 80GB HBM3", tflops=900.0)["bf16_dense_tflops"] == 900.0
+    assert "not in the table" in peaks("NVIDIA A100-SXM4-80GB")["source"]

@@ -32,6 +32,10 @@ NAME = "ebft_strided"
 # Generated queries per chunk: the chunk re-reads the document prefix once, so larger chunks read it
 # fewer times but attend over more of their own (mostly masked) generated keys. ~256 balances the two.
 CHUNK_QUERIES = 256
+# Queries per chunk of a decoding step: a step has one query per rollout, and a chunk's keys are the document
+# prefix plus every cached token of its own rollouts, so smaller chunks read fewer keys that their queries
+# cannot see; 64 keeps the number of attention calls per step small (8 at the paper's settings).
+DECODE_CHUNK_QUERIES = 64
 # Attention-function keywords of transformers models that change the result and are not implemented
 # here; ``ebft.attention.support`` refuses such models at load time, this is the last line of defence.
 UNSUPPORTED_KWARGS = {"s_aux": "attention sinks (GPT-OSS `sinks`)"}
@@ -84,13 +88,21 @@ class DocumentPlan:
 
 @dataclass
 class DecodePlan:
-    """One KV-cached decoding step: the new queries against every cached key (generation)."""
+    """One KV-cached decoding step of the strided rollouts (generation): the step's n*K queries in chunks of
+    whole blocks, each chunk attending over the cached keys its queries may see (``decode_plan``)."""
 
-    masked: MaskedQueries
+    chunks: list[Chunk]
+    restore: torch.Tensor  # [n*K]: position in the chunk-ordered output of each query of the step
 
     def attend(self, query, key, value, *, scaling, window, softcap_value, dropout):
-        mask = self.masked.mask_for(window)
-        return attend(query, key, value, mask, scaling=scaling, softcap_value=softcap_value, dropout=dropout)
+        kw = {"scaling": scaling, "softcap_value": softcap_value, "dropout": dropout}
+        parts = [
+            attend(
+                query[:, :, c.q_index], key[:, :, c.k_index], value[:, :, c.k_index], c.masked.mask_for(window), **kw
+            )
+            for c in self.chunks
+        ]
+        return torch.cat(parts, dim=2)[:, :, self.restore]
 
 
 @dataclass
@@ -178,6 +190,44 @@ def build_plan(
     restore = torch.empty(layout.total_len - L, dtype=torch.long, device=dev)
     restore[torch.cat(order) - L] = torch.arange(restore.numel(), device=dev)
     return StridedPlan(doc_len=L, chunks=chunks, restore=restore, layout=layout)
+
+
+def decode_plan(
+    layout: StridedLayout, t: int, positions: torch.Tensor, *, chunk_queries: int = DECODE_CHUNK_QUERIES
+) -> DecodePlan:
+    """Attention of decoding step ``t``: the queries are the step's tokens (packed rows ``layout.step_rows(t)``,
+    (i, k) order), the keys the cache of packed rows [0, step_rows(t).stop).
+
+    Query (t, i, k) sees the document keys before c_k and the tokens (t', i, k), t' <= t, of its own rollout:
+    every other cached key is masked out. A chunk of whole blocks attends over the document prefix its latest
+    anchor needs plus its own rollouts' cached tokens, not over the whole cache (at the paper's settings the
+    whole cache is 2-8x the keys a step's queries may see). ``positions``: [D, S] of the packed rows.
+    """
+    dev = layout.anchors.device
+    L, n, K = layout.doc_len, layout.n, layout.k
+    per_step = layout.per_step
+    blocks_per_chunk = max(1, chunk_queries // n)
+    chunks, order = [], []
+    for k0 in range(0, K, blocks_per_chunk):
+        k1 = min(K, k0 + blocks_per_chunk)
+        m = k1 - k0
+        local = (torch.arange(n, device=dev)[:, None] * K + torch.arange(k0, k1, device=dev)[None, :]).reshape(-1)
+        anchors = layout.anchors[:, k0:k1]  # [D, m]
+        prefix = int(anchors.max())
+        # Cached tokens of the chunk's rollouts, step-major: key s * Q + j is rollout j's token of step s.
+        gen_keys = (L + torch.arange(t + 1, device=dev)[:, None] * per_step + local[None, :]).reshape(-1)
+        k_index = torch.cat([torch.arange(prefix, device=dev), gen_keys])
+        q_anchor = anchors[:, torch.arange(m, device=dev).repeat(n)]  # [D, Q]
+        to_doc = torch.arange(prefix, device=dev)[None, None, :] < q_anchor[:, :, None]  # [D, Q, P]
+        Q = local.numel()
+        to_gen = torch.arange(Q, device=dev)[:, None] == torch.arange(Q, device=dev).repeat(t + 1)[None, :]
+        mask = torch.cat([to_doc, to_gen[None].expand(layout.num_docs, -1, -1)], dim=-1)[:, None]
+        masked = MaskedQueries(mask, positions[:, L + t * per_step + local], positions[:, k_index])
+        chunks.append(Chunk(q_index=local, k_index=k_index, masked=masked))
+        order.append(local)
+    restore = torch.empty(per_step, dtype=torch.long, device=dev)
+    restore[torch.cat(order)] = torch.arange(per_step, device=dev)
+    return DecodePlan(chunks, restore)
 
 
 _compiled_flex = None

@@ -18,7 +18,8 @@ from contextlib import ExitStack
 
 import torch
 
-from ebft.attention.strided import DecodePlan, DocumentPlan, MaskedQueries, strided_backend
+from ebft.attention.kv_cache import PreallocatedCache
+from ebft.attention.strided import DocumentPlan, decode_plan, strided_backend
 from ebft.attention.strided_layout import StridedLayout
 from ebft.modeling.parts import backbone_of, cache_keyword, output_head
 from ebft.modeling.precision import autocast
@@ -33,25 +34,20 @@ def generate_blocks(
     *,
     temperature: float,
     top_p: float = 1.0,
-    mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     autocast_dtype: torch.dtype | None = None,
     generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Sample every block of every sample: input_ids [D, L] -> tokens [D, n, K, g].
 
-    ``mask`` [D, 1, S, S] and ``position_ids`` [D, S] may be passed in when the caller already built
-    them for the later passes; each decoding step uses a slice of them.
+    ``position_ids`` [D, S] may be passed in when the caller already built them for the later passes.
 
     With ``generators`` (one per document), document d's draws come only from its own generator and
     its own valid blocks, so its rollouts do not depend on what else is in the batch, on padding, or on
     how an optimizer step is split into micro-batches. Invalid slots then hold token 0.
     """
-    from transformers import DynamicCache
-
     D, L = input_ids.shape
     n, K, g = layout.n, layout.k, layout.g
-    mask = layout.attention_mask() if mask is None else mask
     pos = layout.position_ids() if position_ids is None else position_ids
     body, head = backbone_of(model), output_head(model)
     cache_kw = cache_keyword(body)
@@ -61,8 +57,9 @@ def generate_blocks(
         with ExitStack() as stack:
             stack.enter_context(strided_backend(model))
             stack.enter_context(autocast(input_ids.device, autocast_dtype))
-            # No config: every layer keeps all its keys (see the module docstring).
-            cache = DynamicCache()
+            # No config: every layer keeps all its keys (see the module docstring), in buffers sized for the
+            # prefill and g - 1 decoding steps, written in place.
+            cache = PreallocatedCache(L + (g - 1) * n * K)
             out = body(
                 input_ids=input_ids,
                 position_ids=pos[:, :L],
@@ -79,12 +76,11 @@ def generate_blocks(
             steps = [draw(logits[:, None].expand(-1, n, -1, -1))]  # [D, n, K]
             for t in range(1, g):
                 rows = layout.step_rows(t - 1)
-                step = MaskedQueries(mask[:, :, rows, : rows.stop], pos[:, rows], pos[:, : rows.stop])
                 out = body(
                     input_ids=steps[-1].reshape(D, n * K),
                     position_ids=pos[:, rows],
                     use_cache=True,
-                    ebft_plan=DecodePlan(step),
+                    ebft_plan=decode_plan(layout, t - 1, pos),
                     **{cache_kw: cache},
                 )
                 logits = head(out.last_hidden_state).reshape(D, n, K, -1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ebft.attention.kv_cache import PreallocatedCache
 from ebft.modeling.parts import cache_keyword
 from ebft.structured.rollout import Sampling
 
@@ -126,8 +127,6 @@ def shared_prefill_generate(
     rows, ``logits`` [A, V] fp32). A row stops after a stop token or after its prompt's cap tokens; its ids
     include the stop token.
     """
-    from transformers import DynamicCache
-
     P = len(prompts)
     width = max(len(p) for p in prompts)
     ids = torch.full((P, width), pad_token_id, dtype=torch.long)
@@ -138,7 +137,9 @@ def shared_prefill_generate(
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     base = _unwrapped(model)
-    cache = DynamicCache(config=base.config)
+    # Room for the longest completion: each decoding step writes its keys and values in place.
+    room = width + max(caps)
+    cache = PreallocatedCache(room, config=base.config)
     # A PEFT wrapper forwards keyword arguments to the model it wraps: ask that model for the cache's name.
     cache_kw = cache_keyword(base)
 
@@ -159,7 +160,8 @@ def shared_prefill_generate(
     logits = next_logits(ids, mask, positions, True).repeat_interleave(copies, dim=0)  # [P * copies, V]
     if copies > 1:
         _select_rows(cache, torch.arange(P, device=device).repeat_interleave(copies))
-    mask = mask.repeat_interleave(copies, dim=0)
+    # The attention mask of every step is a view of one [R, room] tensor: ones after the prompts.
+    mask = torch.cat([mask, mask.new_ones(P, room - width)], dim=1).repeat_interleave(copies, dim=0)
     next_pos = positions[:, -1].repeat_interleave(copies) + 1  # [R]
     row_cap = torch.tensor([caps[r // copies] for r in range(P * copies)], device=device)
     rows = torch.arange(P * copies, device=device)  # active rows
@@ -181,7 +183,6 @@ def shared_prefill_generate(
             keep = (~done).nonzero(as_tuple=True)[0]
             _select_rows(cache, keep)
             rows, token, mask, next_pos = rows[keep], token[keep], mask[keep], next_pos[keep]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = next_logits(token[:, None], mask, next_pos[:, None], False)
+        logits = next_logits(token[:, None], mask[:, : width + step], next_pos[:, None], False)
         next_pos = next_pos + 1
     return generated
