@@ -30,7 +30,7 @@ from ebft.modeling.memory_plan import (
 )
 from ebft.modeling.model_shape import model_shape, plan_model_config
 from ebft.modeling.precision import describe, dtype_name, run_dtypes
-from ebft.structured.runner import FEATURE_BATCH
+from ebft.structured.scoring import FEATURE_BATCH
 
 log = logging.getLogger("ebft")
 
