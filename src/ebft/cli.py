@@ -24,6 +24,7 @@ from ebft.quickstart.run import DEFAULT_MINUTES, run_quickstart
 from ebft.train import preflight
 from ebft.train.loop import train
 from ebft.train.memory import Hardware, log_plan, parse_size
+from ebft.train.tui import Dashboard, terminal_problem
 from ebft.vllm.backend import probe_server, wait_for_server
 from ebft.vllm.serve import vllm_serve
 
@@ -61,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("config", help="path to the YAML config")
         if name == "validate":
             _add_plan_options(cmd)
+        if name == "train":
+            cmd.add_argument(
+                "--tui",
+                action="store_true",
+                help="a live dashboard in the terminal (metrics as curves, samples, the log's tail) instead of "
+                "the plain console; the whole log also goes to OUTPUT_DIR/train.log",
+            )
     _add_evaluate(sub, debug)
     _add_vllm_serve(sub, debug)
     quick = sub.add_parser(
@@ -253,9 +261,21 @@ def _run(args, overrides: list[str]) -> int:
     # Everything the machine lacks first, then the rollout server (which may still be starting): before any load.
     preflight.check(cfg, "train", config_dir=config_dir, source=args.config)
     wait_for_server(cfg)
-    result = train(cfg, mode_of(cfg), config_dir=config_dir)
-    log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
+    problem = terminal_problem(sys.stdout) if args.tui else None
+    if problem is not None:
+        log.warning("--tui: %s, so the plain console shows the run", problem)
+    if not args.tui or problem is not None or os.environ.get("RANK", "0") != "0":
+        _train(cfg, config_dir)
+        return 0
+    with Dashboard(cfg.output_dir) as dashboard:  # drawn by the main process only
+        _train(cfg, config_dir, dashboard)
     return 0
+
+
+def _train(cfg, config_dir: Path, dashboard: Dashboard | None = None) -> None:
+    console = dashboard.console if dashboard is not None else None
+    result = train(cfg, mode_of(cfg), config_dir=config_dir, console=console, dashboard=dashboard)
+    log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
 
 
 def _planned_hardware(args) -> Hardware:

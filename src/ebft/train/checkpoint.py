@@ -40,6 +40,7 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_skips: int = 0
     window: dict = field(default_factory=dict)  # metric sums since the last logged step
+    evaluation: dict = field(default_factory=dict)  # what evaluations decided (ebft.train.early_stopping)
 
 
 def rng_state() -> dict:
@@ -141,11 +142,17 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / STATE_FILE).exists()]
 
 
-def rotate(output_dir: Path, keep: int | None) -> None:
-    """Delete the oldest checkpoints beyond ``keep``."""
+def rotate(output_dir: Path, keep: int | None, protected: Path | None = None) -> None:
+    """Delete the oldest checkpoints beyond ``keep``, never ``protected`` (the best one, for
+    load_best_model_at_end): it counts among the ``keep``, and with ``keep`` 1 the newest stays beside it (as in
+    transformers), since resuming needs it."""
     if keep is None:
         return
-    for old in checkpoints(output_dir)[:-keep]:
+    found = checkpoints(output_dir)
+    if protected is not None and protected in found:
+        found.remove(protected)
+        keep = max(keep - 1, 1)
+    for old in found[:-keep]:
         shutil.rmtree(old)
 
 
@@ -164,8 +171,9 @@ def resolve_resume(output_dir: Path, setting: str | None) -> Path | None:
     return path
 
 
-def load_checkpoint(directory: Path, *, model, optimizer, scheduler, accelerator, sharded: bool = False) -> TrainState:
-    """Restore weights, optimizer, scheduler and this process's RNG states; return the saved state."""
+def load_weights(directory: Path, *, model, optimizer, accelerator, sharded: bool = False) -> None:
+    """The model's weights (or adapter) from checkpoint ``directory``; under FSDP also the optimizer's state,
+    which is read and broadcast with them (a collective: every process calls it)."""
     from safetensors.torch import load_file
 
     adapter = directory / "adapter_model.safetensors"
@@ -182,6 +190,11 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, accelerator
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
             raise ConfigError(f"resume_from_checkpoint: {directory} does not match this model's weights")
+
+
+def load_checkpoint(directory: Path, *, model, optimizer, scheduler, accelerator, sharded: bool = False) -> TrainState:
+    """Restore weights, optimizer, scheduler and this process's RNG states; return the saved state."""
+    load_weights(directory, model=model, optimizer=optimizer, accelerator=accelerator, sharded=sharded)
     if not sharded:
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
