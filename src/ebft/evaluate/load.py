@@ -103,7 +103,7 @@ def held_out_plan(cfg, split: str | None, max_docs: int | None) -> tuple[str, in
     cap = TRAIN_SAMPLE_DOCS if max_docs is None else max_docs
     return (
         f"a sample of the training rows (at most {cap} documents, spread evenly; the model may have trained on "
-        "them): val_set_size is 0 and no --split was given; set val_set_size or --split for held-out rows, "
+        "them): val_set_size is 0, no test_datasets and no --split; set one of them for held-out rows, "
         "--max-docs for another sample size",
         cap,
     )
