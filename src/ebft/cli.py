@@ -27,6 +27,7 @@ from ebft.train.loop import train
 from ebft.train.memory import Hardware, log_plan, parse_size
 from ebft.train.resume import Launch
 from ebft.train.signals import Stopped, raise_on_signals
+from ebft.train.tui import Dashboard, terminal_problem
 from ebft.vllm.backend import probe_server, wait_for_server
 from ebft.vllm.serve import vllm_serve
 
@@ -70,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="resume a checkpoint although settings that change the run (data, model, sampling, EBFT, "
                 "optimizer...) differ from the ones it was trained with",
+            )
+            cmd.add_argument(
+                "--tui",
+                action="store_true",
+                help="a live dashboard in the terminal (metrics as curves, samples, the log's tail) instead of "
+                "the plain console; the whole log also goes to OUTPUT_DIR/train.log",
             )
     _add_evaluate(sub, debug)
     _add_vllm_serve(sub, debug)
@@ -268,9 +275,21 @@ def _run(args, overrides: list[str]) -> int:
     preflight.check(cfg, "train", config_dir=config_dir, source=args.config)
     wait_for_server(cfg)
     launch = Launch(config=args.config, overrides=tuple(overrides), allow_config_change=args.allow_config_change)
-    result = train(cfg, mode_of(cfg), config_dir=config_dir, launch=launch)
-    log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
+    problem = terminal_problem(sys.stdout) if args.tui else None
+    if problem is not None:
+        log.warning("--tui: %s, so the plain console shows the run", problem)
+    if not args.tui or problem is not None or os.environ.get("RANK", "0") != "0":
+        _train(cfg, config_dir, launch)
+        return 0
+    with Dashboard(cfg.output_dir) as dashboard:  # drawn by the main process only
+        _train(cfg, config_dir, launch, dashboard)
     return 0
+
+
+def _train(cfg, config_dir: Path, launch: Launch, dashboard: Dashboard | None = None) -> None:
+    console = dashboard.console if dashboard is not None else None
+    result = train(cfg, mode_of(cfg), config_dir=config_dir, launch=launch, console=console, dashboard=dashboard)
+    log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
 
 
 def _planned_hardware(args) -> Hardware:

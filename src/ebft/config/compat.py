@@ -38,10 +38,8 @@ IGNORED_AXOLOTL_KEYS: dict[str, str] = {
     "train_on_inputs": "the dataset transform decides which tokens are CE targets (prompts never are)",
     "group_by_length": "ebft does not reorder the data by length",
     "remove_unused_columns": "each transform names the columns it removes (`remove_columns`)",
-    "eval_steps": "there is no periodic evaluation during training; run `ebft evaluate` on a checkpoint",
-    "evals_per_epoch": "there is no periodic evaluation during training; run `ebft evaluate` on a checkpoint",
-    "eval_table_size": "there is no periodic evaluation during training; run `ebft evaluate` on a checkpoint",
-    "early_stopping_patience": "ebft has no early stopping; training runs for max_steps / num_epochs",
+    "eval_table_size": "evaluation during training logs its metrics (eval/*), not a table of samples; "
+    "`ebft evaluate` writes every row's values to its JSON",
     "saves_per_epoch": "checkpoints are written every `save_steps` optimizer steps",
     "save_strategy": "checkpoints are written every `save_steps` optimizer steps",
     "save_safetensors": "checkpoints are always written as safetensors",

@@ -9,7 +9,9 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ebft.config.base import Problems, Section, unknown_key_reason
 from ebft.config.deploy import deploy_problems
+from ebft.config.evaluation import evaluation_problems, metric_name
 from ebft.config.sections import DatasetSpec, EbftSection, FsdpSection, StrOrStrList, TrlSection, VllmSection
+from ebft.config.structured import structured_problems
 from ebft.modeling.chat_templates import choice_problem
 
 # Dataset transforms shipped with the EBFT docs, by the mode whose rows they produce. A transform
@@ -87,6 +89,12 @@ class TrainConfig(Section):
         ge=0.0,
         description="Held-out validation rows: 0 = none; in (0, 1) = that fraction of the rows; "
         ">= 1 = that many rows (a whole number).",
+    )
+    test_datasets: list[DatasetSpec] | None = Field(
+        None,
+        min_length=1,
+        description="Held-out datasets, read and transformed like `datasets` (each at its `split`), for evaluation "
+        "during training and `ebft evaluate`; instead of val_set_size (set one of them, not both).",
     )
     sequence_len: int = Field(2048, ge=1, description="Maximum tokens per document (>= 1).")
     dataset_prepared_path: str | None = Field(
@@ -231,6 +239,69 @@ class TrainConfig(Section):
     wandb_entity: str | None = Field(None, description="Weights & Biases entity (team or user).")
     wandb_name: str | None = Field(None, description="Weights & Biases run name.")
 
+    # Evaluation during training (the metrics of `ebft evaluate`, logged as eval/*)
+    eval_steps: int | float | None = Field(
+        None,
+        gt=0,
+        description="Evaluate the policy on the held-out rows (val_set_size or test_datasets) every this many "
+        "optimizer steps (a whole number), or every this fraction of the run's steps (in (0, 1), rounded up), "
+        "and at the last step; not with evals_per_epoch. null = no evaluation during training (unless "
+        "evals_per_epoch or eval_strategy asks for it).",
+    )
+    evals_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate this many times per epoch: every total_steps / (evals_per_epoch x num_epochs) steps, "
+        "rounded up (as axolotl computes it), and at the last step; not with eval_steps.",
+    )
+    eval_strategy: Literal["no", "steps", "epoch"] | None = Field(
+        None,
+        description="no: no evaluation during training; epoch: once per epoch (evals_per_epoch: 1); steps (needs "
+        "eval_steps or evals_per_epoch) or null: as eval_steps or evals_per_epoch say.",
+    )
+    eval_on_start: bool | None = Field(
+        None,
+        description="Also evaluate before the first step (logged at step 0; a fresh run only; not a candidate for "
+        "early stopping or the best model). null = true whenever evaluation during training is on, as in axolotl.",
+    )
+    eval_max_docs: int | None = Field(
+        200,
+        ge=1,
+        description="Evaluate at most this many held-out documents (structured: prompt rows), spread evenly over "
+        "them, the same ones every time; null = all. 200 is also the bound of `ebft evaluate` on a sample of "
+        "training rows.",
+    )
+    eval_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Documents (structured: completions) per evaluation batch, during training and in `ebft "
+        "evaluate`; null = micro_batch_size.",
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop when metric_for_best_model has not improved on its best for this many evaluations in a "
+        "row (the run then ends as at its last step: checkpoint, final model, run card); null = never.",
+    )
+    metric_for_best_model: str | None = Field(
+        None,
+        min_length=1,
+        description="The evaluation metric early stopping and load_best_model_at_end compare, e.g. eval/cfm_loss "
+        "(transformers' eval_cfm_loss and cfm_loss mean the same), eval/ce_loss, eval/reward; null = "
+        "eval/cfm_loss.",
+    )
+    greater_is_better: bool | None = Field(
+        None,
+        description="Whether a higher metric_for_best_model is better; null = from the metric (losses, "
+        "perplexities and diversity lower, alignment and reward higher).",
+    )
+    load_best_model_at_end: bool = Field(
+        False,
+        description="Hand over (final model, run card, merge, upload) the weights of the evaluated checkpoint, or "
+        "of the last step, with the best metric_for_best_model instead of the last step's; save_total_limit "
+        "keeps that checkpoint. Needs save_steps, a multiple of the evaluation interval (as in transformers).",
+    )
+
     # Hugging Face Hub
     hub_model_id: str | None = Field(
         None,
@@ -273,11 +344,17 @@ class TrainConfig(Section):
         # `trl:` with nothing after it is common in axolotl files and means "no settings".
         return {} if value is None else value
 
-    @field_validator("load_in_8bit", "load_in_4bit", "merge_lora", mode="before")
+    @field_validator("load_in_8bit", "load_in_4bit", "merge_lora", "load_best_model_at_end", mode="before")
     @classmethod
     def _null_is_off(cls, value: Any) -> Any:
         # axolotl files often leave these keys empty (`load_in_8bit:`), which means off.
         return False if value is None else value
+
+    @field_validator("metric_for_best_model")
+    @classmethod
+    def _logged_metric_name(cls, value: str | None) -> str | None:
+        # transformers' spellings (eval_cfm_loss, cfm_loss) name the metric logged as eval/cfm_loss.
+        return None if value is None else metric_name(value)
 
     @field_validator("special_tokens")
     @classmethod
@@ -345,14 +422,17 @@ class TrainConfig(Section):
         if self.adapter and not (self.lora_target_linear or self.lora_target_modules or targets_from_adapter):
             problems.append(("adapter", "set lora_target_linear: true or lora_target_modules"))
         problems += deploy_problems(self)
+        problems += evaluation_problems(self)
         if e.mode == "structured":
-            problems += self._structured_problems()
-        for i, spec in enumerate(self.datasets):
+            problems += structured_problems(self)
+        entries = [(f"datasets.{i}", spec) for i, spec in enumerate(self.datasets)]
+        entries += [(f"test_datasets.{i}", spec) for i, spec in enumerate(self.test_datasets or [])]
+        for where, spec in entries:
             made_for = _transform_mode(spec.type)
             if made_for is not None and made_for != e.mode:
                 problems.append(
                     (
-                        f"datasets.{i}.type",
+                        f"{where}.type",
                         (
                             f"{spec.type!r} produces {made_for}-mode rows but ebft.mode is {e.mode!r}; "
                             f"set ebft.mode: {made_for} or use a {e.mode}-mode transform"
@@ -362,64 +442,6 @@ class TrainConfig(Section):
         if problems:
             raise Problems(problems)
         return self
-
-    def _structured_problems(self) -> list[tuple[str, str]]:
-        problems: list[tuple[str, str]] = []
-        trl = self.trl
-        # An optimizer step must take whole groups of completions (TRL's rule for one process;
-        # axolotl's own examples use micro_batch_size 1 with 4 accumulation steps).
-        if (self.micro_batch_size * self.gradient_accumulation_steps) % trl.num_generations:
-            problems.append(
-                (
-                    "micro_batch_size",
-                    f"micro_batch_size * gradient_accumulation_steps = {self.micro_batch_size} * "
-                    f"{self.gradient_accumulation_steps} must be a multiple of trl.num_generations "
-                    f"= {trl.num_generations}",
-                )
-            )
-        if trl.num_generations < 2:
-            problems.append(
-                (
-                    "trl.num_generations",
-                    "must be >= 2 in structured mode: group advantages compare the completions of one "
-                    f"prompt (got {trl.num_generations})",
-                )
-            )
-        if trl.max_completion_length >= self.sequence_len:
-            problems.append(
-                (
-                    "trl.max_completion_length",
-                    f"must be less than sequence_len = {self.sequence_len} to leave room for the prompt "
-                    f"(got {trl.max_completion_length})",
-                )
-            )
-        if trl.epsilon_high is not None and trl.epsilon_high < trl.epsilon:
-            problems.append(("trl.epsilon_high", f"must be >= trl.epsilon = {trl.epsilon} (got {trl.epsilon_high})"))
-        if trl.use_vllm and trl.vllm_lora_sync and self.adapter is None:
-            problems.append(
-                (
-                    "trl.vllm_lora_sync",
-                    "needs adapter: lora (it hot-loads a saved adapter); to fine-tune all weights set "
-                    "vllm_lora_sync: false and they are sent with vLLM's weight transfer (got adapter: null)",
-                )
-            )
-        if trl.async_prefetch and not trl.use_vllm:
-            problems.append(
-                (
-                    "trl.async_prefetch",
-                    "needs trl.use_vllm: true; with transformers generate the rollouts run on the training "
-                    "device, so there is nothing to overlap with training",
-                )
-            )
-        if self.vllm.max_model_len is not None and self.vllm.max_model_len < self.sequence_len:
-            problems.append(
-                (
-                    "vllm.max_model_len",
-                    f"must be >= sequence_len = {self.sequence_len}, or the server rejects the longest "
-                    f"prompt + completion (got {self.vllm.max_model_len})",
-                )
-            )
-        return problems
 
 
 def vllm_client_address(cfg: TrainConfig) -> tuple[str, int]:

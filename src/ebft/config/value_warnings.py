@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ebft.choices import single_sample_fallback
 from ebft.config.deploy import deploy_warnings
+from ebft.config.evaluation import evaluation_warnings
 from ebft.config.sections import EbftSection, TrlSection, VllmSection
 from ebft.config.train import TrainConfig
 
@@ -89,6 +90,7 @@ def _value_warnings(cfg: TrainConfig) -> list[str]:
             if getattr(cfg, key) != default
         ]
     out += deploy_warnings(cfg)
+    out += evaluation_warnings(cfg)
     if cfg.torch_dtype == "bfloat16" and cfg.bf16 is False:
         out.append(
             "torch_dtype: bfloat16 weights with bf16: false: there is no autocast, so the model computes in "

@@ -10,6 +10,7 @@ beside it in ``config.yaml``.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -57,8 +58,22 @@ def front_matter(cfg, kind: str) -> dict:
     return meta
 
 
-def render_card(cfg, *, kind: str, metrics: dict) -> str:
-    """The card's text. ``kind``: adapter | full | merged; ``metrics``: the last logged values (with ``step``)."""
+@dataclass(frozen=True)
+class FinalModel:
+    """Which weights a run handed over: those after optimizer ``step`` of the run's ``steps``, chosen as
+    ``reason`` says; ``evaluation``: that model's held-out metrics (``eval/`` names) when it was evaluated;
+    ``stopped``: why the run ended before its last step (early stopping), or None."""
+
+    step: int
+    steps: int
+    reason: str = "the last step"
+    evaluation: dict = field(default_factory=dict)
+    stopped: str | None = None
+
+
+def render_card(cfg, *, kind: str, metrics: dict, final: FinalModel | None = None) -> str:
+    """The card's text. ``kind``: adapter | full | merged; ``metrics``: the last logged values (with ``step``);
+    ``final``: which weights these are (None: not known, e.g. a merge of a run without a record of it)."""
     name = Path(cfg.output_dir).name
     head = "---\n" + yaml.safe_dump(front_matter(cfg, kind), sort_keys=False) + "---\n"
     what = {
@@ -87,6 +102,7 @@ def render_card(cfg, *, kind: str, metrics: dict) -> str:
         "",
         "The whole resolved config is `config.yaml`.",
         "",
+        *_final_model_lines(final),
         "## Final metrics",
         "",
         *_metric_lines(metrics),
@@ -100,11 +116,24 @@ def render_card(cfg, *, kind: str, metrics: dict) -> str:
     return head + "\n".join(lines)
 
 
-def write_card(directory: Path, cfg, *, kind: str, metrics: dict) -> Path:
+def write_card(directory: Path, cfg, *, kind: str, metrics: dict, final: FinalModel | None = None) -> Path:
     """Write ``directory/README.md`` (replacing the placeholder card that PEFT saves with an adapter)."""
     path = Path(directory) / "README.md"
-    path.write_text(render_card(cfg, kind=kind, metrics=metrics), encoding="utf-8")
+    path.write_text(render_card(cfg, kind=kind, metrics=metrics, final=final), encoding="utf-8")
     return path
+
+
+def _final_model_lines(final: FinalModel | None) -> list[str]:
+    if final is None:
+        return []
+    lines = ["## Final model", "", f"The weights after optimizer step {final.step} of {final.steps}: {final.reason}."]
+    if final.stopped is not None:
+        lines += ["", final.stopped]
+    values = {k: v for k, v in final.evaluation.items() if isinstance(v, (int, float))}
+    if values:
+        lines += ["", f"Its held-out evaluation (step {final.step}):", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.6g} |" for k, v in values.items()]
+    return [*lines, ""]
 
 
 def _model_notes(cfg, kind: str) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ebft.config import load_config
-from ebft.deploy.card import write_card
+from ebft.deploy.card import FinalModel, write_card
 from ebft.deploy.hub import prepare_upload
 from ebft.errors import ConfigError
 from ebft.modeling.adapters import load_adapter, read_adapter_config
@@ -113,12 +113,12 @@ class RunExport:
         if self.hub is not None and self.is_main:
             self.hub.checkpoint(path)
 
-    def finish(self, out_dir: Path, steps: int, metrics: dict[str, float]) -> None:
+    def finish(self, out_dir: Path, steps: int, metrics: dict[str, float], final: FinalModel | None = None) -> None:
         if not self.is_main:
             return
 
         kind = "adapter" if self.cfg.adapter is not None else "full"
-        write_card(out_dir, self.cfg, kind=kind, metrics={"step": steps, **metrics})
+        write_card(out_dir, self.cfg, kind=kind, metrics={"step": steps, **metrics}, final=final)
         if self.cfg.merge_lora:
             merge_lora(out_dir, out_dir / MERGED_DIR, cfg=self.cfg)
         if self.hub is not None:

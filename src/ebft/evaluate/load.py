@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ebft.config.evaluation import held_out_config
 from ebft.data.cache import load_datasets
 from ebft.errors import ConfigError, EbftError
 from ebft.modeling.adapters import peft_wrapping
@@ -94,19 +95,22 @@ def load_models(cfg, checkpoint: str | Path | None, device: torch.device):
 def held_out_plan(cfg, split: str | None, max_docs: int | None) -> tuple[str, int | None]:
     """(what ``evaluate`` reads, in words, for its first line; the most documents it evaluates).
 
-    ``split`` given: every dataset entry at that split. Else the validation rows when ``val_set_size`` > 0.
+    ``split`` given: every dataset entry at that split. Else the ``test_datasets`` rows, or the validation rows
+    when ``val_set_size`` > 0.
     Else a sample of the training rows, at most ``TRAIN_SAMPLE_DOCS`` of them unless ``max_docs`` says
     otherwise: the model may have trained on them, and the whole set can take hours.
     """
     limit = f"at most {max_docs} documents, spread evenly" if max_docs is not None else "every document"
     if split is not None:
         return f"the datasets at split '{split}' ({limit})", max_docs
+    if cfg.test_datasets:
+        return f"the test_datasets rows ({limit})", max_docs
     if cfg.val_set_size > 0:
         return f"the validation rows (val_set_size={cfg.val_set_size:g}, seed {cfg.seed}; {limit})", max_docs
     cap = TRAIN_SAMPLE_DOCS if max_docs is None else max_docs
     return (
         f"a sample of the training rows (at most {cap} documents, spread evenly; the model may have trained on "
-        "them): val_set_size is 0 and no --split was given; set val_set_size or --split for held-out rows, "
+        "them): val_set_size is 0, no test_datasets and no --split; set one of them for held-out rows, "
         "--max-docs for another sample size",
         cap,
     )
@@ -115,8 +119,8 @@ def held_out_plan(cfg, split: str | None, max_docs: int | None) -> tuple[str, in
 def held_out_rows(cfg, tokenizer, split: str | None, config_dir: Path | None = None):
     """(rows, description) of the documents (strided) or prompt rows (structured) to evaluate on.
 
-    ``split`` given: every dataset entry read at that split, in full. Otherwise the validation part
-    of the training data when ``val_set_size`` > 0 (the same rows training held out: same data, same
+    ``split`` given: every dataset entry read at that split, in full. Otherwise the ``test_datasets`` rows, or
+    the validation part of the training data when ``val_set_size`` > 0 (the same rows training held out: same data, same
     seed), else the training rows (``held_out_plan`` bounds how many are read).
     ``config_dir``: where custom transform modules are looked up (as in training).
     """
@@ -124,6 +128,8 @@ def held_out_rows(cfg, tokenizer, split: str | None, config_dir: Path | None = N
         specs = [spec.model_copy(update={"split": split}) for spec in cfg.datasets]
         at_split = cfg.model_copy(update={"datasets": specs, "val_set_size": 0.0})
         return load_datasets(at_split, tokenizer, search_dir=config_dir).train, f"datasets at split '{split}'"
+    if cfg.test_datasets:
+        return load_datasets(held_out_config(cfg), tokenizer, search_dir=config_dir).train, "test_datasets rows"
     if cfg.val_set_size > 0:
         data = load_datasets(cfg, tokenizer, search_dir=config_dir)
         return data.val, f"validation rows (val_set_size={cfg.val_set_size:g}, seed {cfg.seed})"

@@ -22,13 +22,23 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("answer_perplexity", "perplexity, answer tokens", "lower"),
 )
 # Rows shown only when the evaluation reports them: structured configs, and --execute.
-EXTRA_METRICS: tuple[tuple[str, str, str], ...] = (
+STRUCTURED_METRICS: tuple[tuple[str, str, str], ...] = (
     ("completion_length", "completion length, tokens (mean)", "-"),
     ("truncated_fraction", "completions cut at their cap", "-"),
+)
+EXTRA_METRICS: tuple[tuple[str, str, str], ...] = (
+    *STRUCTURED_METRICS,
     ("pass@1", "pass@1, unit tests", "higher"),
     ("pass@n", "pass@n, unit tests (n = num_generations)", "higher"),
     ("ground_truth_pass_rate", "ground truth passes its tests (check)", "1.0"),
 )
+
+
+def held_out_metrics(mode: str) -> dict[str, str]:
+    """The metrics an evaluation of a ``mode`` config reports without ``--execute`` (those evaluation during
+    training logs), each with the way it is better: ``lower``, ``higher`` or ``-`` (neither)."""
+    rows = METRICS + (STRUCTURED_METRICS if mode == "structured" else ())
+    return {key: better for key, _, better in rows}
 
 
 def json_safe(value):

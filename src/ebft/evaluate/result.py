@@ -22,11 +22,13 @@ class EvalResult:
 
 @dataclass
 class ModeRun:
-    """What one mode's evaluation loop measured; ``evaluate`` adds the model, source and timing."""
+    """What one mode's evaluation loop measured; ``evaluate`` adds the model, source and timing. ``sums``: the
+    per-row sums ``metrics`` summarises (fixed keys, so that several processes' sums add up)."""
 
     metrics: dict[str, float | None]
     documents: list[dict]
     data: dict
     settings: dict
+    sums: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     execution: dict | None = None

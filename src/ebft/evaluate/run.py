@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 
 from ebft.errors import EbftError
+from ebft.evaluate import metrics as eval_metrics
 from ebft.evaluate.execute import EXEC_TIMEOUT
 from ebft.evaluate.load import held_out_plan, held_out_rows, load_models, spread_indices
-from ebft.evaluate.result import EvalResult
+from ebft.evaluate.result import EvalResult, ModeRun
 from ebft.evaluate.sandbox import check_sandbox
 from ebft.evaluate.strided import run_strided
-from ebft.evaluate.structured import run_structured
+from ebft.evaluate.structured import run_structured, sampler, summarise_structured
 from ebft.modeling.adapters import warm_start_critic
 from ebft.modeling.feature_network import feature_network_for
 from ebft.modeling.policy import load_warm_start
@@ -83,13 +84,9 @@ def evaluate(
     features = feature_network_for(cfg, feature_source, device, frozen_copy=warm_start_critic(cfg))
     del feature_source  # a separately loaded base model lives on only as the features' frozen copy
     policy.eval()
+    scorer = HeldOutScorer(cfg, rows, tokenizer, policy, features, amp_dtype)
     with Progress(len(indices), description=description, console=console) as bar:
-        if structured:
-            run = run_structured(
-                cfg, rows, indices, tokenizer, policy, features, amp_dtype, bar, execute=execute, timeout=exec_timeout
-            )
-        else:
-            run = run_strided(cfg, rows.select(indices), indices, tokenizer, policy, features, amp_dtype, bar)
+        run = scorer.run(indices, bar, execute=execute, timeout=exec_timeout)
 
     info = {
         "model": {
@@ -106,3 +103,43 @@ def evaluate(
     if run.notes:
         info["notes"] = run.notes
     return EvalResult(metrics=run.metrics, documents=run.documents, info=info)
+
+
+class HeldOutScorer:
+    """The config's mode's scoring of held-out rows with models already loaded: ``evaluate`` runs it on the
+    models it loads, training (``held_out_evaluator``) on the policy as it is and the run's own frozen feature
+    network. Scores are sums over rows, so that the shares of several processes add up."""
+
+    def __init__(self, cfg, rows, tokenizer, policy, features, amp_dtype):
+        self.cfg, self.rows, self.tokenizer = cfg, rows, tokenizer
+        self.policy, self.features, self.amp_dtype = policy, features, amp_dtype
+        self.structured = cfg.ebft.mode == "structured"
+        self.backend = None  # structured: the sampler, made at the first call (it logs which one it is)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def run(self, indices: list[int], bar, *, first: int = 0, execute=False, timeout=EXEC_TIMEOUT) -> ModeRun:
+        """Rows ``indices`` of the held-out set, which are the evaluated rows from place ``first`` on."""
+        cfg, args = self.cfg, (self.tokenizer, self.policy, self.features, self.amp_dtype, bar)
+        if self.structured:
+            self.backend = self.backend or sampler(cfg, self.tokenizer, self.policy, self.amp_dtype)
+            return run_structured(
+                cfg, self.rows, indices, *args, execute=execute, timeout=timeout, backend=self.backend
+            )
+        return run_strided(cfg, self.rows.select(indices), indices, *args, first=first)
+
+    def score(self, indices: list[int], first: int, bar) -> dict[str, float]:
+        """The sums of ``run`` (see ``ebft.train.runner.Evaluator``)."""
+        return self.run(indices, bar, first=first).sums
+
+    def summarise(self, sums: dict[str, float]) -> dict[str, float | None]:
+        """The reported metrics of summed rows: the table of ``ebft evaluate`` without --execute."""
+        return summarise_structured(sums) if self.structured else eval_metrics.summarise(sums)
+
+
+def held_out_evaluator(parts, rows) -> HeldOutScorer:
+    """A mode's evaluation during training (``ebft.train.runner.Mode.evaluator``): ``rows`` scored on the
+    loop's policy with the run's frozen feature network, which is the base model's, as in ``evaluate``
+    (docs/design.md §8), also on resume; with ``ebft.feature_network: warm_start`` the warm-started model."""
+    return HeldOutScorer(parts.cfg, rows, parts.tokenizer, parts.model, parts.features, parts.autocast_dtype)

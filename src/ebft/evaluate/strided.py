@@ -76,19 +76,22 @@ def score_batch(policy, features, batch, settings, *, generators, autocast_dtype
     return out
 
 
-def run_strided(cfg, rows, indices, tokenizer, policy, features, amp_dtype, bar) -> ModeRun:
+def run_strided(cfg, rows, indices, tokenizer, policy, features, amp_dtype, bar, *, first: int = 0) -> ModeRun:
+    """Score the documents ``rows`` (``indices``: their places in the held-out set), which are the evaluated
+    documents from place ``first`` on (a process's share of them during training)."""
 
     device = next(policy.parameters()).device
     settings = StridedSettings.from_config(cfg.ebft)
     totals = eval_metrics.new_sums()
     documents: list[dict] = []
-    size = cfg.micro_batch_size
+    size = cfg.eval_batch_size or cfg.micro_batch_size
     for start in range(0, len(rows), size):
         chunk = [rows[i] for i in range(start, min(start + size, len(rows)))]
         batch = collate_documents(chunk, tokenizer.pad_token_id).to(device)
-        # Sampling seeds are keyed by the document's place in the evaluation set (step 0 is never a
-        # training step), so two models are evaluated on identically seeded rollouts.
-        generators = document_generators(cfg.seed, 0, start, len(chunk), device)
+        # Sampling seeds are keyed by the document's place among the evaluated documents (step 0 is never a
+        # training step), so two models, and any split of the documents over processes, get identically
+        # seeded rollouts.
+        generators = document_generators(cfg.seed, 0, first + start, len(chunk), device)
         per_doc = score_batch(policy, features, batch, settings, generators=generators, autocast_dtype=amp_dtype)
         for offset, sums in enumerate(per_doc):
             for key, value in sums.items():
@@ -108,6 +111,7 @@ def run_strided(cfg, rows, indices, tokenizer, policy, features, amp_dtype, bar)
         notes.append("n_samples_per_prompt is 1: the unbiased CFM estimate needs 2 samples per block")
     return ModeRun(
         metrics=eval_metrics.summarise(totals),
+        sums=totals,
         documents=documents,
         data={
             "documents": len(rows),

@@ -14,8 +14,7 @@ from ebft.evaluate.result import ModeRun
 from ebft.rewards import reward_terms_for
 from ebft.structured.hf import HFGenerate
 from ebft.structured.rollout import mix_seed
-from ebft.structured.runner import FEATURE_BATCH
-from ebft.structured.scoring import duplicate_samples, embed_pairs
+from ebft.structured.scoring import FEATURE_BATCH, duplicate_samples, embed_pairs
 from ebft.structured.settings import StructuredSettings
 from ebft.structured.step import ce_sequences, policy_logprobs, roll_out
 
@@ -112,19 +111,32 @@ STRUCTURED_NOTE = (
 )
 
 
-def run_structured(cfg, rows, indices, tokenizer, policy, features, amp_dtype, bar, *, execute, timeout) -> ModeRun:
+def sampler(cfg, tokenizer, policy, amp_dtype) -> HFGenerate:
+    """What evaluation samples completions with: transformers generate (or the shared-prefill decoder) on the
+    policy's device, with the trl sampling settings, also when training samples from a vLLM server."""
+    s = StructuredSettings.from_config(cfg, tokenizer.eos_token_id)
+    if cfg.trl.use_vllm:
+        log.info(VLLM_NOTE)
+    return HFGenerate(policy, sampling=s.sampling, pad_token_id=tokenizer.pad_token_id, autocast_dtype=amp_dtype)
+
+
+VLLM_NOTE = "trl.use_vllm is set, but evaluation samples with transformers generate on this machine"
+
+
+def run_structured(
+    cfg, rows, indices, tokenizer, policy, features, amp_dtype, bar, *, execute, timeout, backend=None
+) -> ModeRun:
+    """Score the prompt rows ``rows[i]`` for i in ``indices`` (their places in the held-out set, which key
+    their seeds); ``backend``: a ``sampler`` made once for many calls (default: a new one)."""
 
     s = StructuredSettings.from_config(cfg, tokenizer.eos_token_id)
     G = s.num_generations
-    notes = [STRUCTURED_NOTE]
-    if cfg.trl.use_vllm:
-        notes.append("trl.use_vllm is set, but evaluation samples with transformers generate on this machine")
-        log.info(notes[-1])
-    backend = HFGenerate(policy, sampling=s.sampling, pad_token_id=tokenizer.pad_token_id, autocast_dtype=amp_dtype)
+    notes = [STRUCTURED_NOTE, *([VLLM_NOTE] if cfg.trl.use_vllm else [])]
+    backend = backend or sampler(cfg, tokenizer, policy, amp_dtype)
     totals = dict.fromkeys((*eval_metrics.SUM_KEYS, *STRUCTURED_SUM_KEYS), 0.0)
     documents: list[dict] = []
     executions: list[RowExecution] = []
-    size = max(1, cfg.micro_batch_size // G)  # micro_batch_size counts completions in structured mode
+    size = max(1, (cfg.eval_batch_size or cfg.micro_batch_size) // G)  # both count completions here
     for start in range(0, len(indices), size):
         chunk = indices[start : start + size]
         batch = [rows[i] for i in chunk]
@@ -158,6 +170,7 @@ def run_structured(cfg, rows, indices, tokenizer, policy, features, amp_dtype, b
         execution["timeout_s"] = timeout
     return ModeRun(
         metrics=metrics,
+        sums=totals,
         documents=documents,
         data={
             "prompts": len(indices),

@@ -125,7 +125,7 @@ class FeatureNetwork:
         layer_list = getattr(self.body, "layers", None)
         with ExitStack() as stack:
             stack.enter_context(self._policy.disable_adapter() if self.shared else nullcontext())
-            stack.enter_context(_eval_mode(self.body))
+            stack.enter_context(eval_mode(self.body))
             stack.enter_context(autocast(self.device, self.autocast_dtype))
             for idx in set(self.layers):
                 if idx != self.num_layers:
@@ -216,7 +216,7 @@ def _cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:
 
 
 @contextmanager
-def _eval_mode(module: nn.Module):
+def eval_mode(module: nn.Module):
     """Eval mode inside the block; afterwards every submodule gets back its own flag.
 
     Restoring one flag for the whole tree would be wrong: ``module`` may be a view whose own flag went

@@ -14,7 +14,16 @@ from pathlib import Path
 from ebft.errors import EbftError
 
 # Bookkeeping columns of metrics.jsonl that are not worth a figure.
-SKIPPED_KEYS = frozenset({"step", "peak_memory_mib", "step_seconds", "ebft/skipped_steps"})
+SKIPPED_KEYS = frozenset({"step", "peak_memory_mib", "step_seconds", "ebft/skipped_steps", "eval/seconds"})
+# An evaluation metric (``eval/`` + this) -> the training metrics defined the same way on the training batches,
+# first present wins: ``ebft plot`` draws each pair in one more figure. (Not the CFM loss: evaluation reports the
+# unbiased estimate, training the plug-in one, ||mean phi - phi_gt||^2, which is larger by the i = j terms.)
+TRAINING_COUNTERPARTS: dict[str, tuple[str, ...]] = {
+    "alignment": ("ebft/alignment",),
+    "diversity": ("ebft/diversity",),
+    "reward": ("ebft/mean_reward", "ebft/reward"),
+    "answer_ce_loss": ("ebft/ce_loss", "ce_loss"),  # both over the labelled (answer) tokens
+}
 
 Curve = tuple[Sequence[float], Sequence[float]]  # (steps, values)
 
@@ -126,7 +135,8 @@ def plot_panels(
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """One PNG per metric of ``run_dir/metrics.jsonl`` in ``out_dir`` (default ``run_dir/plots``)."""
+    """One PNG per metric of ``run_dir/metrics.jsonl`` in ``out_dir`` (default ``run_dir/plots``), and one per
+    evaluation metric with a training counterpart (``eval_vs_train_<metric>.png``: both curves in one figure)."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
     keys = metric_keys(records)
@@ -138,4 +148,23 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         curve = series(records, key)
         if curve[0]:
             paths.append(plot_curves({key: curve}, out / file_name(key), title=f"{run_dir.name}: {key}", ylabel=key))
+    for metric, (held_out, training) in eval_pairs(records).items():
+        curves = {
+            f"held-out ({held_out})": series(records, held_out),
+            f"training ({training})": series(records, training),
+        }
+        path = out / file_name(f"eval_vs_train_{metric}")
+        paths.append(plot_curves(curves, path, title=f"{run_dir.name}: {metric}, held-out and training", ylabel=metric))
     return paths
+
+
+def eval_pairs(records: Sequence[Mapping]) -> dict[str, tuple[str, str]]:
+    """metric -> (its evaluation name, its training name) for each evaluation metric of the records whose
+    training counterpart (``TRAINING_COUNTERPARTS``) is logged too."""
+    present = set(metric_keys(records))
+    pairs = {}
+    for metric, training in TRAINING_COUNTERPARTS.items():
+        found = next((key for key in training if key in present), None)
+        if f"eval/{metric}" in present and found is not None:
+            pairs[metric] = (f"eval/{metric}", found)
+    return pairs

@@ -18,7 +18,7 @@ from ebft.data.load import load_strided_datasets
 from ebft.sft.step import SftStats, ce_microbatch, target_count
 from ebft.train.batches import document_steps, global_micro_batches, local_documents, reduce_sum
 from ebft.train.checkpoint import TrainState
-from ebft.train.runner import Mode, Parts, StepOutput
+from ebft.train.runner import Mode, Parts, Preview, StepOutput
 
 
 class SftRunner:
@@ -64,6 +64,10 @@ class SftRunner:
 
     def show_records(self, console, records: list[dict]) -> None:
         """SFT keeps no records."""
+
+    def previews(self, records: list[dict]) -> list[Preview]:
+        """SFT keeps no records."""
+        return []
 
     def after_update(self, step: int) -> None:
         """Nothing to sync."""

@@ -8,12 +8,13 @@ import torch
 
 from ebft.data.cache import load_strided
 from ebft.modeling.memory_plan import ModelShape, Workload, strided_workload
+from ebft.evaluate.run import held_out_evaluator
 from ebft.strided.stats import StridedStats
 from ebft.strided.step import StepTotals, StridedSettings, count_targets, document_generators, strided_microbatch
 from ebft.train.batches import document_steps, global_micro_batches, local_documents, reduce_sum
 from ebft.train.checkpoint import TrainState
 from ebft.train.distributed import Sharding
-from ebft.train.runner import Mode, Parts, StepOutput
+from ebft.train.runner import Mode, Parts, Preview, StepOutput
 
 
 class StridedRunner:
@@ -35,7 +36,7 @@ class StridedRunner:
         self.sharding = sharding or Sharding(model)
         self.data, self.accelerator, self.amp = data, accelerator, autocast_dtype
         self.settings = StridedSettings.from_config(cfg.ebft)
-        self.pad_id = tokenizer.pad_token_id
+        self.pad_id, self.decode = tokenizer.pad_token_id, tokenizer.decode
         self.keep_records = cfg.ebft.log_rollouts
         self.batches = None
 
@@ -84,6 +85,17 @@ class StridedRunner:
     def show_records(self, console, records: list[dict]) -> None:
         """Rollouts go to the records file only (token ids, not worth a console line)."""
 
+    def previews(self, records: list[dict]) -> list[Preview]:
+        """Each document's first block: its n samples, decoded, with their rewards."""
+        out = []
+        for record in records:
+            anchor = record["anchors"][0] if record["anchors"] else 0
+            for i, blocks in enumerate(record["samples"]):
+                if blocks:
+                    label = f"document {record['document']} @{anchor} sample {i}"
+                    out.append(Preview(label, blocks[0]["reward"], self.decode(blocks[0]["tokens"])))
+        return out
+
     def after_update(self, step: int) -> None:
         """Nothing to sync: rollouts use the training weights."""
 
@@ -125,4 +137,4 @@ def workload(cfg, shape: ModelShape) -> Workload:
     )
 
 
-MODE = Mode(load_data=load_strided, build=build, workload=workload)
+MODE = Mode(load_data=load_strided, build=build, workload=workload, evaluator=held_out_evaluator)

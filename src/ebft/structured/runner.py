@@ -17,22 +17,20 @@ import torch
 
 from ebft.attention.support import log_structured_passes
 from ebft.data.cache import load_structured
+from ebft.evaluate.run import held_out_evaluator
 from ebft.losses import LossNorm
 from ebft.modeling.memory_plan import ModelShape, Workload, structured_workload
 from ebft.structured import buffer_state
 from ebft.structured.hf import HFGenerate
 from ebft.structured.rollout import Sample, Sampling, loss_token_count, mix_seed
-from ebft.structured.scoring import score
+from ebft.structured.scoring import FEATURE_BATCH, score
 from ebft.structured.settings import StructuredSettings
 from ebft.structured.stats import StructuredStats
 from ebft.structured.step import RolloutBuffer, microbatch, old_logprobs, roll_out
 from ebft.train.batches import global_micro_batches, reduce_sum
 from ebft.train.distributed import Sharding
-from ebft.train.runner import Mode, Parts, StepOutput
+from ebft.train.runner import Mode, Parts, Preview, StepOutput
 from ebft.vllm.backend import vllm_backend
-
-# Sequences per feature-network forward when scoring a rollout batch.
-FEATURE_BATCH = 16
 
 
 class StructuredRunner:
@@ -247,6 +245,10 @@ class StructuredRunner:
                 highlight=False,
             )
 
+    def previews(self, records: list[dict]) -> list[Preview]:
+        """Every completion of a fresh rollout batch with its reward."""
+        return [Preview(f"sample {r['sample']}", r["reward"], r["completion"]) for r in records]
+
     # -- around the optimizer step ---------------------------------------------------------------
 
     def after_update(self, step: int) -> None:
@@ -310,4 +312,4 @@ def workload(cfg, shape: ModelShape) -> Workload:
     )
 
 
-MODE = Mode(load_data=load_structured, build=build, workload=workload)
+MODE = Mode(load_data=load_structured, build=build, workload=workload, evaluator=held_out_evaluator)

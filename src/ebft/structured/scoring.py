@@ -17,6 +17,9 @@ from ebft.structured.forward import use_packed
 from ebft.structured.rollout import Sample, right_padded
 from ebft.structured.settings import StructuredSettings
 
+# Sequences per feature-network forward when scoring a rollout batch.
+FEATURE_BATCH = 16
+
 
 @dataclass
 class Scores:

@@ -61,6 +61,7 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_skips: int = 0
     window: dict = field(default_factory=dict)  # metric sums since the last logged step
+    evaluation: dict = field(default_factory=dict)  # what evaluations decided (ebft.train.early_stopping)
 
 
 def rng_state() -> dict:
@@ -229,11 +230,17 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / STATE_FILE).exists()]
 
 
-def rotate(output_dir: Path, keep: int | None) -> None:
-    """Delete the oldest checkpoints beyond ``keep``."""
+def rotate(output_dir: Path, keep: int | None, protected: Path | None = None) -> None:
+    """Delete the oldest checkpoints beyond ``keep``, never ``protected`` (the best one, for
+    load_best_model_at_end): it counts among the ``keep``, and with ``keep`` 1 the newest stays beside it (as in
+    transformers), since resuming needs it."""
     if keep is None:
         return
-    for old in checkpoints(output_dir)[:-keep]:
+    found = checkpoints(output_dir)
+    if protected is not None and protected in found:
+        found.remove(protected)
+        keep = max(keep - 1, 1)
+    for old in found[:-keep]:
         shutil.rmtree(old)
 
 
@@ -297,10 +304,8 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, accelerator
     """Restore weights, optimizer, scheduler and this process's RNG states; return the saved state. Every
     file that is damaged or does not fit this run is one line naming the checkpoint and the file."""
     state = read_state(directory)
-    if sharded:
-        _load_sharded(directory, model, optimizer, accelerator.is_main_process)
-    else:
-        _load_weights(directory, model)
+    load_weights(directory, model=model, optimizer=optimizer, accelerator=accelerator, sharded=sharded)
+    if not sharded:
         optim = load_torch(directory, "optimizer.pt")
         try:
             optimizer.load_state_dict(optim)
@@ -315,6 +320,18 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, accelerator
     return state
 
 
+def load_weights(directory: Path, *, model, optimizer, accelerator, sharded: bool = False) -> None:
+    """The model's weights (or adapter) from checkpoint ``directory``; under FSDP also the optimizer's state,
+    which is read and broadcast with them (a collective: every process calls it)."""
+    if sharded:
+        _load_sharded(directory, model, optimizer, accelerator.is_main_process)
+    else:
+        _load_weights(directory, model)
+
+
+_OBJECTS = {"window", "evaluation"}  # the TrainState fields that are JSON objects, not counts
+
+
 def read_state(directory: Path) -> TrainState:
     """``trainer_state.json``, every key known and every count a non-negative integer."""
     try:
@@ -326,14 +343,16 @@ def read_state(directory: Path) -> TrainState:
     known = {f.name for f in fields(TrainState)}
     if unknown := sorted(set(data) - known):
         raise problem(directory, STATE_FILE, f"unknown key {unknown[0]!r}")
+    data.setdefault("evaluation", {})  # written since evaluation during training; earlier checkpoints lack it
     if missing := sorted(known - set(data)):
         raise problem(directory, STATE_FILE, f"no {missing[0]!r}")
-    for key in sorted(known - {"window"}):
+    for key in sorted(known - _OBJECTS):
         value = data[key]
         if type(value) is not int or value < 0:
             raise problem(directory, STATE_FILE, f"{key} must be a non-negative integer, got {value!r}")
-    if not isinstance(data["window"], dict):
-        raise problem(directory, STATE_FILE, f"window must be an object, got {data['window']!r}")
+    for key in sorted(_OBJECTS):
+        if not isinstance(data[key], dict):
+            raise problem(directory, STATE_FILE, f"{key} must be an object, got {data[key]!r}")
     return TrainState(**data)
 
 

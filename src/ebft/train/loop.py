@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from ebft.config import TrainConfig, dump_config
+from ebft.config.evaluation import evaluates
+from ebft.deploy.card import FinalModel
 from ebft.deploy.export import RunExport
 from ebft.errors import EbftError, PolicySyncError, TrainingInterrupted
 from ebft.modeling.adapters import warm_start_critic
@@ -32,6 +34,7 @@ from ebft.train import checkpoint as ckpt
 from ebft.train import distributed, preflight
 from ebft.train import lock as output_lock
 from ebft.train.batches import reduce_sum
+from ebft.train.evaluation import Evaluation, held_out_rows
 from ebft.train.memory import Hardware, log_plan
 from ebft.train.optim import build_optimizer, build_scheduler
 from ebft.train.reporting import MetricsLogger, Progress, RolloutLog, peak_memory_bytes
@@ -39,6 +42,7 @@ from ebft.train.resume import Launch, check_resume
 from ebft.train.runner import Mode, Parts, Runner, StepOutput
 from ebft.train.signals import stop_on_signals
 from ebft.train.stats import LoopStats, StepStats, Window
+from ebft.train.tui import Dashboard, RunInfo
 
 log = logging.getLogger("ebft")
 
@@ -94,6 +98,7 @@ class Session:
     logger: MetricsLogger
     record_log: RolloutLog | None
     export: RunExport  # run card, merge_lora, Hub uploads
+    evaluation: Evaluation | None  # evaluation during training, early stopping, the best model
     last: dict[str, float] = field(default_factory=dict)
     lock: output_lock.OutputLock = field(default_factory=output_lock.OutputLock)  # this run's output_dir
     launch: Launch = field(default_factory=Launch)  # the command that started the run
@@ -125,31 +130,49 @@ def train(
     console=None,
     max_seconds: float | None = None,
     launch: Launch | None = None,
+    dashboard: Dashboard | None = None,
 ) -> TrainResult:
     """Run (or resume) ``cfg`` in ``mode`` to its last step: set-up, then per step the update, logging and
     checkpoints; the final model is written to output_dir. ``config_dir``: where custom transform modules
     are found. ``max_seconds``: stop early once this much time has passed since the first step began, after
     the step under way, logging and saving as at the last step; ``TrainResult.steps`` says how many ran.
-    ``launch``: the command line (for the resume command, and whether a resume may change settings)."""
+    ``launch``: the command line (for the resume command, and whether a resume may change settings).
+    ``dashboard``: an open ``ebft.train.tui.Dashboard`` that draws the run (main process; ``console`` its)."""
     run = _set_up(cfg, mode, config_dir, console, launch or Launch())
     run.model.train()
     runner = run.runner
+    drawn = dashboard is not None and run.is_main
     progress = Progress(
         run.total_steps,
         description=runner.label,
         completed=run.state.step,
         is_main=run.is_main,
         console=run.logger.console,
+        live=not drawn,
     )
+    if drawn:
+        dashboard.attach(RunInfo(cfg.base_model, runner.label, run.accelerator.num_processes, cfg.output_dir), progress)
+        run.logger.add_listener(dashboard)
     word, key = runner.progress_metric
     started = time.perf_counter()
+    evaluation = run.evaluation
     try:
         with run.logger, progress as bar, stop_on_signals() as stop:
+            if evaluation is not None and evaluation.on_start and run.state.step == 0:
+                metrics = evaluation.run(bar)
+                evaluation.observe(0, metrics)
+                _report_evaluation(run, 0, metrics, stopped=False)
             while run.state.step < run.total_steps:
                 step = run.state.step + 1
                 outcome = _step(run, step)
                 last = step == run.total_steps or _out_of_time(run, started, max_seconds)
-                _log(run, step, outcome, last)
+                _keep(run, step, outcome)
+                metrics = evaluation.run(bar) if evaluation is not None and evaluation.due(step, last) else None
+                stopped = metrics is not None and evaluation.observe(step, metrics, last)
+                last = last or stopped  # early stopping ends the run as its last step would
+                _flush(run, step, outcome.lr, last)
+                if metrics is not None:
+                    _report_evaluation(run, step, metrics, stopped)
                 bar.advance(1, postfix=f"{word} {run.last.get(key, float('nan')):+.3f}")
                 _checkpoint_or_stop(run, step, stop, outcome.sync_failed, last)
                 if last:
@@ -162,6 +185,12 @@ def train(
     _finish(run)
     run.lock.release()
     return TrainResult(output_dir=run.out_dir, steps=run.state.step, last_metrics=run.last)
+
+
+def _report_evaluation(run: Session, step: int, metrics: dict[str, float | None], stopped: bool) -> None:
+    run.logger.log_eval(step, metrics)
+    if stopped:
+        log.info(run.evaluation.stop_reason())
 
 
 def _out_of_time(run: Session, started: float, max_seconds: float | None) -> bool:
@@ -178,6 +207,8 @@ def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console, laun
     from accelerate.utils import set_seed
 
     preflight.check(cfg, "train", config_dir=config_dir)  # before anything is written or loaded
+    if evaluates(cfg) and mode.evaluator is None:
+        raise ConfigError("eval_steps: this mode offers no evaluation during training; unset eval_steps")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     is_main, rank = accelerator.is_main_process, accelerator.process_index
     out_dir = Path(cfg.output_dir)
@@ -197,7 +228,7 @@ def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console, laun
         log_plan(cfg, Hardware.here(accelerator.num_processes), mode.workload)
     export = RunExport(cfg, accelerator)  # Hub credentials are checked here, before any weights load
     tokenizer = load_tokenizer(cfg)
-    model, runner, sharding = _build(cfg, mode, tokenizer, accelerator, config_dir)
+    model, runner, sharding, held_out = _build(cfg, mode, tokenizer, accelerator, config_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
     total_steps = runner.total_steps()
@@ -222,6 +253,19 @@ def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console, laun
             if name is not None:
                 ckpt.truncate_jsonl(out_dir / name, state.step)
     runner.start(state)
+    evaluation = None
+    if held_out is not None:
+        evaluator, rows = held_out
+        evaluation = Evaluation(
+            cfg,
+            evaluator,
+            accelerator=accelerator,
+            model=model,
+            sharding=sharding,
+            total_steps=total_steps,
+            record=state.evaluation,
+        )
+        log.info(evaluation.describe(rows))
 
     keep = runner.keep_records and runner.log_name is not None and is_main
     record_log = RolloutLog(out_dir / runner.log_name, decode=tokenizer.decode) if keep else None
@@ -255,6 +299,7 @@ def _set_up(cfg: TrainConfig, mode: Mode, config_dir: Path | None, console, laun
         export=export,
         lock=lock,
         launch=launch,
+        evaluation=evaluation,
     )
 
 
@@ -290,8 +335,8 @@ def _step(run: Session, step: int) -> StepOutcome:
     return StepOutcome(out, stats, loop, lr, finite, sync_failed)
 
 
-def _log(run: Session, step: int, outcome: StepOutcome, last: bool) -> None:
-    """Records of this step, and the window's means every ``logging_steps`` and at the last step."""
+def _keep(run: Session, step: int, outcome: StepOutcome) -> None:
+    """This step's records (gathered from every process, written and shown), and its statistics in the window."""
     from accelerate.utils import gather_object
 
     runner = run.runner
@@ -302,10 +347,16 @@ def _log(run: Session, step: int, outcome: StepOutcome, last: bool) -> None:
             ordered = sorted(gathered, key=lambda r: r[runner.record_order])
             run.record_log.append([{"step": step, **r} for r in ordered])
             runner.show_records(run.logger.console, gathered)
+            if run.logger.listening:
+                run.logger.show_samples(step, runner.previews(ordered))
     if outcome.finite:
         run.window.add(outcome.stats, outcome.loop)
+
+
+def _flush(run: Session, step: int, lr: float, last: bool) -> None:
+    """The window's means, every ``logging_steps`` and at the last step."""
     if step % run.cfg.logging_steps == 0 or last:
-        logged = _logged(run.window, runner, outcome.lr, run.accelerator.device)
+        logged = _logged(run.window, run.runner, lr, run.accelerator.device)
         logged["ebft/skipped_steps"] = float(run.state.skipped_steps)
         run.logger.log(step, logged)
         run.last, run.window = logged, Window()
@@ -345,6 +396,9 @@ def _checkpoint_or_stop(
 def _save(run: Session, name: str) -> Path:
     target = run.out_dir / name
     run.state.window = run.window.saved()
+    if run.evaluation is not None:  # this checkpoint may become the best model: the record it holds says so
+        run.evaluation.checkpointed(run.state.step)
+        run.state.evaluation = run.evaluation.record.saved()
     rank = run.accelerator.process_index
     ckpt.save_checkpoint(
         target,
@@ -359,14 +413,24 @@ def _save(run: Session, name: str) -> Path:
         sharded=run.sharding.sharded,
     )
     if run.is_main:
-        ckpt.rotate(run.out_dir, run.cfg.save_total_limit)
+        protected = run.evaluation.protected(run.out_dir) if run.evaluation is not None else None
+        ckpt.rotate(run.out_dir, run.cfg.save_total_limit, protected)
     run.export.checkpoint_saved(target)
     return target
 
 
 def _finish(run: Session) -> None:
-    """The final model (or adapter) and tokenizer in output_dir; the process group torn down; then the run
-    card, merge_lora and the final Hub upload (main process)."""
+    """The final model (or adapter) and tokenizer in output_dir (with load_best_model_at_end, the best
+    checkpoint's weights); the process group torn down; then the run card, merge_lora and the final Hub upload
+    (main process)."""
+    steps, evaluation = run.state.step, run.evaluation
+    chosen = evaluation.final_checkpoint(steps) if evaluation is not None else None
+    if chosen is not None:
+        best = run.out_dir / f"checkpoint-{chosen}"
+        kw = {"model": run.model, "optimizer": run.optimizer, "accelerator": run.accelerator}
+        ckpt.load_weights(best, **kw, sharded=run.sharding.sharded)
+        log.info("load_best_model_at_end: the final model is %s's, not the last step's (%d)", best.name, steps)
+    final = evaluation.final_model(steps, chosen) if evaluation is not None else FinalModel(steps, steps)
     weights = distributed.full_state_dict(run.model) if run.sharding.sharded else None  # a collective
     if run.is_main:
         ckpt.write_model(run.model, run.tokenizer, run.out_dir, state_dict=weights)
@@ -377,14 +441,15 @@ def _finish(run: Session) -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    run.export.finish(run.out_dir, run.state.step, run.last)
+    run.export.finish(run.out_dir, steps, run.last, final)
 
 
 def _build(cfg: TrainConfig, mode: Mode, tokenizer, accelerator, config_dir: Path | None):
     """Data, policy, feature network, the policy's sharding and the mode's runner, in the order ``Parts``
-    explains."""
+    explains; with evaluation during training, the mode's evaluator and what its rows are (else None)."""
     device = accelerator.device
     data = mode.load_data(cfg, tokenizer, search_dir=config_dir)
+    rows = held_out_rows(cfg, mode, data, tokenizer, config_dir) if evaluates(cfg) else None
     model = load_policy(cfg, tokenizer, device)
     features = None
     if mode.needs_features:
@@ -413,7 +478,8 @@ def _build(cfg: TrainConfig, mode: Mode, tokenizer, accelerator, config_dir: Pat
         autocast_dtype=autocast_dtype(cfg, device),
         sharding=sharding,
     )
-    return model, mode.build(parts), sharding
+    held_out = None if rows is None else (mode.evaluator(parts, rows[0]), rows[1])
+    return model, mode.build(parts), sharding, held_out
 
 
 def _logged(window: Window, runner: Runner[Any], lr: float, device) -> dict[str, float]:

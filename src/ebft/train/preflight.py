@@ -225,23 +225,25 @@ def _chat_template(cfg) -> list[str]:
 
 def _datasets(cfg, config_dir: str | Path | None) -> list[str]:
     problems: list[str] = []
-    for i, spec in enumerate(cfg.datasets):
+    entries = [(f"datasets.{i}", spec) for i, spec in enumerate(cfg.datasets)]
+    entries += [(f"test_datasets.{i}", spec) for i, spec in enumerate(cfg.test_datasets or [])]
+    for where, spec in entries:
         local = Path(spec.path).expanduser()
         if local.exists():
             try:
                 local_files(local, spec.data_files, spec.path)
             except DataError as exc:
-                problems.append(f"datasets.{i}.path: {exc}")
+                problems.append(f"{where}.path: {exc}")
         elif looks_local(spec.path):
-            where = f" (relative paths are read from {os.getcwd()})" if not local.is_absolute() else ""
-            problems.append(f"datasets.{i}.path: no such file or folder {spec.path!r}{where}")
+            cwd = f" (relative paths are read from {os.getcwd()})" if not local.is_absolute() else ""
+            problems.append(f"{where}.path: no such file or folder {spec.path!r}{cwd}")
         if spec.type is not None:
             try:
                 resolve_transform(spec.type, config_dir)
             except DataError as exc:
-                problems.append(f"datasets.{i}.type: {exc}")
+                problems.append(f"{where}.type: {exc}")
         elif local.exists() and (missing := _untransformed_row_lacks(cfg.ebft.mode, local, spec)):
-            problems.append(f"datasets.{i}.type: {missing}")
+            problems.append(f"{where}.type: {missing}")
     return problems
 
 

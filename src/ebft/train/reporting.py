@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import rich
 import rich.progress
@@ -40,6 +41,17 @@ _TRAINING_FIELDS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("grad_norm",), "grad {:.2f}"),
     (("tokens_per_second",), "{:.0f} tok/s"),
 )
+# An evaluation's line: the held-out metrics of ``ebft evaluate`` (``eval/`` names), and how long it took.
+_EVAL_FIELDS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("eval/cfm_loss",), "cfm {:.4f} v"),
+    (("eval/alignment",), "align {:+.3f} ^"),
+    (("eval/diversity",), "divers {:+.3f} v"),
+    (("eval/reward",), "reward {:+.3f} ^"),
+    (("eval/ce_loss",), "ce {:.4f} v"),
+    (("eval/perplexity",), "ppl {:.2f} v"),
+    (("eval/completion_length",), "length {:.1f}"),
+    (("eval/seconds",), "{:.1f} s"),
+)
 
 
 def _render_fields(metrics: Mapping[str, float | None], fields: Sequence[tuple[tuple[str, ...], str]]) -> list[str]:
@@ -61,6 +73,11 @@ def format_console_line(step: int, metrics: Mapping[str, float | None]) -> str:
     parts += _render_fields(metrics, _REWARD_FIELDS)
     parts += _render_fields(metrics, _TRAINING_FIELDS)
     return " | ".join(parts)
+
+
+def format_eval_line(step: int, metrics: Mapping[str, float | None]) -> str:
+    """One console line for an evaluation, e.g. ``eval step 10 | cfm 0.5120 v | ... | ce 3.2100 v | 12.3 s``."""
+    return " | ".join([f"eval step {step}", *_render_fields(metrics, _EVAL_FIELDS)])
 
 
 def format_reward_line(metrics: Mapping[str, float | None]) -> str:
@@ -107,6 +124,18 @@ def _import_wandb() -> Any:
     return wandb
 
 
+class Listener(Protocol):
+    """What a live view of a run takes from its ``MetricsLogger``."""
+
+    def metrics(self, step: int, values: dict[str, float | None]) -> None:
+        """A recorded step or evaluation, as written to metrics.jsonl (NaN kept)."""
+        ...
+
+    def samples(self, step: int, previews: list) -> None:
+        """Some of a step's samples (``ebft.train.runner.Preview``)."""
+        ...
+
+
 class MetricsLogger:
     """Sends each logged step to metrics.jsonl, the console and the configured trackers.
 
@@ -138,6 +167,7 @@ class MetricsLogger:
         self._tensorboard = None
         self._wandb_run = None
         self._console = console
+        self._listeners: list[Listener] = []
         if not is_main:
             return
         # Resolve the optional packages first: a missing extra is a config error and should
@@ -174,21 +204,48 @@ class MetricsLogger:
         """The console lines are printed to (None on non-main processes)."""
         return self._console
 
+    def add_listener(self, listener: Listener) -> None:
+        """Also hand every recorded step (``log`` and ``log_eval``) and the samples of ``show_samples`` to
+        ``listener``, e.g. a dashboard, after the file and the trackers have them."""
+        self._listeners.append(listener)
+
+    @property
+    def listening(self) -> bool:
+        """Whether anyone listens for samples (so that they are worth preparing)."""
+        return bool(self._listeners)
+
+    def show_samples(self, step: int, previews: list) -> None:
+        """A step's samples (``Runner.previews``), for the listeners."""
+        for listener in self._listeners:
+            listener.samples(step, previews)
+
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record one step. Values must convert with ``float()`` (python numbers, 0-d tensors)."""
-        if not self.is_main:
+        values = self._record(step, metrics)
+        if values is None:
             return
+        # soft_wrap: one metrics line stays one line whatever the terminal width, so logs grep.
+        if self.reward_line:  # structured mode's own line (the seeds' format), then the step line
+            self._console.print(format_reward_line(values), markup=False, highlight=False, soft_wrap=True)
+        self._console.print(format_console_line(step, values), markup=False, highlight=False, soft_wrap=True)
+
+    def log_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record one evaluation during training (``eval/`` metrics): its own line in metrics.jsonl (at the
+        step it followed, 0 before the first) and in the trackers, and its own console line."""
+        values = self._record(step, metrics)
+        if values is not None:
+            self._console.print(format_eval_line(step, values), markup=False, highlight=False, soft_wrap=True)
+
+    def _record(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float | None] | None:
+        """metrics.jsonl, the trackers and the listeners; the values as floats (None on other processes)."""
+        if not self.is_main:
+            return None
         if self._file is None:
             raise RuntimeError("MetricsLogger.log called after close()")
         values = {key: (None if value is None else float(value)) for key, value in metrics.items()}
         record = {"step": int(step), **{key: _finite_or_none(value) for key, value in values.items()}}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
-
-        # soft_wrap: one metrics line stays one line whatever the terminal width, so logs grep.
-        if self.reward_line:  # structured mode's own line (the seeds' format), then the step line
-            self._console.print(format_reward_line(values), markup=False, highlight=False, soft_wrap=True)
-        self._console.print(format_console_line(step, values), markup=False, highlight=False, soft_wrap=True)
 
         # Trackers keep NaN/inf: both plot them, and a NaN loss is exactly what one wants to see.
         tracked = {key: value for key, value in values.items() if value is not None}
@@ -198,6 +255,9 @@ class MetricsLogger:
             self._tensorboard.flush()
         if self._wandb_run is not None:
             self._wandb_run.log(tracked, step=step)
+        for listener in self._listeners:
+            listener.metrics(step, values)
+        return values
 
     def close(self) -> None:
         """Flush and close the file and trackers. Safe to call twice."""
@@ -265,13 +325,24 @@ def with_text(record: Any, decode: Callable[[list[int]], str]) -> Any:
     return record
 
 
+class _Task:
+    """One bar of a ``Progress``: what ``Progress.task`` yields."""
+
+    def __init__(self, bar: rich.progress.Progress, task: rich.progress.TaskID) -> None:
+        self._bar, self._task = bar, task
+
+    def advance(self, n: int = 1) -> None:
+        self._bar.update(self._task, advance=n)
+
+
 class Progress:
     """Training progress bar: bar, ``done/total`` steps, elapsed < remaining, and a short postfix.
 
     Output is suppressed entirely when ``is_main`` is False or ``disable`` is True. On a
     non-interactive console (CI logs, redirected output) rich does not redraw the bar; it
     prints its final state once when the bar stops. Print other lines through ``.console`` so
-    they appear above the live bar instead of tearing it.
+    they appear above the live bar instead of tearing it. ``live=False``: the bar never draws itself;
+    a dashboard draws ``renderable``.
     """
 
     def __init__(
@@ -283,7 +354,9 @@ class Progress:
         is_main: bool = True,
         disable: bool = False,
         console: Console | None = None,
+        live: bool = True,
     ) -> None:
+        self._live = live
         self._bar = rich.progress.Progress(
             rich.progress.TextColumn("{task.description}"),
             rich.progress.BarColumn(),
@@ -303,10 +376,12 @@ class Progress:
         return self._bar.console
 
     def start(self) -> None:
-        self._bar.start()
+        if self._live:
+            self._bar.start()
 
     def stop(self) -> None:
-        self._bar.stop()
+        if self._live:
+            self._bar.stop()
 
     def advance(self, n: int = 1, postfix: str | None = None) -> None:
         """Move the bar ``n`` steps; a given ``postfix`` replaces the text shown after it."""
@@ -314,6 +389,20 @@ class Progress:
             self._bar.update(self._task, advance=n)
         else:
             self._bar.update(self._task, advance=n, postfix=postfix)
+
+    @contextmanager
+    def task(self, description: str, total: int) -> Iterator[_Task]:
+        """A second bar under the main one while the block runs (e.g. an evaluation); ``.advance(n)`` moves it."""
+        task = self._bar.add_task(description, total=total, postfix="")
+        try:
+            yield _Task(self._bar, task)
+        finally:
+            self._bar.remove_task(task)
+
+    @property
+    def renderable(self) -> rich.progress.Progress:
+        """The bars, for a display that draws them itself (``live=False``)."""
+        return self._bar
 
     def __enter__(self) -> Self:
         self.start()

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import torch
 
@@ -38,6 +38,14 @@ class StepOutput(Generic[S]):
 
     stats: S
     records: list[dict] = field(default_factory=list)
+
+
+class Preview(NamedTuple):
+    """One sample as a live view shows it: what it is (e.g. ``sample 3``), its reward, its text."""
+
+    label: str
+    reward: float
+    text: str
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,10 @@ class Runner(Protocol[S]):
         """Print a step's gathered records (main process; ``console`` None: nowhere to print)."""
         ...
 
+    def previews(self, records: list[dict]) -> list[Preview]:
+        """A step's gathered records as a few samples for a live view (``ebft train --tui``; main process)."""
+        ...
+
     def save(self, directory: Path, rank: int) -> None:
         """Write this process's mode state into a checkpoint being written (every process calls it)."""
         ...
@@ -124,14 +136,44 @@ class Runner(Protocol[S]):
 RunnerFactory = Callable[[Parts], "Runner[Any]"]
 
 
+class Evaluator(Protocol):
+    """A mode's held-out scoring for evaluation during training (docs/design.md §8), over the loop's ``Parts``
+    and the held-out rows. The loop calls ``score`` on every process with that process's share of the evaluated
+    rows, with the policy in eval mode, without gradient, under FSDP on gathered weights and with the training
+    random state saved and restored; it adds the processes' sums and calls ``summarise`` on the total.
+
+    Exactness: a row's sums depend only on the row, its place among the evaluated rows and the weights, never on
+    how the rows are split into batches or processes; every call scores a row with the same seeds, so two
+    evaluations differ only by the weights."""
+
+    def __len__(self) -> int:
+        """How many held-out rows there are."""
+        ...
+
+    def score(self, indices: list[int], first: int, bar: Any) -> dict[str, float]:
+        """Sums over held-out rows ``indices``, the evaluated rows from place ``first`` on; the same keys on
+        every process and call. ``bar.advance(n)`` after each n rows."""
+        ...
+
+    def summarise(self, sums: dict[str, float]) -> dict[str, float | None]:
+        """The metrics of summed rows, without the ``eval/`` prefix (None: nothing was counted)."""
+        ...
+
+
+EvaluatorFactory = Callable[[Parts, Any], Evaluator]
+
+
 @dataclass(frozen=True)
 class Mode:
-    """A mode as the loop builds it: ``load_data(cfg, tokenizer, search_dir=...)`` (its rows; ``search_dir``:
-    where custom transform modules are found), whether its runner reads a frozen feature network, and
-    ``build(parts)``, the factory of its runner, and ``workload(cfg, shape)``, the token counts of its phases
-    that the memory plan prices (None: no plan is logged)."""
+    """A mode as the loop builds it: ``load_data(cfg, tokenizer, search_dir=...)`` (its rows, an object with
+    ``train`` and ``val``, the rows held out by ``val_set_size`` or None; ``search_dir``: where custom transform
+    modules are found), whether its runner reads a frozen feature network, ``build(parts)``, the factory of its
+    runner, ``evaluator(parts, held_out_rows)``, the factory of its evaluation during training (None: the mode
+    offers none, and a config that asks for it is refused), and ``workload(cfg, shape)``, the token counts of its
+    phases that the memory plan prices (None: no plan is logged)."""
 
     load_data: Callable[..., Any]
     build: RunnerFactory
     needs_features: bool = True
     workload: Callable[..., Any] | None = None
+    evaluator: EvaluatorFactory | None = None
