@@ -101,13 +101,36 @@ def verdict_sentences(rows: Sequence[Mapping]) -> list[str]:
     return out
 
 
+def time_sentences(summary: Mapping) -> list[str]:
+    """The budget in words: planned and actual time, the measured slowdown, every cut, any overrun."""
+    b = summary["budget"]
+    seconds, floors = summary["seconds"], b["floors"]
+    fixed = sum(b["fixed_seconds"].values()) + seconds.get("report", 0.0)
+    spent = _fmt_seconds(b["spent_seconds"])
+    out = [
+        f"Time: --minutes {summary['minutes']:g} budgets {_fmt_seconds(b['seconds'])} for the planned phases "
+        f"(sized for an idle machine, then re-planned from measured times); they took {spent}, plus "
+        f"{_fmt_seconds(fixed)} of fixed costs (corpus, base model, report). This machine ran {b['slowdown']:.1f}x "
+        f"slower than the plan's idle single-thread costs (first guess {b['slowdown_guess']:.1f}x)."
+    ]
+    if b["cuts"]:
+        out.append("Cut to fit the budget: " + "; ".join(b["cuts"]) + ".")
+    if b["spent_seconds"] > 1.1 * b["seconds"]:
+        out.append(
+            f"The planned phases overran the budget by {_fmt_seconds(b['spent_seconds'] - b['seconds'])}: "
+            f"on this machine the budget does not fit the smallest plan ({floors['steps']} steps of each run, "
+            f"{floors['heldout_docs']} held-out documents), or the machine slowed down after the plan was made."
+        )
+    return out
+
+
 def write_plots(out: Path, summary: Mapping, run_plots: Mapping[str, Sequence[Path]]) -> dict[str, str]:
     """Draw the report's figures into ``out/plots``; returns {name: path relative to out}."""
 
     plots_dir = out / "plots"
     made: dict[str, Path] = {}
     curves = summary["curves"]
-    for key, title in CURVES:
+    for key, title in CURVES if curves else ():
         lines = {
             NAMES[run]: (
                 [p["step"] for p in points if p.get(key) is not None],
@@ -175,7 +198,7 @@ img { max-width: 48%; margin: 0.5%; border: 1px solid #eee; } code { background:
 def render_html(summary: Mapping) -> str:
     """The whole report as one HTML page (figures referenced by relative path)."""
     rows = summary["comparison"]
-    plan, model, corpus = summary["plan"], summary["model"], summary["corpus"]
+    model, corpus = summary["model"], summary["corpus"]
     ft = summary["finetune"]
     files = f"{corpus['train_files']} files"
     if corpus["train_files"] < corpus["train_files_available"]:
@@ -184,12 +207,20 @@ def render_html(summary: Mapping) -> str:
     seconds = summary["seconds"]
     plots = summary["plots"]
     verdicts = "".join(f"<li>{html.escape(s)}</li>" for s in verdict_sentences(rows))
-    notes = "".join(f"<p class='note'>{html.escape(note)}</p>" for note in summary.get("notes", []))
+    notes = "".join(f"<p class='note'>{html.escape(note)}</p>" for note in time_sentences(summary))
     cpu_total = summary.get("cpu_seconds", {}).get("total")
     # CPU time is what the run costs on an idle machine whatever else was running; wall time is not.
     cpu = f"; CPU time of this process {_fmt_seconds(cpu_total)}" if cpu_total is not None else ""
     timing = ", ".join(f"{html.escape(k)} {_fmt_seconds(v)}" for k, v in seconds.items() if k != "total")
-    heldout_imgs = "".join(f"<img src='{plots[f'heldout_{key}']}' alt='{key}'>" for key, _ in CURVES)
+    probe_docs = summary["budget"]["final"]["probe_docs"]
+    if summary["curves"]:
+        heldout = (
+            f"<p>Each point evaluates a saved checkpoint on {probe_docs} held-out documents (step 0 is the base "
+            "model), with the same rollouts settings as the table.</p>"
+            + "".join(f"<img src='{plots[f'heldout_{key}']}' alt='{key}'>" for key, _ in CURVES)
+        )
+    else:
+        heldout = "<p>None: the time budget left no time to evaluate the saved checkpoints (see the time note).</p>"
     training_imgs = "".join(
         f"<img src='{plots[name]}' alt='{name}'>"
         for name in ("training_ebft", "training_ce", "pretrain_ce")
@@ -225,9 +256,7 @@ column shows the difference and that margin); otherwise it is a tie. The base co
 of both runs.</p>
 
 <h2>Held-out metrics during fine-tuning</h2>
-<p>Each point evaluates a saved checkpoint on {plan["probe_docs"]} held-out documents (step 0 is the base model),
-with the same rollouts settings as the table.</p>
-{heldout_imgs}
+{heldout}
 
 <h2>Training curves</h2>
 {training_imgs}
@@ -305,5 +334,5 @@ def print_summary(summary: Mapping, console=None) -> None:
             row["winner"],
         )
     console.print(table)
-    for sentence in verdict_sentences(summary["comparison"]):
+    for sentence in verdict_sentences(summary["comparison"]) + time_sentences(summary):
         console.print(sentence, markup=False, highlight=False)
