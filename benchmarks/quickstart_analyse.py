@@ -8,8 +8,8 @@ difference A - B of every metric two ways: per seed (the mean over documents of 
 differences, then the mean and standard error over seeds: is the effect reproducible across training
 seeds?) and pooled (per-document differences of the seed-averaged models, standard error over documents:
 do the two models differ on these documents?). ``--plot`` draws the training curves of EBFT's objective
-(unbiased CFM of the training rollouts, 1 - mean(alignment - diversity / 2)) with a band of +-2 standard
-errors over seeds (over a rolling window when there is one seed).
+(unbiased CFM of the training rollouts, 1 - mean(alignment - diversity / 2)) and of its reward, with bands of
++-2 standard errors over seeds (over a rolling window when there is one seed).
 """
 
 from __future__ import annotations
@@ -108,13 +108,24 @@ def _seed_average(per_seed: list[dict[int, float]]) -> dict[int, float]:
     return {k: statistics.mean(v[k] for v in per_seed) for k in keys}
 
 
-def training_cfm(result: dict) -> list[tuple[int, float]]:
-    """(step, unbiased CFM of that step's training rollouts) of the EBFT part of a run."""
-    out = []
+def training_series(result: dict, key: str) -> dict[int, float]:
+    """step -> value of the EBFT part of a run: ``cfm`` is the unbiased CFM of that step's training rollouts,
+    1 - (alignment - diversity / 2) (exact without whitening); other keys are read from the log."""
+    out = {}
     for row in result["logs"].get("ebft", []):
-        if "ebft/alignment" in row:
-            out.append((row["step"], 1 - (row["ebft/alignment"] - row["ebft/diversity"] / 2)))
+        if "ebft/alignment" not in row:
+            continue
+        if key == "cfm":
+            out[row["step"]] = 1 - (row["ebft/alignment"] - row["ebft/diversity"] / 2)
+        else:
+            out[row["step"]] = row[key]
     return out
+
+
+PANELS = (
+    ("cfm", "training CFM, unbiased (lower is better)"),
+    ("ebft/mean_reward", "training reward (alignment - diversity)"),
+)
 
 
 def plot(arms: dict[str, list[dict]], names: list[str], path: Path, window: int) -> None:
@@ -123,32 +134,31 @@ def plot(arms: dict[str, list[dict]], names: list[str], path: Path, window: int)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name in names:
-        curves = [dict(training_cfm(r)) for r in arms[name]]
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        if not steps:
-            continue
-        # Rolling mean over `window` steps of each seed, then mean and standard error over seeds (or, with
-        # one seed, the standard error of the window's values).
-        means, lows, highs = [], [], []
-        for i in range(len(steps)):
-            span = steps[max(0, i - window + 1) : i + 1]
-            per_seed = [statistics.mean(c[s] for s in span) for c in curves]
-            if len(curves) > 1:
-                m, se = mean_se(per_seed)
-            else:
-                m, se = mean_se([curves[0][s] for s in span])
-            se = 0.0 if math.isnan(se) else se
-            means.append(m)
-            lows.append(m - 2 * se)
-            highs.append(m + 2 * se)
-        line = ax.plot(steps, means, label=f"{name} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")[0]
-        ax.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"training CFM (unbiased), rolling mean of {window}")
-    ax.set_title("EBFT's objective on its training rollouts (band: ±2 standard errors)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(12, 4))
+    for ax, (key, title) in zip(axes, PANELS, strict=True):
+        for name in names:
+            curves = [training_series(r, key) for r in arms[name]]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            if not steps:
+                continue
+            # Rolling mean over `window` steps of each seed, then mean and standard error over seeds (with one
+            # seed, the standard error of the window's values).
+            means, lows, highs = [], [], []
+            for i in range(len(steps)):
+                span = steps[max(0, i - window + 1) : i + 1]
+                per_seed = [statistics.mean(c[s] for s in span) for c in curves]
+                m, se = mean_se(per_seed) if len(curves) > 1 else mean_se([curves[0][s] for s in span])
+                se = 0.0 if math.isnan(se) else se
+                means.append(m)
+                lows.append(m - 2 * se)
+                highs.append(m + 2 * se)
+            label = f"{name} ({len(curves)} seed{'s' if len(curves) > 1 else ''})"
+            line = ax.plot(steps, means, label=label)[0]
+            ax.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(f"{title}, rolling mean of {window}", fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("EBFT on its own training rollouts (bands: ±2 standard errors)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
@@ -161,16 +171,28 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--plot-arms", default=None, help="comma-separated arms to plot (default: every EBFT arm)")
     p.add_argument("--window", type=int, default=10)
+    p.add_argument(
+        "--metrics",
+        action="append",
+        default=[],
+        help="NAME=PATH: a training-only arm from an EBFT run's metrics.jsonl (plotted, not tabled)",
+    )
     args = p.parse_args()
     arms = load(args.runs)
-    table(arms)
+    extra = {}
+    for item in args.metrics:
+        name, _, path = item.partition("=")
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        extra[name] = [{"name": name, "seed": 0, "logs": {"ebft": rows}}]
+    if arms:
+        table(arms)
     for pair in args.compare:
         a, b = pair.split(":")
         compare(arms, a, b)
     if args.plot:
         ebft_arms = [name for name, results in arms.items() if results[0]["logs"].get("ebft")]
         names = args.plot_arms.split(",") if args.plot_arms else ebft_arms
-        plot(arms, names, args.plot, args.window)
+        plot({**arms, **extra}, names + list(extra), args.plot, args.window)
 
 
 if __name__ == "__main__":

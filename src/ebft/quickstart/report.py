@@ -16,7 +16,7 @@ from pathlib import Path
 from ebft.evaluate.metrics import compare_paired
 from ebft.evaluate.output import METRICS, format_value, json_safe
 from ebft.quickstart.examples import render_html as render_example
-from ebft.quickstart.plot import plot_curves, plot_panels, read_metrics, series
+from ebft.quickstart.plot import Curve, plot_curves, plot_panels, read_metrics, series
 
 NAMES = {"base": "base", "sft": "SFT", "ebft": "EBFT"}
 # Held-out curves drawn for both runs: (metric, title).
@@ -26,13 +26,11 @@ CURVES = (
     ("diversity", "diversity (held-out, similarity between samples)"),
     ("ce_loss", "cross-entropy (held-out, lower is better)"),
 )
-# EBFT's own training metrics (on its training rollouts).
-# (The CFM logged in training is the plug-in estimate, biased upward by the i = j terms.)
+# EBFT's own training metrics (on its training rollouts), after its objective (``training_objective``).
 EBFT_TRAINING = (
-    ("ebft/cfm_loss", "CFM (plug-in)"),
     ("ebft/alignment", "alignment"),
     ("ebft/diversity", "diversity"),
-    ("ebft/mean_reward", "reward"),
+    ("ebft/mean_reward", "reward (not the objective: see the text)"),
 )
 
 # How each embed_method turns a block's token features into one vector, in words.
@@ -124,6 +122,21 @@ def time_sentences(summary: Mapping) -> list[str]:
     return out
 
 
+def training_objective(records: Sequence[Mapping], whitened: bool) -> tuple[str, Curve]:
+    """(title, curve) of EBFT's objective on its training rollouts.
+
+    Without whitening the features are unit vectors and the unbiased CFM estimate is 1 - (a - d / 2) from the
+    logged alignment a and diversity d (``evaluate.metrics.cfm_unbiased``); the policy gradient is exactly
+    its gradient. With whitening a and d are computed on whitened vectors, so only the logged plug-in CFM of
+    those vectors is available."""
+    if whitened:
+        return "CFM of the whitened features (plug-in)", series(records, "ebft/cfm_loss")
+    steps, align = series(records, "ebft/alignment")
+    _, div = series(records, "ebft/diversity")
+    cfm = [1 - (a - d / 2) for a, d in zip(align, div, strict=True)]
+    return "EBFT's objective: CFM, unbiased (lower is better)", (steps, cfm)
+
+
 def write_plots(out: Path, summary: Mapping, run_plots: Mapping[str, Sequence[Path]]) -> dict[str, str]:
     """Draw the report's figures into ``out/plots``; returns {name: path relative to out}."""
 
@@ -148,10 +161,12 @@ def write_plots(out: Path, summary: Mapping, run_plots: Mapping[str, Sequence[Pa
     made["training_ce"] = plot_curves(
         train_ce, plots_dir / "training_ce.png", title="cross-entropy on training batches", ylabel="ce_loss"
     )
-    made["training_ebft"] = plot_panels(
-        {f"EBFT training rollouts: {label}": {"EBFT": series(ebft_records, key)} for key, label in EBFT_TRAINING},
-        plots_dir / "training_ebft.png",
+    title, objective = training_objective(ebft_records, summary["finetune"]["ebft"]["use_whitening"])
+    panels = {f"EBFT training rollouts: {title}": {"EBFT": objective}}
+    panels.update(
+        {f"EBFT training rollouts: {label}": {"EBFT": series(ebft_records, key)} for key, label in EBFT_TRAINING}
     )
+    made["training_ebft"] = plot_panels(panels, plots_dir / "training_ebft.png")
     if summary.get("pretrain"):
         made["pretrain_ce"] = plot_curves(
             {"pretraining": series(read_metrics(out / "base" / "metrics.jsonl"), "ce_loss")},
@@ -260,9 +275,12 @@ of both runs.</p>
 
 <h2>Training curves</h2>
 {training_imgs}
-<p>EBFT's metrics on its own training rollouts (each point averages a few steps of {docs} documents, so they are
-noisy; the CFM logged in training is the plug-in estimate, biased upward), the cross-entropy of the training
-batches (SFT's loss, and the CE term of EBFT's objective){pretrain_words}.
+<p>EBFT's metrics on its own training rollouts (each point averages a few steps of {docs} documents, each seen for
+the first time, so they are noisy), the cross-entropy of the training batches (SFT's loss, and the CE term of
+EBFT's objective){pretrain_words}. The curve to watch is EBFT's objective, the feature-matching loss: its policy
+gradient is the reward's, but the reward's value is not the objective. It is a game between samples (each is
+rewarded for being unlike the others), and its expectation is 1 - CFM - |E phi|^2, which falls when the samples
+grow alike even while the CFM falls.
 Per-metric plots of each run (<code>ebft plot RUN_DIR</code>): {run_links}</p>
 
 <h2>How to read this</h2>
