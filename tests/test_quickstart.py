@@ -57,7 +57,10 @@ def test_quickstart_end_to_end(tmp_path):
 
     summary = json.loads((out / "summary.json").read_text())
     steps = summary["finetune"]["steps"]
-    assert steps["sft"] == steps["ebft"] == Plan.for_minutes(0.1).finetune_steps
+    # Both runs take the same steps: the plan's, or fewer when the budget cut them (and the report says so).
+    planned = Plan.for_minutes(0.1).finetune_steps
+    assert steps["sft"] == steps["ebft"] <= planned
+    assert steps["ebft"] == planned or f"fine-tuning steps {planned} -> {steps['ebft']}" in summary["budget"]["cuts"]
     # Held-out files never reach training.
     train_paths = {json.loads(line)["path"] for line in (out / "data" / "train.jsonl").read_text().splitlines()}
     assert not train_paths & set(summary["corpus"]["heldout_paths"])
@@ -71,7 +74,7 @@ def test_quickstart_end_to_end(tmp_path):
             ebft_better = (row["diff"] > 0) == (row["better"] == "higher")
             assert row["winner"] == ("EBFT" if ebft_better else "SFT")
 
-    # Curves: the base model at step 0, then every checkpoint of each run.
+    # Curves (the from-scratch floors always keep them): the base model at step 0, then every checkpoint of each run.
     for run in ("sft", "ebft"):
         assert [p["step"] for p in summary["curves"][run]][0] == 0
         assert summary["curves"][run][-1]["step"] == steps[run]

@@ -1,14 +1,10 @@
-"""The quickstart's base-model resolution order and its example-block section."""
+"""The quickstart's base-model resolution order and its plan for a pretrained model."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
-from ebft.quickstart import examples
 from ebft.quickstart.model import SMOLLM2_HUB_ID, hub_cache_folder, package_gguf, resolve_base
 from ebft.quickstart.run import Plan
 
@@ -83,67 +79,3 @@ def test_pretrained_plan_has_no_pretraining_and_three_curve_points():
     # 3.5 steps per minute: 28 steps; a checkpoint at 14 (and the final model at 28).
     assert (plan.pretrain_steps, plan.finetune_steps, plan.save_every) == (0, 28, 14)
     assert plan.heldout_docs == 6 and plan.probe_docs == 2  # 0.75 x 8, 0.25 x 8
-
-
-def test_anchor_is_mid_window_with_room_for_a_block():
-    assert examples.anchor_for(128, 8, 8) == 64  # max(8, min(64, 120))
-    assert examples.anchor_for(20, 8, 8) == 10  # max(8, min(10, 12))
-    assert examples.anchor_for(12, 2, 8) == 4  # max(2, min(6, 4)): the g tokens after it stay real text
-    assert examples.anchor_for(10, 8, 8) == 8  # never before the first anchor
-
-
-def test_sampled_blocks_are_seeded_and_g_tokens_long(tiny_llama_factory):
-    model = tiny_llama_factory()
-    ids = list(range(3, 40))
-    first = examples.sample_block(model, ids, 20, n=3, g=5, temperature=0.6, seed=7)
-    again = examples.sample_block(model, ids, 20, n=3, g=5, temperature=0.6, seed=7)
-    other = examples.sample_block(model, ids, 20, n=3, g=5, temperature=0.6, seed=8)
-    assert first == again and first != other
-    assert [len(block) for block in first] == [5, 5, 5]
-
-
-def test_example_section_shows_context_real_continuation_and_every_models_samples():
-    example = {
-        "document": 3,
-        "anchor": 64,
-        "context": "def f(x):\n    return x < 1",
-        "real": "    y = x & 2",
-        "samples": {"base": ["a1", "a2"], "sft": ["b1", "b2"], "ebft": ["c1", "c2"]},
-    }
-    page = examples.render_html(example, {"base": "base", "sft": "SFT", "ebft": "EBFT"})
-    assert "Held-out document 3, cut at token 64" in page
-    assert "return x &lt; 1" in page and "y = x &amp; 2" in page  # escaped, not raw HTML
-    # One row per model, in order, each with all of its samples.
-    rows = page.split("<tr>")[2:]
-    assert [row.split("</td>")[0] for row in rows] == ["<td>base", "<td>SFT", "<td>EBFT"]
-    assert all(
-        f"<pre>{s}</pre>" in rows[i] for i, key in enumerate(example["samples"]) for s in example["samples"][key]
-    )
-    assert "same samples as base" not in page
-    # A model whose samples equal the base model's (same seeds) is marked as such.
-    unchanged = {**example, "samples": {"base": ["a1"], "sft": ["a1"], "ebft": ["c1"]}}
-    rows = examples.render_html(unchanged, {}).split("<tr>")[2:]
-    assert ["same samples as base" in row for row in rows] == [False, True, False]
-    assert examples.render_html({}, {}) == ""
-
-
-@pytest.fixture
-def tiny_llama_factory():
-    def build():
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-        return LlamaForCausalLM(cfg).eval()
-
-    return build

@@ -16,7 +16,7 @@ from pathlib import Path
 from ebft.evaluate.metrics import compare_paired
 from ebft.evaluate.output import METRICS, format_value, json_safe
 from ebft.quickstart.examples import render_html as render_example
-from ebft.quickstart.plot import plot_curves, plot_panels, read_metrics, series
+from ebft.quickstart.plot import Curve, plot_curves, plot_panels, read_metrics, series
 
 NAMES = {"base": "base", "sft": "SFT", "ebft": "EBFT"}
 # Held-out curves drawn for both runs: (metric, title).
@@ -26,13 +26,11 @@ CURVES = (
     ("diversity", "diversity (held-out, similarity between samples)"),
     ("ce_loss", "cross-entropy (held-out, lower is better)"),
 )
-# EBFT's own training metrics (on its training rollouts).
-# (The CFM logged in training is the plug-in estimate, biased upward by the i = j terms.)
+# EBFT's own training metrics (on its training rollouts), after its objective (``training_objective``).
 EBFT_TRAINING = (
-    ("ebft/cfm_loss", "CFM (plug-in)"),
     ("ebft/alignment", "alignment"),
     ("ebft/diversity", "diversity"),
-    ("ebft/mean_reward", "reward"),
+    ("ebft/mean_reward", "reward (not the objective: see the text)"),
 )
 
 # How each embed_method turns a block's token features into one vector, in words.
@@ -101,13 +99,51 @@ def verdict_sentences(rows: Sequence[Mapping]) -> list[str]:
     return out
 
 
+def time_sentences(summary: Mapping) -> list[str]:
+    """The budget in words: planned and actual time, the measured slowdown, every cut, any overrun."""
+    b = summary["budget"]
+    seconds, floors = summary["seconds"], b["floors"]
+    fixed = sum(b["fixed_seconds"].values()) + seconds.get("report", 0.0)
+    spent = _fmt_seconds(b["spent_seconds"])
+    out = [
+        f"Time: --minutes {summary['minutes']:g} budgets {_fmt_seconds(b['seconds'])} for the planned phases "
+        f"(sized for an idle machine, then re-planned from measured times); they took {spent}, plus "
+        f"{_fmt_seconds(fixed)} of fixed costs (corpus, base model, report). This machine ran {b['slowdown']:.1f}x "
+        f"slower than the plan's idle single-thread costs (first guess {b['slowdown_guess']:.1f}x)."
+    ]
+    if b["cuts"]:
+        out.append("Cut to fit the budget: " + "; ".join(b["cuts"]) + ".")
+    if b["spent_seconds"] > 1.1 * b["seconds"]:
+        out.append(
+            f"The planned phases overran the budget by {_fmt_seconds(b['spent_seconds'] - b['seconds'])}: "
+            f"on this machine the budget does not fit the smallest plan ({floors['steps']} steps of each run, "
+            f"{floors['heldout_docs']} held-out documents), or the machine slowed down after the plan was made."
+        )
+    return out
+
+
+def training_objective(records: Sequence[Mapping], whitened: bool) -> tuple[str, Curve]:
+    """(title, curve) of EBFT's objective on its training rollouts.
+
+    Without whitening the features are unit vectors and the unbiased CFM estimate is 1 - (a - d / 2) from the
+    logged alignment a and diversity d (``evaluate.metrics.cfm_unbiased``); the policy gradient is exactly
+    its gradient. With whitening a and d are computed on whitened vectors, so only the logged plug-in CFM of
+    those vectors is available."""
+    if whitened:
+        return "CFM of the whitened features (plug-in)", series(records, "ebft/cfm_loss")
+    steps, align = series(records, "ebft/alignment")
+    _, div = series(records, "ebft/diversity")
+    cfm = [1 - (a - d / 2) for a, d in zip(align, div, strict=True)]
+    return "EBFT's objective: CFM, unbiased (lower is better)", (steps, cfm)
+
+
 def write_plots(out: Path, summary: Mapping, run_plots: Mapping[str, Sequence[Path]]) -> dict[str, str]:
     """Draw the report's figures into ``out/plots``; returns {name: path relative to out}."""
 
     plots_dir = out / "plots"
     made: dict[str, Path] = {}
     curves = summary["curves"]
-    for key, title in CURVES:
+    for key, title in CURVES if curves else ():
         lines = {
             NAMES[run]: (
                 [p["step"] for p in points if p.get(key) is not None],
@@ -125,10 +161,12 @@ def write_plots(out: Path, summary: Mapping, run_plots: Mapping[str, Sequence[Pa
     made["training_ce"] = plot_curves(
         train_ce, plots_dir / "training_ce.png", title="cross-entropy on training batches", ylabel="ce_loss"
     )
-    made["training_ebft"] = plot_panels(
-        {f"EBFT training rollouts: {label}": {"EBFT": series(ebft_records, key)} for key, label in EBFT_TRAINING},
-        plots_dir / "training_ebft.png",
+    title, objective = training_objective(ebft_records, summary["finetune"]["ebft"]["use_whitening"])
+    panels = {f"EBFT training rollouts: {title}": {"EBFT": objective}}
+    panels.update(
+        {f"EBFT training rollouts: {label}": {"EBFT": series(ebft_records, key)} for key, label in EBFT_TRAINING}
     )
+    made["training_ebft"] = plot_panels(panels, plots_dir / "training_ebft.png")
     if summary.get("pretrain"):
         made["pretrain_ce"] = plot_curves(
             {"pretraining": series(read_metrics(out / "base" / "metrics.jsonl"), "ce_loss")},
@@ -175,7 +213,7 @@ img { max-width: 48%; margin: 0.5%; border: 1px solid #eee; } code { background:
 def render_html(summary: Mapping) -> str:
     """The whole report as one HTML page (figures referenced by relative path)."""
     rows = summary["comparison"]
-    plan, model, corpus = summary["plan"], summary["model"], summary["corpus"]
+    model, corpus = summary["model"], summary["corpus"]
     ft = summary["finetune"]
     files = f"{corpus['train_files']} files"
     if corpus["train_files"] < corpus["train_files_available"]:
@@ -184,12 +222,20 @@ def render_html(summary: Mapping) -> str:
     seconds = summary["seconds"]
     plots = summary["plots"]
     verdicts = "".join(f"<li>{html.escape(s)}</li>" for s in verdict_sentences(rows))
-    notes = "".join(f"<p class='note'>{html.escape(note)}</p>" for note in summary.get("notes", []))
+    notes = "".join(f"<p class='note'>{html.escape(note)}</p>" for note in time_sentences(summary))
     cpu_total = summary.get("cpu_seconds", {}).get("total")
     # CPU time is what the run costs on an idle machine whatever else was running; wall time is not.
     cpu = f"; CPU time of this process {_fmt_seconds(cpu_total)}" if cpu_total is not None else ""
     timing = ", ".join(f"{html.escape(k)} {_fmt_seconds(v)}" for k, v in seconds.items() if k != "total")
-    heldout_imgs = "".join(f"<img src='{plots[f'heldout_{key}']}' alt='{key}'>" for key, _ in CURVES)
+    probe_docs = summary["budget"]["final"]["probe_docs"]
+    if summary["curves"]:
+        heldout = (
+            f"<p>Each point evaluates a saved checkpoint on {probe_docs} held-out documents (step 0 is the base "
+            "model), with the same rollouts settings as the table.</p>"
+            + "".join(f"<img src='{plots[f'heldout_{key}']}' alt='{key}'>" for key, _ in CURVES)
+        )
+    else:
+        heldout = "<p>None: the time budget left no time to evaluate the saved checkpoints (see the time note).</p>"
     training_imgs = "".join(
         f"<img src='{plots[name]}' alt='{name}'>"
         for name in ("training_ebft", "training_ce", "pretrain_ce")
@@ -225,15 +271,16 @@ column shows the difference and that margin); otherwise it is a tie. The base co
 of both runs.</p>
 
 <h2>Held-out metrics during fine-tuning</h2>
-<p>Each point evaluates a saved checkpoint on {plan["probe_docs"]} held-out documents (step 0 is the base model),
-with the same rollouts settings as the table.</p>
-{heldout_imgs}
+{heldout}
 
 <h2>Training curves</h2>
 {training_imgs}
-<p>EBFT's metrics on its own training rollouts (each point averages a few steps of {docs} documents, so they are
-noisy; the CFM logged in training is the plug-in estimate, biased upward), the cross-entropy of the training
-batches (SFT's loss, and the CE term of EBFT's objective){pretrain_words}.
+<p>EBFT's metrics on its own training rollouts (each point averages a few steps of {docs} documents, each seen for
+the first time, so they are noisy), the cross-entropy of the training batches (SFT's loss, and the CE term of
+EBFT's objective){pretrain_words}. The curve to watch is EBFT's objective, the feature-matching loss: its policy
+gradient is the reward's, but the reward's value is not the objective. It is a game between samples (each is
+rewarded for being unlike the others), and its expectation is 1 - CFM - |E phi|^2, which falls when the samples
+grow alike even while the CFM falls.
 Per-metric plots of each run (<code>ebft plot RUN_DIR</code>): {run_links}</p>
 
 <h2>How to read this</h2>
@@ -305,5 +352,5 @@ def print_summary(summary: Mapping, console=None) -> None:
             row["winner"],
         )
     console.print(table)
-    for sentence in verdict_sentences(summary["comparison"]):
+    for sentence in verdict_sentences(summary["comparison"]) + time_sentences(summary):
         console.print(sentence, markup=False, highlight=False)

@@ -35,6 +35,15 @@ from ebft.evaluate.run import evaluate
 from ebft.modeling.source import local_model
 from ebft.modes import mode_of
 from ebft.quickstart import report
+from ebft.quickstart.budget import (
+    EVALUATED_MODELS,
+    LOADS_PER_MODEL,
+    PRETRAIN_STEP_SECONDS,
+    Budget,
+    Plan,
+    Sizes,
+    contention,
+)
 from ebft.quickstart.corpus import stdlib_corpus, within_budget, write_jsonl
 from ebft.quickstart.examples import example_blocks
 from ebft.quickstart.model import BaseChoice, resolve_base
@@ -64,84 +73,6 @@ SEQUENCE_LEN = 256
 PRETRAIN_BATCH = 16  # documents per pretraining step
 # Rough characters per token of Python source under this tokenizer, to size the corpus to a budget.
 CHARS_PER_TOKEN = 4
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Sizes derived from the time budget (calibrated on 2 CPU cores; see ``for_minutes``)."""
-
-    minutes: float
-    pretrain_steps: int
-    pretrain_seconds_cap: float
-    finetune_steps: int
-    save_every: int
-    heldout_docs: int
-    probe_docs: int
-
-    @property
-    def corpus_chars(self) -> int:
-        """Training text worth reading: what pretraining can see in 1.5 passes (the whole corpus by default)."""
-        return int(1.5 * self.pretrain_steps * PRETRAIN_BATCH * SEQUENCE_LEN * CHARS_PER_TOKEN)
-
-    @classmethod
-    def for_minutes(cls, minutes: float) -> Plan:
-        """Sizes that take about ``minutes`` of wall time on an idle 2-core CPU machine.
-
-        Per minute: 100 pretraining steps of 16 x 256 tokens (~30 s), 25 fine-tuning steps of 4
-        documents for each method (~21 s for EBFT, ~3 s for SFT), 10 held-out documents for the final
-        evaluation of the three models and 2.5 for each checkpoint on the curves (~7 s together).
-        Pretraining stops at 1.5x its expected time; ``run_quickstart`` then scales the rest down.
-        """
-        if minutes <= 0:
-            raise EbftError(f"--minutes must be > 0, got {minutes:g}")
-        finetune = max(2, round(25 * minutes))
-        return cls(
-            minutes=minutes,
-            pretrain_steps=max(4, round(100 * minutes)),
-            pretrain_seconds_cap=45.0 * minutes,
-            finetune_steps=finetune,
-            save_every=max(1, finetune // 5),
-            heldout_docs=max(4, round(10 * minutes)),
-            probe_docs=max(2, round(2.5 * minutes)),
-        )
-
-    @classmethod
-    def for_pretrained(cls, minutes: float) -> Plan:
-        """Sizes for fine-tuning a pretrained ~135M model (no pretraining phase), about ``minutes`` of wall time
-        on 2 idle cores.
-
-        Measured single-thread CPU time on SmolLM2-135M (128-token windows, one document per step): an EBFT
-        step 12 s, an SFT step 1.4 s, a held-out document 5.5 s per model, loading a model 2 s, converting
-        the GGUF once 21 s. Per minute: 3.5 fine-tuning steps for each method, 0.75 held-out documents for
-        the final evaluation of the three models and 0.25 for each of the five curve points (base, middle
-        and end of each run). At the default 8 minutes that is 28 steps, 6 and 2 documents: about 9.7
-        minutes on one thread, less with two.
-        """
-        if minutes <= 0:
-            raise EbftError(f"--minutes must be > 0, got {minutes:g}")
-        finetune = max(2, round(3.5 * minutes))
-        return cls(
-            minutes=minutes,
-            pretrain_steps=0,
-            pretrain_seconds_cap=0.0,
-            finetune_steps=finetune,
-            save_every=max(1, finetune // 2),
-            heldout_docs=max(2, round(0.75 * minutes)),
-            probe_docs=max(1, round(0.25 * minutes)),
-        )
-
-    def scaled(self, fraction: float) -> Plan:
-        """The fine-tuning and evaluation part shrunk by ``fraction`` (for a machine slower than planned)."""
-        finetune = max(2, round(self.finetune_steps * fraction))
-        return Plan(
-            minutes=self.minutes,
-            pretrain_steps=self.pretrain_steps,
-            pretrain_seconds_cap=self.pretrain_seconds_cap,
-            finetune_steps=finetune,
-            save_every=max(1, finetune // 5),
-            heldout_docs=max(4, round(self.heldout_docs * fraction)),
-            probe_docs=max(2, round(self.probe_docs * fraction)),
-        )
 
 
 def _config(base_model: Path, data: Path, output_dir: Path, **train_keys):
@@ -237,15 +168,31 @@ class QuickstartResult:
     summary: dict
 
 
+class Clock:
+    """Wall and CPU seconds of each phase (CPU time of this process: the wall time on an idle machine)."""
+
+    def __init__(self) -> None:
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield
+        self.seconds[name] = time.perf_counter() - t0
+        self.cpu_seconds[name] = time.process_time() - c0
+
+
 def run_quickstart(
     out_dir: str | Path, minutes: float = DEFAULT_MINUTES, *, model: str | None = None, console=None
 ) -> QuickstartResult:
     """Run every phase into ``out_dir``; returns where the report is and the summary it shows.
 
     ``model``: the base model (hub id, folder or ``.gguf``); by default SmolLM2-135M-Instruct when it is
-    installed, else a small model trained from scratch (``quickstart.model.resolve_base``)."""
+    installed, else a small model trained from scratch (``quickstart.model.resolve_base``). The sizes follow
+    ``quickstart.budget``: planned for ``minutes`` on an idle machine, re-planned from measured times."""
     import torch
-    from rich.console import Console
 
     require_pyplot()  # the report needs matplotlib: fail now with the install hint, not after minutes of training
 
@@ -258,125 +205,62 @@ def run_quickstart(
     out = Path(out_dir).resolve()
     _prepare_out(out)
     (out / MARKER).write_text(json.dumps({"minutes": minutes, "plan": asdict(plan)}, indent=2))
-    quiet = Console(quiet=True)
-    seconds: dict[str, float] = {}
-    cpu_seconds: dict[str, float] = {}  # CPU time of this process per phase: the wall time on an idle machine
-    started, cpu_started = time.perf_counter(), time.process_time()
-
-    @contextmanager
-    def timed(phase: str) -> Iterator[None]:
-        t0, c0 = time.perf_counter(), time.process_time()
-        yield
-        seconds[phase] = time.perf_counter() - t0
-        cpu_seconds[phase] = time.process_time() - c0
-
+    clock = Clock()
     torch.manual_seed(SEED)
+    guess = contention()
 
     with _quiet_libraries():
-        notes = []
         if choice.source is None:
-            base, files, pre, pre_cfg = _scratch_base(out, plan, seconds, cpu_seconds, console)
-            train_data, heldout_data, train_files, all_train, heldout_files = files
-            if pre.steps < plan.pretrain_steps:
-                # The machine is slower than planned (or busy): keep the total time in budget by shrinking
-                # what follows by the same factor, and say so in the report.
-                fraction = pre.steps / plan.pretrain_steps
-                notes.append(
-                    f"This machine ran slower than planned: pretraining reached {pre.steps} of "
-                    f"{plan.pretrain_steps} steps within its time cap, so fine-tuning steps and evaluation sizes "
-                    f"were scaled by {fraction:.2f}."
-                )
-                plan = plan.scaled(fraction)
+            base, files, pre, pre_cfg, budget = _scratch_base(out, plan, clock, guess, console)
             keys, rationale = SCRATCH_FINETUNE, EBFT_RATIONALE
         else:
-            t0, c0 = time.perf_counter(), time.process_time()
-            with Progress(2, description="corpus + base model", console=console) as bar:
+            with (
+                clock.phase("corpus + base model"),
+                Progress(2, description="corpus + base model", console=console) as bar,
+            ):
                 base = local_model(choice.source, "--model")
                 bar.advance(1)
                 all_train, heldout_files = stdlib_corpus()
                 chars = 3 * plan.finetune_steps * PRETRAINED_FINETUNE["sequence_len"] * CHARS_PER_TOKEN
                 train_files = within_budget(all_train, chars)
-                train_data = write_jsonl(out / "data" / "train.jsonl", train_files)
-                heldout_data = write_jsonl(out / "data" / "heldout.jsonl", heldout_files)
+                files = (
+                    write_jsonl(out / "data" / "train.jsonl", train_files),
+                    write_jsonl(out / "data" / "heldout.jsonl", heldout_files),
+                    train_files,
+                    all_train,
+                    heldout_files,
+                )
                 bar.advance(1)
-            seconds["corpus + base model"] = time.perf_counter() - t0
-            cpu_seconds["corpus + base model"] = time.process_time() - c0
+            budget = plan.budget(time.perf_counter(), guess)
             pre = pre_cfg = None
             keys, rationale = PRETRAINED_FINETUNE, PRETRAINED_RATIONALE
-
-        # 3. Fine-tuning: same config, same documents, same steps.
-        ft_cfg = finetune_config(base, train_data, out / "sft", plan, keys)
-        with timed("sft"):
-            sft = train(ft_cfg, sft_mode("sft"), console=console)
-        ebft_cfg = ft_cfg.model_copy(update={"output_dir": str(out / "ebft")})
-        with timed("ebft"):
-            try:
-                ebft = train(ebft_cfg, mode_of(ebft_cfg), console=console)
-            except TrainingInterrupted as exc:
-                # train's own message suggests resuming with `ebft train`; the quickstart has no such entry point.
-                raise TrainingInterrupted(
-                    f"quickstart interrupted during EBFT fine-tuning; run `ebft quickstart --out {out}` again to "
-                    "start over",
-                    exc.signum,
-                ) from None
-
-        # 4. Evaluation on held-out files.
+        train_data, heldout_data, train_files, all_train, heldout_files = files
+        plan = plan.with_steps(budget.plan_steps(time.perf_counter()))
+        ebft, sft, ft_cfg = _finetune(base, train_data, out, plan, keys, budget, clock, console)
         eval_cfg = ft_cfg.model_copy(
             update={"datasets": [ft_cfg.datasets[0].model_copy(update={"path": str(heldout_data)})]}
         )
         configs = out / "configs"
         configs.mkdir(exist_ok=True)
-
-        for name, cfg in (("pretrain", pre_cfg), ("finetune", ebft_cfg), ("evaluate", eval_cfg)):
+        for name, cfg in (("pretrain", pre_cfg), ("finetune", ft_cfg), ("evaluate", eval_cfg)):
             if cfg is not None:
                 (configs / f"{name}.yaml").write_text(dump_config(cfg))
 
-        finals = {}
-        with timed("evaluate"):
-            for name, checkpoint in (("base", None), ("sft", out / "sft"), ("ebft", out / "ebft")):
-                result = evaluate(
-                    eval_cfg,
-                    checkpoint=checkpoint,
-                    split="train",
-                    max_docs=plan.heldout_docs,
-                    console=console,
-                    description=f"evaluate {name}",
-                )
-                write_json(result, out / "eval" / f"{name}.json")
-                finals[name] = result
-
-        checkpoints = {"base": None, "sft": out / "sft", "ebft": out / "ebft"}
-        with timed("example"), Progress(len(checkpoints), description="example block", console=console) as bar:
-            first_doc = finals["base"].documents[0]["index"]
-            example = example_blocks(eval_cfg, checkpoints, first_doc, on_model=lambda: bar.advance(1))
-
         runs = {"sft": (out / "sft", sft.steps), "ebft": (out / "ebft", ebft.steps)}
         todo = {name: _checkpoints(run_dir, steps) for name, (run_dir, steps) in runs.items()}
-        curves: dict[str, list[dict]] = {}
-        total_probes = 1 + sum(len(v) for v in todo.values())
-        probes = Progress(total_probes, description="probe checkpoints", console=console)
-        with timed("probe checkpoints"), probes as bar:
-
-            def probe(checkpoint: Path | None) -> dict:
-                result = evaluate(
-                    eval_cfg, checkpoint=checkpoint, split="train", max_docs=plan.probe_docs, console=quiet
-                )
-                bar.advance(1)
-                return result.metrics
-
-            start_point = {"step": 0, **probe(None)}
-            for name, points in todo.items():
-                curves[name] = [start_point] + [{"step": step, **probe(path)} for step, path in points]
+        sizes = budget.plan_evaluation(time.perf_counter(), ebft.steps, sum(len(v) for v in todo.values()))
+        finals, example = _final_evaluation(eval_cfg, out, sizes, budget, clock, console)
+        curves = _curves(eval_cfg, todo, sizes, budget, clock, console)
 
         # 5. Plots and report.
-        with timed("report"):
+        with clock.phase("report"):
             run_plots = {name: plot_run(run_dir) for name, (run_dir, _) in runs.items()}
             if pre is not None:
                 run_plots["pretrain"] = plot_run(base)
             summary = {
                 "minutes": minutes,
                 "plan": asdict(plan),
-                "notes": notes,
+                "budget": _budget_summary(budget, sizes, clock),
                 "corpus": {
                     "root": sysconfig.get_paths()["stdlib"],
                     "train_files": len(train_files),
@@ -390,6 +274,7 @@ def run_quickstart(
                 else {"steps": pre.steps, "planned_steps": plan.pretrain_steps, "final": pre.last_metrics},
                 "finetune": {
                     "steps": {"sft": sft.steps, "ebft": ebft.steps},
+                    "planned_steps": plan.finetune_steps,
                     "documents_per_step": ft_cfg.micro_batch_size * ft_cfg.gradient_accumulation_steps,
                     "learning_rate": ft_cfg.learning_rate,
                     "lr_scheduler": ft_cfg.lr_scheduler,
@@ -404,9 +289,10 @@ def run_quickstart(
                 "curves": curves,
             }
             summary["plots"] = report.write_plots(out, summary, run_plots)
-        seconds["total"] = time.perf_counter() - started
-        cpu_seconds["total"] = time.process_time() - cpu_started
-        summary["seconds"], summary["cpu_seconds"] = seconds, cpu_seconds
+        clock.seconds["total"] = time.perf_counter() - clock.started
+        clock.cpu_seconds["total"] = time.process_time() - clock.cpu_started
+        summary["seconds"], summary["cpu_seconds"] = clock.seconds, clock.cpu_seconds
+        summary["budget"]["total_seconds"] = clock.seconds["total"]
         (out / "summary.json").write_text(json.dumps(report.json_safe(summary), indent=2) + "\n")
         path = out / "report.html"
         path.write_text(report.render_html(summary), encoding="utf-8")
@@ -414,30 +300,122 @@ def run_quickstart(
     return QuickstartResult(out_dir=out, report=path, summary=summary)
 
 
-def _scratch_base(out: Path, plan: Plan, seconds: dict, cpu_seconds: dict, console):
-    """Phases 1-2 without a pretrained model: corpus, tokenizer, a small Llama pretrained from scratch.
+def _finetune(base, train_data: Path, out: Path, plan: Plan, keys: dict, budget: Budget, clock: Clock, console):
+    """EBFT for the planned steps, then SFT for the steps EBFT reached (same config, same documents in the
+    same order): the expensive run first, so that a cut never leaves the two runs unequal."""
+    ft_cfg = finetune_config(base, train_data, out / "ebft", plan, keys)
+    with clock.phase("ebft"):
+        try:
+            ebft = train(ft_cfg, mode_of(ft_cfg), console=console)
+        except TrainingInterrupted as exc:
+            # train's own message suggests resuming with `ebft train`; the quickstart has no such entry point.
+            raise TrainingInterrupted(
+                f"quickstart interrupted during EBFT fine-tuning; run `ebft quickstart --out {out}` again to "
+                "start over",
+                exc.signum,
+            ) from None
+    budget.record(ebft.steps * plan.costs.ebft_step, clock.seconds["ebft"])
+    sft_cfg = ft_cfg.model_copy(update={"output_dir": str(out / "sft"), "max_steps": ebft.steps})
+    with clock.phase("sft"):
+        sft = train(sft_cfg, sft_mode("sft"), console=console)
+    budget.record(sft.steps * plan.costs.sft_step, clock.seconds["sft"])
+    return ebft, sft, ft_cfg
+
+
+def _final_evaluation(eval_cfg, out: Path, sizes: Sizes, budget: Budget, clock: Clock, console):
+    """Base, SFT and EBFT on ``sizes.heldout_docs`` held-out documents, and the example block."""
+    finals = {}
+    checkpoints = {"base": None, "sft": out / "sft", "ebft": out / "ebft"}
+    with clock.phase("evaluate"):
+        for name, checkpoint in checkpoints.items():
+            result = evaluate(
+                eval_cfg,
+                checkpoint=checkpoint,
+                split="train",
+                max_docs=sizes.heldout_docs,
+                console=console,
+                description=f"evaluate {name}",
+            )
+            write_json(result, out / "eval" / f"{name}.json")
+            finals[name] = result
+    with clock.phase("example"), Progress(len(checkpoints), description="example block", console=console) as bar:
+        first_doc = finals["base"].documents[0]["index"]
+        example = example_blocks(eval_cfg, checkpoints, first_doc, on_model=lambda: bar.advance(1))
+    costs = budget.costs
+    predicted = EVALUATED_MODELS * (sizes.heldout_docs * costs.eval_doc + LOADS_PER_MODEL * costs.model)
+    budget.record(predicted, clock.seconds["evaluate"] + clock.seconds["example"])
+    return finals, example
+
+
+def _curves(eval_cfg, todo: dict, sizes: Sizes, budget: Budget, clock: Clock, console) -> dict[str, list[dict]]:
+    """Held-out metrics of the base model and of every saved checkpoint on ``sizes.probe_docs`` documents
+    (none when the budget left no time for them)."""
+    if sizes.probe_docs == 0:
+        return {}
+    from rich.console import Console
+
+    quiet = Console(quiet=True)
+    total = 1 + sum(len(v) for v in todo.values())
+    with clock.phase("probe checkpoints"), Progress(total, description="probe checkpoints", console=console) as bar:
+
+        def probe(checkpoint: Path | None) -> dict:
+            result = evaluate(eval_cfg, checkpoint=checkpoint, split="train", max_docs=sizes.probe_docs, console=quiet)
+            bar.advance(1)
+            return result.metrics
+
+        start_point = {"step": 0, **probe(None)}
+        curves = {
+            name: [start_point] + [{"step": step, **probe(path)} for step, path in points]
+            for name, points in todo.items()
+        }
+    budget.record(
+        total * (sizes.probe_docs * budget.costs.eval_doc + budget.costs.model), clock.seconds["probe checkpoints"]
+    )
+    return curves
+
+
+def _budget_summary(budget: Budget, sizes: Sizes, clock: Clock) -> dict:
+    """What the report says about time: the budget, what it was spent on, the slowdown and the cuts."""
+    fixed = [name for name in ("corpus + base model", "corpus + tokenizer") if name in clock.seconds]
+    return {
+        "seconds": budget.seconds,
+        "spent_seconds": time.perf_counter() - budget.start,
+        "fixed_seconds": {name: clock.seconds[name] for name in fixed},
+        "slowdown_guess": budget.guess,
+        "slowdown": budget.slowdown,
+        "ideal": asdict(budget.ideal),
+        "floors": asdict(budget.floors),
+        "final": asdict(sizes),
+        "cuts": list(budget.cuts),
+    }
+
+
+def _scratch_base(out: Path, plan: Plan, clock: Clock, guess: float, console):
+    """Phases 1-2 without a pretrained model: corpus, tokenizer, a small Llama pretrained from scratch (the
+    budget's first phase, capped at ``plan.pretrain_seconds_cap``).
 
     Returns (base folder, (train data, held-out data, train files, all train files, held-out files),
-    pretraining result, pretraining config)."""
+    pretraining result, pretraining config, the budget started before pretraining)."""
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    with Progress(2, description="corpus + tokenizer", console=console) as bar:
+    with clock.phase("corpus + tokenizer"), Progress(2, description="corpus + tokenizer", console=console) as bar:
         all_train, heldout_files = stdlib_corpus()
-        train_files = within_budget(all_train, plan.corpus_chars)
+        # Training text worth reading: what pretraining can see in 1.5 passes (the whole corpus by default).
+        chars = int(1.5 * plan.pretrain_steps * PRETRAIN_BATCH * SEQUENCE_LEN * CHARS_PER_TOKEN)
+        train_files = within_budget(all_train, chars)
         train_data = write_jsonl(out / "data" / "train.jsonl", train_files)
         heldout_data = write_jsonl(out / "data" / "heldout.jsonl", heldout_files)
         bar.advance(1)
         init = build_model_dir(out / "init", (f.text for f in train_files), vocab_size=VOCAB_SIZE, seed=SEED, **MODEL)
         bar.advance(1)
-    seconds["corpus + tokenizer"] = time.perf_counter() - t0
-    cpu_seconds["corpus + tokenizer"] = time.process_time() - c0
-    t0, c0 = time.perf_counter(), time.process_time()
+    budget = plan.budget(time.perf_counter(), guess)
     pre_cfg = pretrain_config(init, train_data, out / "base", plan)
-    pre = train(pre_cfg, sft_mode("pretrain"), console=console, max_seconds=plan.pretrain_seconds_cap)
-    seconds["pretrain"] = time.perf_counter() - t0
-    cpu_seconds["pretrain"] = time.process_time() - c0
+    with clock.phase("pretrain"):
+        pre = train(pre_cfg, sft_mode("pretrain"), console=console, max_seconds=plan.pretrain_seconds_cap)
+    budget.record(pre.steps * PRETRAIN_STEP_SECONDS, clock.seconds["pretrain"])
+    if pre.steps < plan.pretrain_steps:
+        budget.cuts.append(f"pretraining steps {plan.pretrain_steps} -> {pre.steps} (its time cap)")
     files = (train_data, heldout_data, train_files, all_train, heldout_files)
-    return out / "base", files, pre, pre_cfg
+    return out / "base", files, pre, pre_cfg, budget
 
 
 def _model_summary(choice: BaseChoice, folder: Path, sequence_len: int) -> dict:

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from ebft.data.cache import load_strided
-from ebft.modeling.memory_plan import ModelShape, Workload, strided_workload
 from ebft.evaluate.run import held_out_evaluator
+from ebft.modeling.memory_plan import ModelShape, Workload, strided_workload
 from ebft.strided.stats import StridedStats
 from ebft.strided.step import StepTotals, StridedSettings, count_targets, document_generators, strided_microbatch
 from ebft.train.batches import document_steps, global_micro_batches, local_documents, reduce_sum

@@ -24,7 +24,7 @@ from ebft.config import TrainConfig, dump_config
 from ebft.config.evaluation import evaluates
 from ebft.deploy.card import FinalModel
 from ebft.deploy.export import RunExport
-from ebft.errors import EbftError, PolicySyncError, TrainingInterrupted
+from ebft.errors import ConfigError, EbftError, PolicySyncError, TrainingInterrupted
 from ebft.modeling.adapters import warm_start_critic
 from ebft.modeling.feature_network import feature_network_for, state_placements
 from ebft.modeling.policy import check_model_config, load_policy
