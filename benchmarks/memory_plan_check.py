@@ -1,4 +1,4 @@
-"""The memory plan of ``ebft validate`` / ``ebft train`` (issue 26) against the peak RSS of CPU training runs.
+"""The memory plan of ``ebft validate`` / ``ebft train`` against the peak RSS of CPU training runs.
 
 Every run is a fresh process (``--probe``) that imports ebft, makes the plan for this machine
 (``ebft.train.memory.build_plan``), resets the kernel's peak-RSS counter (writing 5 to

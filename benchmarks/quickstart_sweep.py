@@ -1,4 +1,4 @@
-"""One arm of the quickstart experiment (issue 24): fine-tune SmolLM2-135M-Instruct, evaluate on held-out files.
+"""One arm of the quickstart experiment: fine-tune SmolLM2-135M-Instruct, evaluate on held-out files.
 
     python benchmarks/quickstart_sweep.py --name ebft_default --method ebft --steps 60 --seed 0
     python benchmarks/quickstart_sweep.py --name sft --method sft --steps 60 --seed 0 --learning_rate=3e-4

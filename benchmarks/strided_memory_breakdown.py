@@ -1,4 +1,4 @@
-"""Where the resident memory of a strided LoRA step on SmolLM2-135M-Instruct goes (issue 10 item 4).
+"""Where the resident memory of a strided LoRA step on SmolLM2-135M-Instruct goes.
 
 Runs the phases of ``ebft train``'s strided micro-batch in this process (the same calls as
 ``strided_microbatch``, with the trainer's AdamW), on the config ``benchmarks/strided_memory.py`` writes, and

@@ -1,5 +1,5 @@
 """Tiny hybrid and recurrent causal LMs built locally (random weights, non-unit norm weights), shared by the
-``test_hybrid_*`` files: the structured-mode architecture matrix (DESIGN 6d).
+``test_hybrid_*`` files: the structured-mode architecture matrix (docs/design.md §7.2).
 
 Every family runs its slow torch path on CPU (no mamba-ssm / causal-conv1d kernels): small hidden sizes,
 2-4 layers, state sizes and chunk sizes of a few units, so that one structured step of each takes seconds.

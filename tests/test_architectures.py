@@ -1,4 +1,4 @@
-"""Per-architecture oracle for strided mode (DESIGN 6c): on every supported architecture the packed row
+"""Per-architecture oracle for strided mode (docs/design.md §7.1): on every supported architecture the packed row
 computes, for every generated token, exactly what the model computes on that block alone, x[:c_k] +
 block, with its own attention implementation (sliding windows per layer, soft-capping, scaling, GQA).
 

@@ -1,5 +1,5 @@
-"""``attn_implementation`` honoured where it can be, axolotl's older attention flags and ``report_to`` mapped
-(issue 23, items 1 and 6). On the code before this change all of these keys were ignored with a warning."""
+"""``attn_implementation`` honoured where it can be, axolotl's older attention flags and ``report_to`` mapped.
+On the code before this change all of these keys were ignored with a warning."""
 
 from __future__ import annotations
 

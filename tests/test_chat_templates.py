@@ -1,4 +1,4 @@
-"""``chat_template``: axolotl's template names set on a tokenizer that has none (issue 23, item 2).
+"""``chat_template``: axolotl's template names set on a tokenizer that has none.
 
 Each named template renders one conversation (system, user, assistant, user, generation prompt) as the
 model family's published prompt format, written out by hand below; the template is applied before any

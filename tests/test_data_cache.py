@@ -1,4 +1,4 @@
-"""``dataset_prepared_path`` and ``ebft preprocess`` (issue 23, item 4).
+"""``dataset_prepared_path`` and ``ebft preprocess``.
 
 The transform here counts its calls in a file, so a run that reuses the prepared rows is seen not to
 transform anything; the rows read back equal the rows prepared without a cache, in both modes; every input

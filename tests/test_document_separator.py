@@ -1,5 +1,5 @@
 """ebft_pretrain separates documents with the end-of-document token, not an instruct tokenizer's
-end-of-turn EOS; the token is configurable and logged (issue 9.6)."""
+end-of-turn EOS; the token is configurable and logged."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def test_document_separator_is_a_pretrain_key():
 
 
 def test_the_separator_line_is_said_once_however_often_the_data_is_prepared(tmp_path, instruct_tokenizer, caplog):
-    """The quickstart prepares the same files for training and every evaluation: one line, not ten (issue 23)."""
+    """The quickstart prepares the same files for training and every evaluation: one line, not ten."""
     path = _docs(tmp_path)
     with caplog.at_level(logging.INFO, logger="ebft"):
         for _ in range(3):

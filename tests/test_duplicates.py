@@ -1,4 +1,4 @@
-"""Identical rollouts get identical features, rewards and advantages, in every precision (DESIGN 6c).
+"""Identical rollouts get identical features, rewards and advantages, in every precision (docs/design.md §7.1).
 
 Under bf16 autocast two identical rollouts at different places of a packed row (strided) or of a padded
 batch (structured) get features that differ in the last bits, and whitening would blow that up into

@@ -1,4 +1,4 @@
-"""Edge configurations that used to train silently wrong (issue 9): each is honoured or refused with the reason."""
+"""Edge configurations that used to train silently wrong: each is honoured or refused with the reason."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _strided(**ebft: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# n = 1 with whitening (issue 9.3)
+# n = 1 with whitening
 
 
 def test_whitening_one_sample_carries_no_information():
@@ -56,7 +56,7 @@ def test_neighbours_of_the_refused_combination_still_load(n, whitening):
 
 
 # ----------------------------------------------------------------------------------------------
-# Token ids in the config are checked against the tokenizer when it loads (issue 9.5)
+# Token ids in the config are checked against the tokenizer when it loads
 
 
 def _structured(model_dir, tmp_path, stop_ids) -> dict[str, Any]:

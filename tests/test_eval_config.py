@@ -1,4 +1,4 @@
-"""The keys of evaluation during training, early stopping and the best model (issue 23, item 3): honoured instead
+"""The keys of evaluation during training, early stopping and the best model: honoured instead
 of ignored, checked before anything loads, and what follows from them (interval, metric, direction)."""
 
 from __future__ import annotations

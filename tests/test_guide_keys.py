@@ -1,4 +1,4 @@
-"""The guide's axolotl-key table is the generated one (issue 23): it cannot drift from the loader."""
+"""The guide's axolotl-key table is the generated one: it cannot drift from the loader."""
 
 from __future__ import annotations
 

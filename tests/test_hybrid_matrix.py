@@ -1,4 +1,4 @@
-"""The structured-mode architecture matrix (DESIGN 6d): one structured training step on a tiny model of every
+"""The structured-mode architecture matrix (docs/design.md §7.2): one structured training step on a tiny model of every
 family, hybrid and recurrent ones (Qwen3.5, Qwen3-Next, Granite 4, LFM2, Falcon-H1, Jamba, Bamba, Nemotron-H,
 Mamba, Mamba-2, RecurrentGemma) and the attention families of the strided oracle, checked piece by piece
 against independent per-sequence plain forwards:

@@ -1,4 +1,4 @@
-"""Honest refusals and the README's architecture section (DESIGN 6c, 6d): a model strided mode refuses is told
+"""Honest refusals and the README's architecture section (docs/design.md §7): a model strided mode refuses is told
 what works for it; a model kept off the packed row is logged with the true reason, once; the README lists,
 per mode, exactly the model types the tests check and what each mode does with them."""
 

@@ -1,4 +1,4 @@
-"""What a config needs from the machine, found before any data or weights load (issue 23, item 1).
+"""What a config needs from the machine, found before any data or weights load.
 
 Each check is one ``key: what is wrong; the fix`` line from ``ebft.train.preflight``, reported together by
 ``ebft validate`` (exit 2, nothing on stdout) and by ``ebft train`` before it writes or loads anything. On

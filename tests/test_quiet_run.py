@@ -1,4 +1,4 @@
-"""What a run says, and only that (issue 23, items 5 to 7): no third-party deprecation noise, the whitening
+"""What a run says, and only that: no third-party deprecation noise, the whitening
 note once, rollouts that read without a tokenizer, a merge message that does not suggest the base changed,
 and plots whose tick labels are the values. Each check failed on the code before this change."""
 

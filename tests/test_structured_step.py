@@ -1,4 +1,4 @@
-"""The structured step against independent computations on the tiny model (DESIGN 5, 6, 8).
+"""The structured step against independent computations on the tiny model (docs/design.md §5, §6, §10).
 
 Rewards are recomputed from ``output_hidden_states`` of a separately loaded model, one unpadded sequence
 at a time; log-probs and gradients from plain teacher-forced forwards; the loss pieces from hand
@@ -732,7 +732,7 @@ def _labelled_runs(seq: list[int], mask: list[bool]) -> list[list[int]]:
 def test_ce_sequences_of_a_multi_turn_row_label_every_assistant_turn(tiny_tokenizer):
     """The CE reference of a multi-turn row is the whole ground-truth conversation as the chat template renders
     it (with the configured chat_template_kwargs), with loss tokens on exactly the assistant contents and the
-    stop token that ends each of them (issue 9.4: the end of every turn is trained)."""
+    stop token that ends each of them (the end of every turn is trained)."""
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = "{% if house_style is defined %}[{{ house_style }}]{% endif %}" + tiny_tokenizer.chat_template
     s = _settings(tok, chat_template_kwargs={"house_style": "terse"})

@@ -292,7 +292,7 @@ def test_resume_with_num_iterations_reproduces_the_run(tmp_path, tiny_model_dir,
 
 
 def test_accumulation_does_not_change_the_update(tmp_path, tiny_model_dir, data_dir):
-    """4 completions x 2 micro-batches == 8 completions x 1 (DESIGN 4, 8): same rollouts, same update.
+    """4 completions x 2 micro-batches == 8 completions x 1 (docs/design.md §4, §10): same rollouts, same update.
 
     num_iterations 2 over 2 steps: step 1 is on-policy, step 2 trains on the stored log-probs. SGD, because
     the two layouts' gradients agree only to float rounding (~1e-10 absolute), and AdamW divides a gradient

@@ -262,7 +262,7 @@ def test_rollout_log_matches_the_loss(tmp_path, tiny_model_dir, text_file):
                 expected = alignment_coef * block["alignment"] - diversity_coef * block["diversity"]
                 assert block["reward"] == pytest.approx(expected, abs=1e-5)
 
-        # RLOO (DESIGN 5) per group (document, block), n = 4: alignment baseline (S_a - a_j) / 3,
+        # RLOO (docs/design.md §5) per group (document, block), n = 4: alignment baseline (S_a - a_j) / 3,
         # diversity baseline (S_d - 2 d_j) / 2; A_j = 1.5 (a_j - base_a) - 0.5 (d_j - base_d).
         for k in range(len(anchors)):
             group = [record["samples"][i][k] for i in range(n)]
@@ -321,7 +321,7 @@ def test_rollout_anchors_start_inside_the_completion(tmp_path, tiny_model_dir, t
     for record in records:
         length = record["length"]
         p = prompt_length[tuple(record["input_ids"][:length])]
-        first = max(context, p + prefix)  # DESIGN 4: a = max(context_length, prompt_length + min_completion_prefix)
+        first = max(context, p + prefix)  # docs/design.md §4.1: a = max(context_length, prompt_length + min_completion_prefix)
         count = (length - g - first) // stride + 1  # every c_k = first + k * stride with c_k + g <= length
         assert record["anchors"] == [first + k * stride for k in range(count)]
 

@@ -1,4 +1,4 @@
-"""Evaluation during training end to end through ``ebft.cli.main`` (issue 23, item 3).
+"""Evaluation during training end to end through ``ebft.cli.main``.
 
 * A run with evaluation trains bitwise as one without (same metrics, same weights), in both modes.
 * What it logs at step N is what ``ebft evaluate`` reports for the checkpoint of step N (and at step 0 for the

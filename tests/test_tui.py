@@ -1,4 +1,4 @@
-"""``ebft train --tui`` (issue 23, item 5): the dashboard's panels on a pseudo-terminal, every log line in
+"""``ebft train --tui``: the dashboard's panels on a pseudo-terminal, every log line in
 output_dir/train.log and back on the terminal when it closes, an error printed after it closed, and the plain
 console when stdout is not a terminal."""
 

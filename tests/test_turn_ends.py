@@ -1,4 +1,4 @@
-"""Multi-turn CE trains the end of every assistant turn, as single-turn CE trains its EOS (issue 9.4).
+"""Multi-turn CE trains the end of every assistant turn, as single-turn CE trains its EOS.
 
 The tiny tokenizer's chat template renders ``<|role|>\\ncontent</s>\\n`` per message and its EOS is ``</s>``,
 so the token the policy must produce to end a reply is the ``</s>`` right after the reply's content.

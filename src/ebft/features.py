@@ -1,4 +1,4 @@
-"""Turning hidden states of the frozen feature network into one vector per block (DESIGN 5).
+"""Turning hidden states of the frozen feature network into one vector per block (docs/design.md §5).
 
 Three pure steps, torch only:
 

@@ -1,4 +1,4 @@
-"""Feature-matching rewards and advantages for groups of n samples (DESIGN 5; paper eqs. 2, 7, 8).
+"""Feature-matching rewards and advantages for groups of n samples (docs/design.md §5; paper eqs. 2, 7, 8).
 
 A *group* is the n samples that share one ground truth: one prompt in structured mode, one
 (document, block) pair in strided mode. Shape letters: G groups, n samples per group, E feature size.

@@ -1,4 +1,4 @@
-"""Attention over an explicit boolean mask, honouring what a decoder layer asks for (DESIGN 6c).
+"""Attention over an explicit boolean mask, honouring what a decoder layer asks for (docs/design.md §7.1).
 
 transformers' attention modules hand their attention function the layer's own ``scaling`` (e.g.
 Gemma's ``query_pre_attn_scalar``), its ``sliding_window`` (None on global layers) and, for Gemma-2,

@@ -1,4 +1,4 @@
-"""Sparse attention for the packed strided rows (reference spec 11.2, item 3; DESIGN 6c).
+"""Sparse attention for the packed strided rows (docs/design.md §4.8, §7.1).
 
 The strided mask is 75-85% empty: a generated query sees only the document prefix before its anchor
 and the earlier tokens of its own g-token rollout. Dense attention over the S x S mask wastes most of

@@ -1,4 +1,4 @@
-"""The packed strided layout: one row per document, shared by its n samples (DESIGN 4).
+"""The packed strided layout: one row per document, shared by its n samples (docs/design.md §4.3).
 
 Row d holds ``[document (L tokens, right padded) | generated region]``. The generated region is
 step-major: all tokens of step 0, then step 1, ... For step t it holds the n*K tokens of every
@@ -8,7 +8,7 @@ step-major: all tokens of step 0, then step 1, ... For step t it holds the n*K t
 
 This ordering makes KV-cached decoding append one contiguous slab of n*K tokens per step.
 
-Attention rule (paper Section F; reference spec 2.3):
+Attention rule (paper Section F; docs/design.md §4.3):
 * document query p sees document keys j <= p (plain causal);
 * generated query (t, i, k) sees document keys j < c_k (the whole nested prefix, not a window)
   and the tokens (t', i, k) of its own rollout with t' <= t; nothing else.
@@ -130,7 +130,7 @@ def build_layout(
     min_completion_prefix: int,
     n: int,
 ) -> StridedLayout:
-    """Layout for a batch: per-document anchors (DESIGN 4), padding never anchored.
+    """Layout for a batch: per-document anchors (docs/design.md §4.1), padding never anchored.
 
     lengths: [D] real tokens per document; prompt_length: [D], -1 where the row has no prompt.
     """

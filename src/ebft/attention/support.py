@@ -1,4 +1,4 @@
-"""Which model architectures each mode computes exactly (DESIGN 6c, 6d), decided from the HF config alone.
+"""Which model architectures each mode computes exactly (docs/design.md §7), decided from the HF config alone.
 
 The packed strided row runs every attention layer through ``ebft.attention.strided``, which applies what
 transformers' attention modules pass it: the layer's scaling, its sliding window (per layer, so models

@@ -177,7 +177,7 @@ def block_errors(
     generate_max_len: int,
     min_completion_prefix: int,
 ) -> list[str | None]:
-    """Why each row has no strided block (None when it has at least one), per DESIGN 4 "Anchors"."""
+    """Why each row has no strided block (None when it has at least one), per docs/design.md §4.1."""
 
     reasons: list[str | None] = []
     for length, prompt_length in zip(lengths, prompt_lengths, strict=False):

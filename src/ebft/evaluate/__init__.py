@@ -1,4 +1,4 @@
-"""``ebft evaluate``: held-out evaluation of a base model or a checkpoint (reference spec 9).
+"""``ebft evaluate``: held-out evaluation of a base model or a checkpoint (docs/design.md §8).
 
 Every model is scored by the frozen feature network of the *base* model, so every checkpoint is
 measured in the same feature space, on rollouts seeded by the held-out row's place (two models get

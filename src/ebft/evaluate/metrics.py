@@ -37,7 +37,7 @@ def cfm_unbiased(alignment: torch.Tensor, diversity: torch.Tensor) -> torch.Tens
 
     Expanding ||E phi - y||^2 = ||E phi||^2 - 2 <E phi, y> + 1 and replacing ||E phi||^2 by the mean of
     <phi_i, phi_j> over ordered pairs i != j (unbiased; the i = j terms would add ||phi_i||^2 = 1) gives
-    1 - mean_i (a_i - d_i / 2)  (reference spec 5.5 and 13.9). Needs n >= 2.
+    1 - mean_i (a_i - d_i / 2)  (paper eq. 2; docs/design.md §5.5). Needs n >= 2.
     """
     if alignment.shape != diversity.shape:
         raise ValueError(f"alignment {tuple(alignment.shape)} and diversity {tuple(diversity.shape)} differ")

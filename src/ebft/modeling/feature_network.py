@@ -33,7 +33,7 @@ def _truncated(body: nn.Module, depth: int) -> nn.Module:
 
     Only the module containers are new, so LoRA layers inside stay the policy's own (and
     ``disable_adapter`` still applies). Stopping at the deepest feature layer skips the rest of the
-    network and the LM head (reference spec 11.2, item 4). Nothing else is changed: the view still ends
+    network and the LM head (docs/design.md §5.1). Nothing else is changed: the view still ends
     with the body's final norm, whatever the body calls it (``norm``, ``norm_f``, ``final_layernorm``, ...),
     so its output is not a feature; ``FeatureNetwork`` reads hidden state ``depth`` from the output of
     layer ``depth - 1`` (or the input of layer 0) instead, where ``output_hidden_states`` takes it.

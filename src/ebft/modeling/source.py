@@ -1,4 +1,4 @@
-"""A ``.gguf`` file as a base model (DESIGN 6c): dequantized once into a plain Hugging Face folder.
+"""A ``.gguf`` file as a base model (docs/design.md §7.1): dequantized once into a plain Hugging Face folder.
 
 A GGUF file holds a model's (usually quantized) weights, its config and its tokenizer. transformers reads
 it with the ``gguf`` package, but a quantized load can be neither trained nor saved, so ebft dequantizes

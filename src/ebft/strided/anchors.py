@@ -1,4 +1,4 @@
-"""Where the strided blocks of a document start (paper Section F; DESIGN 4, "Anchors").
+"""Where the strided blocks of a document start (paper Section F; docs/design.md §4.1).
 
 Block k of a document starts at c_k = a + k * stride, with the first anchor
 a = max(context_length, prompt_length + min_completion_prefix). A block exists only if its

@@ -1,10 +1,10 @@
-"""Block-parallel strided rollouts with a KV cache (DESIGN 4, "Generation uses the KV cache").
+"""Block-parallel strided rollouts with a KV cache (docs/design.md §4.4).
 
 One causal prefill of the documents gives, at positions c_k - 1, the logits of every block's first
 token; then g - 1 decoding steps each feed the n*K tokens of the previous step against the cache
 under the strided mask. Only the rows that are sampled go through the LM head. Cost per document is
 about L + (g - 1) * n * K token-forwards instead of n * (g * L + ...) for the reference's full
-recompute (reference spec 11.2, items 1 and 7).
+recompute (docs/design.md §4.4).
 
 Prefill and decoding run through the ``ebft_strided`` attention (``DocumentPlan``, ``DecodePlan``), so
 each layer applies its own sliding window on position ids, its scaling and soft-capping, exactly as in

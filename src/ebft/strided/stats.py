@@ -1,5 +1,5 @@
 """The statistics of strided steps: sums over micro-batches, processes and logged steps, and the metrics
-logged from them (the seeds' strided names)."""
+logged from them (the names axolotl's EBFT trainer logs in strided mode)."""
 
 from __future__ import annotations
 

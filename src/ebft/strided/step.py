@@ -1,4 +1,4 @@
-"""One strided EBFT micro-batch: rollouts -> features -> rewards -> loss (DESIGN 4-5).
+"""One strided EBFT micro-batch: rollouts -> features -> rewards -> loss (docs/design.md §4-5).
 
 The caller (the trainer) owns the optimizer. It passes the token counts of the whole optimizer step
 (``StepTotals``) so every micro-batch's loss is already divided by the step's totals; summing the

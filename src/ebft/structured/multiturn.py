@@ -1,4 +1,4 @@
-"""Multi-turn rollouts: each sample continues its own conversation, turn by turn (DESIGN 6).
+"""Multi-turn rollouts: each sample continues its own conversation, turn by turn (docs/design.md §6).
 
 A multi-turn row carries the turns after its first assistant reply (``PromptRow.remaining_turns``).
 After the first turn (sampled with the single-turn prompts), every sample's conversation gets the row's

@@ -1,5 +1,5 @@
 """The statistics of structured steps: sums over micro-batches, processes and logged steps, and the metrics
-logged from them (``ebft/*`` as in the seeds, the rest as TRL names them)."""
+logged from them (``ebft/*`` as axolotl's EBFT trainer names them, the rest as TRL does)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Structured EBFT: rollouts -> sequence features -> rewards -> group advantages -> policy loss (DESIGN 6).
+"""Structured EBFT: rollouts -> sequence features -> rewards -> group advantages -> policy loss (docs/design.md §6).
 
 One *rollout batch* is P prompts x G completions on this process, sample s = p * G + j. It is rolled
 out (:func:`roll_out`; multi-turn rows in ``multiturn``), scored once (``scoring.score``: feature

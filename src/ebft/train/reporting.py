@@ -225,7 +225,7 @@ class MetricsLogger:
         if values is None:
             return
         # soft_wrap: one metrics line stays one line whatever the terminal width, so logs grep.
-        if self.reward_line:  # structured mode's own line (the seeds' format), then the step line
+        if self.reward_line:  # structured mode's own line (axolotl's format), then the step line
             self._console.print(format_reward_line(values), markup=False, highlight=False, soft_wrap=True)
         self._console.print(format_console_line(step, values), markup=False, highlight=False, soft_wrap=True)
 

@@ -1,4 +1,4 @@
-"""Rollouts from a vLLM server (``ebft vllm-serve CFG``) over its OpenAI-compatible HTTP API (DESIGN 6).
+"""Rollouts from a vLLM server (``ebft vllm-serve CFG``) over its OpenAI-compatible HTTP API (docs/design.md §6).
 
 ``VLLMClient`` speaks the few endpoints training needs (``/health``, ``/v1/completions``,
 ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``) with the standard library only, so the

@@ -1,4 +1,4 @@
-"""vLLM's weight-transfer protocol from the trainer's side (DESIGN 6b), without importing vLLM.
+"""vLLM's weight-transfer protocol from the trainer's side (docs/design.md §6.6), without importing vLLM.
 
 The server (``ebft vllm-serve`` with ``trl.vllm_lora_sync: false``: ``--weight-transfer-config
 '{"backend": "nccl"}'`` and ``VLLM_SERVER_DEV_MODE=1``) exposes HTTP control routes; the tensors travel

@@ -1,4 +1,4 @@
-"""``RolloutBackend`` on a vLLM server whose weights full-weight sync replaces (DESIGN 6b).
+"""``RolloutBackend`` on a vLLM server whose weights full-weight sync replaces (docs/design.md §6.6).
 
 Used with ``trl.use_vllm: true`` and ``trl.vllm_lora_sync: false``: full fine-tuning, or LoRA sent as merged
 weights. Requests name the served base model; what it computes with is whatever the last sync sent.
