@@ -1,7 +1,7 @@
-"""LoRA targets that fit the model (docs/design.md §7.2): ``lora_target_linear`` adapts every linear layer PEFT accepts on the
-architecture and logs what it leaves out (PEFT refuses a Mamba mixer's ``out_proj``); ``lora_target_modules``
-naming a module PEFT refuses is one ConfigError listing them, raised before the model is touched; and a
-Mamba-2 model trains in structured mode end to end through the CLI."""
+"""LoRA targets that fit the model (docs/design.md §7.2): ``lora_target_linear`` adapts every linear layer PEFT
+accepts on the architecture and logs what it leaves out (PEFT refuses a Mamba mixer's ``out_proj``);
+``lora_target_modules`` naming a module PEFT refuses is one ConfigError listing them, raised before the model is
+touched; and a Mamba-2 model trains in structured mode end to end through the CLI."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Rollouts on the training device for every causal LM (docs/design.md §7.2): the shared-prefill decoder carries hybrid and
-recurrent caches (convolution and recurrent states repeated per sample and dropped with finished rows), and
+"""Rollouts on the training device for every causal LM (docs/design.md §7.2): the shared-prefill decoder carries
+hybrid and recurrent caches (convolution and recurrent states repeated per sample and dropped with finished rows), and
 whatever it cannot reproduce (a cache of another kind, a repetition penalty, a logit-changing generation
 setting) is sampled by transformers ``generate``, chosen once and logged: never a crash, never a silently
 different distribution.

@@ -321,7 +321,8 @@ def test_rollout_anchors_start_inside_the_completion(tmp_path, tiny_model_dir, t
     for record in records:
         length = record["length"]
         p = prompt_length[tuple(record["input_ids"][:length])]
-        first = max(context, p + prefix)  # docs/design.md §4.1: a = max(context_length, prompt_length + min_completion_prefix)
+        # docs/design.md §4.1: a = max(context_length, prompt_length + min_completion_prefix)
+        first = max(context, p + prefix)
         count = (length - g - first) // stride + 1  # every c_k = first + k * stride with c_k + g <= length
         assert record["anchors"] == [first + k * stride for k in range(count)]
 

@@ -1,4 +1,5 @@
-"""The process group a full-weight sync travels over: trainer (rank 0) -> the vLLM server's workers (docs/design.md §6.6).
+"""The process group a full-weight sync travels over: trainer (rank 0) -> the vLLM server's workers
+(docs/design.md §6.6).
 
 The group is made for the transfer alone, apart from the group of the training processes: its ranks are
 the trainer's main process (0) and the server's workers (1 .. world_size - 1).

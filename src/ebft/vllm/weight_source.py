@@ -1,4 +1,5 @@
-"""What a full-weight sync sends to the vLLM server: the policy's weights as a checkpoint holds them (docs/design.md §6.6).
+"""What a full-weight sync sends to the vLLM server: the policy's weights as a checkpoint holds them
+(docs/design.md §6.6).
 
 vLLM loads the tensors it is sent with its ``load_weights``, which expects the names, shapes and layout
 of the model's checkpoint files. So every tensor goes out as ``save_pretrained`` would write it:
