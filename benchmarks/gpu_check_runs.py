@@ -336,7 +336,7 @@ def strided_run(
         cfg,
         model=policy,
         features=features,
-        tokenizer=SimpleNamespace(pad_token_id=0),
+        tokenizer=SimpleNamespace(pad_token_id=0, decode=lambda ids: " ".join(map(str, ids))),  # random weights: ids
         data=SimpleNamespace(train=rows, val=None),
         accelerator=Accelerator(cpu=device.type == "cpu"),
         autocast_dtype=features.autocast_dtype,
