@@ -1,4 +1,4 @@
-"""Every axolotl EBFT example config runs unchanged (issues 11 and 23).
+"""Every axolotl EBFT example config runs unchanged.
 
 ``tests/axolotl_examples/`` holds this project's copies of the nine configs in axolotl's current
 ``examples/ebft/`` (same keys and values: ``attn_implementation: flash_attention_2``, ``chat_template: llama3``,
