@@ -114,6 +114,12 @@ BREAKING = frozenset(
         "trl.chat_template_kwargs",
         "vllm.max_model_len",
         "vllm.dtype",
+        # what early stopping and the best model compare: the record of the best so far holds values of this
+        # metric on these rows, and would be compared with values of another
+        "test_datasets",
+        "eval_max_docs",
+        "metric_for_best_model",
+        "greater_is_better",
     }
 )
 
@@ -122,6 +128,14 @@ HARMLESS = frozenset(
         # length of the run
         "max_steps",
         "num_epochs",
+        # when held-out metrics are taken and what is done with them (evaluation leaves training untouched)
+        "eval_steps",
+        "evals_per_epoch",
+        "eval_strategy",
+        "eval_on_start",
+        "eval_batch_size",
+        "early_stopping_patience",
+        "load_best_model_at_end",
         # where results go, logging, saving, reporting, fault policy
         "output_dir",
         "logging_steps",
