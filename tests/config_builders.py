@@ -94,3 +94,28 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     """The largest absolute difference between two state dicts with the same keys."""
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def lora_run_config(folder: Path, model_dir: Path, data: Path, **over) -> Path:
+    """A two-step LoRA run with a checkpoint at step 2, written to folder/cfg.yaml (output_dir folder/run)."""
+    cfg = {
+        "base_model": str(model_dir),
+        "rl": "ebft",
+        "ebft": {"mode": "strided", "stride": 8, "context_length": 8, "generate_max_len": 4, "n_samples_per_prompt": 2},
+        "datasets": [{"path": str(data), "type": "ebft_pretrain.transform"}],
+        "sequence_len": 48,
+        "micro_batch_size": 1,
+        "max_steps": 2,
+        "save_steps": 2,
+        "learning_rate": 1e-3,
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_linear": True,
+        "output_dir": str(folder / "run"),
+        "seed": 1,
+        **over,
+    }
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
