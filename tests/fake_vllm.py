@@ -32,6 +32,8 @@ import torch
 from fake_weight_transfer import Refused, WeightReceiver
 
 _SAMPLING_EPS = 1e-5  # vLLM samples greedily below this temperature
+# The path of the completions endpoint, as requests to it are recorded.
+COMPLETIONS = "/v1/completions"
 
 
 @dataclass
@@ -169,7 +171,7 @@ class FakeVLLMServer:
         routes = {
             ("GET", "/health"): lambda: None,
             ("GET", "/v1/models"): self._models,
-            ("POST", "/v1/completions"): lambda: self._completions(_object(body)),
+            ("POST", COMPLETIONS): lambda: self._completions(_object(body)),
             ("POST", "/v1/load_lora_adapter"): lambda: self._load(_object(body)),
             ("POST", "/v1/unload_lora_adapter"): lambda: self._unload(_object(body)),
         }

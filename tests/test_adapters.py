@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from config_builders import write_run_config
 from conftest import stdlib_texts
 from safetensors.torch import load_file, save_file
 
@@ -78,12 +78,6 @@ def _config(model_dir, data, **top) -> dict:
     return config
 
 
-def _write(tmp_path: Path, name: str, config: dict) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**config, "output_dir": str(tmp_path / name)}), encoding="utf-8")
-    return path
-
-
 def _fails(capsys, path: Path) -> str:
     assert main(["train", str(path)]) == 2
     return capsys.readouterr().err
@@ -95,7 +89,7 @@ def _fails(capsys, path: Path) -> str:
 
 def test_warm_start_continues_the_saved_adapter(tmp_path, tiny_model_dir, text_file, sft_adapter):
     config = _config(tiny_model_dir, text_file, lora_model_dir=str(sft_adapter))
-    assert main(["train", str(_write(tmp_path, "warm", config))]) == 0
+    assert main(["train", str(write_run_config(tmp_path, "warm", config))]) == 0
 
     before, after = (
         load_file(sft_adapter / "adapter_model.safetensors"),
@@ -128,7 +122,7 @@ def test_warm_start_continues_the_saved_adapter(tmp_path, tiny_model_dir, text_f
 )
 def test_warm_start_mismatches_are_errors(tmp_path, tiny_model_dir, text_file, sft_adapter, capsys, change, expected):
     config = _config(tiny_model_dir, text_file, **{"lora_model_dir": str(sft_adapter), **change})
-    err = _fails(capsys, _write(tmp_path, "bad", config))
+    err = _fails(capsys, write_run_config(tmp_path, "bad", config))
     assert expected in err, err
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
@@ -149,7 +143,8 @@ def test_same_targets_spelled_differently_are_accepted(tmp_path, tiny_model_dir,
 def test_adapter_folder_problems_are_errors(tmp_path, tiny_model_dir, text_file, sft_adapter, capsys):
     # A full model folder where the adapter should be.
     err = _fails(
-        capsys, _write(tmp_path, "full", _config(tiny_model_dir, text_file, lora_model_dir=str(tiny_model_dir)))
+        capsys,
+        write_run_config(tmp_path, "full", _config(tiny_model_dir, text_file, lora_model_dir=str(tiny_model_dir))),
     )
     assert "holds no adapter_config.json, so it is no PEFT adapter (it holds a full model" in err
 
@@ -158,7 +153,9 @@ def test_adapter_folder_problems_are_errors(tmp_path, tiny_model_dir, text_file,
 
     other = build_model_dir(tmp_path / "other", stdlib_texts(8), vocab_size=384, seed=0, hidden_size=32, num_layers=4)
     foreign = _save_adapter(other, tmp_path / "foreign")
-    err = _fails(capsys, _write(tmp_path, "foreign", _config(tiny_model_dir, text_file, lora_model_dir=str(foreign))))
+    err = _fails(
+        capsys, write_run_config(tmp_path, "foreign", _config(tiny_model_dir, text_file, lora_model_dir=str(foreign)))
+    )
     assert "lora_model_dir: cannot load the adapter weights of" in err and "size mismatch" in err, err
 
     # An adapter file that lost a tensor.
@@ -168,7 +165,9 @@ def test_adapter_folder_problems_are_errors(tmp_path, tiny_model_dir, text_file,
     weights = load_file(sft_adapter / "adapter_model.safetensors")
     dropped = sorted(weights)[0]
     save_file({k: v for k, v in weights.items() if k != dropped}, broken / "adapter_model.safetensors")
-    err = _fails(capsys, _write(tmp_path, "broken", _config(tiny_model_dir, text_file, lora_model_dir=str(broken))))
+    err = _fails(
+        capsys, write_run_config(tmp_path, "broken", _config(tiny_model_dir, text_file, lora_model_dir=str(broken)))
+    )
     assert "do not match its adapter_config.json" in err and "missing: [" in err, err
 
 
@@ -255,7 +254,7 @@ def test_qlora_trains_and_embeds_with_the_quantised_base(tmp_path, tiny_model_di
         max_steps=2,
         learning_rate=1e-3,
     )
-    assert main(["train", str(_write(tmp_path, "qlora", config))]) == 0
+    assert main(["train", str(write_run_config(tmp_path, "qlora", config))]) == 0
     saved = load_file(tmp_path / "qlora" / "adapter_model.safetensors")
     lora_b = {k: v for k, v in saved.items() if "lora_B" in k}
     # lora_B starts at 0. The gradient of a q_proj / v_proj adapter reaches it only through the 4-bit o_proj,
@@ -296,7 +295,7 @@ def test_load_in_8bit_trains(tmp_path, tiny_model_dir, text_file):
     config = _config(
         tiny_model_dir, text_file, load_in_8bit=True, lora_target_modules=SFT_TARGETS, max_steps=2, learning_rate=1e-3
     )
-    assert main(["train", str(_write(tmp_path, "int8", config))]) == 0
+    assert main(["train", str(write_run_config(tmp_path, "int8", config))]) == 0
     saved = load_file(tmp_path / "int8" / "adapter_model.safetensors")
     lora_b = [v for k, v in saved.items() if "lora_B" in k]
     assert len(lora_b) == 8 and all(float(v.abs().max()) > 0 for v in lora_b)  # gradients pass the 8-bit layers
@@ -304,7 +303,7 @@ def test_load_in_8bit_trains(tmp_path, tiny_model_dir, text_file):
 
 def test_quantised_base_without_bitsandbytes_is_a_clear_error(tmp_path, tiny_model_dir, text_file):
     config = _config(tiny_model_dir, text_file, adapter="qlora", load_in_4bit=True, lora_target_linear=True)
-    path = _write(tmp_path, "nobnb", config)
+    path = write_run_config(tmp_path, "nobnb", config)
     # A fresh interpreter in which `import bitsandbytes` fails, as on a machine without it.
     script = (
         "import sys\n"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from config_builders import lora_run_config
 from conftest import stdlib_texts
 from safetensors.torch import load_file
 
@@ -30,35 +31,11 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
-def _config(folder: Path, model_dir: Path, data: Path, **over) -> Path:
-    cfg = {
-        "base_model": str(model_dir),
-        "rl": "ebft",
-        "ebft": {"mode": "strided", "stride": 8, "context_length": 8, "generate_max_len": 4, "n_samples_per_prompt": 2},
-        "datasets": [{"path": str(data), "type": "ebft_pretrain.transform"}],
-        "sequence_len": 48,
-        "micro_batch_size": 1,
-        "max_steps": 2,
-        "save_steps": 2,
-        "learning_rate": 1e-3,
-        "adapter": "lora",
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_target_linear": True,
-        "output_dir": str(folder / "run"),
-        "seed": 1,
-        **over,
-    }
-    path = folder / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, data_file) -> Path:
     """A LoRA run of 2 steps with checkpoint-2 (its folder; the config is cfg.yaml next to it)."""
     folder = tmp_path_factory.mktemp("trained")
-    cfg = _config(folder, tiny_model_dir, data_file)
+    cfg = lora_run_config(folder, tiny_model_dir, data_file)
     assert main(["train", str(cfg)]) == 0
     return folder
 
@@ -227,7 +204,7 @@ def test_another_model_shape_is_named(trained, tmp_path, capsys, tiny_model_dir)
 
 
 def test_full_weights_of_another_shape_are_named(tmp_path, capsys, tiny_model_dir, data_file):
-    cfg = _config(tmp_path, tiny_model_dir, data_file, adapter=None, max_steps=1, save_steps=1)
+    cfg = lora_run_config(tmp_path, tiny_model_dir, data_file, adapter=None, max_steps=1, save_steps=1)
     assert main(["train", str(cfg)]) == 0
     other = _other_shape(tiny_model_dir, tmp_path / "wider")
     err = _resume_error(cfg, capsys, f"--base_model={other}", "--allow_config_change")

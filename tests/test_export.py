@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from config_builders import write_run_config
 from conftest import stdlib_texts
 from fake_hub import FakeHub
 
@@ -58,12 +59,6 @@ def _config(model_dir, data, **top) -> dict:
     }
     config.update(top)
     return config
-
-
-def _write(tmp_path: Path, name: str, config: dict) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**config, "output_dir": str(tmp_path / name)}), encoding="utf-8")
-    return path
 
 
 def _front_matter(card: str) -> dict:
@@ -110,7 +105,7 @@ def lora_run(tmp_path_factory, tiny_model_dir, text_file) -> tuple[Path, FakeHub
     with FakeHub(TOKENS) as server, pytest.MonkeyPatch.context() as env:
         env.setenv("HF_ENDPOINT", server.url)
         env.setenv("HF_TOKEN", "write-token")
-        assert main(["train", str(_write(tmp, "run", config))]) == 0
+        assert main(["train", str(write_run_config(tmp, "run", config))]) == 0
     return tmp / "run", server
 
 
@@ -230,7 +225,7 @@ def test_upload_all_checkpoints_to_a_branch(tmp_path, tiny_model_dir, text_file,
         hub_strategy="all_checkpoints",
         hub_revision="ebft",
     )
-    assert main(["train", str(_write(tmp_path, "ckpts", config))]) == 0
+    assert main(["train", str(write_run_config(tmp_path, "ckpts", config))]) == 0
     repo = hub.repos["alice/branchy"]
     assert repo.private is None and repo.branches["main"] == {}, "nothing lands on main"
     files = hub.files("alice/branchy", "ebft")
@@ -249,7 +244,7 @@ def test_upload_all_checkpoints_to_a_branch(tmp_path, tiny_model_dir, text_file,
 
 
 def _fails_before_training(tmp_path: Path, name: str, config: dict, capsys) -> str:
-    assert main(["train", str(_write(tmp_path, name, config))]) == 2
+    assert main(["train", str(write_run_config(tmp_path, name, config))]) == 2
     assert not (tmp_path / name / "metrics.jsonl").exists()
     return capsys.readouterr().err
 
@@ -275,7 +270,7 @@ def test_hub_credentials_are_checked_before_training(tmp_path, tiny_model_dir, t
 
 def test_missing_token_is_an_error_before_training(tmp_path, tiny_model_dir, text_file):
     config = _config(tiny_model_dir, text_file, hub_model_id="ebft-demo")
-    path = _write(tmp_path, "notoken", config)
+    path = write_run_config(tmp_path, "notoken", config)
     # A fresh process with an empty HF home and no HF_TOKEN: no token anywhere.
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {"HF_HOME": str(tmp_path / "hf-home")}
     done = subprocess.run(
@@ -403,7 +398,7 @@ def test_smollm2_qlora_warm_start_merge_and_upload(tmp_path, smollm2_dir, text_f
         hub_model_id="smollm2-ebft",
         hub_strategy="end",
     )
-    assert main(["train", str(_write(tmp_path, "smol", config))]) == 0
+    assert main(["train", str(write_run_config(tmp_path, "smol", config))]) == 0
     run = tmp_path / "smol"
 
     before, after = (

@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+from config_builders import read_jsonl
 from rich.console import Console
 
 from ebft.errors import ConfigError
@@ -38,10 +39,6 @@ FULL = {
 def _capture() -> tuple[Console, io.StringIO]:
     buffer = io.StringIO()
     return Console(file=buffer, force_terminal=False, width=60), buffer
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def test_console_line_formats_and_arrows():
@@ -78,7 +75,7 @@ def test_logger_writes_jsonl_and_prints(tmp_path):
     with MetricsLogger(tmp_path / "run", console=console) as logger:
         logger.log(1, FULL)
         logger.log(2, {"loss": 0.25, "grad_norm": 3})
-    rows = _read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert rows == [{"step": 1, **FULL}, {"step": 2, "loss": 0.25, "grad_norm": 3.0}]
     assert isinstance(rows[1]["grad_norm"], float)
     # Narrow console (60 columns) must not wrap the line: one printed line per step.
@@ -92,7 +89,7 @@ def test_logger_appends_across_runs(tmp_path):
     for step in (1, 2):
         with MetricsLogger(tmp_path, console=_capture()[0]) as logger:
             logger.log(step, {"loss": float(step)})
-    assert [row["step"] for row in _read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
 def test_non_finite_values_become_null(tmp_path):

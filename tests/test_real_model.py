@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import stdlib_texts
+from conftest import stdlib_texts, write_jsonl
 from safetensors import safe_open
 
 from ebft import features as feat
@@ -231,11 +231,6 @@ def test_structured_rollouts_use_the_chat_template_stop_at_im_end_and_pad_with_e
     torch.testing.assert_close(logp, torch.cat(want), atol=2e-4, rtol=0)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 def _train(tmp_path: Path, name: str, config: dict) -> tuple[Path, Path]:
     out = tmp_path / name
     path = tmp_path / f"{name}.yaml"
@@ -254,7 +249,7 @@ def test_full_finetune_saves_tied_embeddings_once_and_reloads_them_tied(smol_dir
     embedding matrix (tied to the LM head on reload), it moved, and generation caching is on again."""
     from transformers import AutoModelForCausalLM
 
-    data = _write_jsonl(tmp_path / "code.jsonl", [{"text": t[:1500]} for t in stdlib_texts(8)])
+    data = write_jsonl(tmp_path / "code.jsonl", [{"text": t[:1500]} for t in stdlib_texts(8)])
     config = {
         "base_model": str(GGUF),
         "rl": "ebft",
@@ -287,7 +282,7 @@ def test_lora_structured_run_saves_an_adapter_that_reloads_tied_and_evaluates(sm
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    data = _write_jsonl(
+    data = write_jsonl(
         tmp_path / "qa.jsonl",
         [{"prompt": [{"role": "user", "content": q}], "ground_truth": a} for q, a in QUESTIONS],
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from config_builders import lora_run_config
 from conftest import stdlib_texts
 from pydantic import BaseModel
 
@@ -81,34 +82,10 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
-def _config(folder: Path, model_dir: Path, data: Path, **over) -> Path:
-    cfg = {
-        "base_model": str(model_dir),
-        "rl": "ebft",
-        "ebft": {"mode": "strided", "stride": 8, "context_length": 8, "generate_max_len": 4, "n_samples_per_prompt": 2},
-        "datasets": [{"path": str(data), "type": "ebft_pretrain.transform"}],
-        "sequence_len": 48,
-        "micro_batch_size": 1,
-        "max_steps": 2,
-        "save_steps": 2,
-        "learning_rate": 1e-3,
-        "adapter": "lora",
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_target_linear": True,
-        "output_dir": str(folder / "run"),
-        "seed": 1,
-        **over,
-    }
-    path = folder / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, data_file) -> Path:
     folder = tmp_path_factory.mktemp("trained")
-    assert main(["train", str(_config(folder, tiny_model_dir, data_file))]) == 0
+    assert main(["train", str(lora_run_config(folder, tiny_model_dir, data_file))]) == 0
     return folder
 
 
@@ -181,7 +158,7 @@ def test_harmless_changes_are_listed_in_one_line(trained, tmp_path, capsys):
 def test_the_interrupt_message_carries_the_runs_overrides(tmp_path, tiny_model_dir, data_file):
     """`ebft train cfg --max_steps=10000 --logging_steps=1`, interrupted: the resume command keeps both
     (before: `ebft train <config> --output_dir=... --resume_from_checkpoint=latest`, the overrides lost)."""
-    cfg = _config(tmp_path, tiny_model_dir, data_file, save_steps=None)
+    cfg = lora_run_config(tmp_path, tiny_model_dir, data_file, save_steps=None)
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "ebft", "train", str(cfg), "--max_steps=10000", "--logging_steps=1"],

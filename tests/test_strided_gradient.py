@@ -1,5 +1,7 @@
-"""The strided step end to end on a tiny model: the policy gradient is the gradient of the expected
-reward (oracle by enumeration), and the loss is invariant to how a step is split or padded."""
+"""The strided step's settings, per-document generators, and gradient against independent computations: the
+exact expected-reward gradient, accumulation and padding invariance, the CE term, token weighting, and the
+micro-batch sums the rollout records show.
+"""
 
 from __future__ import annotations
 
@@ -9,62 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from strided_builders import V, document_row, random_model, strided_settings, teacher_forced_logp
 
 from ebft import features as feat
 from ebft.data.collate import collate_documents
 from ebft.modeling.feature_network import FeatureNetwork
-from ebft.strided.step import (
-    StepTotals,
-    StridedSettings,
-    count_targets,
-    document_generators,
-    strided_microbatch,
-)
-
-V = 5
-
-
-def _model(vocab=V, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # a livelier policy than the near-uniform random init
-        model.lm_head.weight.mul_(8.0)
-    return model
-
-
-def _settings(**over) -> StridedSettings:
-    base = {
-        "stride": 2,
-        "context_length": 2,
-        "generate_max_len": 2,
-        "n_samples_per_prompt": 8,
-        "temperature": 1.0,
-        "top_p": 1.0,
-        "min_completion_prefix": 0,
-        "embed_method": "last_token",
-        "feature_norm": "per_layer",
-        "use_whitening": False,
-        "whitening_space": "feature",
-        "alignment_coef": 1.0,
-        "diversity_coef": 1.0,
-        "advantage_estimator": "rloo",
-        "rl_coef": 1.0,
-        "ce_coef": 0.0,
-    }
-    base.update(over)
-    return StridedSettings(**base)
+from ebft.strided.step import StepTotals, StridedSettings, count_targets, document_generators, strided_microbatch
 
 
 def test_settings_from_config_copy_every_key_and_drop_group_terms_for_one_sample():
@@ -111,10 +63,6 @@ def test_document_generators_are_keyed_by_seed_step_and_position():
     assert all(g.device == torch.device("cpu") for g in gens)
 
 
-def _row(tokens):
-    return {"input_ids": list(tokens), "labels": list(tokens)}
-
-
 def _grads(loss, params):
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
 
@@ -156,11 +104,11 @@ def _exact_cfm_gradient(model, frozen, doc, anchors, s, params):
 
 def test_policy_gradient_matches_exact_expected_reward_gradient():
     """Oracle (d): the mean gradient over many rollouts equals the exact gradient of L_CFM."""
-    model = _model()
+    model = random_model()
     frozen = FeatureNetwork(model, feat.layer_indices([0.5, 1.0], 2))
-    s = _settings(temperature=0.8)
+    s = strided_settings(temperature=0.8)
     doc = torch.tensor([1, 3, 0, 2, 4, 1])
-    batch = collate_documents([_row(doc.tolist())], pad_token_id=0)
+    batch = collate_documents([document_row(doc.tolist())], pad_token_id=0)
     totals = count_targets(batch, s)
     params = [p for p in model.parameters() if p.requires_grad]
     exact = _exact_cfm_gradient(model, frozen, doc, anchors=[2, 4], s=s, params=params)
@@ -197,11 +145,11 @@ def _loss_and_grad(model, frozen, rows_per_micro, s, seed=3):
 @pytest.mark.parametrize("whitening", [False, True])
 def test_accumulation_invariance(whitening):
     """One micro-batch of 4 documents == 4 micro-batches of 1 (same rollouts, same update)."""
-    model = _model(vocab=11)
+    model = random_model(vocab=11)
     frozen = FeatureNetwork(model, feat.layer_indices([0.5, 1.0], 2))
-    s = _settings(n_samples_per_prompt=3, ce_coef=0.1, use_whitening=whitening)
+    s = strided_settings(n_samples_per_prompt=3, ce_coef=0.1, use_whitening=whitening)
     gen = torch.Generator().manual_seed(0)
-    rows = [_row(torch.randint(1, 11, (n,), generator=gen).tolist()) for n in (9, 12, 7, 10)]
+    rows = [document_row(torch.randint(1, 11, (n,), generator=gen).tolist()) for n in (9, 12, 7, 10)]
     loss_a, grad_a = _loss_and_grad(model, frozen, [rows], s)
     loss_b, grad_b = _loss_and_grad(model, frozen, [[r] for r in rows], s)
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
@@ -210,11 +158,11 @@ def test_accumulation_invariance(whitening):
 
 def test_padding_invariance():
     """A document padded next to a longer one gets the same rollouts, log-probs and rewards as alone."""
-    model = _model(vocab=11)
+    model = random_model(vocab=11)
     frozen = FeatureNetwork(model, feat.layer_indices([1.0], 2))
-    s = _settings(n_samples_per_prompt=4, ce_coef=0.05, embed_method="mean_pooling")
-    short = _row([3, 5, 1, 7, 2, 9, 4, 4])
-    long = _row([3, 5, 1, 7, 2, 9, 4, 4, 6, 1, 2, 3, 8, 5, 5])
+    s = strided_settings(n_samples_per_prompt=4, ce_coef=0.05, embed_method="mean_pooling")
+    short = document_row([3, 5, 1, 7, 2, 9, 4, 4])
+    long = document_row([3, 5, 1, 7, 2, 9, 4, 4, 6, 1, 2, 3, 8, 5, 5])
     records = []
     for rows in ([short], [short, long]):
         batch = collate_documents(rows, pad_token_id=0)
@@ -233,10 +181,10 @@ def test_padding_invariance():
 
 def test_identical_samples_give_zero_advantage_and_zero_rl_gradient():
     """Greedy rollouts are identical across samples, so every rloo advantage and the RL gradient vanish."""
-    model = _model(vocab=11)
+    model = random_model(vocab=11)
     frozen = FeatureNetwork(model, feat.layer_indices([0.5], 2))
-    s = _settings(n_samples_per_prompt=3, temperature=0.0)
-    batch = collate_documents([_row([1, 2, 3, 4, 5, 6, 7, 8, 9])], 0)
+    s = strided_settings(n_samples_per_prompt=3, temperature=0.0)
+    batch = collate_documents([document_row([1, 2, 3, 4, 5, 6, 7, 8, 9])], 0)
     res = strided_microbatch(model, frozen, batch, s, count_targets(batch, s), keep_rollouts=True)
     advs = [blk["advantage"] for sample in res.rollouts[0]["samples"] for blk in sample]
     # Identical rollouts agree only up to float rounding of their separate packed positions.
@@ -245,25 +193,18 @@ def test_identical_samples_give_zero_advantage_and_zero_rl_gradient():
     assert grads.abs().max() < 1e-6
 
 
-def _teacher_forced_logp(model, ids: list[int], temperature: float = 1.0) -> torch.Tensor:
-    """log p(ids[t] | ids[:t]) for t = 1..T-1 from a plain forward of the unpadded sequence: [T - 1]."""
-    x = torch.tensor([ids])
-    logits = model(x).logits[0, :-1] / temperature
-    return logits.log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
-
-
 def test_ce_is_teacher_forced_nll_of_each_documents_labelled_tokens_once():
     """Oracle: the strided CE (its sum, the loss value and the gradient) is the plain teacher-forced NLL of
     every document's labelled tokens, each document counted once although its n samples share the row."""
-    model = _model(vocab=11)
+    model = random_model(vocab=11)
     frozen = FeatureNetwork(model, feat.layer_indices([1.0], 2))
-    s = _settings(n_samples_per_prompt=3, rl_coef=0.0, ce_coef=0.7)
+    s = strided_settings(n_samples_per_prompt=3, rl_coef=0.0, ce_coef=0.7)
     params = [p for p in model.parameters() if p.requires_grad]
     # Document 0: a 3-token prompt (no labels) and 6 labelled tokens; document 1: raw text, one shorter, so
     # the batch pads it by one token.
     doc0, doc1 = [3, 5, 1, 7, 2, 9, 4, 4, 6], [2, 8, 8, 1, 5, 3, 10, 6]
     labels0 = [-100] * 3 + doc0[3:]
-    rows = [{"input_ids": doc0, "labels": labels0, "prompt_length": 3}, _row(doc1)]
+    rows = [{"input_ids": doc0, "labels": labels0, "prompt_length": 3}, document_row(doc1)]
     batch = collate_documents(rows, pad_token_id=0)
     totals = count_targets(batch, s)
     # Targets are labelled tokens after the first position: 6 in document 0 and 8 - 1 = 7 in document 1.
@@ -276,7 +217,7 @@ def test_ce_is_teacher_forced_nll_of_each_documents_labelled_tokens_once():
     nll = 0.0
     for ids, labels in ((doc0, labels0), (doc1, doc1)):
         labelled = torch.tensor(labels[1:]) != -100
-        nll = nll - _teacher_forced_logp(model, ids)[labelled].sum()
+        nll = nll - teacher_forced_logp(model, ids)[labelled].sum()
     want = _grads(0.7 * nll / 13, params)
     assert res.stats.ce_sum == pytest.approx(float(nll.detach()), rel=1e-5)
     assert res.stats.ce_tokens == 13
@@ -288,12 +229,12 @@ def test_rl_gradient_is_token_weighted_over_documents_with_different_block_count
     """Oracle: the RL gradient is -sum over every generated token of the step of A * grad log p, divided by
     the step's generated-token count, with each log-prob taken from a plain forward of x[:c_k] + block.
     The two documents have 4 and 2 blocks, so a per-document mean would weight their tokens differently."""
-    model = _model(vocab=11)
+    model = random_model(vocab=11)
     frozen = FeatureNetwork(model, feat.layer_indices([0.5, 1.0], 2))
-    s = _settings(n_samples_per_prompt=3, generate_max_len=3, temperature=0.8)
+    s = strided_settings(n_samples_per_prompt=3, generate_max_len=3, temperature=0.8)
     params = [p for p in model.parameters() if p.requires_grad]
     docs = [[3, 5, 1, 7, 2, 9, 4, 4, 6, 1, 2, 8], [2, 8, 8, 1, 5, 3, 10]]
-    batch = collate_documents([_row(d) for d in docs], pad_token_id=0)
+    batch = collate_documents([document_row(d) for d in docs], pad_token_id=0)
     totals = count_targets(batch, s)
     # Context 2, stride 2, g 3: document 0 (12 tokens) anchors 2, 4, 6, 8 (8 + 3 <= 12); document 1 (7 tokens)
     # anchors 2, 4 (4 + 3 <= 7). Generated tokens: (4 + 2) blocks x 3 samples x 3 tokens = 54.
@@ -309,7 +250,7 @@ def test_rl_gradient_is_token_weighted_over_documents_with_different_block_count
     for doc, record in zip(docs, res.rollouts, strict=True):
         for sample in record["samples"]:
             for c, block in zip(record["anchors"], sample, strict=True):
-                logp = _teacher_forced_logp(model, doc[:c] + block["tokens"], temperature=0.8)[c - 1 :]
+                logp = teacher_forced_logp(model, doc[:c] + block["tokens"], temperature=0.8)[c - 1 :]
                 loss = loss - block["advantage"] * logp.sum()
                 advs.append(block["advantage"])
     assert len(advs) == 18 and min(abs(a) for a in advs) > 1e-4  # every block carries a gradient
@@ -325,12 +266,12 @@ def test_microbatch_sums_add_up_what_the_rollout_records_show():
     the identity it has with the reward terms for unit features (no whitening): with phi_i and phi_gt unit,
     ||mean phi - phi_gt||^2 = (n + (n - 1)/2 sum_i d_i) / n^2 - mean_i a_i + 1, since sum_{i != j} <phi_i, phi_j>
     = (n - 1)/2 sum_i d_i and a_i = 2 <phi_i, phi_gt>."""
-    model = _model(vocab=11)
+    model = random_model(vocab=11)
     frozen = FeatureNetwork(model, feat.layer_indices([0.5, 1.0], 2))
     n, g = 3, 3
-    s = _settings(n_samples_per_prompt=n, generate_max_len=g, ce_coef=0.2, diversity_coef=0.5)
+    s = strided_settings(n_samples_per_prompt=n, generate_max_len=g, ce_coef=0.2, diversity_coef=0.5)
     docs = [[3, 5, 1, 7, 2, 9, 4, 4, 6, 1, 2, 8], [2, 8, 8, 1, 5, 3, 10]]
-    rows = [{"input_ids": docs[0], "labels": [-100] * 4 + docs[0][4:], "prompt_length": 4}, _row(docs[1])]
+    rows = [{"input_ids": docs[0], "labels": [-100] * 4 + docs[0][4:], "prompt_length": 4}, document_row(docs[1])]
     batch = collate_documents(rows, pad_token_id=0)
     res = strided_microbatch(
         model,
@@ -370,9 +311,9 @@ def test_microbatch_sums_add_up_what_the_rollout_records_show():
 
 def test_one_generated_token_and_one_ce_target_are_divided_by_one():
     """The smallest step: one block of one token, one sample, one labelled target. Its loss is the raw sums."""
-    model = _model(vocab=11)
+    model = random_model(vocab=11)
     frozen = FeatureNetwork(model, feat.layer_indices([1.0], 2))
-    s = _settings(n_samples_per_prompt=1, generate_max_len=1, ce_coef=0.5, advantage_estimator="reinforce")
+    s = strided_settings(n_samples_per_prompt=1, generate_max_len=1, ce_coef=0.5, advantage_estimator="reinforce")
     batch = collate_documents([{"input_ids": [3, 5, 1], "labels": [-100, -100, 1]}], pad_token_id=0)
     totals = count_targets(batch, s)
     assert (totals.rl_tokens, totals.ce_tokens) == (1, 1)  # block [2, 3); target x_2
@@ -382,8 +323,8 @@ def test_one_generated_token_and_one_ce_target_are_divided_by_one():
     got = _accumulated(params)
     assert res.loss == pytest.approx(res.stats.rl_sum + 0.5 * res.stats.ce_sum, rel=1e-6)
     ((block,),) = res.rollouts[0]["samples"]
-    ce = -_teacher_forced_logp(model, [3, 5, 1])[1]
-    rl = -block["advantage"] * _teacher_forced_logp(model, [3, 5, *block["tokens"]])[1]
+    ce = -teacher_forced_logp(model, [3, 5, 1])[1]
+    rl = -block["advantage"] * teacher_forced_logp(model, [3, 5, *block["tokens"]])[1]
     assert res.stats.ce_sum == pytest.approx(float(ce.detach()), rel=1e-5)
     torch.testing.assert_close(got, _grads(rl + 0.5 * ce, params), atol=1e-6, rtol=1e-4)  # divided by 1 and 1
 
@@ -417,11 +358,11 @@ def test_scores_equal_per_block_features_from_plain_forwards(method, norm, white
     from ebft import rewards
     from ebft.strided.step import roll_out, score_rollouts
 
-    model = _model(vocab=11)
+    model = random_model(vocab=11)
     layers = feat.layer_indices([0.5, 1.0], 2)  # hidden states 1 and 2
     frozen = FeatureNetwork(model, layers)
     n, g = 3, 4
-    s = _settings(
+    s = strided_settings(
         n_samples_per_prompt=n,
         generate_max_len=g,
         stride=3,
@@ -480,88 +421,3 @@ def test_scores_equal_per_block_features_from_plain_forwards(method, norm, white
     for name in ("alignment", "diversity", "reward", "advantage"):
         assert not getattr(scores, name)[1, :, 1:].any(), name
     assert not scores.cfm[1, 1:].any()
-
-
-@pytest.mark.parametrize(("dtype", "band"), [(torch.bfloat16, (3e-3, 0.1)), (torch.float16, (1e-4, 3e-3))])
-def test_rollouts_and_policy_pass_run_under_the_training_autocast(dtype, band):
-    """Blocks are sampled under the autocast (the same draws as generate_blocks under it) and the policy pass
-    runs under it: the log-probs differ from fp32 teacher forcing by that precision's rounding (measured here:
-    ~1e-2 for bf16, ~1e-3 for fp16), so running in another precision shows."""
-    from ebft.strided.generate import generate_blocks
-    from ebft.strided.step import layout_for
-
-    model = _model(vocab=11)
-    frozen = FeatureNetwork(model, feat.layer_indices([1.0], 2))
-    # 8 samples x 8 blocks x 4 tokens = 256 draws at temperature 0.5: bf16 rounding of the logits (~1e-2) moves
-    # a few of them (3 with this seed), so the comparison below can tell bf16 from fp32 sampling.
-    s = _settings(n_samples_per_prompt=8, generate_max_len=4, temperature=0.5)
-    doc = [3, 5, 1, 7, 2, 9, 4, 4, 6, 1, 2, 8, 10, 3, 3, 7, 1, 9, 5, 2]
-    batch = collate_documents([_row(doc)], pad_token_id=0)
-    res = strided_microbatch(
-        model,
-        frozen,
-        batch,
-        s,
-        count_targets(batch, s),
-        generators=document_generators(2, 1, 0, 1, "cpu"),
-        autocast_dtype=dtype,
-        keep_rollouts=True,
-    )
-    record = res.rollouts[0]
-    got = [[blk["tokens"] for blk in sample] for sample in record["samples"]]
-    layout = layout_for(batch, s)
-
-    def sample(autocast):
-        with torch.no_grad():
-            tokens = generate_blocks(
-                model,
-                batch.input_ids,
-                layout,
-                temperature=0.5,
-                autocast_dtype=autocast,
-                generators=document_generators(2, 1, 0, 1, "cpu"),
-            )
-        return tokens[0].tolist()
-
-    assert got == sample(dtype)
-    if dtype is torch.bfloat16:  # fp16 rounding is too fine to move a draw here
-        assert got != sample(None)
-    diffs = []
-    with torch.no_grad():
-        for sample_blocks in record["samples"]:
-            for c, blk in zip(record["anchors"], sample_blocks, strict=True):
-                want = _teacher_forced_logp(model, doc[:c] + blk["tokens"], temperature=0.5)[c - 1 :]
-                diffs.append(float((torch.tensor(blk["logprobs"]) - want).abs().max()))
-    assert band[0] < max(diffs) < band[1]
-
-
-def test_top_p_blocks_are_drawn_and_scored_inside_the_nucleus():
-    """top_p < 1: every block token is drawn from its nucleus and scored under the renormalised nucleus
-    (oracle: sorted probabilities of a plain forward of x[:c_k] + block, the smallest prefix reaching top_p)."""
-    model = _model(vocab=11)
-    with torch.no_grad():  # flatter than _model's default, so the nucleus holds several tokens
-        model.lm_head.weight.mul_(0.25)
-    frozen = FeatureNetwork(model, feat.layer_indices([1.0], 2))
-    top_p, temperature = 0.6, 0.9
-    s = _settings(n_samples_per_prompt=6, generate_max_len=3, top_p=top_p, temperature=temperature)
-    doc = [3, 5, 1, 7, 2, 9, 4, 4, 6, 1, 2, 8]
-    batch = collate_documents([_row(doc)], pad_token_id=0)
-    gens = document_generators(3, 1, 0, 1, "cpu")
-    res = strided_microbatch(model, frozen, batch, s, count_targets(batch, s), generators=gens, keep_rollouts=True)
-    record = res.rollouts[0]
-    sizes = []
-    with torch.no_grad():
-        for sample in record["samples"]:
-            for c, block in zip(record["anchors"], sample, strict=True):
-                seq = torch.tensor(doc[:c] + block["tokens"])[None]
-                logits = model(seq).logits[0, c - 1 : c - 1 + 3].double() / temperature
-                for t, token in enumerate(block["tokens"]):
-                    p = logits[t].softmax(-1)
-                    order = p.argsort(descending=True)
-                    before = p[order].cumsum(0) - p[order]  # mass of the likelier tokens
-                    nucleus = order[before < top_p]
-                    sizes.append(len(nucleus))
-                    assert token in nucleus.tolist()
-                    want = float(torch.log(p[token] / p[nucleus].sum()))
-                    assert block["logprobs"][t] == pytest.approx(want, abs=1e-4)
-    assert max(sizes) > 1 and min(sizes) < 11  # the cut is real and leaves a choice
