@@ -7,12 +7,10 @@ from __future__ import annotations
 import logging
 
 import pytest
-from data_builders import ASSISTANT, BOS, EOS, SPECIAL_DOCS, SYSTEM, USER, make_cfg, make_spec, write_jsonl
+from data_builders import BOS, EOS, SPECIAL_DOCS, make_cfg, make_spec, write_jsonl
 
 from ebft.data.load import load_strided_datasets
 from ebft.data.transforms import ebft_pretrain, ebft_strided_chat, ebft_strided_structured
-
-SPECIAL_DOC_IDS = [[USER, ASSISTANT, SYSTEM], [SYSTEM], [USER, USER, ASSISTANT, ASSISTANT]]
 
 
 @pytest.fixture(scope="session")

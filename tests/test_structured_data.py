@@ -62,10 +62,6 @@ def tokens(tokenizer, ids):
     return tokenizer.convert_ids_to_tokens(list(ids))
 
 
-def ids_of(tokenizer, pieces):
-    return tokenizer.convert_tokens_to_ids(pieces)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Chat rendering
 
