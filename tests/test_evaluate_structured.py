@@ -45,7 +45,7 @@ def test_structured_report_shape_and_internal_identities(base_eval):
     assert set(m) == keys  # no pass@ keys without --execute
     assert all(math.isfinite(v) for v in m.values())
     assert report["data"] == {
-        "source": "datasets at split 'train'",
+        "source": "rows of the datasets at split 'train'",
         "prompts": 6,
         "completions": 6 * G,
         "tokens": report["data"]["tokens"],
@@ -174,7 +174,7 @@ def test_split_selects_that_split_of_every_dataset(tiny_model_dir, tmp_path):
     every = evaluation_data(config).train
     assert len(set(_gt_lengths(every))) == len(every)  # rows are told apart by ground-truth length
     report = run_evaluate(config, tmp_path, "--split", "train[3:]")
-    assert report["data"]["source"] == "datasets at split 'train[3:]'"
+    assert report["data"]["source"] == "rows of the datasets at split 'train[3:]'"
     assert [d["ground_truth_tokens"] for d in report["documents"]] == _gt_lengths(every[3:])
 
 

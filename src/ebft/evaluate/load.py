@@ -127,7 +127,9 @@ def held_out_rows(cfg, tokenizer, split: str | None, config_dir: Path | None = N
     if split is not None:
         specs = [spec.model_copy(update={"split": split}) for spec in cfg.datasets]
         at_split = cfg.model_copy(update={"datasets": specs, "val_set_size": 0.0})
-        return load_datasets(at_split, tokenizer, search_dir=config_dir).train, f"datasets at split '{split}'"
+        return load_datasets(
+            at_split, tokenizer, search_dir=config_dir
+        ).train, f"rows of the datasets at split '{split}'"
     if cfg.test_datasets:
         return load_datasets(held_out_config(cfg), tokenizer, search_dir=config_dir).train, "test_datasets rows"
     if cfg.val_set_size > 0:
