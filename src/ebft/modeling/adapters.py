@@ -19,11 +19,13 @@ import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
 
 from ebft.errors import ConfigError
+from ebft.modeling.parts import causal_lm
 from ebft.modeling.precision import use_bf16
 
 log = logging.getLogger("ebft")
@@ -163,7 +165,7 @@ def _linear_classes() -> tuple[type, ...]:
 def _paths_by_name(model: nn.Module, keep) -> dict[str, str]:
     """One full module path per module name (its last component) among the modules ``keep(path, module)``
     selects, the output head left out (neither ``all-linear`` nor a LoRA head is meant)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = causal_lm(model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out: dict[str, str] = {}
     for path, module in model.named_modules():
         if path and module is not head and keep(path, module):
@@ -283,14 +285,15 @@ def load_adapter(model: nn.Module, source: str, lora, key: str, *, trainable: bo
     device = next(model.parameters()).device
     try:
         weights = load_peft_weights(source, device=str(device))
-        result = set_peft_model_state_dict(model, weights)
+        # load_state_dict's (missing_keys, unexpected_keys); PEFT annotates it as the bare ``namedtuple``.
+        missing_keys, unexpected_keys = cast(tuple[list[str], list[str]], set_peft_model_state_dict(model, weights))
     except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: shapes that do not match the base
         raise ConfigError(f"{key}: cannot load the adapter weights of {source!r} onto the base model: {exc}") from exc
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if result.unexpected_keys or missing:
+    missing = [k for k in missing_keys if "lora_" in k]
+    if unexpected_keys or missing:
         raise ConfigError(
             f"{key}: the adapter weights in {source!r} do not match its adapter_config.json on this base model "
-            f"(unexpected: {result.unexpected_keys[:4]}, missing: {missing[:4]})"
+            f"(unexpected: {unexpected_keys[:4]}, missing: {missing[:4]})"
         )
     return model
 
