@@ -19,13 +19,16 @@ import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from ebft.errors import ConfigError
 from ebft.modeling.parts import causal_lm
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 from ebft.modeling.precision import use_bf16
 
 log = logging.getLogger("ebft")
@@ -271,7 +274,7 @@ def _warm_start(cfg, model: nn.Module) -> nn.Module:
     return model
 
 
-def load_adapter(model: nn.Module, source: str, lora, key: str, *, trainable: bool) -> nn.Module:
+def load_adapter(model: nn.Module, source: str, lora, key: str, *, trainable: bool) -> PeftModel:
     """``model`` wrapped with the adapter ``lora`` and every one of its saved weights from ``source``, or an error."""
     from peft import get_peft_model
     from peft.utils import load_peft_weights, set_peft_model_state_dict
@@ -279,14 +282,14 @@ def load_adapter(model: nn.Module, source: str, lora, key: str, *, trainable: bo
     lora.inference_mode = not trainable
     try:
         with peft_wrapping():
-            model = get_peft_model(model, lora)
+            adapted = get_peft_model(model, lora)
     except ValueError as exc:  # PEFT: target modules not found in the base model
         raise ConfigError(f"{key}: the adapter in {source!r} does not fit the base model: {exc}") from exc
-    device = next(model.parameters()).device
+    device = next(adapted.parameters()).device
     try:
         weights = load_peft_weights(source, device=str(device))
         # load_state_dict's (missing_keys, unexpected_keys); PEFT annotates it as the bare ``namedtuple``.
-        missing_keys, unexpected_keys = cast(tuple[list[str], list[str]], set_peft_model_state_dict(model, weights))
+        missing_keys, unexpected_keys = cast(tuple[list[str], list[str]], set_peft_model_state_dict(adapted, weights))
     except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: shapes that do not match the base
         raise ConfigError(f"{key}: cannot load the adapter weights of {source!r} onto the base model: {exc}") from exc
     missing = [k for k in missing_keys if "lora_" in k]
@@ -295,7 +298,7 @@ def load_adapter(model: nn.Module, source: str, lora, key: str, *, trainable: bo
             f"{key}: the adapter weights in {source!r} do not match its adapter_config.json on this base model "
             f"(unexpected: {unexpected_keys[:4]}, missing: {missing[:4]})"
         )
-    return model
+    return adapted
 
 
 def _lora_module_names(model: nn.Module) -> set[str]:
