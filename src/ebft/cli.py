@@ -312,7 +312,9 @@ def _run_validate(args, cfg, config_dir: Path) -> int:
             found.problems, "the config is valid but training cannot start here", args.config
         )
     print(dump_config(cfg), end="")
-    log_plan(cfg, _planned_hardware(args), mode_of(cfg).workload)
+    workload = mode_of(cfg).workload
+    if workload is not None:  # a mode without one has no plan to log
+        log_plan(cfg, _planned_hardware(args), workload)
     return 0
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -95,6 +96,51 @@ def _frozen_head_chunk(
     return value + ((h - h.detach()) * jac).sum(-1), entropy
 
 
+@overload
+def token_logprobs(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module,
+    *,
+    temperature: float = ...,
+    top_p: float = ...,
+    top_k: int = ...,
+    min_p: float = ...,
+    chunk_size: int | None = ...,
+    with_entropy: Literal[False] = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def token_logprobs(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module,
+    *,
+    temperature: float = ...,
+    top_p: float = ...,
+    top_k: int = ...,
+    min_p: float = ...,
+    chunk_size: int | None = ...,
+    with_entropy: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def token_logprobs(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module,
+    *,
+    temperature: float = ...,
+    top_p: float = ...,
+    top_k: int = ...,
+    min_p: float = ...,
+    chunk_size: int | None = ...,
+    with_entropy: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     targets: torch.Tensor,
@@ -127,19 +173,23 @@ def token_logprobs(
     head_grad = any(p.requires_grad for p in head.parameters())
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_grad)
     # A sharded (DTensor) weight is only whole inside the head's own forward: those heads take the general path.
-    frozen_linear = isinstance(head, torch.nn.Linear) and not head_grad and type(head.weight.data) is torch.Tensor
-    logps, entropies = [], []
+    frozen_linear = (
+        head if isinstance(head, torch.nn.Linear) and not head_grad and type(head.weight.data) is torch.Tensor else None
+    )
+    logps: list[torch.Tensor] = []
+    entropies: list[torch.Tensor] = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        args = (h, t, head, temperature, top_p, top_k, min_p, with_entropy)
-        if need_grad and frozen_linear:
-            logp, entropy = _frozen_head_chunk(*args)
+        sampler = (temperature, top_p, top_k, min_p, with_entropy)
+        if need_grad and frozen_linear is not None:
+            logp, entropy = _frozen_head_chunk(h, t, frozen_linear, *sampler)
         elif need_grad:
-            logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+            logp, entropy = checkpoint(_chunk_logprobs, h, t, head, *sampler, use_reentrant=False)
         else:
-            logp, entropy = _chunk_logprobs(*args)
+            logp, entropy = _chunk_logprobs(h, t, head, *sampler)
         logps.append(logp)
-        entropies.append(entropy)
+        if entropy is not None:
+            entropies.append(entropy)
     logp = torch.cat(logps)
     return (logp, torch.cat(entropies)) if with_entropy else logp
 
@@ -202,7 +252,9 @@ class LossNorm:
     micro_batches: int
 
 
-def aggregate(token_loss: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, loss_type: str, norm: LossNorm):
+def aggregate(
+    token_loss: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, loss_type: str, norm: LossNorm
+) -> torch.Tensor:
     """This micro-batch's share of the step's policy loss.
 
     token_loss [T] and seq_index [T] (which of the micro-batch's ``num_seqs`` completions each token

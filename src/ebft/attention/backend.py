@@ -6,8 +6,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+
+
+class _SwitchesAttention(Protocol):
+    """A transformers model, or a PEFT wrapper, which forwards both attributes to the model it wraps."""
+
+    config: PreTrainedConfig
+
+    def set_attn_implementation(self, attn_implementation: str) -> None: ...
 
 
 def _no_mask(*args, **kwargs) -> None:
@@ -28,9 +40,10 @@ def register(name: str, attention: Callable) -> str:
 @contextmanager
 def attention_backend(model: torch.nn.Module, name: str, attention: Callable) -> Iterator[None]:
     """Run ``model`` with ``attention`` (registered as ``name``) inside the block, its own backend outside."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(register(name, attention))
+    switch = cast(_SwitchesAttention, model)
+    previous = switch.config._attn_implementation
+    switch.set_attn_implementation(register(name, attention))
     try:
         yield
     finally:
-        model.set_attn_implementation(previous)
+        switch.set_attn_implementation(previous)

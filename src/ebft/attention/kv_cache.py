@@ -9,9 +9,10 @@ the same keys and values, in the same order, without the copies.
 
 from __future__ import annotations
 
-from functools import partial
+from typing import Any
 
 import torch
+from transformers import PreTrainedConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
@@ -23,8 +24,9 @@ class PreallocatedLayer(DynamicLayer):
         super().__init__()
         self.capacity = capacity
         self.length = 0
-        self._keys: torch.Tensor | None = None
-        self._values: torch.Tensor | None = None
+        # Empty until the first update sizes them (``is_initialized``).
+        self._keys = torch.empty(0)
+        self._values = torch.empty(0)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -46,11 +48,15 @@ class PreallocatedLayer(DynamicLayer):
         self._values[:, :, :n] = values
         self._expose()
 
-    def _expose(self) -> None:
-        self.keys = self._keys[:, :, : self.length]
-        self.values = self._values[:, :, : self.length]
+    def _expose(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Point ``keys`` / ``values`` at the filled part of the buffers; returns those views."""
+        keys, values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+        self.keys, self.values = keys, values
+        return keys, values
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, q = self.length, key_states.shape[-2]
@@ -59,23 +65,25 @@ class PreallocatedLayer(DynamicLayer):
         self._keys[:, :, n : n + q] = key_states
         self._values[:, :, n : n + q] = value_states
         self.length = n + q
-        self._expose()
-        return self.keys, self.values
+        return self._expose()
 
     def get_seq_length(self) -> int:
         return self.length
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def _select(self, rows: torch.Tensor) -> None:
+        """Keep rows ``rows`` of the batch (in that order, repeats allowed)."""
         if self.is_initialized:
-            self._resize(beam_idx.to(self.device), self._keys.shape[-2])
+            self._resize(rows.to(self.device), self._keys.shape[-2])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.reorder_cache(indices)
+        self._select(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            rows = torch.arange(self._keys.shape[0], device=self.device).repeat_interleave(repeats)
-            self.reorder_cache(rows)
+            self._select(torch.arange(self._keys.shape[0], device=self.device).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -90,6 +98,17 @@ class PreallocatedLayer(DynamicLayer):
             self._expose()
 
 
+def _layer_class(capacity: int) -> type[PreallocatedLayer]:
+    """``PreallocatedLayer`` of ``capacity`` positions as a class made with no arguments: a cache makes the
+    layer of each new layer index by calling its ``layer_class_to_replicate``."""
+
+    class Layer(PreallocatedLayer):
+        def __init__(self) -> None:
+            super().__init__(capacity)
+
+    return Layer
+
+
 class PreallocatedCache(DynamicCache):
     """A ``DynamicCache`` whose full-attention layers are ``PreallocatedLayer``s of ``capacity`` positions.
 
@@ -98,9 +117,9 @@ class PreallocatedCache(DynamicCache):
     writes to the cache, every one keeping all its keys.
     """
 
-    def __init__(self, capacity: int, *, config=None):
+    def __init__(self, capacity: int, *, config: PreTrainedConfig | None = None):
         super().__init__(config=config)
         if config is None:
-            self.layer_class_to_replicate = partial(PreallocatedLayer, capacity)
+            self.layer_class_to_replicate = _layer_class(capacity)
         else:
             self.layers = [PreallocatedLayer(capacity) if type(x) is DynamicLayer else x for x in self.layers]

@@ -20,6 +20,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import accumulate
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +153,16 @@ def unsupported_reason(config) -> str | None:
     return None
 
 
-def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers attention function: query [1, H, T, d], key/value [1, H_kv, T, d] -> [1, T, H, d].
 
     One SDPA per segment: a root segment is plain causal; a segment after a shared prefix takes the keys of

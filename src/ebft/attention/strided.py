@@ -19,6 +19,7 @@ The functions plug into transformers through its public ``AttentionInterface`` u
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -131,6 +132,8 @@ class StridedPlan:
 
     def block_mask(self, window: int | None):
         if window not in self.block_masks:
+            if self.flex_layout is None:
+                raise RuntimeError("a StridedPlan without flex_layout has no flex_attention block masks")
             self.block_masks[window] = flex_block_mask(self.flex_layout, window)
         return self.block_masks[window]
 
@@ -230,7 +233,7 @@ def decode_plan(
     return DecodePlan(chunks, restore)
 
 
-_compiled_flex = None
+_compiled_flex: Callable[..., torch.Tensor] | None = None
 _score_mods: dict[float, object] = {}
 
 
@@ -249,7 +252,7 @@ def _flex(q, k, v, block_mask, scaling, softcap_value, compiled: bool):
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    fn = flex_attention
+    fn: Callable[..., torch.Tensor] = flex_attention
     if compiled and q.is_cuda:
         # flex_attention is only fast (and memory-lean) when compiled; compile once per process.
         if _compiled_flex is None:

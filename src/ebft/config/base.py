@@ -45,6 +45,7 @@ class Section(BaseModel):
         """A count or a number given as true/false is a mistake, not 1 or 0 (pydantic's lax mode would take it)."""
         if not isinstance(value, bool):
             return value
+        assert info.field_name is not None  # a field validator runs for one named field
         kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
         if kinds & {int, float} and not kinds & {bool, object}:
             raise ValueError(f"must be {'a number' if float in kinds else 'a whole number'}, not true or false")

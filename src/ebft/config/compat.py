@@ -200,8 +200,9 @@ def axolotl_compat(raw: dict[str, Any]) -> tuple[list[str], list[str]]:
             notes.append(f"{key}: ignored; {IGNORED_AXOLOTL_KEYS[key]}")
     # A `trl` that is not a mapping is reported by the schema; here it only has to be skipped.
     trl = raw.get("trl")
-    for key in [k for k in trl if k in UNSUPPORTED_TRL_KEYS] if isinstance(trl, dict) else []:
-        value = trl.pop(key)
+    trl_block: dict[str, Any] = trl if isinstance(trl, dict) else {}
+    for key in [k for k in trl_block if k in UNSUPPORTED_TRL_KEYS]:
+        value = trl_block.pop(key)
         # 0 is off too here (beta: 0.0 is TRL's "no KL term").
         if not _is_off(value) and not (type(value) in (int, float) and value == 0):
             problems.append(f"trl.{key}: {UNSUPPORTED_TRL_KEYS[key]} (got {show(value)})")
@@ -277,14 +278,17 @@ def _server_block_compat(raw: dict[str, Any], notes: list[str], problems: list[s
     """axolotl's other ``trl:`` and ``vllm:`` keys: ignored with a warning, or accepted only for the values
     ebft implements (in place)."""
     trl, vllm = raw.get("trl"), raw.get("vllm")
-    for key in [k for k in trl if k in IGNORED_TRL_KEYS or k in LIMITED_TRL_KEYS] if isinstance(trl, dict) else []:
-        value = trl.pop(key)
+    # A block that is not a mapping is reported by the schema; here it only has to be skipped.
+    trl_block: dict[str, Any] = trl if isinstance(trl, dict) else {}
+    vllm_block: dict[str, Any] = vllm if isinstance(vllm, dict) else {}
+    for key in [k for k in trl_block if k in IGNORED_TRL_KEYS or k in LIMITED_TRL_KEYS]:
+        value = trl_block.pop(key)
         if key in IGNORED_TRL_KEYS and value is not None:
             notes.append(f"trl.{key}: ignored; {IGNORED_TRL_KEYS[key]}")
         elif key in LIMITED_TRL_KEYS and value is not None and value not in LIMITED_TRL_KEYS[key][0]:
             problems.append(f"trl.{key}: {LIMITED_TRL_KEYS[key][1]} (got {show(value)})")
-    for key in [k for k in vllm if k in IGNORED_VLLM_KEYS] if isinstance(vllm, dict) else []:
-        if vllm.pop(key) is not None:
+    for key in [k for k in vllm_block if k in IGNORED_VLLM_KEYS]:
+        if vllm_block.pop(key) is not None:
             notes.append(f"vllm.{key}: ignored; {IGNORED_VLLM_KEYS[key]}")
 
 

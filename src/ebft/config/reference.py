@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from ebft.config.compat import (
     FSDP_IGNORED_KEYS,
     FSDP_LIMITED_KEYS,
@@ -48,7 +50,7 @@ def _rows(status: str, table: dict, prefix: str = "") -> list[str]:
 def axolotl_keys_markdown() -> str:
     """Markdown: for each block, the keys the schema honours, then every axolotl key that is mapped, ignored
     (one warning) or refused unless off, with what happens instead."""
-    sections = [
+    sections: list[tuple[str, type[BaseModel]]] = [
         ("Top level", TrainConfig),
         ("`ebft:`", EbftSection),
         ("`trl:`", TrlSection),

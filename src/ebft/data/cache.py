@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import ebft
 from ebft.data.load import StridedData, load_strided_datasets, local_files
@@ -173,7 +174,7 @@ def _write(entry: Path, data, mode: str, inputs: dict) -> None:
 
 def _read(entry: Path, mode: str):
     manifest = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
-    splits = {}
+    splits: dict[str, Any] = {}  # a datasets.Dataset (strided) or a list of PromptRow, None when absent
     for split, expected in (("train", manifest["train_rows"]), ("val", manifest["val_rows"])):
         if expected is None:
             splits[split] = None

@@ -65,7 +65,7 @@ def apply_transform(dataset, fn: Callable, options: Mapping, tokenizer, *, desc:
         results = _call_batched(fn, batch, indices, tokenizer) if batched else _call_rows(fn, batch, indices, tokenizer)
         out: dict[str, list] = {name: [] for name in features}
         for row, result, error in results:
-            fields = ([], [], None)
+            fields: tuple[list[int], list[int], int | None] = ([], [], None)
             if error is None:
                 try:
                     fields = validate_row(result, vocab_size)
@@ -88,7 +88,7 @@ def apply_transform(dataset, fn: Callable, options: Mapping, tokenizer, *, desc:
 
 
 def _call_rows(fn, batch, indices, tokenizer) -> list[tuple[int, object, str | None]]:
-    results = []
+    results: list[tuple[int, object, str | None]] = []
     for j, index in enumerate(indices):
         example = {name: values[j] for name, values in batch.items()}
         try:

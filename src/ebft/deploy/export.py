@@ -21,6 +21,7 @@ from ebft.deploy.card import FinalModel, write_card
 from ebft.deploy.hub import prepare_upload
 from ebft.errors import ConfigError
 from ebft.modeling.adapters import load_adapter, read_adapter_config
+from ebft.modeling.parts import embedding_rows
 from ebft.modeling.precision import configured_dtype
 from ebft.modeling.source import local_model
 
@@ -62,7 +63,7 @@ def merge_lora(run_dir: str | Path, out: str | Path | None = None, *, base_model
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"merge-lora: cannot load the base model {base!r}: {exc}") from exc
     # Training grows the embeddings to a tokenizer with added tokens; the adapter was trained on that shape.
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    if len(tokenizer) > embedding_rows(model):
         model.resize_token_embeddings(len(tokenizer))
     merged = load_adapter(model, str(run), lora, "merge-lora", trainable=False).merge_and_unload()
     if stored != torch.float32:

@@ -38,7 +38,7 @@ def score_batch(policy, features, batch, settings, *, generators, autocast_dtype
     layout, packed, plan, positions = r.layout, r.packed, r.plan, r.positions
     hidden = features(packed, positions, plan)
 
-    def reuse(*_args):  # one feature pass serves both scorings below
+    def reuse(*_args: object) -> list[torch.Tensor]:  # one feature pass serves both scorings below
         return hidden
 
     scores = score_rollouts(reuse, packed, plan, positions, layout, batch.labels, settings)
@@ -55,15 +55,15 @@ def score_batch(policy, features, batch, settings, *, generators, autocast_dtype
     for d in range(layout.num_docs):
         valid = layout.valid[d]  # [K]
         a = scores.alignment[d][:, valid].T  # [K_d, n]
-        r = scores.reward[d][:, valid].T
+        rew = scores.reward[d][:, valid].T
         sums = eval_metrics.new_sums()
         sums["samples"] = float(a.numel())
         sums["blocks"] = float(a.shape[0])
         sums["alignment"] = float(a.sum())
         sums["diversity"] = float(scores.diversity[d][:, valid].sum())
-        sums["reward"] = float(r.sum())
+        sums["reward"] = float(rew.sum())
         sums["best_alignment"] = float(eval_metrics.best_of_n(a).sum())
-        sums["best_reward"] = float(eval_metrics.best_of_n(r).sum())
+        sums["best_reward"] = float(eval_metrics.best_of_n(rew).sum())
         if n >= 2:
             cfm = eval_metrics.cfm_unbiased(plain.alignment[d][:, valid].T, plain.diversity[d][:, valid].T)
             sums["cfm"] = float(cfm.sum())

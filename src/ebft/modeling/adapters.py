@@ -19,11 +19,16 @@ import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from ebft.errors import ConfigError
+from ebft.modeling.parts import causal_lm
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 from ebft.modeling.precision import use_bf16
 
 log = logging.getLogger("ebft")
@@ -163,7 +168,7 @@ def _linear_classes() -> tuple[type, ...]:
 def _paths_by_name(model: nn.Module, keep) -> dict[str, str]:
     """One full module path per module name (its last component) among the modules ``keep(path, module)``
     selects, the output head left out (neither ``all-linear`` nor a LoRA head is meant)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = causal_lm(model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out: dict[str, str] = {}
     for path, module in model.named_modules():
         if path and module is not head and keep(path, module):
@@ -269,7 +274,7 @@ def _warm_start(cfg, model: nn.Module) -> nn.Module:
     return model
 
 
-def load_adapter(model: nn.Module, source: str, lora, key: str, *, trainable: bool) -> nn.Module:
+def load_adapter(model: nn.Module, source: str, lora, key: str, *, trainable: bool) -> PeftModel:
     """``model`` wrapped with the adapter ``lora`` and every one of its saved weights from ``source``, or an error."""
     from peft import get_peft_model
     from peft.utils import load_peft_weights, set_peft_model_state_dict
@@ -277,22 +282,23 @@ def load_adapter(model: nn.Module, source: str, lora, key: str, *, trainable: bo
     lora.inference_mode = not trainable
     try:
         with peft_wrapping():
-            model = get_peft_model(model, lora)
+            adapted = get_peft_model(model, lora)
     except ValueError as exc:  # PEFT: target modules not found in the base model
         raise ConfigError(f"{key}: the adapter in {source!r} does not fit the base model: {exc}") from exc
-    device = next(model.parameters()).device
+    device = next(adapted.parameters()).device
     try:
         weights = load_peft_weights(source, device=str(device))
-        result = set_peft_model_state_dict(model, weights)
+        # load_state_dict's (missing_keys, unexpected_keys); PEFT annotates it as the bare ``namedtuple``.
+        missing_keys, unexpected_keys = cast(tuple[list[str], list[str]], set_peft_model_state_dict(adapted, weights))
     except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: shapes that do not match the base
         raise ConfigError(f"{key}: cannot load the adapter weights of {source!r} onto the base model: {exc}") from exc
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if result.unexpected_keys or missing:
+    missing = [k for k in missing_keys if "lora_" in k]
+    if unexpected_keys or missing:
         raise ConfigError(
             f"{key}: the adapter weights in {source!r} do not match its adapter_config.json on this base model "
-            f"(unexpected: {result.unexpected_keys[:4]}, missing: {missing[:4]})"
+            f"(unexpected: {unexpected_keys[:4]}, missing: {missing[:4]})"
         )
-    return model
+    return adapted
 
 
 def _lora_module_names(model: nn.Module) -> set[str]:

@@ -254,6 +254,8 @@ def choose(name: str | None, jinja: str | None, own: str | None) -> Chosen:
     if name is None and jinja is None:
         return Chosen(None, "the tokenizer's own", None)
     if name in (None, JINJA):
+        # choice_problem refuses jinja without chat_template_jinja, and no name and no jinja returned above.
+        assert jinja is not None
         return Chosen(template_text(jinja), "chat_template_jinja", None)
     if name == TOKENIZER_DEFAULT or name.startswith(FALLBACK_PREFIX):
         if own:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -21,9 +22,14 @@ from torch import nn
 from ebft.attention.packed import Packed, PackedPlan, packed_forward
 from ebft.attention.strided import StridedPlan, build_plan, strided_backend, strided_forward
 from ebft.attention.strided_layout import StridedLayout
+from ebft.config import TrainConfig
+from ebft.errors import ConfigError
 from ebft.features import layer_indices
-from ebft.modeling.parts import backbone_of
+from ebft.modeling.parts import backbone_of, causal_lm
 from ebft.modeling.precision import autocast, autocast_dtype, feature_dtype
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger("ebft")
 
@@ -77,8 +83,8 @@ class FeatureNetwork:
         body = backbone_of(policy)
         # The body's own output (after its final norm) is hidden state num_layers; every other one is read
         # from a layer, never from a truncated body's output.
-        layers = getattr(body, "layers", None)
-        self.num_layers = len(layers) if isinstance(layers, nn.ModuleList) else self.depth
+        body_layers = getattr(body, "layers", None)
+        self.num_layers = len(body_layers) if isinstance(body_layers, nn.ModuleList) else self.depth
         view = _truncated(body, self.depth)
         if self.shared:
             self.body = view
@@ -124,11 +130,16 @@ class FeatureNetwork:
         captured: dict[int, torch.Tensor] = {}
         layer_list = getattr(self.body, "layers", None)
         with ExitStack() as stack:
-            stack.enter_context(self._policy.disable_adapter() if self.shared else nullcontext())
+            # Shared: the policy is a PEFT model (it has disable_adapter), see __init__.
+            stack.enter_context(cast("PeftModel", self._policy).disable_adapter() if self.shared else nullcontext())
             stack.enter_context(eval_mode(self.body))
             stack.enter_context(autocast(self.device, self.autocast_dtype))
             for idx in set(self.layers):
                 if idx != self.num_layers:
+                    if not isinstance(layer_list, nn.ModuleList):
+                        raise ConfigError(
+                            f"{type(self.body).__name__} has no decoder layer list (layers) to read hidden state {idx}"
+                        )
                     stack.enter_context(_capture(layer_list, idx, captured))
             ids, pos = input_ids.to(self.device), position_ids.to(self.device)
             if plan is None:
@@ -181,6 +192,8 @@ def plan_on(plan: StridedPlan, device: torch.device) -> StridedPlan:
     """``plan`` for rows on ``device``: itself when built there, else rebuilt from its layout (flex_attention
     BlockMasks on CUDA, chunked SDPA masks elsewhere)."""
     layout = plan.flex_layout if plan.uses_flex else plan.layout
+    if layout is None:
+        raise RuntimeError("a StridedPlan built without its layout cannot be moved to another device")
     want_flex = device.type == "cuda"
     if plan.uses_flex == want_flex and layout.anchors.device == device:
         return plan
@@ -269,7 +282,7 @@ def feature_placement(setting: str | None, policy_device: torch.device, *, proce
 
 
 def feature_network_for(
-    cfg, source: nn.Module, device: torch.device, *, frozen_copy: bool = False, processes: int = 1
+    cfg: TrainConfig, source: nn.Module, device: torch.device, *, frozen_copy: bool = False, processes: int = 1
 ) -> FeatureNetwork:
     """The config's feature network over ``source`` (the policy, or a separately loaded base model) on its
     placement (``feature_placement``); ``frozen_copy``: a frozen copy of ``source`` with its adapter
@@ -277,7 +290,7 @@ def feature_network_for(
     placement = feature_placement(cfg.ebft.feature_device, device, processes=processes, gpus=visible_cuda_devices())
     return FeatureNetwork(
         source,
-        layer_indices(cfg.ebft.feature_layers, source.config.num_hidden_layers),
+        layer_indices(cfg.ebft.feature_layers, causal_lm(source).config.num_hidden_layers),
         device=placement,
         autocast_dtype=autocast_dtype(cfg, device),
         frozen_copy=frozen_copy,

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
 
 from ebft.modeling.adapters import peft_wrapping
 from ebft.modeling.memory_plan import ModelShape
-from ebft.modeling.parts import backbone_of
+from ebft.modeling.parts import backbone_of, causal_lm, decoder_layers
 from ebft.modeling.source import SOURCE_FILE, cache_root, is_gguf
 
 # layer_types entries whose layers keep a key/value cache.
@@ -77,9 +78,10 @@ def model_shape(config, *, lora=None, trust_remote_code: bool = False) -> ModelS
 
 def _shape_of(model: nn.Module, text) -> ModelShape:
     body = backbone_of(model)
-    layers = body.layers
-    embedding = model.get_input_embeddings()
-    head = model.get_output_embeddings()
+    layers = decoder_layers(body)
+    lm = causal_lm(model)
+    embedding = cast(nn.Embedding, lm.get_input_embeddings())  # an nn.Embedding in transformers
+    head = lm.get_output_embeddings()
     tied = head is None or head.weight is embedding.weight
     norm = getattr(body, "norm", None)
     parts = [embedding, layers] + [m for m in (norm, head) if isinstance(m, nn.Module)]
@@ -100,7 +102,7 @@ def _shape_of(model: nn.Module, text) -> ModelShape:
         layer_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in layers),
         attention_layers=attention,
         embedding_params=embedding.weight.numel(),
-        head_params=0 if tied else sum(p.numel() for p in head.parameters()),
+        head_params=0 if tied or head is None else sum(p.numel() for p in head.parameters()),
         final_norm_params=sum(p.numel() for p in norm.parameters()) if isinstance(norm, nn.Module) else 0,
         other_params=other,
         linear_params=linear,

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import pickle
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
 
 from ebft.attention.support import check_strided_architecture
+from ebft.config import TrainConfig
 from ebft.errors import ConfigError
 from ebft.modeling.adapters import (
     add_adapter,
@@ -20,8 +22,12 @@ from ebft.modeling.adapters import (
 )
 from ebft.modeling.attention_choice import choose_attention, model_class_support
 from ebft.modeling.optional import package_available
+from ebft.modeling.parts import embedding_rows
 from ebft.modeling.precision import policy_dtype
 from ebft.modeling.source import local_model, require_local_folder
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("ebft")
 
@@ -29,7 +35,7 @@ log = logging.getLogger("ebft")
 _said: set[str] = set()
 
 
-def check_model_config(cfg) -> None:
+def check_model_config(cfg: TrainConfig) -> None:
     """Checks that need only the model's config.json, run before any data or weights load."""
     from transformers import AutoConfig
 
@@ -49,7 +55,7 @@ def check_model_config(cfg) -> None:
     check_adapter_source(cfg)
 
 
-def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
+def load_policy(cfg: TrainConfig, tokenizer, device: torch.device) -> nn.Module:
     """The trainable model: full weights, or a PEFT LoRA wrapper over frozen base weights."""
     from transformers import AutoModelForCausalLM
 
@@ -75,12 +81,12 @@ def load_policy(cfg, tokenizer, device: torch.device) -> nn.Module:
         raise ConfigError(f"base_model: cannot load {source!r}: {type(exc).__name__}: {first}") from exc
     if quantised:
         keep_4bit_layers_differentiable(model)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    if len(tokenizer) > embedding_rows(model):
         model.resize_token_embeddings(len(tokenizer))
     return prepare_policy(model, cfg, device)
 
 
-def _attention(cfg, source: str, device: torch.device) -> str | None:
+def _attention(cfg: TrainConfig, source: str, device: torch.device) -> str | None:
     """The backend for ``cfg.attn_implementation`` (``ebft.modeling.attention_choice``); its warning, when it
     is not the one asked for, is logged once per process."""
     from transformers import AutoConfig
@@ -100,7 +106,7 @@ def _attention(cfg, source: str, device: torch.device) -> str | None:
     return choice.implementation
 
 
-def prepare_policy(model: nn.Module, cfg, device: torch.device) -> nn.Module:
+def prepare_policy(model: PreTrainedModel, cfg: TrainConfig, device: torch.device) -> nn.Module:
     """A loaded causal LM made into the config's policy: gradient checkpointing, LoRA (fresh, or
     ``lora_model_dir``'s) when ``adapter`` is set, on ``device``. (``load_policy`` ends here; benchmarks that
     build a model from a config in memory start here.) The config's ``use_cache`` is left as the model has
@@ -112,14 +118,16 @@ def prepare_policy(model: nn.Module, cfg, device: torch.device) -> nn.Module:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    policy: nn.Module = model
     if cfg.adapter is not None:
-        model = add_adapter(cfg, model)
+        policy = add_adapter(cfg, model)
         if cfg.gradient_checkpointing and kwargs.get("use_reentrant"):
+            # On the model the adapter wraps: the PEFT wrapper forwards this call to it.
             model.enable_input_require_grads()
-    return model.to(device)
+    return policy.to(device)
 
 
-def load_warm_start(cfg, tokenizer, device: torch.device) -> nn.Module:
+def load_warm_start(cfg: TrainConfig, tokenizer, device: torch.device) -> nn.Module:
     """Base + the ``lora_model_dir`` adapter as saved, for a frozen warm-start feature network."""
 
     return load_policy(cfg.model_copy(update={"gradient_checkpointing": False}), tokenizer, device)

@@ -19,9 +19,11 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, cast
 
 from ebft.errors import ConfigError
 
@@ -144,12 +146,10 @@ def _read_header(key: str, file: Path) -> tuple[str, int | None]:
 def _locked(lock_path: Path):
     """Hold an exclusive lock on ``lock_path`` while the block runs (POSIX; elsewhere the atomic rename
     alone keeps the cache consistent). Closing the file releases the lock, also when the process dies."""
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
     with open(lock_path, "w") as handle:
-        if fcntl is not None:
+        if sys.platform != "win32":
+            import fcntl
+
             fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
@@ -157,7 +157,7 @@ def _locked(lock_path: Path):
 def _convert(key: str, file: Path, architecture: str, vocab: int | None, target: Path) -> None:
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 
     # Under the lock, a leftover partial folder belongs to a conversion that died; it is never used.
     for stale in target.parent.glob(f".{target.name}.*.partial"):
@@ -167,12 +167,16 @@ def _convert(key: str, file: Path, architecture: str, vocab: int | None, target:
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
-            model, info = AutoModelForCausalLM.from_pretrained(
-                file.parent,
-                gguf_file=file.name,
-                quantization_config=GgufConfig(dequantize=True),
-                dtype=torch.float32,
-                output_loading_info=True,
+            # With output_loading_info the result is (model, info); the annotation names the model alone.
+            model, info = cast(
+                tuple[PreTrainedModel, dict[str, Any]],
+                AutoModelForCausalLM.from_pretrained(
+                    file.parent,
+                    gguf_file=file.name,
+                    quantization_config=GgufConfig(dequantize=True),
+                    dtype=torch.float32,
+                    output_loading_info=True,
+                ),
             )
         # ValueError: an architecture or tokenizer type transformers does not convert; KeyError: metadata
         # it needs is missing; NotImplementedError: the gguf package does not know the architecture.

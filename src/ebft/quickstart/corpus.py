@@ -33,7 +33,8 @@ def is_held_out(relative_path: str) -> bool:
 def stdlib_corpus(root: str | Path | None = None) -> tuple[list[SourceFile], list[SourceFile]]:
     """(training files, held-out files) of the standard library at ``root`` (default: this Python's)."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
-    train, held_out = [], []
+    train: list[SourceFile] = []
+    held_out: list[SourceFile] = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
         if EXCLUDED_PARTS & set(rel.parts[:-1]) or path.stat().st_size > MAX_FILE_BYTES:

@@ -76,7 +76,8 @@ def example_blocks(
         probs[name] = first_token_probs(policy, batch.input_ids, layout.anchors[0], settings.logprob_temperature)
         del policy
         on_model()
-
+    if batch is None or layout is None or tokenizer is None:
+        raise ValueError("no checkpoints to compare")
     valid = layout.valid[0]
     tuned = [name for name in drawn if name != "base"]
     # The pair compared: the two fine-tuned models when there are two, else the one against the base model.

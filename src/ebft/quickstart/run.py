@@ -75,7 +75,7 @@ PRETRAIN_BATCH = 16  # documents per pretraining step
 CHARS_PER_TOKEN = 4
 
 
-def _config(base_model: Path, data: Path, output_dir: Path, **train_keys):
+def _config(base_model: Path | str, data: Path, output_dir: Path, **train_keys):
 
     raw = {
         "base_model": str(base_model),

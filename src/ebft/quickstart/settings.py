@@ -1,5 +1,7 @@
 """The quickstart's fine-tuning settings and, for the report, why they were chosen."""
 
+from typing import Any
+
 # Strided EBFT with the paper's layout and sampling (c = s = g = 8, n = 4, T = 0.6, 25/50/75% layers);
 # the other choices and why are in EBFT_RATIONALE, which the report prints.
 EBFT = {
@@ -27,8 +29,8 @@ EBFT_RATIONALE = (
     "neither rate by more than noise (the base model was pretrained on the same files)."
 )
 # Fine-tuning keys of the from-scratch demo (full fine-tune) and of a pretrained base (LoRA).
-SCRATCH_FINETUNE = {"micro_batch_size": 4, "learning_rate": 2e-5}
-PRETRAINED_FINETUNE = {
+SCRATCH_FINETUNE: dict[str, Any] = {"micro_batch_size": 4, "learning_rate": 2e-5}
+PRETRAINED_FINETUNE: dict[str, Any] = {
     "sequence_len": 128,
     "micro_batch_size": 1,
     "learning_rate": 1e-4,

@@ -9,6 +9,7 @@ quickstart passes ``mode()`` to the loop.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -27,7 +28,7 @@ class SftRunner:
 
     progress_metric = ("ce", "ce_loss")
     reward_line = False
-    log_name = None
+    log_name: str | None = None
     keep_records = False
     record_order = "document"
     stats_type = SftStats
@@ -37,7 +38,7 @@ class SftRunner:
         self.cfg, self.model, self.sharding = parts.cfg, parts.model, parts.sharding
         self.rows, self.accelerator, self.amp = parts.data.train, parts.accelerator, parts.autocast_dtype
         self.pad_id = parts.tokenizer.pad_token_id
-        self.batches = None
+        self.batches: Iterator[list[int]] | None = None  # set by start
 
     def total_steps(self) -> int:
         return document_steps(self.cfg, len(self.rows), self.accelerator.num_processes)
@@ -47,8 +48,11 @@ class SftRunner:
         self.batches = global_micro_batches(len(self.rows), size, self.cfg.seed, start=state.data_position)
 
     def run(self, step: int, state: TrainState) -> StepOutput[SftStats]:
+        if self.batches is None:
+            raise RuntimeError("SftRunner.run before start: the loop calls start first")
         mb, gas, acc = self.cfg.micro_batch_size, self.cfg.gradient_accumulation_steps, self.accelerator
-        pieces = [next(self.batches) for _ in range(gas)]
+        batches = self.batches
+        pieces = [next(batches) for _ in range(gas)]
         local = local_documents(pieces, self.rows, acc.process_index, mb, self.pad_id, acc.device)
         counted = torch.tensor([sum(target_count(b) for b in local)], dtype=torch.float64, device=acc.device)
         step_targets = int(reduce_sum(acc, counted)[0])

@@ -27,7 +27,7 @@ class StridedRunner:
     label = "ebft strided"
     progress_metric = ("reward", "ebft/mean_reward")
     reward_line = False
-    log_name = "rollouts.jsonl"
+    log_name: str | None = "rollouts.jsonl"
     record_order = "document"
     stats_type = StridedStats
 

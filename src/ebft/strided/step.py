@@ -7,6 +7,7 @@ micro-batch gradients then gives the same update for any split of the step (1 x 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -131,8 +132,12 @@ class MicroBatchResult:
         return self.stats.loss
 
 
+# What ``score_rollouts`` runs the features with: a ``FeatureNetwork``, or its output of this batch reused.
+EmbedRows = Callable[[torch.Tensor, torch.Tensor, StridedPlan], list[torch.Tensor]]
+
+
 def score_rollouts(
-    features: FeatureNetwork,
+    features: EmbedRows,
     packed: torch.Tensor,
     plan: StridedPlan,
     position_ids: torch.Tensor,

@@ -100,7 +100,8 @@ def conversation_tokens(
             "so its tokens cannot be found"
         )
     offsets = encoded["offset_mapping"]
-    mask = token_mask(offsets, [s for s, flag in zip(spans, generated, strict=True) if flag])
+    # Every generated message has its span (checked above); ``s is not None`` says so to the type checker.
+    mask = token_mask(offsets, [s for s, flag in zip(spans, generated, strict=True) if flag and s is not None])
     if end_of_turn:
         mask = _with_turn_ends(mask, ids, offsets, spans, generated, len(text), set(end_of_turn))
     return ConversationTokens(

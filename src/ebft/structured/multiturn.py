@@ -94,7 +94,7 @@ def roll_out_conversations(
         behaviour = None
         if all(c.logprobs is not None for _, c in turns[key]):
             # The sampler's log-probs line up with the replies' ids, the loss tokens of the turn views.
-            behaviour = [v for _, c in turns[key] for v in c.logprobs] if trained else []
+            behaviour = [v for _, c in turns[key] for v in (c.logprobs or ())] if trained else []  # all present
         out[key] = Sample(
             sequence=list(ids),
             prompt_length=tokens.prompt_length,

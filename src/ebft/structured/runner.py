@@ -10,12 +10,14 @@ Sizes (TRL's convention): ``micro_batch_size`` counts completions, so a process 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from ebft.attention.support import log_structured_passes
+from ebft.config import TrainConfig
 from ebft.data.cache import load_structured
 from ebft.evaluate.run import held_out_evaluator
 from ebft.losses import LossNorm
@@ -40,11 +42,13 @@ class StructuredRunner:
     label = "ebft structured"
     progress_metric = ("reward", "ebft/reward")
     reward_line = True
-    log_name = "completions.jsonl"
+    log_name: str | None = "completions.jsonl"
     record_order = "sample"
     stats_type = StructuredStats
 
-    def __init__(self, cfg, *, model, features, tokenizer, data, accelerator, autocast_dtype, backend, sharding=None):
+    def __init__(
+        self, cfg: TrainConfig, *, model, features, tokenizer, data, accelerator, autocast_dtype, backend, sharding=None
+    ) -> None:
         self.cfg, self.model, self.features, self.tokenizer = cfg, model, features, tokenizer
         self.sharding = sharding or Sharding(model)
         self.data, self.accelerator, self.amp, self.backend = data, accelerator, autocast_dtype, backend
@@ -55,7 +59,7 @@ class StructuredRunner:
         self.local_prompts = cfg.micro_batch_size * cfg.gradient_accumulation_steps // self.s.num_generations
         self.global_prompts = self.local_prompts * accelerator.num_processes
         self.buffer: RolloutBuffer | None = None
-        self.stream = None
+        self.stream: Iterator[list[int]] | None = None  # set by start
         self._executor = ThreadPoolExecutor(max_workers=1) if cfg.trl.async_prefetch else None
         self._prefetched: tuple[int, list[int], Future] | None = None
 
@@ -87,18 +91,21 @@ class StructuredRunner:
         return roll_out(self.backend, rows, self.s, self.tokenizer, seeds)
 
     def _next_samples(self, generation: int) -> tuple[list[int], list[Sample]]:
+        if self.stream is None:
+            raise RuntimeError("StructuredRunner.run before start: the loop calls start first")
+        stream = self.stream
         if self._prefetched is not None and self._prefetched[0] == generation:
             _, piece, future = self._prefetched
             samples = future.result()
         else:
-            piece = next(self.stream)
+            piece = next(stream)
             samples = self._samples(generation, piece)
         self._prefetched = None
         last = (self.total_steps() - 1) // self.s.num_iterations  # the run's final rollout batch
         if self._executor is not None and generation < last:
             # Generate the next batch on the server while this one trains (staleness: one batch, plus
             # up to vllm_sync_interval steps before the server sees new weights; IS-corrected).
-            upcoming = next(self.stream)
+            upcoming = next(stream)
             self._prefetched = (
                 generation + 1,
                 upcoming,
@@ -140,10 +147,11 @@ class StructuredRunner:
     def run(self, step: int, state) -> StepOutput[StructuredStats]:
         cfg, s, acc = self.cfg, self.s, self.accelerator
         generation = (step - 1) // s.num_iterations
-        fresh = self.buffer is None or self.buffer.generation != generation
-        if fresh:
-            self.buffer = self._make_buffer(generation, state)
-        buf, G, mb = self.buffer, s.num_generations, cfg.micro_batch_size
+        buf = self.buffer
+        fresh = buf is None or buf.generation != generation
+        if buf is None or fresh:
+            buf = self.buffer = self._make_buffer(generation, state)
+        G, mb = s.num_generations, cfg.micro_batch_size
 
         ce_samples = buf.references(self.tokenizer, s) if s.ce_coef > 0 else []
         local = torch.tensor(

@@ -127,6 +127,10 @@ def score(
     gen, gt = embed_pairs(features, rows, samples, s, pad_id, batch_size)
     same_as = duplicate_samples(samples, len(rows), s.num_generations).to(gen.device)
     terms = rewards.reward_terms_for(gen, gt, s, same_as=same_as)
-    spread = batch_std(terms.reward) if s.scale_rewards == "batch" else None
+    spread = None
+    if s.scale_rewards == "batch":
+        if batch_std is None:
+            raise ValueError("scale_rewards: batch needs batch_std, the standard deviation over the rollout batch")
+        spread = batch_std(terms.reward)
     adv = rewards.group_advantages(terms.reward, s.scale_rewards, spread)
     return Scores(terms.alignment, terms.diversity, terms.reward, adv, terms.cfm)

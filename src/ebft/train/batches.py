@@ -17,7 +17,8 @@ def global_micro_batches(num_rows: int, size: int, seed: int, start: int = 0) ->
     into fixed-size pieces; a piece may straddle two epochs. Deterministic, so a resumed run continues
     with exactly the rows the uninterrupted run would have seen.
     """
-    epoch, offset, order = -1, 0, []
+    epoch, offset = -1, 0
+    order: list[int] = []
     position = 0
     while True:
         while len(order) - offset < size:

@@ -27,6 +27,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -67,7 +68,10 @@ class TrainState:
 def rng_state() -> dict:
     """Every RNG's state as plain values (Python's and NumPy's tuples and arrays become lists and dicts)."""
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state()
+    # legacy=True (the default) gives the MT19937 tuple; the annotation also admits the dict of legacy=False.
+    assert isinstance(numpy_state, tuple)
+    name, keys, pos, has_gauss, cached = numpy_state
     state = {
         "python": {"version": version, "state": list(internal), "gauss": gauss},
         "numpy": {
@@ -197,7 +201,9 @@ def checkpoint_due(step: int, total_steps: int, save_steps: int | None, save_fin
     the last step included (so a finished run can be extended), and the last step always with ``save_final``."""
     if step == total_steps and save_final:
         return True
-    return bool(save_steps) and step % save_steps == 0
+    if not save_steps:
+        return False
+    return step % save_steps == 0
 
 
 def check_resume_step(directory: Path, step: int, total_steps: int) -> None:
@@ -257,9 +263,9 @@ def resume_point(output_dir: Path, setting: str | None) -> Path | None:
             )
         return None
     if setting == "latest":
-        found = checkpoints(output_dir)
-        if found:
-            return found[-1]
+        saved = checkpoints(output_dir)
+        if saved:
+            return saved[-1]
         if run_in_progress(output_dir):
             log.warning(
                 "resume_from_checkpoint: latest, but %s holds no complete checkpoint (the run stopped before its "
@@ -377,13 +383,16 @@ def _load_weights(directory: Path, model) -> None:
         from peft import set_peft_model_state_dict
 
         try:
-            result = set_peft_model_state_dict(model, load_safetensors(directory, adapter.name))
+            # load_state_dict's (missing_keys, unexpected_keys); PEFT annotates it as the bare ``namedtuple``.
+            missing_keys, unexpected_keys = cast(
+                tuple[list[str], list[str]], set_peft_model_state_dict(model, load_safetensors(directory, adapter.name))
+            )
         except RuntimeError as exc:  # a tensor of another shape: another rank, or another base model
             what = f"does not fit this run's adapter ({_first(exc)})"
             raise problem(directory, adapter.name, what, _MODEL_ADVICE) from None
-        missing = [k for k in result.missing_keys if "lora_" in k]
-        if result.unexpected_keys or missing:
-            names = (result.unexpected_keys or missing)[:2]
+        missing = [k for k in missing_keys if "lora_" in k]
+        if unexpected_keys or missing:
+            names = (unexpected_keys or missing)[:2]
             raise problem(directory, adapter.name, f"does not fit this run's adapter (e.g. {names})", _MODEL_ADVICE)
         return
     shards = sorted(directory.glob("model*.safetensors"))
@@ -427,7 +436,7 @@ def _load_sharded(directory: Path, model, optimizer, is_main: bool) -> None:
     adapter = directory / "adapter_model.safetensors"
     files = [adapter] if adapter.exists() else sorted(directory.glob("model*.safetensors"))
     rename = distributed.adapter_key_to_module_key if adapter.exists() else (lambda key: key)
-    names = set()
+    names: set[str] = set()
     for path in files:
         try:
             with safe_open(path, framework="pt") as f:

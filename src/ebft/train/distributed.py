@@ -29,16 +29,19 @@ unsharded gradients on every process until the last one, the memory FSDP is ther
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from ebft.errors import ConfigError
 from ebft.modeling.parts import backbone_of
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 
 class ShardedPolicy(nn.Module):
@@ -59,7 +62,7 @@ class Sharding:
 
     model: nn.Module
     root: ShardedPolicy | None = None
-    reshard_after_forward: dict[nn.Module, bool] = field(default_factory=dict)
+    reshard_after_forward: dict[FSDPModule, bool] = field(default_factory=dict)
 
     @property
     def sharded(self) -> bool:
@@ -72,7 +75,7 @@ class Sharding:
         return self.root(fn, *args, **kwargs)
 
     @contextmanager
-    def gathered(self):
+    def gathered(self) -> Iterator[None]:
         """Every group unsharded for the whole block, so the passes inside issue no collective.
 
         Costs the full parameters on every process while it lasts (no gradients, no optimizer state).
@@ -114,14 +117,14 @@ def shard(
         raise ConfigError(
             f"fsdp_config.transformer_layer_cls_to_wrap: {layer_class!r}, but the model's decoder layers are {found}"
         )
-    groups: dict[nn.Module, bool] = {}
+    # fully_shard returns the module it was given, its class extended with FSDPModule's methods.
+    groups: dict[FSDPModule, bool] = {}
     for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        groups[layer] = reshard_after_forward
+        groups[fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)] = reshard_after_forward
     root = ShardedPolicy(model)
     # The root's parameters are needed again as soon as backward starts (FSDP's own default for a root).
-    fully_shard(root, mesh=mesh, reshard_after_forward=False)
-    groups[root] = False
+    sharded_root = fully_shard(root, mesh=mesh, reshard_after_forward=False)
+    groups[sharded_root] = False
     for module in groups:
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)
@@ -129,7 +132,7 @@ def shard(
     # layer directly, so the root runs once here, before any of them. Resharding after it puts the
     # sharded parameters back on the modules, which is what the optimizer must be given.
     root(lambda _model: None)
-    root.reshard()
+    sharded_root.reshard()
     return Sharding(model, root, groups)
 
 
@@ -146,7 +149,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     every process must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A model's state dict holds tensors only; the declared value type also covers optimizer states.
+    return cast(dict[str, torch.Tensor], state)
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -172,12 +177,14 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights:
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     set_model_state_dict(model, weights, options=options)
     local = get_optimizer_state_dict(model, optimizer)  # also creates lazily made state (AdamW moments)
-    if any(torch.is_tensor(v) and v.dim() > 0 for state in local["state"].values() for v in state.values()):
+    # "state" maps each parameter name to its state dict (torch's format; the declared type is any value).
+    per_param = cast(dict[str, dict[str, Any]], local["state"])
+    if any(torch.is_tensor(v) and v.dim() > 0 for state in per_param.values() for v in state.values()):
         set_optimizer_state_dict(model, optimizer, optim_state, options=options)
         return
     # No per-parameter tensors (plain SGD): set_optimizer_state_dict cannot broadcast then (it takes the
     # device from them), and only the hyperparameters (the learning rate) are left to restore.
-    groups = [optim_state.get("param_groups")]
+    groups: list[Any] = [optim_state.get("param_groups")]
     dist.broadcast_object_list(groups, src=0)
     for group, saved in zip(optimizer.param_groups, groups[0], strict=True):
         group.update({key: value for key, value in saved.items() if key != "params"})

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ebft.config.evaluation import PREFIX, best_metric, eval_interval, held_out_config, interval_problem
+from ebft.config.evaluation import PREFIX, BestMetric, best_metric, eval_interval, held_out_config, interval_problem
 from ebft.deploy.card import FinalModel
 from ebft.errors import ConfigError, EbftError
 from ebft.evaluate.load import spread_indices
@@ -69,7 +69,10 @@ class Evaluation:
 
     def __init__(self, cfg, evaluator: Evaluator, *, accelerator, model, sharding, total_steps: int, record: dict):
         self.evaluator, self.accelerator, self.model, self.sharding = evaluator, accelerator, model, sharding
-        self.interval = eval_interval(cfg, total_steps)
+        interval = eval_interval(cfg, total_steps)
+        if interval is None:
+            raise ConfigError("evaluation during training: no eval_steps, evals_per_epoch or eval_strategy: epoch set")
+        self.interval = interval
         problem = interval_problem(cfg, self.interval)
         if problem is not None:
             raise ConfigError(f"save_steps: {problem}")
@@ -132,11 +135,17 @@ class Evaluation:
         self.stopped_at = step
         return True
 
+    def _deciding(self) -> BestMetric:
+        """The metric that decides: what early stopping and load_best_model_at_end ask for, which __init__ sets
+        whenever either is on."""
+        assert self.metric is not None
+        return self.metric
+
     def stop_reason(self) -> str:
         """Why early stopping ended the run, in a sentence."""
         r = self.record
         return (
-            f"Training stopped early at step {self.stopped_at}: {self.metric.name} had not improved on its best, "
+            f"Training stopped early at step {self.stopped_at}: {self._deciding().name} had not improved on its best, "
             f"{r.best_value:.6g} at step {r.best_step}, for {r.bad_evals} evaluations (early_stopping_patience)."
         )
 
@@ -145,9 +154,10 @@ class Evaluation:
         stopped = self.stop_reason() if self.stopped_at is not None else None
         r = self.record
         if chosen is not None:
-            better = "higher" if self.metric.greater_is_better else "lower"
+            metric = self._deciding()
+            better = "higher" if metric.greater_is_better else "lower"
             reason = (
-                f"checkpoint-{chosen}, the best {self.metric.name} ({better} is better) among the evaluated "
+                f"checkpoint-{chosen}, the best {metric.name} ({better} is better) among the evaluated "
                 "checkpoints and the last step (load_best_model_at_end)"
             )
             return FinalModel(chosen, steps, reason, _shown(r.kept_metrics), stopped)
@@ -159,7 +169,7 @@ class Evaluation:
 
     def checkpointed(self, step: int) -> None:
         if self.load_best:
-            stopping.checkpointed(self.record, self.metric, step)
+            stopping.checkpointed(self.record, self._deciding(), step)
 
     def protected(self, out_dir: Path) -> Path | None:
         """The checkpoint ``save_total_limit`` must keep: the best one, with load_best_model_at_end."""
@@ -171,7 +181,7 @@ class Evaluation:
         """With load_best_model_at_end, the step whose checkpoint is handed over instead of the last step."""
         if not self.load_best:
             return None
-        return stopping.final_checkpoint(self.record, self.metric, last_step)
+        return stopping.final_checkpoint(self.record, self._deciding(), last_step)
 
 
 def _shown(metrics: dict) -> dict:

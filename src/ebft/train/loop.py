@@ -150,7 +150,7 @@ def train(
         console=run.logger.console,
         live=not drawn,
     )
-    if drawn:
+    if drawn and dashboard is not None:
         dashboard.attach(RunInfo(cfg.base_model, runner.label, run.accelerator.num_processes, cfg.output_dir), progress)
         run.logger.add_listener(dashboard)
     word, key = runner.progress_metric
@@ -159,16 +159,19 @@ def train(
     try:
         with run.logger, progress as bar, stop_on_signals() as stop:
             if evaluation is not None and evaluation.on_start and run.state.step == 0:
-                metrics = evaluation.run(bar)
-                evaluation.observe(0, metrics)
-                _report_evaluation(run, 0, metrics, stopped=False)
+                first = evaluation.run(bar)
+                evaluation.observe(0, first)
+                _report_evaluation(run, 0, first, stopped=False)
             while run.state.step < run.total_steps:
                 step = run.state.step + 1
                 outcome = _step(run, step)
                 last = step == run.total_steps or _out_of_time(run, started, max_seconds)
                 _keep(run, step, outcome)
-                metrics = evaluation.run(bar) if evaluation is not None and evaluation.due(step, last) else None
-                stopped = metrics is not None and evaluation.observe(step, metrics, last)
+                metrics: dict[str, float | None] | None = None
+                stopped = False
+                if evaluation is not None and evaluation.due(step, last):
+                    metrics = evaluation.run(bar)
+                    stopped = evaluation.observe(step, metrics, last)
                 last = last or stopped  # early stopping ends the run as its last step would
                 _flush(run, step, outcome.lr, last)
                 if metrics is not None:
@@ -189,7 +192,7 @@ def train(
 
 def _report_evaluation(run: Session, step: int, metrics: dict[str, float | None], stopped: bool) -> None:
     run.logger.log_eval(step, metrics)
-    if stopped:
+    if stopped and run.evaluation is not None:
         log.info(run.evaluation.stop_reason())
 
 
@@ -459,11 +462,13 @@ def _build(cfg: TrainConfig, mode: Mode, tokenizer, accelerator, config_dir: Pat
         state_placements(features, accelerator)
     sharding = distributed.Sharding(model)
     if cfg.fsdp_version == 2 and accelerator.num_processes > 1:
+        fsdp = cfg.fsdp_config
+        assert fsdp is not None  # TrainConfig's validation fills it in with fsdp_version: 2
         sharding = distributed.shard(
             model,
             device,
-            reshard_after_forward=cfg.fsdp_config.reshard_after_forward,
-            layer_class=cfg.fsdp_config.transformer_layer_cls_to_wrap,
+            reshard_after_forward=fsdp.reshard_after_forward,
+            layer_class=fsdp.transformer_layer_cls_to_wrap,
         )
         log.info("FSDP2: policy sharded over %d processes", accelerator.num_processes)
     elif cfg.fsdp_version == 2:
@@ -478,7 +483,9 @@ def _build(cfg: TrainConfig, mode: Mode, tokenizer, accelerator, config_dir: Pat
         autocast_dtype=autocast_dtype(cfg, device),
         sharding=sharding,
     )
-    held_out = None if rows is None else (mode.evaluator(parts, rows[0]), rows[1])
+    held_out = None
+    if rows is not None and mode.evaluator is not None:  # _set_up refuses evaluation in a mode without one
+        held_out = (mode.evaluator(parts, rows[0]), rows[1])
     return model, mode.build(parts), sharding, held_out
 
 

@@ -199,7 +199,7 @@ def log_plan(cfg, hardware: Hardware, workload: WorkloadOf, *, shape: ModelShape
     for line in plan.lines():
         log.info("%s", line)
     for device in plan.devices:
-        if device.headroom is not None and device.headroom < 0:
+        if device.capacity is not None and device.headroom is not None and device.headroom < 0:
             log.warning(
                 "memory plan: %s needs about %s of its %s (%s more); %s",
                 device.device,

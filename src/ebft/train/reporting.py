@@ -222,7 +222,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record one step. Values must convert with ``float()`` (python numbers, 0-d tensors)."""
         values = self._record(step, metrics)
-        if values is None:
+        if values is None or self._console is None:  # both exist only on the main process
             return
         # soft_wrap: one metrics line stays one line whatever the terminal width, so logs grep.
         if self.reward_line:  # structured mode's own line (axolotl's format), then the step line
@@ -233,7 +233,7 @@ class MetricsLogger:
         """Record one evaluation during training (``eval/`` metrics): its own line in metrics.jsonl (at the
         step it followed, 0 before the first) and in the trackers, and its own console line."""
         values = self._record(step, metrics)
-        if values is not None:
+        if values is not None and self._console is not None:  # both only on the main process
             self._console.print(format_eval_line(step, values), markup=False, highlight=False, soft_wrap=True)
 
     def _record(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float | None] | None:

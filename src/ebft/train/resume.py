@@ -237,7 +237,8 @@ def changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     not classified (from another version of ebft) counts as breaking."""
     old, new = _leaves(saved), _leaves(current)
     missing = object()
-    breaking, harmless = [], []
+    breaking: list[str] = []
+    harmless: list[str] = []
     for path in sorted(set(old) | set(new)):
         a, b = old.get(path, missing), new.get(path, missing)
         if a == b:

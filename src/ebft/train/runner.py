@@ -37,7 +37,7 @@ class StepOutput(Generic[S]):
     processes) and JSON-ready records for the mode's records file (empty when it keeps none)."""
 
     stats: S
-    records: list[dict] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Preview(NamedTuple):
@@ -112,11 +112,11 @@ class Runner(Protocol[S]):
         loop adds its own: grad_norm, learning_rate, step_seconds, peak_memory_mib, ebft/skipped_steps)."""
         ...
 
-    def show_records(self, console: Any, records: list[dict]) -> None:
+    def show_records(self, console: Any, records: list[dict[str, Any]]) -> None:
         """Print a step's gathered records (main process; ``console`` None: nowhere to print)."""
         ...
 
-    def previews(self, records: list[dict]) -> list[Preview]:
+    def previews(self, records: list[dict[str, Any]]) -> list[Preview]:
         """A step's gathered records as a few samples for a live view (``ebft train --tui``; main process)."""
         ...
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 
@@ -44,7 +45,7 @@ def raise_on_signals():
 
 
 @contextmanager
-def stop_on_signals():
+def stop_on_signals() -> Iterator[list[int]]:
     """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second exits at once."""
     requested: list[int] = []
 

@@ -20,6 +20,7 @@ import torch
 from ebft.train.batches import reduce_min, reduce_sum
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
     from typing_extensions import Self
 
 _REDUCE = "reduce"
@@ -31,7 +32,7 @@ def minimum() -> Any:
     return field(default=math.inf, metadata={_REDUCE: _MIN})
 
 
-def _is_minimum(f: Field) -> bool:
+def _is_minimum(f: Field[Any]) -> bool:
     return f.metadata.get(_REDUCE) == _MIN
 
 
@@ -48,7 +49,7 @@ class StepStats:
             values[f.name] = min(a, b) if _is_minimum(f) else a + b
         return type(self)(**values)
 
-    def reduced(self, accelerator) -> Self:
+    def reduced(self, accelerator: Accelerator) -> Self:
         """Summed (minima: minimised) over all processes; every process must call it (two collectives at
         most, in float64)."""
         device = accelerator.device
@@ -107,13 +108,13 @@ class Window:
         self.loop = self.loop + loop
         self.steps += 1
 
-    def saved(self) -> dict:
+    def saved(self) -> dict[str, Any]:
         """The checkpoint's ``window``: every field by name in one dict of sums, and the step count."""
         sums = {} if self.stats is None else {**self.stats.saved(), **self.loop.saved()}
         return {"sums": sums, "steps": self.steps}
 
     @classmethod
-    def restored(cls, saved: Mapping, stats_type: type[StepStats]) -> Window:
+    def restored(cls, saved: Mapping[str, Any], stats_type: type[StepStats]) -> Window:
         """The window ``saved`` wrote (``{}``: an empty one). Checkpoints written before the statistics were
         typed hold the same names in ``sums``, so they restore the same way."""
         steps = int(saved.get("steps", 0))

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from rich.console import Console, Group
 from rich.layout import Layout
@@ -210,7 +210,8 @@ class Dashboard:
             file = stack.enter_context(open(self.log_path, "a", encoding="utf-8"))
             self._lines = _Lines(file, self.tail)
             stack.callback(self._lines.close)
-            self.console = Console(file=self._lines, width=160, soft_wrap=True, color_system=None)
+            # rich only writes, flushes and asks isatty, which _Lines answers as a text stream does.
+            self.console = Console(file=cast(IO[str], self._lines), width=160, soft_wrap=True, color_system=None)
             stack.enter_context(_captured(self._lines))
             self._live = Live(
                 get_renderable=self._layout,

@@ -143,11 +143,12 @@ class VLLMBackend:
         with contextlib.suppress(OSError):  # absent, or still holding another process's adapters
             self.adapter_dir.rmdir()
 
-    def _unload(self, name: str, folder: Path) -> None:
+    def _unload(self, name: str, folder: Path | None) -> None:
         # Logged, not raised: requests already use a newer adapter (or training is ending, maybe
         # because of another error that must not be hidden); a stale adapter only costs server memory.
         try:
             self.client.unload_lora_adapter(name)
         except EbftError as exc:
             log.warning("could not unload adapter %s from the vLLM server: %s", name, exc)
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder is not None:  # None: a name another process loaded, whose folder that process owns
+            shutil.rmtree(folder, ignore_errors=True)

@@ -70,13 +70,16 @@ class _Transport:
         except BaseException as exc:  # reported by joined(), on the caller's thread
             self._error = exc
 
-    def _start_join(self) -> None:
+    def _start_join(self) -> threading.Thread:
         # A daemon: a server that never joins must not keep the trainer alive after it has given up.
         self._thread = threading.Thread(target=self._join, name=f"ebft-{self.backend}-join", daemon=True)
         self._thread.start()
+        return self._thread
 
     def joined(self, timeout: float | None = None) -> None:
         """Wait until the server's workers have joined (and the warm-up all-reduce is done)."""
+        if self._thread is None:
+            raise TransferError("the weight-transfer group was never started (start() first)")
         wait = self.timeout if timeout is None else timeout
         self._thread.join(wait)
         if self._thread.is_alive():
@@ -111,13 +114,13 @@ class GlooTransport(_Transport):
     def __init__(self, world_size: int, timeout: float, host: str = "127.0.0.1"):
         super().__init__(world_size, timeout, torch.device("cpu"))
         self.host = host
-        self._store = None
+        self._store: torch.distributed.TCPStore | None = None
 
     def _group(self):
         return torch.distributed.ProcessGroupGloo(self._store, 0, self.world_size, self._group_timeout)
 
     def start(self) -> dict:
-        self._store = torch.distributed.TCPStore(
+        store = self._store = torch.distributed.TCPStore(
             self.host,
             0,
             self.world_size,
@@ -126,7 +129,7 @@ class GlooTransport(_Transport):
             wait_for_workers=False,
         )
         self._start_join()
-        return {"master_address": self.host, "master_port": self._store.port}
+        return {"master_address": self.host, "master_port": store.port}
 
 
 class NcclTransport(_Transport):
@@ -141,7 +144,7 @@ class NcclTransport(_Transport):
                 f"{device}); use trl.vllm_lora_sync: true with adapter: lora, or trl.use_vllm: false"
             )
         super().__init__(world_size, timeout, device)
-        self._store = None
+        self._store: torch.distributed.TCPStore | None = None
 
     def _group(self):
         from torch.distributed import ProcessGroupNCCL
@@ -153,13 +156,13 @@ class NcclTransport(_Transport):
 
     def start(self) -> dict:
         # A store only this process uses: the workers get the unique id over HTTP, not from the store.
-        self._store = torch.distributed.TCPStore(
+        store = self._store = torch.distributed.TCPStore(
             "127.0.0.1", 0, 1, is_master=True, timeout=datetime.timedelta(seconds=self.timeout)
         )
-        self._start_join()
+        thread = self._start_join()
         deadline = time.monotonic() + self.timeout
-        while not self._store.check(["0"]):
-            if not self._thread.is_alive():
+        while not store.check(["0"]):
+            if not thread.is_alive():
                 self.joined(0)  # raises why the group could not start
             if time.monotonic() > deadline:
                 raise TransferError(
@@ -167,7 +170,7 @@ class NcclTransport(_Transport):
                     "version lays out ProcessGroupNCCL's rendezvous differently"
                 )
             time.sleep(0.01)
-        unique_id = self._store.get("0")
+        unique_id = store.get("0")
         if len(unique_id) != NCCL_UNIQUE_ID_BYTES:
             raise TransferError(
                 f"store key '0' holds {len(unique_id)} bytes, not an NCCL unique id ({NCCL_UNIQUE_ID_BYTES}); "

@@ -27,11 +27,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import nn
 
 from ebft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -80,11 +85,21 @@ def _is_adapter_weight(name: str) -> bool:
     return any(part.startswith("lora_") for part in name.split("."))
 
 
-def _lora_layers(hf_model: nn.Module) -> dict[str, nn.Module]:
+class _AdaptedLayer(Protocol):
+    """A PEFT LoRA layer as merging reads it: every concrete one (linear, embedding, convolution) defines
+    ``get_delta_weight``, which their base class ``LoraLayer`` does not declare."""
+
+    active_adapters: list[str]
+    lora_A: nn.ModuleDict
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor: ...
+
+
+def _lora_layers(hf_model: nn.Module) -> dict[str, _AdaptedLayer]:
     """``{name of the base weight inside an adapted layer: that LoRA layer}``."""
     from peft.tuners.lora import LoraLayer
 
-    layers = {}
+    layers: dict[str, _AdaptedLayer] = {}
     for path, module in hf_model.named_modules():
         if isinstance(module, LoraLayer):
             for adapter in module.active_adapters:
@@ -93,11 +108,11 @@ def _lora_layers(hf_model: nn.Module) -> dict[str, nn.Module]:
                         f"full-weight sync merges plain LoRA only; {path} uses DoRA or a LoRA bias "
                         "(set trl.vllm_lora_sync: true to hot-load the adapter instead)"
                     )
-            layers[f"{path}.base_layer.weight"] = module
+            layers[f"{path}.base_layer.weight"] = cast(_AdaptedLayer, module)
     return layers
 
 
-def _merged(weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+def _merged(weight: torch.Tensor, layer: _AdaptedLayer) -> torch.Tensor:
     """``weight`` plus every active adapter's delta, in fp32, as a new tensor."""
     out = weight.detach().float().clone()
     for adapter in layer.active_adapters:
@@ -106,7 +121,7 @@ def _merged(weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return out
 
 
-def _checkpoint_form(hf_model: nn.Module) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _checkpoint_form(hf_model: PreTrainedModel) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(state_dict name, tensor) -> {checkpoint name: tensor}``, as ``save_pretrained`` converts them."""
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -119,7 +134,8 @@ def policy_entries(model: nn.Module, *, wire_dtype: torch.dtype | None) -> list[
     wire_dtype: the dtype floating-point tensors are sent in (the server's); None keeps each one's own.
     """
     peft = hasattr(model, "peft_config")
-    hf_model = model.base_model.model if peft else model
+    # A PEFT wrapper's base_model.model is the causal LM it adapts.
+    hf_model = cast("PreTrainedModel", cast("PeftModel", model).base_model.model if peft else model)
     lora = _lora_layers(hf_model) if peft else {}
     convert = _checkpoint_form(hf_model)
     entries = []

@@ -84,7 +84,7 @@ class WeightTransfer:
         self.client, self.make_transport = client, make_transport
         self.chunk_bytes, self.timeout = chunk_bytes, timeout
         self.consistent = True  # False from a failed transfer on: the server's weights are a mix
-        self._transport = None
+        self._transport: Any | None = None  # what make_transport built, once connect() formed the group
 
     def connect(self) -> None:
         """Form the transfer group with the server (once; later calls do nothing)."""
@@ -158,10 +158,13 @@ class WeightTransfer:
         }
         # The server receives while it handles this request: the request and the broadcasts run together.
         request = _Background(lambda: self._control("/update_weights", {"update_info": update_info}))
-        device = self._transport.device
+        transport = self._transport
+        if transport is None:
+            raise TransferError("no weight-transfer group: connect() first")
+        device = transport.device
         for spec, tensor in zip(specs, tensors, strict=True):
             try:
-                self._transport.broadcast(tensor.to(device))
+                transport.broadcast(tensor.to(device))
             except TransferError as exc:
                 refused = request.error  # the server's own account of what went wrong, when it gave one
                 raise TransferError(f"{spec.name}: {refused if refused is not None else exc}") from exc

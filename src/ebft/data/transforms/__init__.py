@@ -70,9 +70,9 @@ def _import(module_name: str, type_name: str, search_dir: str | Path | None) -> 
     # The config's folder goes on sys.path only for this import, so that a transform file next to
     # the config is found without leaving the process's import path changed afterwards.
     entry = str(Path(search_dir).resolve()) if search_dir is not None else None
-    added = entry is not None and entry not in sys.path
-    if added:
-        sys.path.insert(0, entry)
+    added = entry if entry is not None and entry not in sys.path else None
+    if added is not None:
+        sys.path.insert(0, added)
     try:
         importlib.invalidate_caches()
         return importlib.import_module(module_name)
@@ -87,5 +87,5 @@ def _import(module_name: str, type_name: str, search_dir: str | Path | None) -> 
             f"dataset type '{type_name}': importing module '{module_name}' failed: {type(exc).__name__}: {exc}"
         ) from exc
     finally:
-        if added:
-            sys.path.remove(entry)
+        if added is not None:
+            sys.path.remove(added)
