@@ -177,7 +177,7 @@ def test_compare_paired():
 
 
 def test_spread_indices():
-    from ebft.evaluate.load import spread_indices
+    from ebft.train.batches import spread_indices
 
     assert spread_indices(10, 4) == [0, 2, 5, 7]
     assert spread_indices(3, None) == [0, 1, 2]

@@ -23,19 +23,6 @@ log = logging.getLogger("ebft")
 TRAIN_SAMPLE_DOCS = 200
 
 
-def spread_indices(total: int, limit: int | None) -> list[int]:
-    """``limit`` indices spread evenly over ``range(total)`` (all of them when limit is None or >= total).
-
-    Packed chunks follow the source files in order, so the first N chunks would cover only the first
-    few files; an even spread covers the whole held-out set.
-    """
-    if limit is None or limit >= total:
-        return list(range(total))
-    if limit < 1:
-        raise EbftError(f"--max-docs must be >= 1, got {limit}")
-    return [(i * total) // limit for i in range(limit)]
-
-
 def _checkpoint_kind(checkpoint: Path) -> str:
     if (checkpoint / "adapter_config.json").is_file():
         return "lora"

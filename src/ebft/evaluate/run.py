@@ -11,7 +11,7 @@ import torch
 from ebft.errors import EbftError
 from ebft.evaluate import metrics as eval_metrics
 from ebft.evaluate.execute import EXEC_TIMEOUT
-from ebft.evaluate.load import held_out_plan, held_out_rows, load_models, spread_indices
+from ebft.evaluate.load import held_out_plan, held_out_rows, load_models
 from ebft.evaluate.result import EvalResult, ModeRun
 from ebft.evaluate.sandbox import check_sandbox
 from ebft.evaluate.strided import run_strided
@@ -21,6 +21,7 @@ from ebft.modeling.feature_network import feature_network_for
 from ebft.modeling.policy import load_warm_start
 from ebft.modeling.precision import autocast_dtype
 from ebft.train import preflight
+from ebft.train.batches import spread_indices
 from ebft.train.reporting import Progress
 
 log = logging.getLogger("ebft")

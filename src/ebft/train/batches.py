@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from ebft.data.collate import DocumentBatch, collate_documents
+from ebft.errors import EbftError
 
 
 def global_micro_batches(num_rows: int, size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
@@ -64,3 +65,16 @@ def reduce_min(accelerator, values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.MIN)
     return values
+
+
+def spread_indices(total: int, limit: int | None) -> list[int]:
+    """``limit`` indices spread evenly over ``range(total)`` (all of them when limit is None or >= total).
+
+    Packed chunks follow the source files in order, so the first N chunks would cover only the first
+    few files; an even spread covers the whole held-out set.
+    """
+    if limit is None or limit >= total:
+        return list(range(total))
+    if limit < 1:
+        raise EbftError(f"--max-docs must be >= 1, got {limit}")
+    return [(i * total) // limit for i in range(limit)]

@@ -27,10 +27,9 @@ import torch
 from ebft.config.evaluation import PREFIX, BestMetric, best_metric, eval_interval, held_out_config, interval_problem
 from ebft.deploy.card import FinalModel
 from ebft.errors import ConfigError, EbftError
-from ebft.evaluate.load import spread_indices
 from ebft.modeling.feature_network import eval_mode
 from ebft.train import early_stopping as stopping
-from ebft.train.batches import reduce_sum
+from ebft.train.batches import reduce_sum, spread_indices
 from ebft.train.checkpoint import rng_state, set_rng_state
 from ebft.train.runner import Evaluator
 
