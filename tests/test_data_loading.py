@@ -332,3 +332,29 @@ def test_collate_right_pads_and_marks_missing_prompts():
     assert batch.to("cpu").input_ids.shape == (3, 3)
     with pytest.raises(ValueError, match="empty"):
         collate_documents([], pad_token_id=PAD)
+
+
+def test_the_transform_map_is_keyed_by_its_inputs_not_by_pickling_its_closure(tmp_path, tiny_tokenizer):
+    """``datasets`` would pickle the map's closure to hash it: a transform holding an unpicklable object (a lock)
+    then gets a random key, so the same inputs are mapped again every time, and a Ctrl-C landing in that
+    pickling is swallowed by datasets' bare ``except:``. ebft keys the map itself: the same rows, transform,
+    options, tokenizer and context read the cached result (the transform is not called); another context maps
+    again."""
+    import threading
+
+    calls = []
+    guard = threading.Lock()  # unpicklable: the closure cannot be hashed by pickling
+
+    def fn(example, tokenizer):
+        with guard:
+            calls.append(example["question"])
+        return {"input_ids": [int(example["question"])], "labels": [int(example["question"])]}
+
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": str(7 + i), "answer": "a"} for i in range(3)])
+    options = {"remove_columns": "__all__"}
+    first = apply_transform(load_raw(make_spec(path)), fn, options, tiny_tokenizer, context="cfg A")
+    assert first["input_ids"] == [[7], [8], [9]] and len(calls) == 3
+    again = apply_transform(load_raw(make_spec(path)), fn, options, tiny_tokenizer, context="cfg A")
+    assert again["input_ids"] == [[7], [8], [9]] and len(calls) == 3  # read from the cache: fn not called
+    other = apply_transform(load_raw(make_spec(path)), fn, options, tiny_tokenizer, context="cfg B")
+    assert other["input_ids"] == [[7], [8], [9]] and len(calls) == 6

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import ebft
+from ebft.data.fingerprint import source_digest, tokenizer_digest
 from ebft.data.load import StridedData, load_strided_datasets, local_files
 from ebft.data.structured import PromptRow, StructuredData, load_structured_datasets
 from ebft.data.transforms import resolve_transform
@@ -111,17 +111,6 @@ def cache_key(cfg, tokenizer, search_dir: str | Path | None = None) -> tuple[str
     return hashlib.sha256(text.encode()).hexdigest()[:20], inputs
 
 
-def tokenizer_digest(tokenizer) -> str:
-    """A hash of the tokenizer's saved files: two tokenizers that save the same files tokenise the same."""
-    digest = hashlib.sha256()
-    with tempfile.TemporaryDirectory(prefix="ebft-tokenizer-") as folder:
-        tokenizer.save_pretrained(folder)
-        for path in sorted(Path(folder).rglob("*")):
-            if path.is_file():
-                digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
 def _dataset_inputs(spec, search_dir) -> dict:
     out = {"spec": spec.model_dump(mode="json")}
     local = Path(spec.path).expanduser()
@@ -129,8 +118,7 @@ def _dataset_inputs(spec, search_dir) -> dict:
         _, files = local_files(local, spec.data_files, spec.path)
         out["files"] = [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
     if spec.type is not None:
-        source = inspect.getsourcefile(resolve_transform(spec.type, search_dir))
-        out["transform"] = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else spec.type
+        out["transform"] = source_digest(resolve_transform(spec.type, search_dir))
     return out
 
 

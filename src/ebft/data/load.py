@@ -8,6 +8,7 @@ and splits off a held-out set.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,8 @@ def load_strided_datasets(cfg, tokenizer, *, search_dir: str | Path | None = Non
         raw = load_raw(spec)
         fn, options = _transform_for(spec, cfg, search_dir)
         announce(spec, len(raw))
-        rows = apply_transform(raw, fn, options, tokenizer, desc=f"Tokenizing {spec.path}")
+        made_from = json.dumps({"spec": _plain(spec), "config": _plain(cfg)}, sort_keys=True, default=str)
+        rows = apply_transform(raw, fn, options, tokenizer, desc=f"Tokenizing {spec.path}", context=made_from)
         unit = "row"
         if options.get("pack_length") is not None or options.get("end_length") is not None:
             rows = skips.drop(rows, rows[ERROR], spec.path, unit)
@@ -188,6 +190,11 @@ def _log_once(line: str) -> None:
 def _pretokenized(example: dict, tokenizer=None) -> dict:
     """No ``type``: the rows already hold ``input_ids``/``labels`` (and maybe ``prompt_length``)."""
     return example
+
+
+def _plain(section) -> object:
+    """A config section as plain data (what a transform factory may have read from it)."""
+    return section.model_dump(mode="json") if hasattr(section, "model_dump") else vars(section)
 
 
 def _transform_for(spec, cfg, search_dir):

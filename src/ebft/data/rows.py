@@ -8,9 +8,12 @@ output with empty tokens; the loader counts, reports and drops them in one place
 
 from __future__ import annotations
 
+import hashlib
+import json
 import operator
 from collections.abc import Callable, Mapping, Sequence
 
+from ebft.data.fingerprint import source_digest, tokenizer_digest
 from ebft.strided.anchors import first_anchor, num_blocks
 
 ERROR = "_ebft_error"
@@ -46,12 +49,13 @@ def columns_to_remove(remove_columns, column_names: Sequence[str]) -> list[str]:
     return [c for c in column_names if c in wanted]
 
 
-def apply_transform(dataset, fn: Callable, options: Mapping, tokenizer, *, desc: str | None = None):
+def apply_transform(dataset, fn: Callable, options: Mapping, tokenizer, *, desc: str | None = None, context: str = ""):
     """Map ``fn`` over ``dataset``; returns the kept original columns plus ``token_features()``.
 
     Exceptions raised by ``fn`` and outputs that fail ``validate_row`` become an ``ERROR`` reason on
     that row. A batched ``fn`` that fails on a batch is retried one row at a time so that only the
-    rows that really fail are lost.
+    rows that really fail are lost. ``context``: what else ``fn`` was made from (the transform factory's config
+    and dataset entry, whose values its closure may hold), part of the map's cache key.
     """
     from datasets import Features
 
@@ -84,7 +88,27 @@ def apply_transform(dataset, fn: Callable, options: Mapping, tokenizer, *, desc:
         remove_columns=remove,
         features=Features({**kept, **features}),
         desc=desc,
+        new_fingerprint=map_fingerprint(dataset, fn, options, tokenizer, context),
     )
+
+
+def map_fingerprint(dataset, fn: Callable, options: Mapping, tokenizer, context: str = "") -> str:
+    """The key of ``apply_transform``'s map in the ``datasets`` cache, from what decides its output: the input
+    rows (their own fingerprint), the transform's source, options and ``context``, the tokenizer's files, and
+    this module.
+
+    Given explicitly, so that ``datasets`` does not pickle the ``run`` closure to hash it: that can take
+    seconds, and its bare ``except:`` around the pickling swallows a Ctrl-C that lands there."""
+    inputs = {
+        "rows": dataset._fingerprint,
+        "transform": source_digest(fn),
+        "name": f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}",
+        "options": json.dumps(dict(options), sort_keys=True, default=str),
+        "tokenizer": tokenizer_digest(tokenizer) if tokenizer is not None else None,
+        "context": context,
+        "rows_module": source_digest(apply_transform),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _call_rows(fn, batch, indices, tokenizer) -> list[tuple[int, object, str | None]]:
