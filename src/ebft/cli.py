@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ebft.config import config_notes, config_warnings, dump_config, load_config
+from ebft.config import TrainConfig, config_notes, config_warnings, dump_config, load_config
 from ebft.data.cache import DEFAULT_PREPARED_PATH, load_datasets
 from ebft.deploy.export import merge_lora
 from ebft.errors import EbftError, TrainingInterrupted
@@ -286,7 +286,7 @@ def _run(args, overrides: list[str]) -> int:
     return 0
 
 
-def _train(cfg, config_dir: Path, launch: Launch, dashboard: Dashboard | None = None) -> None:
+def _train(cfg: TrainConfig, config_dir: Path, launch: Launch, dashboard: Dashboard | None = None) -> None:
     console = dashboard.console if dashboard is not None else None
     result = train(cfg, mode_of(cfg), config_dir=config_dir, launch=launch, console=console, dashboard=dashboard)
     log.info("done: %d steps, model saved to %s", result.steps, result.output_dir)
@@ -301,7 +301,7 @@ def _planned_hardware(args) -> Hardware:
     return Hardware.named(gpus=args.gpus, processes=args.processes, device_memory=memory)
 
 
-def _run_validate(args, cfg, config_dir: Path) -> int:
+def _run_validate(args, cfg: TrainConfig, config_dir: Path) -> int:
     """The resolved config on stdout once everything training needs is here; else one error listing it all."""
     found = preflight.preflight(cfg, "validate", config_dir=config_dir)
     unreachable = probe_server(cfg) if not found.problems else None
@@ -318,7 +318,7 @@ def _run_validate(args, cfg, config_dir: Path) -> int:
     return 0
 
 
-def _run_preprocess(args, cfg, config_dir: Path) -> int:
+def _run_preprocess(args, cfg: TrainConfig, config_dir: Path) -> int:
     """Fill ``dataset_prepared_path`` as axolotl's ``preprocess`` does (its default folder when the key is unset)."""
     if cfg.dataset_prepared_path is None:
         cfg = cfg.model_copy(update={"dataset_prepared_path": DEFAULT_PREPARED_PATH})
@@ -333,7 +333,7 @@ def _run_preprocess(args, cfg, config_dir: Path) -> int:
     return 0
 
 
-def _run_evaluate(args, cfg) -> int:
+def _run_evaluate(args, cfg: TrainConfig) -> int:
 
     result = evaluate(
         cfg,

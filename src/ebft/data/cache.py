@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import ebft
+from ebft.config import TrainConfig
 from ebft.data.fingerprint import source_digest, tokenizer_digest
 from ebft.data.load import StridedData, load_strided_datasets, local_files
 from ebft.data.structured import PromptRow, StructuredData, load_structured_datasets
@@ -49,7 +50,7 @@ def cached(load):
     from ``dataset_prepared_path`` when it holds them for these inputs, and saves them there when it does not
     (with the key unset, ``load`` itself)."""
 
-    def load_cached(cfg, tokenizer, *, search_dir: str | Path | None = None):
+    def load_cached(cfg: TrainConfig, tokenizer, *, search_dir: str | Path | None = None):
         if cfg.dataset_prepared_path is None:
             return load(cfg, tokenizer, search_dir=search_dir)
         digest, inputs = cache_key(cfg, tokenizer, search_dir)
@@ -80,13 +81,13 @@ load_strided = cached(load_strided_datasets)
 load_structured = cached(load_structured_datasets)
 
 
-def load_datasets(cfg, tokenizer, *, search_dir: str | Path | None = None):
+def load_datasets(cfg: TrainConfig, tokenizer, *, search_dir: str | Path | None = None):
     """The rows of ``cfg``'s mode (``StridedData`` or ``StructuredData``), through ``dataset_prepared_path``."""
     load = load_strided if cfg.ebft.mode == "strided" else load_structured
     return load(cfg, tokenizer, search_dir=search_dir)
 
 
-def cache_key(cfg, tokenizer, search_dir: str | Path | None = None) -> tuple[str, dict]:
+def cache_key(cfg: TrainConfig, tokenizer, search_dir: str | Path | None = None) -> tuple[str, dict]:
     """(hex digest, the inputs it hashes) for ``cfg``'s prepared rows (see the module docstring)."""
     e = cfg.ebft
     if e.mode == "strided":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ebft.config import TrainConfig
 from ebft.data.packing import end_documents, pack_documents
 from ebft.data.rows import ERROR, ROW, TOKEN_COLUMNS, apply_transform, block_errors
 from ebft.data.separator import document_separator
@@ -118,7 +119,7 @@ def local_files(local: Path, data_files, path: str) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
-def load_strided_datasets(cfg, tokenizer, *, search_dir: str | Path | None = None) -> StridedData:
+def load_strided_datasets(cfg: TrainConfig, tokenizer, *, search_dir: str | Path | None = None) -> StridedData:
     """Usable token rows of every ``cfg.datasets`` entry, with ``val_set_size`` held out.
 
     ``search_dir`` (normally the config file's folder) is where custom transform modules are looked up
@@ -197,7 +198,7 @@ def _plain(section) -> object:
     return section.model_dump(mode="json") if hasattr(section, "model_dump") else vars(section)
 
 
-def _transform_for(spec, cfg, search_dir):
+def _transform_for(spec, cfg: TrainConfig, search_dir):
 
     type_name = getattr(spec, "type", None)
     if type_name is None:
@@ -219,7 +220,7 @@ def _transform_for(spec, cfg, search_dir):
     return fn, options
 
 
-def _with_block_errors(rows, cfg) -> list[str | None]:
+def _with_block_errors(rows, cfg: TrainConfig) -> list[str | None]:
     """The rows' transform errors, plus "no block fits" for rows that are well-formed but too short."""
     import pyarrow.compute as pc
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ebft.config import TrainConfig
 from ebft.data.load import _transform_for, announce, load_raw, split_validation
 from ebft.data.rows import _call_batched, _call_rows, columns_to_remove
 from ebft.errors import DataError
@@ -61,7 +62,7 @@ class StructuredData:
     first_skip_reason: str | None
 
 
-def load_structured_datasets(cfg, tokenizer, *, search_dir: str | Path | None = None) -> StructuredData:
+def load_structured_datasets(cfg: TrainConfig, tokenizer, *, search_dir: str | Path | None = None) -> StructuredData:
     """Prompt rows of every ``cfg.datasets`` entry, with ``val_set_size`` held out.
 
     Reads ``cfg.datasets``, ``cfg.sequence_len``, ``cfg.trl.max_completion_length``,
@@ -70,11 +71,7 @@ def load_structured_datasets(cfg, tokenizer, *, search_dir: str | Path | None = 
     ``sys.path``. Unusable rows are counted in ``skipped`` and the first one is named in a warning
     and in ``first_skip_reason``; a DataError is raised when no row is left.
     """
-    limits = {
-        "sequence_len": int(cfg.sequence_len),
-        "max_completion_length": int(cfg.trl.max_completion_length),
-        "chat_template_kwargs": cfg.trl.chat_template_kwargs,
-    }
+    sequence_len, max_completion_length = int(cfg.sequence_len), int(cfg.trl.max_completion_length)
     rows: list[PromptRow] = []
     skipped, first = 0, None
     for spec in cfg.datasets:
@@ -89,7 +86,16 @@ def load_structured_datasets(cfg, tokenizer, *, search_dir: str | Path | None = 
         for source, result, error in transformed_rows(raw, fn, options, tokenizer, str(spec.path)):
             if error is None:
                 try:
-                    rows.append(prompt_row(result, tokenizer, source=source, **limits))
+                    rows.append(
+                        prompt_row(
+                            result,
+                            tokenizer,
+                            source=source,
+                            sequence_len=sequence_len,
+                            max_completion_length=max_completion_length,
+                            chat_template_kwargs=cfg.trl.chat_template_kwargs,
+                        )
+                    )
                     continue
                 except DataError:
                     raise

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from ebft.config import TrainConfig
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 PAPER = "https://arxiv.org/abs/2603.12248"
 
@@ -42,7 +44,7 @@ def is_hub_id(source: str) -> bool:
     return bool(_HUB_ID.match(source)) and not Path(source).expanduser().exists()
 
 
-def front_matter(cfg, kind: str) -> dict:
+def front_matter(cfg: TrainConfig, kind: str) -> dict:
     tags = ["ebft", "energy-based-fine-tuning", f"ebft-{cfg.ebft.mode}"]
     if cfg.adapter is not None and kind == "adapter":
         tags += [cfg.adapter, "peft"]
@@ -71,7 +73,7 @@ class FinalModel:
     stopped: str | None = None
 
 
-def render_card(cfg, *, kind: str, metrics: dict, final: FinalModel | None = None) -> str:
+def render_card(cfg: TrainConfig, *, kind: str, metrics: dict, final: FinalModel | None = None) -> str:
     """The card's text. ``kind``: adapter | full | merged; ``metrics``: the last logged values (with ``step``);
     ``final``: which weights these are (None: not known, e.g. a merge of a run without a record of it)."""
     name = Path(cfg.output_dir).name
@@ -116,7 +118,7 @@ def render_card(cfg, *, kind: str, metrics: dict, final: FinalModel | None = Non
     return head + "\n".join(lines)
 
 
-def write_card(directory: Path, cfg, *, kind: str, metrics: dict, final: FinalModel | None = None) -> Path:
+def write_card(directory: Path, cfg: TrainConfig, *, kind: str, metrics: dict, final: FinalModel | None = None) -> Path:
     """Write ``directory/README.md`` (replacing the placeholder card that PEFT saves with an adapter)."""
     path = Path(directory) / "README.md"
     path.write_text(render_card(cfg, kind=kind, metrics=metrics, final=final), encoding="utf-8")
@@ -136,7 +138,7 @@ def _final_model_lines(final: FinalModel | None) -> list[str]:
     return [*lines, ""]
 
 
-def _model_notes(cfg, kind: str) -> list[str]:
+def _model_notes(cfg: TrainConfig, kind: str) -> list[str]:
     notes = []
     if not is_hub_id(cfg.base_model):
         notes.append(f"- Base model: the local model `{cfg.base_model}`.")
@@ -152,7 +154,7 @@ def _model_notes(cfg, kind: str) -> list[str]:
     return [*notes, ""] if notes else []
 
 
-def _settings(cfg) -> list[tuple[str, object]]:
+def _settings(cfg: TrainConfig) -> list[tuple[str, object]]:
     e = cfg.ebft
     rows = [(f"ebft.{key}", getattr(e, key)) for key in (*_COMMON, *_REWARD)]
     if e.mode == "strided":
@@ -171,7 +173,7 @@ def _metric_lines(metrics: dict) -> list[str]:
     return [lead, "", "| metric | value |", "|---|---|", *(f"| {k} | {v:.6g} |" for k, v in sorted(values.items())), ""]
 
 
-def _usage(cfg, kind: str) -> list[str]:
+def _usage(cfg: TrainConfig, kind: str) -> list[str]:
     if kind == "adapter":
         return [
             "from peft import AutoPeftModelForCausalLM",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ebft.config import load_config
+from ebft.config import TrainConfig, load_config
 from ebft.deploy.card import FinalModel, write_card
 from ebft.deploy.hub import prepare_upload
 from ebft.errors import ConfigError
@@ -104,7 +104,7 @@ def last_logged(run: Path | None) -> dict[str, float]:
 class RunExport:
     """The trainer's deployment hooks; see the module docstring. Only the main process writes or uploads."""
 
-    def __init__(self, cfg, accelerator):
+    def __init__(self, cfg: TrainConfig, accelerator):
 
         self.cfg = cfg
         self.is_main = accelerator.is_main_process

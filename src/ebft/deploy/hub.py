@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ebft.config import TrainConfig
 from ebft.config.deploy import uploads
 from ebft.deploy.redact import Redactor, local_roots, redacted_view
 from ebft.errors import ConfigError, EbftError
@@ -95,7 +96,7 @@ class HubUpload:
         log.info("hub: uploaded %s to %s", out_dir, self.repo_id)
 
 
-def prepare_upload(cfg, accelerator) -> HubUpload | None:
+def prepare_upload(cfg: TrainConfig, accelerator) -> HubUpload | None:
     """The run's uploader after checking credentials and the repo (main process), or None without uploads.
 
     Every process learns whether the main process's checks passed, so none of them goes on alone.
@@ -118,9 +119,13 @@ def prepare_upload(cfg, accelerator) -> HubUpload | None:
     return upload
 
 
-def _checked_upload(cfg) -> HubUpload:
+def _checked_upload(cfg: TrainConfig) -> HubUpload:
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
+
+    hub_model_id = cfg.hub_model_id
+    if hub_model_id is None:
+        raise ConfigError("hub_model_id: not set; the Hub upload needs the repo id to upload to")
 
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     token = get_token()
@@ -142,7 +147,7 @@ def _checked_upload(cfg) -> HubUpload:
     role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
         raise ConfigError(f"hub_model_id: the token of {who.get('name')!r} is read-only; create one with write access")
-    repo_id = cfg.hub_model_id if "/" in cfg.hub_model_id else f"{who['name']}/{cfg.hub_model_id}"
+    repo_id = hub_model_id if "/" in hub_model_id else f"{who['name']}/{hub_model_id}"
     try:
         api.create_repo(repo_id, private=cfg.hub_private_repo, exist_ok=True)
         if cfg.hub_revision is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from ebft.config import TrainConfig
 from ebft.train.checkpoint_files import MANIFEST
 
 PLACEHOLDER = "<local>"
@@ -42,7 +43,7 @@ def _strings(value) -> Iterator[str]:
             yield from _strings(item)
 
 
-def local_roots(cfg) -> list[str]:
+def local_roots(cfg: TrainConfig | None) -> list[str]:
     """The local roots (see the module docstring) for a run of ``cfg`` (None: the machine's roots only)."""
     roots = {str(Path.home()), tempfile.gettempdir(), os.getcwd()}
     if cfg is not None:

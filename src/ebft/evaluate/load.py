@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ebft.config import TrainConfig
 from ebft.config.evaluation import held_out_config
 from ebft.data.cache import load_datasets
 from ebft.errors import ConfigError, EbftError
@@ -36,12 +37,12 @@ def _checkpoint_kind(checkpoint: Path) -> str:
     )
 
 
-def _plain(cfg, base_model: str):
+def _plain(cfg: TrainConfig, base_model: str):
     """The config, loading ``base_model`` as plain weights: no fresh adapter, no checkpointing."""
     return cfg.model_copy(update={"base_model": base_model, "adapter": None, "gradient_checkpointing": False})
 
 
-def load_models(cfg, checkpoint: str | Path | None, device: torch.device):
+def load_models(cfg: TrainConfig, checkpoint: str | Path | None, device: torch.device):
     """(tokenizer, policy, feature source, kind) for the base model or a checkpoint.
 
     kind: "base", "full" (a whole model folder) or "lora" (an adapter over ``cfg.base_model``).
@@ -79,7 +80,7 @@ def load_models(cfg, checkpoint: str | Path | None, device: torch.device):
     return tokenizer, policy, policy, kind
 
 
-def held_out_plan(cfg, split: str | None, max_docs: int | None) -> tuple[str, int | None]:
+def held_out_plan(cfg: TrainConfig, split: str | None, max_docs: int | None) -> tuple[str, int | None]:
     """(what ``evaluate`` reads, in words, for its first line; the most documents it evaluates).
 
     ``split`` given: every dataset entry at that split. Else the ``test_datasets`` rows, or the validation rows
@@ -103,7 +104,7 @@ def held_out_plan(cfg, split: str | None, max_docs: int | None) -> tuple[str, in
     )
 
 
-def held_out_rows(cfg, tokenizer, split: str | None, config_dir: Path | None = None):
+def held_out_rows(cfg: TrainConfig, tokenizer, split: str | None, config_dir: Path | None = None):
     """(rows, description) of the documents (strided) or prompt rows (structured) to evaluate on.
 
     ``split`` given: every dataset entry read at that split, in full. Otherwise the ``test_datasets`` rows, or

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ebft.config import TrainConfig
 from ebft.errors import EbftError
 from ebft.evaluate import metrics as eval_metrics
 from ebft.evaluate.execute import EXEC_TIMEOUT
@@ -20,6 +21,7 @@ from ebft.modeling.adapters import warm_start_critic
 from ebft.modeling.feature_network import feature_network_for
 from ebft.modeling.policy import load_warm_start
 from ebft.modeling.precision import autocast_dtype
+from ebft.structured.hf import HFGenerate
 from ebft.train import preflight
 from ebft.train.batches import spread_indices
 from ebft.train.reporting import Progress
@@ -111,11 +113,13 @@ class HeldOutScorer:
     models it loads, training (``held_out_evaluator``) on the policy as it is and the run's own frozen feature
     network. Scores are sums over rows, so that the shares of several processes add up."""
 
-    def __init__(self, cfg, rows, tokenizer, policy, features, amp_dtype):
+    def __init__(self, cfg: TrainConfig, rows, tokenizer, policy, features, amp_dtype):
         self.cfg, self.rows, self.tokenizer = cfg, rows, tokenizer
         self.policy, self.features, self.amp_dtype = policy, features, amp_dtype
         self.structured = cfg.ebft.mode == "structured"
-        self.backend = None  # structured: the sampler, made at the first call (it logs which one it is)
+        self.backend: HFGenerate | None = (
+            None  # structured: the sampler, made at the first call (it logs which one it is)
+        )
 
     def __len__(self) -> int:
         return len(self.rows)

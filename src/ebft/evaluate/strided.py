@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 
+from ebft.config import TrainConfig
 from ebft.data.collate import collate_documents
 from ebft.evaluate import metrics as eval_metrics
 from ebft.evaluate.result import ModeRun
@@ -76,7 +77,9 @@ def score_batch(policy, features, batch, settings, *, generators, autocast_dtype
     return out
 
 
-def run_strided(cfg, rows, indices, tokenizer, policy, features, amp_dtype, bar, *, first: int = 0) -> ModeRun:
+def run_strided(
+    cfg: TrainConfig, rows, indices, tokenizer, policy, features, amp_dtype, bar, *, first: int = 0
+) -> ModeRun:
     """Score the documents ``rows`` (``indices``: their places in the held-out set), which are the evaluated
     documents from place ``first`` on (a process's share of them during training)."""
 

@@ -8,6 +8,7 @@ import logging
 
 import torch
 
+from ebft.config import TrainConfig
 from ebft.evaluate import metrics as eval_metrics
 from ebft.evaluate.execute import RowExecution, execution_metrics, run_row_tests
 from ebft.evaluate.result import ModeRun
@@ -111,7 +112,7 @@ STRUCTURED_NOTE = (
 )
 
 
-def sampler(cfg, tokenizer, policy, amp_dtype) -> HFGenerate:
+def sampler(cfg: TrainConfig, tokenizer, policy, amp_dtype) -> HFGenerate:
     """What evaluation samples completions with: transformers generate (or the shared-prefill decoder) on the
     policy's device, with the trl sampling settings, also when training samples from a vLLM server."""
     s = StructuredSettings.from_config(cfg, tokenizer.eos_token_id)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
+from ebft.config import TrainConfig
 from ebft.errors import ConfigError
 from ebft.modeling.parts import causal_lm
 
@@ -39,7 +40,7 @@ QUANTISATION_NEEDS = (
 )
 
 
-def quantisation_kwargs(cfg, device: torch.device) -> dict:
+def quantisation_kwargs(cfg: TrainConfig, device: torch.device) -> dict:
     """``from_pretrained`` arguments that load the base quantised as the config asks; {} for full precision."""
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         return {}
@@ -95,7 +96,7 @@ def peft_wrapping():
         yield
 
 
-def add_adapter(cfg, model: nn.Module) -> nn.Module:
+def add_adapter(cfg: TrainConfig, model: nn.Module) -> nn.Module:
     """``model`` wrapped in a trainable PEFT LoRA adapter: fresh, or the one in ``cfg.lora_model_dir``."""
     from peft import get_peft_model
 
@@ -109,11 +110,12 @@ def add_adapter(cfg, model: nn.Module) -> nn.Module:
     return _warm_start(cfg, model)
 
 
-def _config_lora(cfg, model: nn.Module):
+def _config_lora(cfg: TrainConfig, model: nn.Module):
     from peft import LoraConfig
 
     if cfg.lora_target_linear:
-        targets, excluded = "all-linear", _refused_linear_names(model)
+        targets: str | list[str] | None = "all-linear"
+        excluded = _refused_linear_names(model)
     else:
         targets, excluded = cfg.lora_target_modules, None
         _check_targets_accepted(model, targets)
@@ -197,7 +199,7 @@ def _peft_refuses(model: nn.Module, path: str) -> bool:
     return False
 
 
-def check_adapter_source(cfg) -> None:
+def check_adapter_source(cfg: TrainConfig) -> None:
     """Before any weights load: ``lora_model_dir`` holds a LoRA adapter that the config agrees with."""
     if cfg.adapter is None or cfg.lora_model_dir is None:
         return
@@ -212,9 +214,16 @@ def check_adapter_source(cfg) -> None:
         )
 
 
-def saved_adapter_config(cfg):
+def _adapter_dir(cfg: TrainConfig) -> str:
+    """``lora_model_dir``, which every warm-start path requires."""
+    if cfg.lora_model_dir is None:
+        raise ConfigError("lora_model_dir: not set; a warm start needs the folder or hub id of a trained LoRA adapter")
+    return cfg.lora_model_dir
+
+
+def saved_adapter_config(cfg: TrainConfig):
     """The LoraConfig saved in ``cfg.lora_model_dir``, checked against the config (reads one small file)."""
-    saved = read_adapter_config(cfg.lora_model_dir, "lora_model_dir")
+    saved = read_adapter_config(_adapter_dir(cfg), "lora_model_dir")
     for key, ours, theirs in (("lora_r", cfg.lora_r, saved.r), ("lora_alpha", cfg.lora_alpha, saved.lora_alpha)):
         if ours != theirs:
             raise ConfigError(
@@ -253,7 +262,7 @@ def _normalised(source: str) -> str:
     return str(local.resolve()) if local.exists() else source
 
 
-def _warm_start(cfg, model: nn.Module) -> nn.Module:
+def _warm_start(cfg: TrainConfig, model: nn.Module) -> nn.Module:
     saved = saved_adapter_config(cfg)
     wanted = (
         _selected_modules(model, _config_lora(cfg, model))
@@ -261,7 +270,7 @@ def _warm_start(cfg, model: nn.Module) -> nn.Module:
         else None
     )
     saved.lora_dropout = cfg.lora_dropout
-    model = load_adapter(model, cfg.lora_model_dir, saved, "lora_model_dir", trainable=True)
+    model = load_adapter(model, _adapter_dir(cfg), saved, "lora_model_dir", trainable=True)
     adapted = _lora_module_names(model)
     if wanted is not None and wanted != adapted:
         only_ours, only_theirs = sorted(wanted - adapted)[:4], sorted(adapted - wanted)[:4]
@@ -321,6 +330,6 @@ def _selected_modules(model: nn.Module, lora) -> set[str]:
     return names
 
 
-def warm_start_critic(cfg) -> bool:
+def warm_start_critic(cfg: TrainConfig) -> bool:
     """Whether the feature network is the warm-started model itself (``ebft.feature_network: warm_start``)."""
     return cfg.adapter is not None and cfg.lora_model_dir is not None and cfg.ebft.feature_network == "warm_start"

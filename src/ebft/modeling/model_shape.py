@@ -10,6 +10,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from ebft.config import TrainConfig
 from ebft.modeling.adapters import peft_wrapping
 from ebft.modeling.memory_plan import ModelShape
 from ebft.modeling.parts import backbone_of, causal_lm, decoder_layers
@@ -19,7 +20,7 @@ from ebft.modeling.source import SOURCE_FILE, cache_root, is_gguf
 _ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
-def plan_model_config(cfg):
+def plan_model_config(cfg: TrainConfig):
     """(the base model's transformers config, None), read without loading or converting any weights and
     without the network; or (None, the reason) when it is not on this machine.
 
@@ -29,7 +30,7 @@ def plan_model_config(cfg):
     from transformers import AutoConfig
 
     source = cfg.base_model
-    kwargs = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": True}
+    kwargs: dict[str, bool | str] = {"trust_remote_code": cfg.trust_remote_code, "local_files_only": True}
     if is_gguf(source):
         file = Path(source).expanduser()
         converted = _converted_folder(file)

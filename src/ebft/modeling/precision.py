@@ -16,11 +16,29 @@ Three dtypes follow from the config (docs/guide.md, "Precision and memory"):
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
 
 import torch
 
 # torch_dtype values the config accepts, by name.
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class PrecisionSettings(Protocol):
+    """The config keys precision reads (a TrainConfig has them all)."""
+
+    @property
+    def torch_dtype(self) -> str | None: ...
+    @property
+    def bf16(self) -> bool | str: ...
+    @property
+    def adapter(self) -> str | None: ...
+    @property
+    def load_in_4bit(self) -> bool: ...
+    @property
+    def load_in_8bit(self) -> bool: ...
+    @property
+    def optimizer(self) -> str: ...
 
 
 def use_bf16(setting: bool | str, device: torch.device) -> bool:
@@ -30,18 +48,18 @@ def use_bf16(setting: bool | str, device: torch.device) -> bool:
     return bool(setting)
 
 
-def configured_dtype(cfg) -> torch.dtype | None:
+def configured_dtype(cfg: PrecisionSettings) -> torch.dtype | None:
     """The config's ``torch_dtype`` as a torch dtype, None when unset."""
-    name = getattr(cfg, "torch_dtype", None)
+    name = cfg.torch_dtype
     return None if name is None else DTYPES[name]
 
 
-def policy_dtype(cfg, device: torch.device) -> torch.dtype:
+def policy_dtype(cfg: PrecisionSettings, device: torch.device) -> torch.dtype:
     """The dtype the policy's weights are stored in (the frozen base's, with LoRA); see the module docstring."""
     return run_dtypes(cfg, use_bf16(cfg.bf16, device))[0]
 
 
-def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(cfg: PrecisionSettings, device: torch.device) -> torch.dtype | None:
     """bf16 autocast where the config asks for it (see ``use_bf16``), else none (fp32)."""
     return torch.bfloat16 if use_bf16(cfg.bf16, device) else None
 
@@ -53,12 +71,12 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None) -> AbstractC
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def feature_dtype(cfg, device: torch.device) -> torch.dtype:
+def feature_dtype(cfg: PrecisionSettings, device: torch.device) -> torch.dtype:
     """The dtype of a separate frozen copy of the feature network (``device``: the policy's)."""
     return run_dtypes(cfg, use_bf16(cfg.bf16, device))[2]
 
 
-def run_dtypes(cfg, bf16: bool) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+def run_dtypes(cfg: PrecisionSettings, bf16: bool) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
     """(policy weights, compute, frozen feature copy) when bf16 is on (``bf16``) or off; the module
     docstring says why each is what it is. Planning for a device that is not here passes ``bf16`` itself."""
     weights = configured_dtype(cfg)
@@ -68,7 +86,7 @@ def run_dtypes(cfg, bf16: bool) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
     return weights, compute, torch.bfloat16 if compute == torch.bfloat16 else weights
 
 
-def describe(cfg, bf16: bool) -> str:
+def describe(cfg: PrecisionSettings, bf16: bool) -> str:
     """One line on the run's precision (bf16 on or off), for the log: weights, optimizer state, compute."""
     weights, compute, _ = run_dtypes(cfg, bf16)
     source = "torch_dtype" if configured_dtype(cfg) is not None else "default"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ebft.config import TrainConfig
 from ebft.errors import ConfigError
 from ebft.modeling.chat_templates import choose
 from ebft.modeling.source import local_model, require_local_folder
@@ -13,7 +14,7 @@ from ebft.modeling.source import local_model, require_local_folder
 log = logging.getLogger("ebft")
 
 
-def load_tokenizer(cfg):
+def load_tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
     key = "tokenizer_config" if cfg.tokenizer_config else "base_model"
@@ -46,7 +47,7 @@ def load_tokenizer(cfg):
     return tok
 
 
-def check_token_ids(cfg, vocab_size: int) -> None:
+def check_token_ids(cfg: TrainConfig, vocab_size: int) -> None:
     """Every token id the config names must exist in the tokenizer: an id outside it could never be
     sampled (a stop id that never stops), so it is an error naming the key, the id and the size."""
     if cfg.ebft.mode != "structured":
@@ -61,7 +62,7 @@ def check_token_ids(cfg, vocab_size: int) -> None:
             )
 
 
-def apply_chat_template(tok, cfg) -> None:
+def apply_chat_template(tok, cfg: TrainConfig) -> None:
     """Set ``cfg.chat_template`` (``ebft.modeling.chat_templates``) on ``tok`` before any data is rendered
     with it; saving the tokenizer then saves the template. Warns when the format's end-of-turn token is not
     one token of this tokenizer: the model could then never end a turn with a single stop token."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from ebft.config import TrainConfig
 from ebft.data.cache import load_strided
 from ebft.evaluate.run import held_out_evaluator
 from ebft.modeling.memory_plan import ModelShape, Workload, strided_workload
@@ -31,14 +33,16 @@ class StridedRunner:
     record_order = "document"
     stats_type = StridedStats
 
-    def __init__(self, cfg, *, model, features, tokenizer, data, accelerator, autocast_dtype, sharding=None):
+    def __init__(
+        self, cfg: TrainConfig, *, model, features, tokenizer, data, accelerator, autocast_dtype, sharding=None
+    ):
         self.cfg, self.model, self.features = cfg, model, features
         self.sharding = sharding or Sharding(model)
         self.data, self.accelerator, self.amp = data, accelerator, autocast_dtype
         self.settings = StridedSettings.from_config(cfg.ebft)
         self.pad_id, self.decode = tokenizer.pad_token_id, tokenizer.decode
         self.keep_records = cfg.ebft.log_rollouts
-        self.batches = None
+        self.batches: Iterator[list[int]] | None = None
 
     def total_steps(self) -> int:
         return document_steps(self.cfg, len(self.data.train), self.accelerator.num_processes)
@@ -51,7 +55,10 @@ class StridedRunner:
         cfg, s, acc = self.cfg, self.settings, self.accelerator
         mb, gas = cfg.micro_batch_size, cfg.gradient_accumulation_steps
         world, rank, device = acc.num_processes, acc.process_index, acc.device
-        pieces = [next(self.batches) for _ in range(gas)]
+        if self.batches is None:
+            raise RuntimeError("StridedMode.run before start(): the loop starts a mode before its first step")
+        batches = self.batches
+        pieces = [next(batches) for _ in range(gas)]
         local = local_documents(pieces, self.data.train, rank, mb, self.pad_id, device)
         counts = torch.tensor(
             [[c.rl_tokens, c.ce_tokens] for c in (count_targets(b, s) for b in local)], dtype=torch.float64
@@ -123,7 +130,7 @@ def build(parts: Parts) -> StridedRunner:
     )
 
 
-def workload(cfg, shape: ModelShape) -> Workload:
+def workload(cfg: TrainConfig, shape: ModelShape) -> Workload:
     """The memory plan's token counts of a strided step on one process (full-length documents)."""
     e = cfg.ebft
     return strided_workload(

@@ -303,7 +303,7 @@ def build(parts: Parts) -> StructuredRunner:
     )
 
 
-def workload(cfg, shape: ModelShape) -> Workload:
+def workload(cfg: TrainConfig, shape: ModelShape) -> Workload:
     """The memory plan's token counts of a structured rollout batch and step on one process (full-length
     prompts and completions); hybrid bodies read padded rows, not packed ones."""
     trl = cfg.trl

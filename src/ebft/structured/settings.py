@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from ebft.choices import FeatureNorm, LossType, PoolMethod, RewardScaling, WhiteningSpace
+from ebft.config import TrainConfig
 from ebft.structured.rollout import Sampling
 
 # Adaptive max tokens never cuts a completion below this many tokens (or max_completion_length when
@@ -44,7 +45,7 @@ class StructuredSettings:
     chat_template_kwargs: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg, eos_token_id: int | None) -> StructuredSettings:
+    def from_config(cls, cfg: TrainConfig, eos_token_id: int | None) -> StructuredSettings:
         t, e = cfg.trl, cfg.ebft
         return cls(
             num_generations=t.num_generations,

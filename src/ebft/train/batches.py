@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from ebft.config import TrainConfig
 from ebft.data.collate import DocumentBatch, collate_documents
 from ebft.errors import EbftError
 
@@ -33,7 +34,7 @@ def global_micro_batches(num_rows: int, size: int, seed: int, start: int = 0) ->
         position += 1
 
 
-def document_steps(cfg, num_rows: int, world: int) -> int:
+def document_steps(cfg: TrainConfig, num_rows: int, world: int) -> int:
     """Optimizer steps of a run over document rows: ``max_steps``, else ``num_epochs`` passes over ``num_rows``
     rows at ``micro_batch_size x gradient_accumulation_steps`` rows per process and step (at least one)."""
     if cfg.max_steps is not None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ebft.config import TrainConfig
 from ebft.config.evaluation import PREFIX, BestMetric, best_metric, eval_interval, held_out_config, interval_problem
 from ebft.deploy.card import FinalModel
 from ebft.errors import ConfigError, EbftError
@@ -53,7 +54,7 @@ def untouched(model: torch.nn.Module) -> Iterator[None]:
         set_rng_state(saved)
 
 
-def held_out_rows(cfg, mode, data, tokenizer, config_dir: Path | None):
+def held_out_rows(cfg: TrainConfig, mode, data, tokenizer, config_dir: Path | None):
     """The rows evaluation during training scores: the ``test_datasets`` rows (read by the mode's loader, so
     transformed and checked like the training rows), else those ``val_set_size`` held out of the training data.
     Returns (rows, what they are in words)."""
@@ -66,7 +67,9 @@ class Evaluation:
     """The evaluation of one run: ``due`` says when, ``run`` evaluates, ``observe`` decides whether to stop,
     ``checkpointed`` and ``final_checkpoint`` keep the best model. ``record`` is ``TrainState.evaluation``."""
 
-    def __init__(self, cfg, evaluator: Evaluator, *, accelerator, model, sharding, total_steps: int, record: dict):
+    def __init__(
+        self, cfg: TrainConfig, evaluator: Evaluator, *, accelerator, model, sharding, total_steps: int, record: dict
+    ):
         self.evaluator, self.accelerator, self.model, self.sharding = evaluator, accelerator, model, sharding
         interval = eval_interval(cfg, total_steps)
         if interval is None:

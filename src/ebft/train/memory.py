@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ebft.config import TrainConfig
 from ebft.errors import EbftError
 from ebft.features import layer_indices
 from ebft.modeling.adapters import saved_adapter_config, warm_start_critic
@@ -112,7 +113,7 @@ def _bf16_on(cfg, hardware: Hardware) -> bool:
     return torch.cuda.is_bf16_supported() if hardware.present and torch.cuda.is_available() else True
 
 
-def lora_config_for_plan(cfg):
+def lora_config_for_plan(cfg: TrainConfig):
     """The LoraConfig whose parameters the plan counts (the saved adapter's, for a warm start)."""
     if cfg.adapter is None:
         return None
@@ -131,7 +132,9 @@ def lora_config_for_plan(cfg):
 WorkloadOf = Callable[..., Workload]  # (cfg, shape) -> the token counts of a mode's phases: Mode.workload
 
 
-def build_plan(cfg, hardware: Hardware, workload: WorkloadOf, shape: ModelShape | None = None) -> MemoryPlan:
+def build_plan(
+    cfg: TrainConfig, hardware: Hardware, workload: WorkloadOf, shape: ModelShape | None = None
+) -> MemoryPlan:
     """The plan of process 0 (every process holds the same on its own GPU). ``workload``: the mode's phases
     (``Mode.workload``); ``shape``: the model's, when the caller has it (the guide's table); else built from the
     config of ``cfg.base_model``."""
@@ -182,7 +185,9 @@ def build_plan(cfg, hardware: Hardware, workload: WorkloadOf, shape: ModelShape 
     return MemoryPlan(header, devices)
 
 
-def log_plan(cfg, hardware: Hardware, workload: WorkloadOf, *, shape: ModelShape | None = None) -> MemoryPlan | None:
+def log_plan(
+    cfg: TrainConfig, hardware: Hardware, workload: WorkloadOf, *, shape: ModelShape | None = None
+) -> MemoryPlan | None:
     """Log the plan, with a warning for every device it does not fit; an unreadable model config is noted."""
     try:
         plan = build_plan(cfg, hardware, workload, shape)
@@ -211,7 +216,7 @@ def log_plan(cfg, hardware: Hardware, workload: WorkloadOf, *, shape: ModelShape
     return plan
 
 
-def advice(cfg, device: DevicePlan) -> str:
+def advice(cfg: TrainConfig, device: DevicePlan) -> str:
     """What to change, for the largest terms of a device that does not fit."""
     ideas = []
     names = {t.label: t.bytes for t in device.terms}

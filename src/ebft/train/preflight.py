@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ebft.config import TrainConfig
 from ebft.data.load import local_files, looks_local
 from ebft.data.transforms import resolve_transform
 from ebft.errors import ConfigError, DataError
@@ -85,7 +86,9 @@ def preflight(
     return found
 
 
-def check(cfg, command: str = "train", *, config_dir: str | Path | None = None, source: str | None = None) -> None:
+def check(
+    cfg: TrainConfig, command: str = "train", *, config_dir: str | Path | None = None, source: str | None = None
+) -> None:
     """Raise one ConfigError listing every problem ``preflight`` finds for ``command``; log its notes."""
     found = preflight(cfg, command, config_dir=config_dir)
     for note in found.notes:
@@ -101,7 +104,7 @@ def problems_error(problems: list[str], headline: str, source: str | None = None
     return ConfigError(f"{source + ': ' if source else ''}{headline}, {count}:\n{lines}")
 
 
-def _packages(cfg, command: str, installed: Callable[[str], bool]) -> list[str]:
+def _packages(cfg: TrainConfig, command: str, installed: Callable[[str], bool]) -> list[str]:
     needs: list[tuple[str, str]] = []  # (package, the problem line when it is missing)
     if command in ("validate", "train"):
         if cfg.wandb_project is not None:
@@ -142,7 +145,7 @@ def _packages(cfg, command: str, installed: Callable[[str], bool]) -> list[str]:
     return [line for package, line in needs if not installed(package)]
 
 
-def _model_and_tokenizer(cfg) -> list[str]:
+def _model_and_tokenizer(cfg: TrainConfig) -> list[str]:
     model = [p for p in (_model_source("base_model", cfg.base_model), _offline_hub(cfg.base_model)) if p]
     lora = cfg.lora_model_dir
     if cfg.adapter is not None and lora is not None and _is_path(lora) and not Path(lora).expanduser().is_dir():
@@ -206,7 +209,7 @@ def _offline_hub(value: str) -> str | None:
     )
 
 
-def _chat_template(cfg) -> list[str]:
+def _chat_template(cfg: TrainConfig) -> list[str]:
     if cfg.chat_template_jinja is None or cfg.chat_template not in (None, JINJA):
         return []
     try:
@@ -223,7 +226,7 @@ def _chat_template(cfg) -> list[str]:
     return []
 
 
-def _datasets(cfg, config_dir: str | Path | None) -> list[str]:
+def _datasets(cfg: TrainConfig, config_dir: str | Path | None) -> list[str]:
     problems: list[str] = []
     entries = [(f"datasets.{i}", spec) for i, spec in enumerate(cfg.datasets)]
     entries += [(f"test_datasets.{i}", spec) for i, spec in enumerate(cfg.test_datasets or [])]

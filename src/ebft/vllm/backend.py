@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ebft.config import vllm_client_address
+from ebft.config import TrainConfig, vllm_client_address
 from ebft.errors import ConfigError
 from ebft.modeling.source import local_model
 from ebft.structured.rollout import Sampling
@@ -17,12 +17,12 @@ from ebft.vllm.weights import weight_sync_backend
 PROBE_SECONDS = 2.0
 
 
-def uses_server(cfg) -> bool:
+def uses_server(cfg: TrainConfig) -> bool:
     """Whether ``cfg`` samples its rollouts from a vLLM server."""
     return cfg.ebft.mode == "structured" and cfg.trl.use_vllm
 
 
-def wait_for_server(cfg, timeout: float | None = None) -> None:
+def wait_for_server(cfg: TrainConfig, timeout: float | None = None) -> None:
     """With ``trl.use_vllm``: wait for the server up to ``trl.vllm_server_timeout`` seconds, saying where and how
     long is left (``ebft train`` does this before loading anything); ConfigError naming the key when it never
     answers."""
@@ -36,7 +36,7 @@ def wait_for_server(cfg, timeout: float | None = None) -> None:
         raise ConfigError(f"trl.use_vllm: {exc}") from exc
 
 
-def probe_server(cfg, seconds: float = PROBE_SECONDS) -> str | None:
+def probe_server(cfg: TrainConfig, seconds: float = PROBE_SECONDS) -> str | None:
     """A note when the vLLM server of a ``trl.use_vllm`` config does not answer within ``seconds`` (None when it
     does, or when the config does not use one): what ``ebft validate`` says."""
     if not uses_server(cfg):
@@ -52,7 +52,7 @@ def probe_server(cfg, seconds: float = PROBE_SECONDS) -> str | None:
     return None
 
 
-def vllm_backend(cfg, sampling: Sampling, gathered=None):
+def vllm_backend(cfg: TrainConfig, sampling: Sampling, gathered=None):
     """The backend training uses with ``trl.use_vllm``: the server of ``ebft vllm-serve`` (same config),
     waited for up to ``trl.vllm_server_timeout`` seconds, which is also each request's timeout.
 

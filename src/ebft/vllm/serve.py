@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 
-from ebft.config import vllm_serve_address
+from ebft.config import TrainConfig, vllm_serve_address
 from ebft.errors import ConfigError, EbftError
 from ebft.modeling.source import local_model
 
@@ -44,13 +44,13 @@ LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 WEIGHT_TRANSFER_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
 
 
-def sync_mode(cfg) -> str:
+def sync_mode(cfg: TrainConfig) -> str:
     """How training keeps the server's policy current: ``"lora"`` (hot-loaded adapters) or ``"weights"``
     (full, LoRA-merged weights through vLLM's weight transfer)."""
     return "lora" if cfg.trl.vllm_lora_sync else "weights"
 
 
-def serve_env(cfg) -> dict[str, str]:
+def serve_env(cfg: TrainConfig) -> dict[str, str]:
     """The environment variables the server needs for ``cfg``'s sync mode."""
     return dict(LORA_ENV if sync_mode(cfg) == "lora" else WEIGHT_TRANSFER_ENV)
 
@@ -63,7 +63,7 @@ def max_lora_rank(lora_r: int) -> int:
     raise ConfigError(f"lora_r: vLLM serves LoRA adapters of rank <= {LORA_RANKS[-1]} (got {lora_r})")
 
 
-def serve_command(cfg) -> list[str]:
+def serve_command(cfg: TrainConfig) -> list[str]:
     """The argv that starts vLLM's OpenAI-compatible server for ``cfg`` (run with ``serve_env(cfg)`` set)."""
 
     host, port = vllm_serve_address(cfg)
@@ -102,7 +102,7 @@ def printable(cmd: list[str], env: dict[str, str]) -> str:
     return shlex.join([f"{key}={value}" for key, value in env.items()] + cmd)
 
 
-def vllm_serve(cfg, *, print_command: bool = False) -> int:
+def vllm_serve(cfg: TrainConfig, *, print_command: bool = False) -> int:
     """Print the command (``print_command``) or run the server until it exits; its exit status."""
     cmd, env = serve_command(cfg), serve_env(cfg)
     if print_command:

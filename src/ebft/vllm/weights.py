@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ebft.config import TrainConfig
 from ebft.errors import ConfigError
 from ebft.modeling.source import local_model
 from ebft.structured.rollout import Completion, Sampling
@@ -123,7 +124,7 @@ class WeightSyncBackend:
             self.transfer.close()
 
 
-def _served_model(cfg) -> tuple[torch.dtype | None, int | None]:
+def _served_model(cfg: TrainConfig) -> tuple[torch.dtype | None, int | None]:
     """(dtype, vocabulary size) of the weights the server loaded: ``vllm.dtype``, else the checkpoint's own."""
     from transformers import AutoConfig
 
@@ -136,7 +137,7 @@ def _served_model(cfg) -> tuple[torch.dtype | None, int | None]:
     return (dtype if isinstance(dtype, torch.dtype) else None), getattr(config, "vocab_size", None)
 
 
-def weight_sync_backend(cfg, sampling: Sampling, client: VLLMClient, gathered) -> WeightSyncBackend:
+def weight_sync_backend(cfg: TrainConfig, sampling: Sampling, client: VLLMClient, gathered) -> WeightSyncBackend:
     """The backend of ``cfg`` (full-weight sync) on ``client``'s server; see ``ebft.vllm.backend.vllm_backend``."""
     from accelerate import PartialState
 

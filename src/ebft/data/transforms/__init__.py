@@ -1,6 +1,8 @@
 """Dataset transforms: ``type: module.function`` in a dataset entry.
 
-A transform is a factory ``transform(cfg, **kwargs) -> (fn, options)``. ``fn(example, tokenizer=None)``
+A transform is a factory ``transform(cfg, **kwargs) -> (fn, options)``; ``cfg`` is the run's
+:class:`~ebft.config.TrainConfig` and ``kwargs`` holds ``dataset``, the entry's :class:`~ebft.config.DatasetSpec`.
+``fn(example, tokenizer=None)``
 maps one raw row (or, with ``options["batched"]``, a dict of columns) to token fields (strided mode)
 or to ``prompt``/``ground_truth`` fields (structured mode). ``options``:
 

@@ -19,21 +19,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ebft.config import TrainConfig
 from ebft.data.transforms.common import first_present
 from ebft.data.transforms.ebft_strided_chat import normalize_messages
 
 MESSAGE_FIELDS = ("messages", "conversations")
 
 
-def transform(cfg, **kwargs):
+def transform(cfg: TrainConfig, **kwargs):
     return first_turn, {"remove_columns": "__all__"}
 
 
-def transform_last_turn(cfg, **kwargs):
+def transform_last_turn(cfg: TrainConfig, **kwargs):
     return last_turn, {"remove_columns": "__all__"}
 
 
-def transform_all_turns(cfg, **kwargs):
+def transform_all_turns(cfg: TrainConfig, **kwargs):
     return all_turns, {"remove_columns": "__all__", "batched": True}
 
 

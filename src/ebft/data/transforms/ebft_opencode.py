@@ -13,8 +13,10 @@ from __future__ import annotations
 import ast
 from collections.abc import Mapping
 
+from ebft.config import TrainConfig
 
-def transform(cfg, **kwargs):
+
+def transform(cfg: TrainConfig, **kwargs):
     return to_prompt_row, {"remove_columns": "__all__"}
 
 

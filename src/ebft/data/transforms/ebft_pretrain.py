@@ -17,12 +17,13 @@ loader adds it and logs which token it used.
 
 from __future__ import annotations
 
+from ebft.config import TrainConfig
 from ebft.data.transforms.common import first_present, require_tokenizer
 
 TEXT_FIELDS = ("text", "content", "question")
 
 
-def transform(cfg, **kwargs):
+def transform(cfg: TrainConfig, **kwargs):
     spec = kwargs.get("dataset")
     field = getattr(spec, "field", None)
     pack = getattr(spec, "pack", None) is not False

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from ebft.config import TrainConfig
 from ebft.data.transforms.ebft_chat_multiturn import assistant_turns, chat_messages, last_turn
 
 # One alternative per tag style; the inner text is in whichever group matched.
@@ -30,16 +31,16 @@ THINK_SPAN = re.compile(
 )
 
 
-def transform(cfg, **kwargs):
+def transform(cfg: TrainConfig, **kwargs):
     # The last assistant content as written is exactly what the multi-turn last-turn split gives.
     return last_turn, {"remove_columns": "__all__"}
 
 
-def transform_split_thinking(cfg, **kwargs):
+def transform_split_thinking(cfg: TrainConfig, **kwargs):
     return split_thinking, {"remove_columns": "__all__"}
 
 
-def transform_answer_only(cfg, **kwargs):
+def transform_answer_only(cfg: TrainConfig, **kwargs):
     return answer_only, {"remove_columns": "__all__"}
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ebft.config import TrainConfig
 from ebft.data.transforms.common import first_present, require_tokenizer
 
 SHAREGPT_ROLES = {
@@ -29,7 +30,7 @@ SHAREGPT_ROLES = {
 }
 
 
-def transform(cfg, **kwargs):
+def transform(cfg: TrainConfig, **kwargs):
     sequence_len = int(cfg.sequence_len)
 
     def tokenize_chat(example: dict, tokenizer=None) -> dict:

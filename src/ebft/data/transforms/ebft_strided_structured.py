@@ -11,13 +11,14 @@ than being cut, since a cut prompt changes what the completion answers. No paddi
 
 from __future__ import annotations
 
+from ebft.config import TrainConfig
 from ebft.data.transforms.common import eos_id, first_present, require_tokenizer
 
 PROMPT_FIELDS = ("input", "prompt", "question")
 COMPLETION_FIELDS = ("output", "completion", "answer")
 
 
-def transform(cfg, **kwargs):
+def transform(cfg: TrainConfig, **kwargs):
     sequence_len = int(cfg.sequence_len)
 
     def tokenize_pair(example: dict, tokenizer=None) -> dict:
