@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -146,3 +147,24 @@ def fake(server):
     server.reset()
     yield server
     server.reset()
+
+
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the test process with pytest's verdict, once every report is written, without interpreter teardown.
+
+    The weight-transfer tests join gloo groups over TCP stores inside this process (the fake vLLM server's
+    worker threads); torch's C++ store threads left from them can call std::terminate while the interpreter
+    finalises, turning a finished run (every result already reported) into SIGABRT.
+    """
+    if _EXIT_STATUS in config.stash:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(config.stash[_EXIT_STATUS])

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -69,25 +70,28 @@ def _start(cfg: Path, *args: str) -> subprocess.Popen:
 def test_a_second_run_into_a_busy_output_dir_is_refused_with_the_holders_pid(tmp_path, tiny_model_dir, data_file):
     """A second `ebft train` into the folder of a running one is refused at once with the first one's PID
     (before: both exited 0 and metrics.jsonl interleaved both runs)."""
-    cfg = _config(tmp_path, tiny_model_dir, data_file, max_steps=4)
-    lock_file = tmp_path / "run" / output_lock.LOCK_FILE
+    cfg = _config(tmp_path, tiny_model_dir, data_file, max_steps=10_000)
+    lock_file, metrics = tmp_path / "run" / output_lock.LOCK_FILE, tmp_path / "run" / "metrics.jsonl"
     first = _start(cfg)
     try:
+        # The first run is training (a logged step) and holds the lock for as long as the second one takes.
         deadline = time.time() + 300
         while time.time() < deadline and first.poll() is None:
-            if lock_file.exists() and f"pid {first.pid} " in lock_file.read_text():
+            if metrics.exists() and metrics.read_text() and f"pid {first.pid} " in lock_file.read_text():
                 break
             time.sleep(0.1)
         second = subprocess.run(
             [sys.executable, "-m", "ebft", "train", str(cfg)], capture_output=True, text=True, timeout=300
         )
+        first.send_signal(signal.SIGINT)  # stop after the step under way, with a checkpoint
         _, first_err = first.communicate(timeout=600)
     finally:
         first.kill()
-    assert first.returncode == 0, first_err
+    assert first.returncode == 128 + signal.SIGINT, first_err
     assert second.returncode == 2
     assert f"is in use by another ebft run (pid {first.pid} on " in second.stderr.strip().splitlines()[-1]
-    assert _metric_steps(tmp_path / "run") == [1, 2, 3, 4]  # one run's lines, each step once
+    steps = _metric_steps(tmp_path / "run")
+    assert steps == list(range(1, len(steps) + 1))  # one run's lines, each step once
 
 
 def test_the_lock_is_released_when_its_holder_is_killed(tmp_path, tiny_model_dir, data_file, capsys):

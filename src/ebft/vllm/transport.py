@@ -119,6 +119,10 @@ class GlooTransport(_Transport):
     def _group(self):
         return torch.distributed.ProcessGroupGloo(self._store, 0, self.world_size, self._group_timeout)
 
+    def close(self) -> None:
+        super().close()
+        self._store = None  # the rendezvous store and its server thread go with the group
+
     def start(self) -> dict:
         store = self._store = torch.distributed.TCPStore(
             self.host,
