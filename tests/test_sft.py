@@ -151,16 +151,24 @@ def test_sft_accumulation_split_does_not_change_the_run(tmp_path, tiny_model_dir
         torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
-def test_max_seconds_stops_after_the_step_under_way_and_saves_as_at_the_end(tmp_path, tiny_model_dir, text_file):
-    """max_seconds=0: the time is spent once the first step ends, so that step is the last: logged (though
-    logging_steps is 5), checkpointed with save_final_checkpoint, the final model written."""
+def test_time_up_stops_after_the_step_under_way_and_saves_as_at_the_end(tmp_path, tiny_model_dir, text_file):
+    """time_up says yes after the second step: that step is the last, logged (though logging_steps is 5),
+    checkpointed with save_final_checkpoint, the final model written. It is asked after every step, with the
+    step and the seconds since the first step began."""
     cfg = _config(
         tiny_model_dir, text_file, tmp_path / "short", max_steps=10, logging_steps=5, save_final_checkpoint=True
     )
-    result = train(cfg, sft_mode("pretrain"), max_seconds=0)
-    assert result.steps == 1 and result.last_metrics["loss"] > 0
-    assert [row["step"] for row in _metrics(tmp_path / "short")] == [1]
-    assert (tmp_path / "short" / "checkpoint-1").is_dir() and (tmp_path / "short" / "model.safetensors").exists()
+    asked: list[tuple[int, float]] = []
+
+    def time_up(step: int, seconds: float) -> bool:
+        asked.append((step, seconds))
+        return step == 2
+
+    result = train(cfg, sft_mode("pretrain"), time_up=time_up)
+    assert result.steps == 2 and result.last_metrics["loss"] > 0
+    assert [step for step, _ in asked] == [1, 2] and 0 < asked[0][1] < asked[1][1]
+    assert [row["step"] for row in _metrics(tmp_path / "short")] == [2]
+    assert (tmp_path / "short" / "checkpoint-2").is_dir() and (tmp_path / "short" / "model.safetensors").exists()
 
 
 def test_the_loop_knows_no_mode():

@@ -1,3 +1,3 @@
-from ebft.cli import entrypoint
+from ebft.entry import entrypoint
 
 entrypoint()

@@ -358,16 +358,7 @@ def _run_tool(args) -> int:
         paths = plot_run(args.run_dir, args.out)
         log.info("wrote %d plots to %s", len(paths), paths[0].parent if paths else args.out)
         return 0
-    # libgomp's default busy-waiting makes torch 10-30x slower when other processes share the cores (the
-    # demo's target is a small, possibly shared CPU machine); sleeping waits cost little on idle cores.
-    # It only takes effect before torch is loaded, as in a fresh `ebft quickstart` process.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
     minutes = DEFAULT_MINUTES if args.minutes is None else args.minutes
     result = run_quickstart(args.out, minutes, model=args.model)
     log.info("report: %s", result.report)
     return 0
-
-
-def entrypoint() -> None:
-    sys.exit(main())

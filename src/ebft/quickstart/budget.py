@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ebft.errors import EbftError
 
 EVALUATED_MODELS = 3  # base, SFT, EBFT
+TRAINING_RUNS = 2  # EBFT, SFT: each loads its model once
 # The evaluation phase loads each model twice (evaluation, example block) and samples the example block once.
 LOADS_PER_MODEL = 2
 
@@ -36,7 +38,8 @@ class UnitCosts:
     """Wall seconds per unit on an idle machine, one thread.
 
     ebft_step, sft_step: one optimizer step (one run); eval_doc: one held-out document for one model
-    (rollouts, scoring and cross-entropy); model: loading one model, or sampling the example block from it."""
+    (rollouts, scoring and cross-entropy); model: loading one model (for a training run: with its data and
+    the final save), or sampling the example block from it."""
 
     ebft_step: float
     sft_step: float
@@ -106,6 +109,23 @@ class Plan:
         """The plan as ``Sizes``, the ideal a ``Budget`` re-plans from."""
         return Sizes(self.finetune_steps, self.heldout_docs, self.probe_docs, self.curve_points(self.finetune_steps))
 
+    def floor_seconds(self, slowdown: float = 1.0) -> float:
+        """Wall seconds of the smallest plan (the floors) at ``slowdown``, pretraining aside."""
+        floors = self.floors
+        smallest = Sizes(floors.steps, floors.heldout_docs, floors.probe_docs, self.curve_points(floors.steps))
+        return predicted_seconds(smallest, self.costs, slowdown)
+
+    def fits(self, slowdown: float) -> bool:
+        """Whether the smallest plan ends within the budget (10% over allowed) at ``slowdown``."""
+        return self.floor_seconds(slowdown) <= 1.1 * 60 * self.minutes
+
+    def pretrain_cap(self, slowdown: float) -> float:
+        """Wall seconds pretraining may take at ``slowdown``, its set-up included: its planned cap, less what
+        the smallest rest of the run needs, but never under a tenth of the budget (a base model that has read
+        nothing makes no demo)."""
+        budget = 60 * self.minutes
+        return min(self.pretrain_seconds_cap, max(0.1 * budget, budget - self.floor_seconds(slowdown)))
+
     def curve_points(self, steps: int) -> int:
         """Models of both runs on the held-out curves after ``steps`` steps: the checkpoints saved every
         ``save_every`` steps before the last, and the final models."""
@@ -128,8 +148,9 @@ class Plan:
             probe_docs=max(2, round(2.5 * minutes)),
             points_per_run=5,
             costs=SCRATCH_COSTS,
-            # The curves are this demo's story and cost little on the small model: always drawn.
-            floors=Floors(steps=2, heldout_docs=4, probe_docs=2),
+            # The curves are this demo's story and cost little on the small model: dropped only when even the
+            # final evaluation's floor does not fit without them.
+            floors=Floors(steps=2, heldout_docs=4, probe_docs=0),
         )
 
     @classmethod
@@ -171,7 +192,7 @@ def contention(seconds: float = 0.2) -> float:
 
 def training_seconds(steps: int, costs: UnitCosts, slowdown: float = 1.0) -> float:
     """Both fine-tuning runs."""
-    return steps * (costs.ebft_step + costs.sft_step) * slowdown
+    return (steps * (costs.ebft_step + costs.sft_step) + TRAINING_RUNS * costs.model) * slowdown
 
 
 def evaluation_seconds(sizes: Sizes, costs: UnitCosts, slowdown: float = 1.0) -> float:
@@ -256,3 +277,16 @@ class Budget:
             after = "no held-out curves" if sizes.probe_docs == 0 else f"{sizes.probe_docs} per curve point"
             self.cuts.append(f"probe documents {ideal.probe_docs} per curve point -> {after}")
         return sizes
+
+    def pretrain_time_up(
+        self, plan: Plan, clock: Callable[[], float] = time.perf_counter
+    ) -> Callable[[int, float], bool]:
+        """For ``train(time_up=...)``: whether pretraining should stop after ``step`` steps in ``seconds``.
+        Those steps measure the slowdown (their wall time over their idle cost), which sizes ``plan``'s cap;
+        the cap is counted on ``clock`` from the budget's start, so the set-up before the first step counts."""
+
+        def time_up(step: int, seconds: float) -> bool:
+            slowdown = seconds / (step * PRETRAIN_STEP_SECONDS)
+            return clock() - self.start >= plan.pretrain_cap(slowdown)
+
+        return time_up

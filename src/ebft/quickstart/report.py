@@ -329,7 +329,7 @@ def _base_sentence(summary: Mapping, files: str) -> str:
         )
     return (
         f"A {shape} was trained from scratch on {files} of this Python's standard library ({root}) for "
-        f"{summary['pretrain']['steps']} steps."
+        f"{summary['pretrain']['steps']} steps. Why from scratch: {html.escape(model['origin'])}."
     )
 
 

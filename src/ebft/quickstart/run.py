@@ -196,18 +196,18 @@ def run_quickstart(
 
     require_pyplot()  # the report needs matplotlib: fail now with the install hint, not after minutes of training
 
-    choice = resolve_base(model)
+    out = Path(out_dir).resolve()
+    _prepare_out(out)
+    guess = contention()
+    choice = _fitting_base(resolve_base(model), minutes, guess)
     if choice.source is None:
         log.info("%s: training a small model from scratch", choice.origin)
     else:
         log.info("base model: %s (%s)", choice.source, choice.origin)
     plan = Plan.for_minutes(minutes) if choice.source is None else Plan.for_pretrained(minutes)
-    out = Path(out_dir).resolve()
-    _prepare_out(out)
     (out / MARKER).write_text(json.dumps({"minutes": minutes, "plan": asdict(plan)}, indent=2))
     clock = Clock()
     torch.manual_seed(SEED)
-    guess = contention()
 
     with _quiet_libraries():
         if choice.source is None:
@@ -300,6 +300,31 @@ def run_quickstart(
     return QuickstartResult(out_dir=out, report=path, summary=summary)
 
 
+def _fitting_base(choice: BaseChoice, minutes: float, guess: float) -> BaseChoice:
+    """``choice``, unless it is the pretrained model found by default and even its smallest plan cannot end
+    within ``minutes`` at the guessed slowdown: then the from-scratch model, with the reason as its origin.
+    A model named with ``--model`` is kept (the report then states the overrun)."""
+    plan = Plan.for_pretrained(minutes)
+    if choice.source is None or plan.fits(guess):
+        return choice
+    needed = plan.floor_seconds(guess)
+    if choice.origin == "--model":
+        log.warning(
+            "the smallest plan for %s needs about %.0f s on this machine; --minutes %g budgets %.0f s: it will overrun",
+            choice.source,
+            needed,
+            minutes,
+            60 * minutes,
+        )
+        return choice
+    return BaseChoice(
+        None,
+        f"{choice.origin} was found, but even its smallest run needs about "
+        f"{needed:.0f} s on this machine (measured {guess:.1f}x slower than idle) and --minutes {minutes:g} "
+        f"budgets {60 * minutes:.0f} s; run with --minutes {math.ceil(needed / 60)} or more to fine-tune it",
+    )
+
+
 def _finetune(base, train_data: Path, out: Path, plan: Plan, keys: dict, budget: Budget, clock: Clock, console):
     """EBFT for the planned steps, then SFT for the steps EBFT reached (same config, same documents in the
     same order): the expensive run first, so that a cut never leaves the two runs unequal."""
@@ -314,11 +339,11 @@ def _finetune(base, train_data: Path, out: Path, plan: Plan, keys: dict, budget:
                 "start over",
                 exc.signum,
             ) from None
-    budget.record(ebft.steps * plan.costs.ebft_step, clock.seconds["ebft"])
+    budget.record(ebft.steps * plan.costs.ebft_step + plan.costs.model, clock.seconds["ebft"])
     sft_cfg = ft_cfg.model_copy(update={"output_dir": str(out / "sft"), "max_steps": ebft.steps})
     with clock.phase("sft"):
         sft = train(sft_cfg, sft_mode("sft"), console=console)
-    budget.record(sft.steps * plan.costs.sft_step, clock.seconds["sft"])
+    budget.record(sft.steps * plan.costs.sft_step + plan.costs.model, clock.seconds["sft"])
     return ebft, sft, ft_cfg
 
 
@@ -392,7 +417,7 @@ def _budget_summary(budget: Budget, sizes: Sizes, clock: Clock) -> dict:
 
 def _scratch_base(out: Path, plan: Plan, clock: Clock, guess: float, console):
     """Phases 1-2 without a pretrained model: corpus, tokenizer, a small Llama pretrained from scratch (the
-    budget's first phase, capped at ``plan.pretrain_seconds_cap``).
+    budget's first phase, capped by ``plan.pretrain_cap``: what the smallest rest of the run leaves).
 
     Returns (base folder, (train data, held-out data, train files, all train files, held-out files),
     pretraining result, pretraining config, the budget started before pretraining)."""
@@ -410,8 +435,8 @@ def _scratch_base(out: Path, plan: Plan, clock: Clock, guess: float, console):
     budget = plan.budget(time.perf_counter(), guess)
     pre_cfg = pretrain_config(init, train_data, out / "base", plan)
     with clock.phase("pretrain"):
-        pre = train(pre_cfg, sft_mode("pretrain"), console=console, max_seconds=plan.pretrain_seconds_cap)
-    budget.record(pre.steps * PRETRAIN_STEP_SECONDS, clock.seconds["pretrain"])
+        pre = train(pre_cfg, sft_mode("pretrain"), console=console, time_up=budget.pretrain_time_up(plan))
+    budget.record(pre.steps * PRETRAIN_STEP_SECONDS + plan.costs.model, clock.seconds["pretrain"])
     if pre.steps < plan.pretrain_steps:
         budget.cuts.append(f"pretraining steps {plan.pretrain_steps} -> {pre.steps} (its time cap)")
     files = (train_data, heldout_data, train_files, all_train, heldout_files)

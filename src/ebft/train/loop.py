@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ class TooManySkippedSteps(EbftError):
 @dataclass
 class TrainResult:
     """Where the run wrote its model, the optimizer steps done (fewer than the run's total when
-    ``max_seconds`` ended it), and the last logged metrics."""
+    ``time_up`` ended it), and the last logged metrics."""
 
     output_dir: Path
     steps: int
@@ -128,14 +129,15 @@ def train(
     *,
     config_dir: Path | None = None,
     console=None,
-    max_seconds: float | None = None,
+    time_up: Callable[[int, float], bool] | None = None,
     launch: Launch | None = None,
     dashboard: Dashboard | None = None,
 ) -> TrainResult:
     """Run (or resume) ``cfg`` in ``mode`` to its last step: set-up, then per step the update, logging and
     checkpoints; the final model is written to output_dir. ``config_dir``: where custom transform modules
-    are found. ``max_seconds``: stop early once this much time has passed since the first step began, after
-    the step under way, logging and saving as at the last step; ``TrainResult.steps`` says how many ran.
+    are found. ``time_up(step, seconds)``: asked after each step with the seconds since the first step began;
+    True makes that step the last, logged and saved as the last step is; ``TrainResult.steps`` says how many
+    ran.
     ``launch``: the command line (for the resume command, and whether a resume may change settings).
     ``dashboard``: an open ``ebft.train.tui.Dashboard`` that draws the run (main process; ``console`` its)."""
     run = _set_up(cfg, mode, config_dir, console, launch or Launch())
@@ -165,7 +167,7 @@ def train(
             while run.state.step < run.total_steps:
                 step = run.state.step + 1
                 outcome = _step(run, step)
-                last = step == run.total_steps or _out_of_time(run, started, max_seconds)
+                last = step == run.total_steps or _out_of_time(run, step, started, time_up)
                 _keep(run, step, outcome)
                 metrics: dict[str, float | None] | None = None
                 stopped = False
@@ -196,11 +198,11 @@ def _report_evaluation(run: Session, step: int, metrics: dict[str, float | None]
         log.info(run.evaluation.stop_reason())
 
 
-def _out_of_time(run: Session, started: float, max_seconds: float | None) -> bool:
-    """Whether ``max_seconds`` have passed, on any process (so that all of them stop after the same step)."""
-    if max_seconds is None:
+def _out_of_time(run: Session, step: int, started: float, time_up: Callable[[int, float], bool] | None) -> bool:
+    """Whether ``time_up`` says so on any process (so that all of them stop after the same step)."""
+    if time_up is None:
         return False
-    late = float(time.perf_counter() - started > max_seconds)
+    late = float(time_up(step, time.perf_counter() - started))
     return reduce_sum(run.accelerator, torch.tensor([late], device=run.accelerator.device)).item() > 0
 
 
