@@ -75,8 +75,12 @@ def test_the_modules_of_ebft_import_each_other_without_a_cycle():
 
 
 def test_no_ebft_module_is_imported_inside_a_function():
+    """One exception: the command's entry point sets the process environment before the CLI (and torch) load,
+    so it imports the CLI inside its function (tests/test_entry.py checks what that is for)."""
     _, nested = _edges()
-    assert nested == []
+    entry = [line for line in nested if line.startswith("ebft.entry imports ebft.cli on line ")]
+    assert len(entry) == 1
+    assert [line for line in nested if line not in entry] == []
 
 
 def test_the_walk_sees_a_cycle_and_a_nested_import(tmp_path):
