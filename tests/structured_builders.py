@@ -21,13 +21,15 @@ MAX_COMPLETION = 64
 
 
 def structured_settings(tok, **over) -> StructuredSettings:
-    """StructuredSettings for the tiny model with every knob at a plain default; keyword arguments replace fields."""
+    """StructuredSettings for the tiny model with every knob at a plain default; keyword arguments replace fields
+    (``tok`` gives the default stop token; None when ``sampling`` is passed)."""
+    if "sampling" not in over:
+        over["sampling"] = Sampling(temperature=1.0, stop_token_ids=(tok.eos_token_id,))
     base = {
         "num_generations": 3,
         "max_completion_length": MAX_COMPLETION,
         "adaptive_max_tokens": False,
         "gt_length_multiplier": 1.5,
-        "sampling": Sampling(temperature=1.0, stop_token_ids=(tok.eos_token_id,)),
         "embed_method": "last_token",
         "feature_norm": "per_layer",
         "use_whitening": False,

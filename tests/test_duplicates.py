@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from structured_builders import structured_settings
 
 from ebft import features as feat
 from ebft import rewards
@@ -178,37 +179,12 @@ def test_structured_identical_completions_get_bitwise_identical_scores_under_bf1
     from transformers import AutoModelForCausalLM
 
     from ebft.data.structured import prompt_row
-    from ebft.structured.rollout import Completion, Sampling
+    from ebft.structured.rollout import Completion
     from ebft.structured.scoring import score
-    from ebft.structured.settings import StructuredSettings
     from ebft.structured.step import _single_turn
 
     tok = tiny_tokenizer
-    s = StructuredSettings(
-        num_generations=4,
-        max_completion_length=32,
-        adaptive_max_tokens=False,
-        gt_length_multiplier=1.5,
-        sampling=Sampling(temperature=1.0, stop_token_ids=(tok.eos_token_id,)),
-        embed_method="last_token",
-        feature_norm="per_layer",
-        use_whitening=True,
-        whitening_space="feature",
-        alignment_coef=1.0,
-        diversity_coef=1.0,
-        scale_rewards="group",
-        loss_type="grpo",
-        eps_low=0.2,
-        eps_high=0.2,
-        num_iterations=1,
-        mask_truncated_completions=False,
-        skip_zero_advantage_batches=False,
-        is_correction=False,
-        is_bounds=(1 / 3.0, 3.0),
-        rl_coef=1.0,
-        ce_coef=0.0,
-        sequence_len=128,
-    )
+    s = structured_settings(tok, num_generations=4, max_completion_length=32, use_whitening=True, sequence_len=128)
 
     def ids(text):
         return tok(text, add_special_tokens=False)["input_ids"]

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from hybrid_models import FAMILIES, HYBRID, build_family, hidden_states
+from structured_builders import structured_settings
 
 from ebft import features as feat
 from ebft import losses
@@ -46,29 +47,11 @@ TOKENIZER = SimpleNamespace(decode=lambda ids, skip_special_tokens=False: " ".jo
 
 
 def _settings() -> StructuredSettings:
-    return StructuredSettings(
+    return structured_settings(
+        None,
         num_generations=G,
         max_completion_length=CAP,
-        adaptive_max_tokens=False,
-        gt_length_multiplier=1.5,
         sampling=Sampling(temperature=1.0, stop_token_ids=STOPS),
-        embed_method="last_token",
-        feature_norm="per_layer",
-        use_whitening=False,
-        whitening_space="feature",
-        alignment_coef=1.0,
-        diversity_coef=1.0,
-        scale_rewards="group",
-        loss_type="grpo",
-        eps_low=0.2,
-        eps_high=0.2,
-        num_iterations=1,
-        mask_truncated_completions=False,
-        skip_zero_advantage_batches=False,
-        is_correction=False,
-        is_bounds=(1 / 3.0, 3.0),
-        rl_coef=1.0,
-        ce_coef=0.0,
         sequence_len=64,
     )
 

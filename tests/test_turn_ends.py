@@ -6,6 +6,8 @@ so the token the policy must produce to end a reply is the ``</s>`` right after 
 
 from __future__ import annotations
 
+from structured_builders import structured_settings
+
 from ebft.data.structured import prompt_row
 from ebft.structured.chat import conversation_tokens
 from ebft.structured.rollout import Sampling
@@ -16,28 +18,10 @@ SEQ_LEN = 256
 
 
 def _settings(tok, stop_ids) -> StructuredSettings:
-    return StructuredSettings(
+    return structured_settings(
+        tok,
         num_generations=2,
-        max_completion_length=64,
-        adaptive_max_tokens=False,
-        gt_length_multiplier=1.5,
         sampling=Sampling(temperature=1.0, stop_token_ids=tuple(stop_ids)),
-        embed_method="last_token",
-        feature_norm="per_layer",
-        use_whitening=False,
-        whitening_space="feature",
-        alignment_coef=1.0,
-        diversity_coef=1.0,
-        scale_rewards="group",
-        loss_type="grpo",
-        eps_low=0.2,
-        eps_high=0.2,
-        num_iterations=1,
-        mask_truncated_completions=False,
-        skip_zero_advantage_batches=False,
-        is_correction=False,
-        is_bounds=(1 / 3.0, 3.0),
-        rl_coef=1.0,
         ce_coef=0.1,
         sequence_len=SEQ_LEN,
     )
