@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -88,6 +89,25 @@ def read_jsonl(path: Path) -> list[dict]:
 def load_weights(run: Path) -> dict[str, torch.Tensor]:
     """The full model's weights a run saved."""
     return load_file(run / "model.safetensors")
+
+
+def saved_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The weights a run saved: its LoRA adapter when it trained one, else the full model."""
+    name = "adapter_model.safetensors" if (run / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(run / name)
+
+
+def assert_same_run(a: Path, b: Path, keys: tuple[str, ...]) -> list[int]:
+    """Runs ``a`` and ``b`` logged the same steps with the same ``keys`` (relative 1e-5) and saved the same
+    weights (within 1e-6); returns the logged steps."""
+    ma, mb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    steps = [m["step"] for m in ma]
+    assert steps == [m["step"] for m in mb]
+    for x, y in zip(ma, mb, strict=True):
+        for key in keys:
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    assert max_abs_diff(saved_weights(a), saved_weights(b)) < 1e-6
+    return steps
 
 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from config_builders import assert_same_run
 from conftest import stdlib_texts
 from launchers import train_on_two_processes
 
@@ -81,28 +82,6 @@ def _two_processes(cfg: Path, *args: str) -> None:
     assert "process 0: feature network: " in out and "process 1: feature network: " in out
 
 
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    name = "adapter_model.safetensors" if (run / "adapter_model.safetensors").exists() else "model.safetensors"
-    return load_file(run / name)
-
-
-def _assert_same_run(a: Path, b: Path, keys: tuple[str, ...]) -> None:
-    ma, mb = _metrics(a), _metrics(b)
-    assert [m["step"] for m in ma] == [m["step"] for m in mb]
-    for x, y in zip(ma, mb, strict=True):
-        for key in keys:
-            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    assert all(((wa[k] - wb[k]).abs() < 1e-6).all() for k in wa)
-
-
 _STRIDED_KEYS = ("loss", "ebft/alignment", "ebft/diversity", "ebft/ce_loss", "grad_norm")
 
 
@@ -115,7 +94,7 @@ def test_strided_two_sharded_processes_match_one_process(tmp_path, tiny_model_di
     two, one = tmp_path / "two", tmp_path / "one"
     _two_processes(cfg, "--micro_batch_size=1", f"--output_dir={two}")
     assert main(["train", str(cfg), "--micro_batch_size=2", f"--output_dir={one}"]) == 0
-    _assert_same_run(two, one, _STRIDED_KEYS)
+    assert_same_run(two, one, _STRIDED_KEYS)
 
 
 def test_sft_two_sharded_processes_match_one_process(tmp_path, tiny_model_dir, data_file):
@@ -128,7 +107,7 @@ def test_sft_two_sharded_processes_match_one_process(tmp_path, tiny_model_dir, d
     )
     assert "FSDP2: policy sharded over 2 processes" in res.stdout + res.stderr
     assert train(load_config(cfg, ["--micro_batch_size=2", f"--output_dir={one}"]), sft_mode()).steps == 3
-    _assert_same_run(two, one, ("loss", "ce_loss", "grad_norm"))
+    assert_same_run(two, one, ("loss", "ce_loss", "grad_norm"))
 
 
 def test_structured_two_sharded_processes_match_one_process(tmp_path, tiny_model_dir, pair_file):
@@ -152,7 +131,7 @@ def test_structured_two_sharded_processes_match_one_process(tmp_path, tiny_model
     two, one = tmp_path / "two", tmp_path / "one"
     _two_processes(cfg, "--micro_batch_size=4", f"--output_dir={two}")
     assert main(["train", str(cfg), "--micro_batch_size=8", f"--output_dir={one}"]) == 0
-    _assert_same_run(two, one, ("loss", "ebft/alignment", "ebft/reward", "ebft/ce_loss", "grad_norm"))
+    assert_same_run(two, one, ("loss", "ebft/alignment", "ebft/reward", "ebft/ce_loss", "grad_norm"))
 
 
 def test_structured_sharded_with_accumulation_checkpointing_and_reuse(tmp_path, tiny_model_dir, pair_file):
@@ -180,7 +159,7 @@ def test_structured_sharded_with_accumulation_checkpointing_and_reuse(tmp_path, 
     two, one = tmp_path / "two", tmp_path / "one"
     _two_processes(cfg, "--micro_batch_size=2", f"--output_dir={two}")
     assert main(["train", str(cfg), "--micro_batch_size=4", f"--output_dir={one}"]) == 0
-    _assert_same_run(two, one, ("loss", "ebft/alignment", "ebft/reward", "grad_norm", "clip_ratio/low_mean"))
+    assert_same_run(two, one, ("loss", "ebft/alignment", "ebft/reward", "grad_norm", "clip_ratio/low_mean"))
 
 
 @pytest.mark.parametrize("optimizer", ["adamw_torch", "sgd"])
@@ -196,7 +175,7 @@ def test_sharded_resume_reproduces_the_uninterrupted_sharded_run(tmp_path, tiny_
     shutil.copytree(full / "checkpoint-1", part / "checkpoint-1")
     (part / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text().splitlines()[0] + "\n")
     _two_processes(cfg, f"--output_dir={part}", "--resume_from_checkpoint=latest")
-    _assert_same_run(full, part, (*_STRIDED_KEYS, "learning_rate"))
+    assert_same_run(full, part, (*_STRIDED_KEYS, "learning_rate"))
 
 
 # -- config ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from config_builders import assert_same_run
 from conftest import stdlib_texts
 
 from ebft.cli import main
@@ -104,28 +105,6 @@ def _config(model_dir: Path, data: Path, mode: str, **over) -> dict:
     return cfg | over
 
 
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    name = "adapter_model.safetensors" if (run / "adapter_model.safetensors").exists() else "model.safetensors"
-    return load_file(run / name)
-
-
-def _assert_same_run(a: Path, b: Path, keys: tuple[str, ...]) -> None:
-    ma, mb = _metrics(a), _metrics(b)
-    assert [m["step"] for m in ma] == [m["step"] for m in mb] == [1, 2]
-    for x, y in zip(ma, mb, strict=True):
-        for key in keys:
-            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    assert all(((wa[k] - wb[k]).abs() < 1e-6).all() for k in wa)
-
-
 _KEYS = {
     "strided": ("loss", "ebft/alignment", "ebft/diversity", "ebft/ce_loss", "grad_norm"),
     "structured": ("loss", "ebft/alignment", "ebft/reward", "ebft/ce_loss", "grad_norm"),
@@ -148,4 +127,4 @@ def test_two_nodes_train_like_one_process(tmp_path, tiny_model_dir, data_file, p
     if fsdp:
         assert "FSDP2: policy sharded over 2 processes" in out
     assert main(["train", str(cfg), f"--micro_batch_size={whole}", f"--output_dir={one}"]) == 0
-    _assert_same_run(two, one, _KEYS[mode])
+    assert assert_same_run(two, one, _KEYS[mode]) == [1, 2]
