@@ -1,6 +1,7 @@
 """Tables and plots of the quickstart experiment from the ``result.json`` files of ``quickstart_sweep.py``.
 
     python benchmarks/quickstart_analyse.py --runs /tmp/ebft_sweep [--compare ARM_A:ARM_B ...] [--plot PNG]
+        [--heldout-plot PNG]
 
 Prints, per arm: the seeds, training CPU minutes, the held-out metrics (mean over seeds, with the standard
 error over seeds when there are several) and the generation measures. ``--compare A:B`` prints the
@@ -9,7 +10,8 @@ differences, then the mean and standard error over seeds: is the effect reproduc
 seeds?) and pooled (per-document differences of the seed-averaged models, standard error over documents:
 do the two models differ on these documents?). ``--plot`` draws the training curves of EBFT's objective
 (unbiased CFM of the training rollouts, 1 - mean(alignment - diversity / 2)) and of its reward, with bands of
-+-2 standard errors over seeds (over a rolling window when there is one seed).
++-2 standard errors over seeds (over a rolling window when there is one seed). ``--heldout-plot`` draws each
+arm's held-out CFM and CE minus the base model's (``--reference``), paired by document, with +-2 standard errors.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def load(runs: Path) -> dict[str, list[dict]]:
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]  # an arm without generation measures
     if not values:
         return math.nan, math.nan
     if len(values) == 1:
@@ -164,6 +167,35 @@ def plot(arms: dict[str, list[dict]], names: list[str], path: Path, window: int)
     print(f"wrote {path}")
 
 
+def paired_difference(arms: dict[str, list[dict]], a: str, b: str, key: str) -> tuple[float, float]:
+    """Mean and standard error over documents of A - B, each arm averaged over its seeds first."""
+    pooled_a = _seed_average([values_of(r, key) for r in arms[a]])
+    pooled_b = _seed_average([values_of(r, key) for r in arms[b]])
+    return mean_se([pooled_a[i] - pooled_b[i] for i in sorted(set(pooled_a) & set(pooled_b))])
+
+
+def heldout_plot(arms: dict[str, list[dict]], names: list[str], reference: str, path: Path) -> None:
+    """Each arm's held-out CFM and CE minus ``reference``'s, document by document, with ±2 standard errors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = (("cfm_loss", "held-out CFM loss"), ("ce_loss", "held-out cross-entropy"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(12, 0.5 * len(names) + 1.5))
+    for ax, (key, title) in zip(axes, keys, strict=True):
+        for row, name in enumerate(names):
+            mean, se = paired_difference(arms, name, reference, key)
+            ax.errorbar(mean, row, xerr=0.0 if math.isnan(se) else 2 * se, fmt="o", capsize=3)
+        ax.axvline(0.0, color="grey", linewidth=0.8)
+        ax.set_yticks(range(len(names)), [f"{n} ({len(arms[n])} seed{'s' * (len(arms[n]) > 1)})" for n in names])
+        ax.set_title(f"{title} minus {reference} (lower is better)", fontsize=9)
+    fig.suptitle("Held-out documents, paired (bars: ±2 standard errors over documents)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=Path, default=Path("/tmp/ebft_sweep"))
@@ -171,6 +203,8 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--plot-arms", default=None, help="comma-separated arms to plot (default: every EBFT arm)")
     p.add_argument("--window", type=int, default=10)
+    p.add_argument("--heldout-plot", type=Path, default=None, help="PNG of each arm's held-out CFM and CE minus base")
+    p.add_argument("--reference", default="base", help="the arm --heldout-plot subtracts")
     p.add_argument(
         "--metrics",
         action="append",
@@ -189,6 +223,8 @@ def main() -> None:
     for pair in args.compare:
         a, b = pair.split(":")
         compare(arms, a, b)
+    if args.heldout_plot:
+        heldout_plot(arms, [n for n in arms if n != args.reference], args.reference, args.heldout_plot)
     if args.plot:
         ebft_arms = [name for name, results in arms.items() if results[0]["logs"].get("ebft")]
         names = args.plot_arms.split(",") if args.plot_arms else ebft_arms
