@@ -3,7 +3,7 @@
 The data are the quickstart's: this Python's standard library split by path hash into training and
 held-out files (``ebft.quickstart.corpus``), written once as JSON lines under ``--data``. The config is the
 quickstart's fine-tuning config on SmolLM2-135M-Instruct (``ebft.quickstart.run.finetune_config`` with
-``PRETRAINED_FINETUNE`` and the ``EBFT`` block), with any key overridden.
+``PRETRAINED_FINETUNE`` and its ``PRETRAINED_EBFT`` block), with any key overridden.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ebft.modeling.source import local_model
 from ebft.quickstart.corpus import stdlib_corpus, within_budget, write_jsonl
 from ebft.quickstart.model import resolve_base
 from ebft.quickstart.run import Plan, finetune_config
-from ebft.quickstart.settings import EBFT, PRETRAINED_FINETUNE
+from ebft.quickstart.settings import PRETRAINED_EBFT, PRETRAINED_FINETUNE
 
 # Training text for the experiments: far more than any arm reads (400 steps x 1 document x ~500 characters).
 TRAIN_CHARS = 2_000_000
@@ -31,32 +31,25 @@ def single_thread() -> None:
 
 
 def prose_files(limit_chars: int):
-    """English prose available offline: the README / documentation text files of installed packages.
+    """English prose available offline: the Python reference manual's topics shipped with the standard library
+    (``pydoc_data.topics``, the text ``help()`` shows: about 80 topics, 460,000 characters of reference prose
+    with some grammar and code examples).
 
-    Returns (train, held-out) lists of ``SourceFile`` split by the quickstart's path hash."""
-    import site
+    Returns (train, held-out) lists of ``SourceFile``: every fifth topic in name order is held out (the
+    quickstart's path hash would hold out only 4 of them)."""
+    from pydoc_data.topics import topics
 
-    from ebft.quickstart.corpus import SourceFile, is_held_out
+    from ebft.quickstart.corpus import SourceFile
 
-    roots = [Path(p) for p in site.getsitepackages()]
     train, held = [], []
-    for root in roots:
-        for path in sorted(root.rglob("*")):
-            if path.suffix.lower() not in (".md", ".rst", ".txt") or not path.is_file():
-                continue
-            if path.stat().st_size < 2_000 or path.stat().st_size > 200_000:
-                continue
-            text = path.read_text(encoding="utf-8", errors="replace")
-            letters = sum(c.isalpha() or c.isspace() for c in text)
-            if letters < 0.9 * len(text):  # tables, licences with many symbols, data files
-                continue
-            rel = path.relative_to(root).as_posix()
-            (held if is_held_out(rel) else train).append(SourceFile(rel, text))
+    for i, name in enumerate(sorted(topics)):
+        (held if i % 5 == 4 else train).append(SourceFile(f"pydoc_data/topics/{name}", topics[name]))
     return within_budget(train, limit_chars), held
 
 
 def prepare_data(folder: Path, corpus: str = "code") -> tuple[Path, Path]:
-    """train.jsonl and heldout.jsonl of ``corpus`` ('code': the stdlib; 'prose': package READMEs) in ``folder``."""
+    """train.jsonl and heldout.jsonl of ``corpus`` ('code': the stdlib; 'prose': the reference manual's topics)
+    in ``folder``."""
     folder = folder / corpus
     train_path, held_path = folder / "train.jsonl", folder / "heldout.jsonl"
     if train_path.is_file() and held_path.is_file():
@@ -88,7 +81,7 @@ def make_config(train_data: Path, out: Path, *, steps: int, ebft: dict | None = 
     if "warmup_steps" not in keys:
         update["warmup_steps"] = max(1, steps // 20)
     cfg = cfg.model_copy(update=update)
-    block = {**EBFT, **(ebft or {})}
+    block = {**PRETRAINED_EBFT, **(ebft or {})}
     cfg = cfg.model_copy(update={"ebft": cfg.ebft.model_copy(update=block)})
     # model_copy skips validation: round-trip through the schema so overrides are checked.
     return type(cfg).model_validate(cfg.model_dump())
