@@ -22,7 +22,7 @@ import math
 import statistics
 from pathlib import Path
 
-METRICS = ("cfm_loss", "ce_loss", "alignment", "diversity")
+METRICS = ("cfm_loss", "ce_loss", "alignment", "diversity", "reward")
 GEN = ("parses", "finished", "distinct2", "repeated_lines")
 
 
@@ -107,6 +107,7 @@ def compare(arms: dict[str, list[dict]], a: str, b: str) -> None:
 
 
 def _seed_average(per_seed: list[dict[int, float]]) -> dict[int, float]:
+    per_seed = [v for v in per_seed if v]  # seeds whose run has no generation measures
     keys = set.intersection(*(set(v) for v in per_seed)) if per_seed else set()
     return {k: statistics.mean(v[k] for v in per_seed) for k in keys}
 
