@@ -103,3 +103,19 @@ def test_a_budget_too_short_for_the_found_model_trains_one_from_scratch(caplog):
     # The from-scratch model is never replaced.
     scratch = BaseChoice(None, "--model scratch")
     assert _fitting_base(scratch, 0.1, guess=10.0) == scratch
+
+
+def test_each_base_gets_its_own_ebft_objective(tmp_path):
+    """A pretrained base trains EBFT on feature matching alone at 3e-4 (LoRA); the from-scratch demo keeps
+    0.1 x the cross-entropy at 2e-5 (full fine-tune). The rest of the EBFT block is shared."""
+    from ebft.quickstart.run import finetune_config
+    from ebft.quickstart.settings import EBFT, PRETRAINED_FINETUNE, SCRATCH_FINETUNE
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "x = 1"}\n')
+    pretrained = finetune_config("/models/base", data, tmp_path / "p", Plan.for_pretrained(8), PRETRAINED_FINETUNE)
+    scratch = finetune_config("/models/base", data, tmp_path / "s", Plan.for_minutes(8), SCRATCH_FINETUNE)
+    assert (pretrained.ebft.ce_coef, pretrained.learning_rate, pretrained.adapter) == (0.0, 3e-4, "lora")
+    assert (scratch.ebft.ce_coef, scratch.learning_rate, scratch.adapter) == (0.1, 2e-5, None)
+    for key in set(EBFT) - {"ce_coef"}:
+        assert getattr(pretrained.ebft, key) == getattr(scratch.ebft, key) == EBFT[key], key

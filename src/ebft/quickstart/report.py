@@ -82,6 +82,12 @@ def compare(finals: Mapping) -> list[dict]:
     return rows
 
 
+def summary_sentences(summary: Mapping) -> list[str]:
+    """The verdict, then what a longer experiment with the same settings found (when the settings have one)."""
+    finding = summary["finetune"].get("finding")
+    return verdict_sentences(summary["comparison"]) + ([finding] if finding else [])
+
+
 def verdict_sentences(rows: Sequence[Mapping]) -> list[str]:
     """Plain statements: which metrics EBFT wins, which SFT wins, which are ties."""
     groups: dict[str, list[str]] = {"EBFT": [], "SFT": [], "tie": []}
@@ -221,7 +227,7 @@ def render_html(summary: Mapping) -> str:
     ev = summary["evaluation"]["base"]
     seconds = summary["seconds"]
     plots = summary["plots"]
-    verdicts = "".join(f"<li>{html.escape(s)}</li>" for s in verdict_sentences(rows))
+    verdicts = "".join(f"<li>{html.escape(s)}</li>" for s in summary_sentences(summary))
     notes = "".join(f"<p class='note'>{html.escape(note)}</p>" for note in time_sentences(summary))
     cpu_total = summary.get("cpu_seconds", {}).get("total")
     # CPU time is what the run costs on an idle machine whatever else was running; wall time is not.
@@ -352,5 +358,5 @@ def print_summary(summary: Mapping, console=None) -> None:
             row["winner"],
         )
     console.print(table)
-    for sentence in verdict_sentences(summary["comparison"]) + time_sentences(summary):
+    for sentence in summary_sentences(summary) + time_sentences(summary):
         console.print(sentence, markup=False, highlight=False)

@@ -52,6 +52,7 @@ from ebft.quickstart.scratch import build_model_dir
 from ebft.quickstart.settings import (
     EBFT,
     EBFT_RATIONALE,
+    PRETRAINED_FINDING,
     PRETRAINED_FINETUNE,
     PRETRAINED_RATIONALE,
     SCRATCH_FINETUNE,
@@ -80,7 +81,7 @@ def _config(base_model: Path | str, data: Path, output_dir: Path, **train_keys):
     raw = {
         "base_model": str(base_model),
         "rl": "ebft",
-        "ebft": dict(EBFT),
+        "ebft": dict(train_keys.pop("ebft", EBFT)),
         "datasets": [{"path": str(data), "type": "ebft_pretrain.transform"}],
         "sequence_len": SEQUENCE_LEN,
         "output_dir": str(output_dir),
@@ -212,7 +213,7 @@ def run_quickstart(
     with _quiet_libraries():
         if choice.source is None:
             base, files, pre, pre_cfg, budget = _scratch_base(out, plan, clock, guess, console)
-            keys, rationale = SCRATCH_FINETUNE, EBFT_RATIONALE
+            keys, rationale, finding = SCRATCH_FINETUNE, EBFT_RATIONALE, None
         else:
             with (
                 clock.phase("corpus + base model"),
@@ -233,7 +234,7 @@ def run_quickstart(
                 bar.advance(1)
             budget = plan.budget(time.perf_counter(), guess)
             pre = pre_cfg = None
-            keys, rationale = PRETRAINED_FINETUNE, PRETRAINED_RATIONALE
+            keys, rationale, finding = PRETRAINED_FINETUNE, PRETRAINED_RATIONALE, PRETRAINED_FINDING
         train_data, heldout_data, train_files, all_train, heldout_files = files
         plan = plan.with_steps(budget.plan_steps(time.perf_counter()))
         ebft, sft, ft_cfg = _finetune(base, train_data, out, plan, keys, budget, clock, console)
@@ -280,8 +281,9 @@ def run_quickstart(
                     "lr_scheduler": ft_cfg.lr_scheduler,
                     "adapter": ft_cfg.adapter,
                     "lora_r": ft_cfg.lora_r if ft_cfg.adapter else None,
-                    "ebft": dict(EBFT),
+                    "ebft": dict(keys["ebft"]),
                     "rationale": rationale,
+                    "finding": finding,
                 },
                 "evaluation": {name: r.to_json() for name, r in finals.items()},
                 "comparison": report.compare(finals),
