@@ -1,7 +1,7 @@
 """Tables and plots of the quickstart experiment from the ``result.json`` files of ``quickstart_sweep.py``.
 
     python benchmarks/quickstart_analyse.py --runs /tmp/ebft_sweep [--compare ARM_A:ARM_B ...] [--plot PNG]
-        [--heldout-plot PNG]
+        [--pairs A:B,C:D] [--heldout-plot PNG]
 
 Prints, per arm: the seeds, training CPU minutes, the held-out metrics (mean over seeds, with the standard
 error over seeds when there are several) and the generation measures. ``--compare A:B`` prints the
@@ -175,6 +175,20 @@ def paired_difference(arms: dict[str, list[dict]], a: str, b: str, key: str) -> 
     return mean_se([pooled_a[i] - pooled_b[i] for i in sorted(set(pooled_a) & set(pooled_b))])
 
 
+def pair_table(arms: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> None:
+    """One row per pair A - B: each metric's pooled paired difference, bold beyond two standard errors."""
+    keys = METRICS + ("parses", "finished")
+    print("| A - B | " + " | ".join(keys) + " |")
+    print("|---|" + "---|" * len(keys))
+    for a, b in pairs:
+        cells = []
+        for key in keys:
+            mean, se = paired_difference(arms, a, b, key)
+            cell = fmt(mean, se)
+            cells.append(f"**{cell}**" if not math.isnan(se) and abs(mean) > 2 * se else cell)
+        print(f"| {a} - {b} | " + " | ".join(cells) + " |")
+
+
 def heldout_plot(arms: dict[str, list[dict]], names: list[str], reference: str, path: Path) -> None:
     """Each arm's held-out CFM and CE minus ``reference``'s, document by document, with ±2 standard errors."""
     import matplotlib
@@ -204,6 +218,7 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--plot-arms", default=None, help="comma-separated arms to plot (default: every EBFT arm)")
     p.add_argument("--window", type=int, default=10)
+    p.add_argument("--pairs", default=None, help="A:B,C:D,...: one table of the paired differences of these pairs")
     p.add_argument("--heldout-plot", type=Path, default=None, help="PNG of each arm's held-out CFM and CE minus base")
     p.add_argument("--reference", default="base", help="the arm --heldout-plot subtracts")
     p.add_argument(
@@ -224,6 +239,9 @@ def main() -> None:
     for pair in args.compare:
         a, b = pair.split(":")
         compare(arms, a, b)
+    if args.pairs:
+        print()
+        pair_table(arms, [tuple(pair.split(":")) for pair in args.pairs.split(",")])
     if args.heldout_plot:
         heldout_plot(arms, [n for n in arms if n != args.reference], args.reference, args.heldout_plot)
     if args.plot:
