@@ -11,7 +11,8 @@ seeds?) and pooled (per-document differences of the seed-averaged models, standa
 do the two models differ on these documents?). ``--plot`` draws the training curves of EBFT's objective
 (unbiased CFM of the training rollouts, 1 - mean(alignment - diversity / 2)) and of its reward, with bands of
 +-2 standard errors over seeds (over a rolling window when there is one seed). ``--heldout-plot`` draws each
-arm's held-out CFM and CE minus the base model's (``--reference``), paired by document, with +-2 standard errors.
+arm's held-out CFM and CE minus the base model's on the same corpus, paired by document, with +-2 standard
+errors.
 """
 
 from __future__ import annotations
@@ -189,22 +190,27 @@ def pair_table(arms: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> Non
         print(f"| {a} - {b} | " + " | ".join(cells) + " |")
 
 
-def heldout_plot(arms: dict[str, list[dict]], names: list[str], reference: str, path: Path) -> None:
-    """Each arm's held-out CFM and CE minus ``reference``'s, document by document, with ±2 standard errors."""
+def heldout_plot(arms: dict[str, list[dict]], path: Path) -> None:
+    """Each arm's held-out CFM and CE minus the base model's on the same corpus (the ``--method base`` arm),
+    document by document, with ±2 standard errors."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    bases = {r[0].get("corpus", "code"): name for name, r in arms.items() if r[0]["method"] == "base"}
+    rows = [(n, bases.get(r[0].get("corpus", "code"))) for n, r in arms.items() if n not in bases.values()]
+    rows = [(n, b) for n, b in rows if b is not None]
     keys = (("cfm_loss", "held-out CFM loss"), ("ce_loss", "held-out cross-entropy"))
-    fig, axes = plt.subplots(1, len(keys), figsize=(12, 0.5 * len(names) + 1.5))
+    fig, axes = plt.subplots(1, len(keys), figsize=(12, 0.5 * len(rows) + 1.5))
     for ax, (key, title) in zip(axes, keys, strict=True):
-        for row, name in enumerate(names):
-            mean, se = paired_difference(arms, name, reference, key)
-            ax.errorbar(mean, row, xerr=0.0 if math.isnan(se) else 2 * se, fmt="o", capsize=3)
+        for y, (name, base) in enumerate(rows):
+            mean, se = paired_difference(arms, name, base, key)
+            ax.errorbar(mean, y, xerr=0.0 if math.isnan(se) else 2 * se, fmt="o", capsize=3)
         ax.axvline(0.0, color="grey", linewidth=0.8)
-        ax.set_yticks(range(len(names)), [f"{n} ({len(arms[n])} seed{'s' * (len(arms[n]) > 1)})" for n in names])
-        ax.set_title(f"{title} minus {reference} (lower is better)", fontsize=9)
+        labels = [f"{n} - {b} ({len(arms[n])} seed{'s' * (len(arms[n]) > 1)})" for n, b in rows]
+        ax.set_yticks(range(len(rows)), labels)
+        ax.set_title(f"{title} minus base (lower is better)", fontsize=9)
     fig.suptitle("Held-out documents, paired (bars: ±2 standard errors over documents)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -220,7 +226,6 @@ def main() -> None:
     p.add_argument("--window", type=int, default=10)
     p.add_argument("--pairs", default=None, help="A:B,C:D,...: one table of the paired differences of these pairs")
     p.add_argument("--heldout-plot", type=Path, default=None, help="PNG of each arm's held-out CFM and CE minus base")
-    p.add_argument("--reference", default="base", help="the arm --heldout-plot subtracts")
     p.add_argument(
         "--metrics",
         action="append",
@@ -243,7 +248,7 @@ def main() -> None:
         print()
         pair_table(arms, [tuple(pair.split(":")) for pair in args.pairs.split(",")])
     if args.heldout_plot:
-        heldout_plot(arms, [n for n in arms if n != args.reference], args.reference, args.heldout_plot)
+        heldout_plot(arms, args.heldout_plot)
     if args.plot:
         ebft_arms = [name for name, results in arms.items() if results[0]["logs"].get("ebft")]
         names = args.plot_arms.split(",") if args.plot_arms else ebft_arms
