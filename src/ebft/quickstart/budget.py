@@ -4,7 +4,8 @@ Everything here is arithmetic on measured seconds (so it is tested with a fake c
 ``contention``, the one measurement made before anything else has run.
 
 The budget (``--minutes``) covers the phases whose size the plan chooses: pretraining (from-scratch path
-only, capped at 1.5x its planned time), fine-tuning (EBFT first, then SFT for the number of steps EBFT
+only, capped at 1.5x its planned time and at what the smallest rest of the run leaves, on the slowdown its
+own steps measure), fine-tuning (EBFT first, then SFT for the number of steps EBFT
 reached), the held-out evaluation of the three models with the example block, and the held-out curves
 (probes of the saved checkpoints). Reading the corpus, converting the base model and writing the report are
 fixed costs outside it.
@@ -15,7 +16,8 @@ slower. The planner starts from a measured guess of the slowdown (how much slowe
 short workload ran), replaces it by the measured slowdown of each finished phase, and sizes what is left
 to the time that is left: fewer steps before fine-tuning, fewer held-out and probe documents before the
 evaluation. Floors (``Floors``) keep the run meaningful; a run that cannot fit even them overruns, and
-the cuts and the overrun are reported.
+the cuts and the overrun are reported (the quickstart trains the from-scratch model instead of a found
+pretrained one whose floors cannot fit: ``Plan.fits``).
 """
 
 from __future__ import annotations
