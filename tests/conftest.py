@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import sysconfig
 from pathlib import Path
@@ -150,6 +151,15 @@ def fake(server):
 
 
 _EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_configure(config):
+    """Ctrl-C as a terminal delivers it. A shell without job control starts a background command (``pytest &``)
+    with SIGINT ignored, which its children inherit and Python then keeps: tests/test_signals.py's SIGINT cases
+    would test the environment, not ebft. Restore Python's handler in this process, and so the default in the
+    commands it starts."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_sessionfinish(session, exitstatus):
