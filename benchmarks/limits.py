@@ -8,8 +8,12 @@ one least disturbed by anything else running):
 * **matmul rate** (GFLOP/s, 2 FLOPs per multiply-add) of the fp32 products the models run, at row counts
   (tokens per call) from 1 (one decoding row) to 1024 (a packed training row): "forward" is ``x W^T``
   (``F.linear``: x [M, in], W [out, in]), "input_grad" is ``g W`` (g [M, out]: the backward's input gradient,
-  and ebft's frozen-head log-prob gradient ``p W``). "body" is one decoder layer's seven matrices (q, k, v, o,
-  gate, up, down) timed one after another, FLOPs / total seconds; "head" is the LM head (vocab x hidden).
+  and ebft's frozen-head log-prob gradient ``p W``). "body" is the seven matrices (q, k, v, o, gate, up, down)
+  of every decoder layer, ``layers`` distinct copies timed one after another as a model pass runs them, FLOPs /
+  total seconds: each matrix is used once per pass, so the caches hold what they hold in the model (SmolLM2's
+  425 MB of body weights stream from memory at every call; the 5.6M model's 17 MB mostly stay in cache). One
+  layer's matrices timed in a loop would stay in cache and overstate the rate of a streamed call by up to 2x at
+  a few rows; "head" is the LM head (vocab x hidden), used once per call as in the model.
   Shapes: SmolLM2-135M (hidden 576, intermediate 1536, 9 heads / 3 KV heads of 64, vocab 49,152) and the
   5.6M paper-settings Llama (hidden 256, intermediate 1024, 4 heads of 64, vocab 2,048), ``--shape`` adds others;
 * **bandwidth** (GB/s): a streaming read, ``x.sum()`` over a --bandwidth-mib fp32 tensor (far larger than the
@@ -49,30 +53,39 @@ def _best_seconds(fn, *, min_reps: int = 3, budget: float = 0.3) -> float:
     return min(times)
 
 
-def _product(layout: str, rows: int, out_f: int, in_f: int):
-    """A timed closure for one product and its FLOPs: forward x W^T or input-gradient g W."""
-    w = torch.randn(out_f, in_f)
+def _products(layout: str, rows: int, weights: list[torch.Tensor]):
+    """A timed closure running one product per weight, in order, and its FLOPs: forward x W^T or input-gradient
+    g W (one input per distinct width, made once)."""
     if layout == "forward":
-        x = torch.randn(rows, in_f)
-        return (lambda: F.linear(x, w)), 2.0 * rows * out_f * in_f
-    g = torch.randn(rows, out_f)
-    return (lambda: torch.mm(g, w)), 2.0 * rows * out_f * in_f
+        inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+        pairs = [(inputs[w.shape[1]], w) for w in weights]
+
+        def run():
+            for x, w in pairs:
+                F.linear(x, w)
+
+    else:
+        inputs = {w.shape[0]: torch.randn(rows, w.shape[0]) for w in weights}
+        pairs = [(inputs[w.shape[0]], w) for w in weights]
+
+        def run():
+            for g, w in pairs:
+                torch.mm(g, w)
+
+    return run, sum(2.0 * rows * w.numel() for w in weights)
 
 
 def matmul_rates(shape: ModelShape, rows=ROWS, *, reps: int = 3) -> dict:
     """GFLOP/s by layout ("forward", "input_grad"), part ("body", "head") and row count."""
+    body = [torch.randn(o, i) for _ in range(shape.layers) for o, i in shape.body_linears()]
+    head = [torch.randn(shape.vocab, shape.hidden)]
     out: dict = {}
     for layout in ("forward", "input_grad"):
         out[layout] = {"body": {}, "head": {}}
         for m in rows:
-            seconds = flops = 0.0
-            for o, i in shape.body_linears():
-                fn, f = _product(layout, m, o, i)
-                seconds += _best_seconds(fn, min_reps=reps)
-                flops += f
-            out[layout]["body"][m] = flops / seconds / 1e9
-            fn, f = _product(layout, m, shape.vocab, shape.hidden)
-            out[layout]["head"][m] = f / _best_seconds(fn, min_reps=reps) / 1e9
+            for part, weights in (("body", body), ("head", head)):
+                fn, flops = _products(layout, m, weights)
+                out[layout][part][m] = flops / _best_seconds(fn, min_reps=reps) / 1e9
     return out
 
 

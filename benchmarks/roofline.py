@@ -89,8 +89,10 @@ class ModelShape:
 
     @property
     def key(self) -> str:
-        """The matrix sizes (not the layer count: the matmul rates do not depend on it)."""
-        return f"h{self.hidden}-i{self.intermediate}-a{self.heads}x{self.head_dim}-kv{self.kv_heads}-v{self.vocab}"
+        """The matrix sizes and the depth (the body's rates are measured over every layer's weights: how much of
+        them the caches hold depends on the depth)."""
+        sizes = f"h{self.hidden}-i{self.intermediate}-a{self.heads}x{self.head_dim}-kv{self.kv_heads}-v{self.vocab}"
+        return f"{sizes}-l{self.layers}"
 
     @property
     def attn_width(self) -> int:

@@ -17,7 +17,9 @@ bfloat16 2); P_train the trainable parameters, P the policy's parameters. The te
 * activations: the largest of four phases, which never run at the same time:
   - generation: the KV cache, positions x attention layers x 2 (keys, values) x kv width x b(compute),
     plus one decoding step's logits, rows x vocab x (b(compute) + 4) (the head's output and its fp32 copy),
-    plus one layer's working set over the prefill.
+    plus one layer's working set over the prefill; in structured mode with LoRA over fp32 weights and fp32
+    compute on one process, the adapters merged into a copy of the adapted matrices (``merged_adapters``), at
+    most the decoder's linear weights x 4 B.
   - feature pass (no grad): each captured layer's hidden state, tokens x h x (b(compute) + 4) (as computed
     and as the fp32 copy returned), plus one layer's working set.
   - policy pass (with grad): what backward needs of one layer, per token 4h + 4q + 4kv + 4I values (the two
@@ -120,6 +122,7 @@ class Workload:
     feature_tokens: int  # tokens of one feature-network forward
     policy_tokens: int  # tokens of one policy forward with gradient
     logprob_rows: int  # rows the LM head scores in that forward
+    merged_sampling: bool = False  # rollouts sample through merged LoRA weights (structured mode, on device)
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,7 @@ def structured_workload(
         feature_tokens=feature_tokens,
         policy_tokens=policy_tokens,
         logprob_rows=micro_batch * completion_len,
+        merged_sampling=on_device,
     )
 
 
@@ -320,7 +324,9 @@ def _saved_per_layer(shape: ModelShape) -> int:
     return 4 * (shape.hidden + shape.q_width + shape.kv_width + shape.intermediate)
 
 
-def generation_phase(shape: ModelShape, precision: Precision, work: Workload, gathered: int = 0) -> Phase | None:
+def generation_phase(
+    shape: ModelShape, precision: Precision, training: Training, work: Workload, gathered: int = 0
+) -> Phase | None:
     """KV cache and one decoding step's logits (None when rollouts come from elsewhere, e.g. vLLM).
     ``gathered``: bytes of weights FSDP gathers for the duration of the rollouts."""
     if work.cache_positions == 0:
@@ -331,6 +337,9 @@ def generation_phase(shape: ModelShape, precision: Precision, work: Workload, ga
         Term("decoding logits", work.decode_rows * shape.vocab * (b + 4)),
         Term("prefill layer", work.prefill_tokens * _working_set(shape) * b),
     ]
+    merges = precision.weights == precision.compute == "float32" and precision.quantised_bits is None
+    if work.merged_sampling and training.lora and merges and training.shards == 1:
+        terms.append(Term("merged adapter weights", shape.linear_params * 4, "adapted matrices + s B A, sampling"))
     if gathered:
         terms.append(Term("gathered weights (FSDP2)", gathered))
     return Phase("generation", tuple(terms))
@@ -384,7 +393,7 @@ def plan_devices(
     whole = weight_bytes(shape, precision, Training(training.lora, training.optimizer, training.checkpointing))
     gathered = sum(whole) - sum(weight_bytes(shape, precision, training))
     phases = [policy_phase(shape, precision, training, work)]
-    generation = generation_phase(shape, precision, work, gathered)
+    generation = generation_phase(shape, precision, training, work, gathered)
     if generation is not None:
         phases.insert(0, generation)
     step = optimizer_phase(shape, precision, training)

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ebft.modeling.merged_adapters import merge_reason, merged_for_sampling
 from ebft.modeling.precision import autocast
 from ebft.sampling import truncation_keep
 from ebft.structured import decode
@@ -98,6 +99,11 @@ class HFGenerate:
         # The precision the trainer scores completions in (bf16 autocast where configured), so that the
         # sampler and the scored policy agree as closely as the arithmetic allows.
         self.autocast_dtype = autocast_dtype
+        merge = merge_reason(model, autocast_dtype)
+        if merge is None:
+            log.info("rollouts: LoRA merged into a copy of the adapted weights while sampling")
+        elif hasattr(model, "peft_config"):
+            log.info("rollouts: adapters applied unmerged while sampling, because of %s", merge)
 
     def generate(
         self, prompts: list[list[int]], n: int, max_tokens: list[int], seeds: list[int]
@@ -109,7 +115,7 @@ class HFGenerate:
         step = max(1, self.rows_per_call // n)
         amp = autocast(device, self.autocast_dtype)
         try:
-            with torch.no_grad(), amp:
+            with torch.no_grad(), amp, merged_for_sampling(self.model, self.autocast_dtype):
                 for start in range(0, len(prompts), step):
                     end = start + step
                     out += self._generate(prompts[start:end], n, max_tokens[start:end], seeds[start:end], device)

@@ -1,0 +1,103 @@
+"""Sampling through merged LoRA weights (``ebft.modeling.merged_adapters``): the same linear map, the base weights
+untouched afterwards, and the cases that keep the adapters unmerged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ebft.modeling.merged_adapters import merge_reason, merged_for_sampling
+
+
+def _policy(**lora) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # non-unit norm weights, so that a merge that skipped a norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora))
+    with torch.no_grad():  # B starts at zero: give the adapters an effect to merge
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return policy.eval()
+
+
+def _snapshot(model) -> dict[str, tuple[int, torch.Tensor, bool]]:
+    return {n: (p.data_ptr(), p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+
+
+def test_merged_weights_compute_the_adapted_model_and_leave_the_base_as_it_was():
+    policy = _policy()
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = policy(input_ids=ids).logits
+        with policy.disable_adapter():
+            base = policy(input_ids=ids).logits
+    before = _snapshot(policy)
+    assert merge_reason(policy) is None
+    with torch.no_grad(), merged_for_sampling(policy) as merged:
+        assert merged
+        got = policy(input_ids=ids).logits
+        q = policy.base_model.model.model.layers[0].self_attn.q_proj
+        assert q.disable_adapters  # one product per layer: the adapters are off, W + s B A carries them
+    # The oracle is the unmerged model's own forward: the same map up to fp32 rounding, far from the base's.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want - base).abs().max() > 1e-2
+    after = _snapshot(policy)
+    for name, (ptr, value, grad) in before.items():
+        assert after[name][0] == ptr, name  # the very tensor is back, not a copy
+        assert torch.equal(after[name][1], value), name
+        assert after[name][2] == grad, name
+    assert not q.disable_adapters
+
+
+def test_an_error_inside_restores_the_base_weights():
+    policy = _policy()
+    before = _snapshot(policy)
+    with pytest.raises(RuntimeError, match="boom"), merged_for_sampling(policy):
+        raise RuntimeError("boom")
+    after = _snapshot(policy)
+    assert all(after[n][0] == before[n][0] and torch.equal(after[n][1], before[n][1]) for n in before)
+
+
+@pytest.mark.parametrize(
+    ("lora", "autocast", "dtype", "reason"),
+    [
+        ({}, torch.bfloat16, torch.float32, "autocast"),
+        ({}, None, torch.bfloat16, "bfloat16 base weights"),
+        ({"use_dora": True}, None, torch.float32, "variant"),
+        ({"modules_to_save": ["lm_head"]}, None, torch.float32, "modules_to_save"),
+    ],
+)
+def test_cases_that_sample_through_the_adapters_unmerged(lora, autocast, dtype, reason):
+    policy = _policy(**lora)
+    if dtype != torch.float32:
+        for layer in policy.modules():
+            if hasattr(layer, "base_layer"):
+                layer.base_layer.to(dtype)
+    assert reason in merge_reason(policy, autocast)
+    before = _snapshot(policy)
+    with merged_for_sampling(policy, autocast) as merged:
+        assert not merged
+        assert not policy.base_model.model.model.layers[0].self_attn.q_proj.disable_adapters
+    assert all(torch.equal(p, before[n][1]) for n, p in policy.named_parameters())
+
+
+def test_a_model_without_adapters_is_left_alone():
+    model = _policy().get_base_model()
+    assert merge_reason(model) == "not a PEFT model"
+    with merged_for_sampling(model) as merged:
+        assert not merged
