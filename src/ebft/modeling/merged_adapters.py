@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,8 +36,9 @@ def _lora_layers(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
-def merge_reason(model: nn.Module, autocast_dtype: torch.dtype | None = None) -> str | None:
-    """Why sampling keeps ``model``'s adapters unmerged; None when ``merged_for_sampling`` merges them."""
+def merge_reason(model: Any, autocast_dtype: torch.dtype | None = None) -> str | None:
+    """Why sampling keeps ``model``'s adapters unmerged; None when ``merged_for_sampling`` merges them.
+    ``model``: any module (a PEFT model is recognised by its ``peft_config`` and ``disable_adapter``)."""
     if not hasattr(model, "disable_adapter") or not hasattr(model, "peft_config"):
         return "not a PEFT model"
     if autocast_dtype is not None:
@@ -68,7 +70,7 @@ def merge_reason(model: nn.Module, autocast_dtype: torch.dtype | None = None) ->
 
 
 @contextmanager
-def merged_for_sampling(model: nn.Module, autocast_dtype: torch.dtype | None = None) -> Iterator[bool]:
+def merged_for_sampling(model: Any, autocast_dtype: torch.dtype | None = None) -> Iterator[bool]:
     """Within: ``model``'s adapted linear layers compute with W + s B A and their adapters switched off (yields
     True), or, where ``merge_reason`` finds a reason, nothing changes (yields False). For no-grad sampling."""
     if merge_reason(model, autocast_dtype) is not None:
