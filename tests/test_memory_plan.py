@@ -186,6 +186,36 @@ def test_devices_and_totals():
     assert _bytes(two[0].terms)["CUDA context"] == 2**29
 
 
+def test_generation_counts_the_merged_adapter_copy_only_where_sampling_merges():
+    on_device = structured_workload(
+        sequence_len=1024,
+        completion_len=256,
+        generations=4,
+        micro_batch=1,
+        prompts=1,
+        feature_batch=16,
+        on_device=True,
+        shared_prefill=True,
+        packed=True,
+    )
+    lora = Training(True, "adamw", False)
+
+    def generation(precision, training, work):
+        plans = plan_devices(
+            SHAPE, precision, training, work, policy_device="cpu", feature_device="cpu", capacities={"cpu": None}
+        )
+        return _bytes(next(p for p in plans[0].phases if p.name == "generation").terms)
+
+    # LoRA over fp32 weights, fp32 compute, one process: W + s B A for every linear weight, 1,000 x 4 B.
+    assert generation(FP32, lora, on_device)["merged adapter weights"] == 4000
+    # bf16 (the adapters stay unmerged), a full fine-tune, FSDP2 shards and strided rollouts hold no copy.
+    assert "merged adapter weights" not in generation(BF16, lora, on_device)
+    assert "merged adapter weights" not in generation(FP32, Training(False, "adamw", False), on_device)
+    assert "merged adapter weights" not in generation(FP32, Training(True, "adamw", False, shards=2), on_device)
+    strided = strided_workload(sequence_len=256, stride=8, first_anchor=8, gen_len=8, samples=4, docs=1, ce=False)
+    assert "merged adapter weights" not in generation(FP32, lora, strided)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_meta_shape_counts_what_a_real_model_holds(tied):
     """Oracle: the counts from the meta device equal the parameters of the same model built for real, with a

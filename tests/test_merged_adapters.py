@@ -101,3 +101,25 @@ def test_a_model_without_adapters_is_left_alone():
     assert merge_reason(model) == "not a PEFT model"
     with merged_for_sampling(model) as merged:
         assert not merged
+
+
+def test_rollouts_sample_through_the_merged_weights_and_draw_what_the_adapters_draw():
+    from ebft.structured.hf import HFGenerate
+    from ebft.structured.rollout import Sampling
+
+    policy = _policy().train()
+    q = policy.base_model.model.model.layers[0].self_attn.q_proj
+    states: list[bool] = []
+    q.register_forward_pre_hook(lambda module, args: states.append(module.disable_adapters))
+    sampler = HFGenerate(policy, sampling=Sampling(1.0, top_k=20), pad_token_id=0)
+    prompts, caps, seeds = [[5, 17, 3], [40, 2]], [12, 9], [7, 8]
+    got = sampler.generate(prompts, 3, caps, seeds)
+    assert states and all(states)  # every model call ran with W + s B A and the adapters off
+    assert policy.training and not q.disable_adapters  # the policy is handed back as it came
+    # The oracle: the same sampler, called below generate's merge, runs through the adapters unmerged.
+    states.clear()
+    policy.eval()
+    with torch.no_grad():
+        want = sampler._generate(prompts, 3, caps, seeds, torch.device("cpu"))
+    assert states and not any(states)
+    assert [[c.ids for c in group] for group in got] == [[c.ids for c in group] for group in want]
