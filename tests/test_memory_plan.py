@@ -102,6 +102,21 @@ def test_feature_network_by_hand():
     assert feature_term(SHAPE, BF16, shared).bytes == 0
 
 
+def _structured_work(*, on_device: bool, packed: bool):
+    """Structured, L = 1,024, C = 256, G = 4, one prompt a rollout batch, one completion a policy pass."""
+    return structured_workload(
+        sequence_len=1024,
+        completion_len=256,
+        generations=4,
+        micro_batch=1,
+        prompts=1,
+        feature_batch=16,
+        on_device=on_device,
+        shared_prefill=True,
+        packed=packed,
+    )
+
+
 def test_workloads_by_hand():
     # SmolLM2's strided benchmark row: L = 256, stride = context = g = 8, n = 4: K = (256 - 8 - 8) // 8 + 1 =
     # 31 blocks, S = 256 + 8 * 4 * 31 = 1,248 tokens (the 1,248 of benchmarks/RESULTS.md), 4 * 31 = 124
@@ -113,29 +128,9 @@ def test_workloads_by_hand():
     assert (two.cache_positions, two.policy_tokens, two.logprob_rows) == (2496, 1248, 992 + 255)
     # Structured, L = 1,024, C = 256, G = 4, one prompt a step (micro-batch 1 x 4 accumulation / 4): the prompt
     # (768) once plus 4 completions in the cache and the feature rows; one completion a policy pass.
-    s = structured_workload(
-        sequence_len=1024,
-        completion_len=256,
-        generations=4,
-        micro_batch=1,
-        prompts=1,
-        feature_batch=16,
-        on_device=True,
-        shared_prefill=True,
-        packed=True,
-    )
+    s = _structured_work(on_device=True, packed=True)
     assert (s.cache_positions, s.decode_rows, s.feature_tokens, s.policy_tokens) == (1792, 4, 1792, 1024)
-    padded = structured_workload(
-        sequence_len=1024,
-        completion_len=256,
-        generations=4,
-        micro_batch=1,
-        prompts=1,
-        feature_batch=16,
-        on_device=False,
-        shared_prefill=True,
-        packed=False,
-    )
+    padded = _structured_work(on_device=False, packed=False)
     assert (padded.cache_positions, padded.feature_tokens, padded.policy_tokens) == (0, 4096, 1024)
 
 
@@ -187,17 +182,7 @@ def test_devices_and_totals():
 
 
 def test_generation_counts_the_merged_adapter_copy_only_where_sampling_merges():
-    on_device = structured_workload(
-        sequence_len=1024,
-        completion_len=256,
-        generations=4,
-        micro_batch=1,
-        prompts=1,
-        feature_batch=16,
-        on_device=True,
-        shared_prefill=True,
-        packed=True,
-    )
+    on_device = _structured_work(on_device=True, packed=True)
     lora = Training(True, "adamw", False)
 
     def generation(precision, training, work):

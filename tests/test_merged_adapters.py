@@ -6,23 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from strided_builders import random_model
 
 from ebft.modeling.merged_adapters import merge_reason, merged_for_sampling
 
 
 def _policy(**lora) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(config)
+    model = random_model(vocab=97)
     with torch.no_grad():  # non-unit norm weights, so that a merge that skipped a norm would show
         for name, p in model.named_parameters():
             if "norm" in name:
