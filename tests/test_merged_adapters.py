@@ -70,6 +70,7 @@ def test_an_error_inside_restores_the_base_weights():
         ({}, None, torch.bfloat16, "bfloat16 base weights"),
         ({"use_dora": True}, None, torch.float32, "variant"),
         ({"modules_to_save": ["lm_head"]}, None, torch.float32, "modules_to_save"),
+        ({"trainable_token_indices": [1, 2]}, None, torch.float32, "trainable_token_indices"),
     ],
 )
 def test_cases_that_sample_through_the_adapters_unmerged(lora, autocast, dtype, reason):

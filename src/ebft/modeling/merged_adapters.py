@@ -16,8 +16,8 @@ The copy costs the adapted matrices' bytes once more while sampling (the memory 
 Merging is used only where it computes what the model defines to fp32 rounding: plain LoRA on ``nn.Linear``
 layers with fp32 weights and no autocast. In bf16 a small s B A would be lost in the rounding of W + s B A
 (8-bit mantissa), so bf16 weights or autocast, DoRA and other variants, bias-carrying adapters, quantised or
-sharded (FSDP2) bases, and extra trained modules (``modules_to_save``) sample through the adapters as they are
-(``merge_reason`` says why).
+sharded (FSDP2) bases, and extra trained modules (``modules_to_save``, ``trainable_token_indices``: a warm
+start's adapter may carry them) sample through the adapters as they are (``merge_reason`` says why).
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ def merge_reason(model: Any, autocast_dtype: torch.dtype | None = None) -> str |
     config = model.peft_config.get(getattr(model, "active_adapter", None))
     if getattr(config, "peft_type", None) is None or str(config.peft_type.value) != "LORA":
         return "not a LoRA adapter"
-    if getattr(config, "modules_to_save", None):
-        return "modules_to_save train outside the adapters"
+    # disable_adapter would switch these off too, and they are not merged.
+    for key in ("modules_to_save", "trainable_token_indices"):
+        if getattr(config, key, None):
+            return f"{key} train outside the adapters"
     from peft.tuners.lora import Linear
 
     layers = _lora_layers(model)
