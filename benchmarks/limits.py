@@ -54,23 +54,16 @@ def _best_seconds(fn, *, min_reps: int = 3, budget: float = 0.3) -> float:
 
 
 def _products(layout: str, rows: int, weights: list[torch.Tensor]):
-    """A timed closure running one product per weight, in order, and its FLOPs: forward x W^T or input-gradient
-    g W (one input per distinct width, made once)."""
-    if layout == "forward":
-        inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
-        pairs = [(inputs[w.shape[1]], w) for w in weights]
+    """A timed closure running one product per weight, in order, and its FLOPs: forward x W^T (x [rows, in]) or
+    input-gradient g W (g [rows, out]); one input per distinct width, made once."""
+    width = 1 if layout == "forward" else 0
+    product = F.linear if layout == "forward" else torch.mm
+    inputs = {w.shape[width]: torch.randn(rows, w.shape[width]) for w in weights}
+    pairs = [(inputs[w.shape[width]], w) for w in weights]
 
-        def run():
-            for x, w in pairs:
-                F.linear(x, w)
-
-    else:
-        inputs = {w.shape[0]: torch.randn(rows, w.shape[0]) for w in weights}
-        pairs = [(inputs[w.shape[0]], w) for w in weights]
-
-        def run():
-            for g, w in pairs:
-                torch.mm(g, w)
+    def run():
+        for x, w in pairs:
+            product(x, w)
 
     return run, sum(2.0 * rows * w.numel() for w in weights)
 
