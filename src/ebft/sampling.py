@@ -39,10 +39,29 @@ def truncation_keep(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0, mi
     return keep
 
 
+def invert_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """probs [R, V] (rows need not sum to one), uniforms [R] in [0, 1] -> [R]: the first token whose cumulative
+    mass exceeds ``uniforms * row total``, so token i is drawn with probability probs[i] / total.
+
+    The running sum is in float64: in float32 the rounding of 49,152 partial sums can move a boundary by about
+    V x 6e-8, a visible bias for rare tokens. A product that rounds up to the total (u = 1, or u just below
+    it) is pulled back below it, so a token of zero mass is never drawn.
+    """
+    cdf = probs.double().cumsum(dim=-1)  # [R, V]
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms.double()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
 def sample_tokens(
     logits: torch.Tensor, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Draw one token per row of ``logits`` [..., V] -> [...]; temperature 0 means argmax."""
+    """Draw one token per row of ``logits`` [..., V] -> [...]; temperature 0 means argmax.
+
+    One uniform per row, inverted through the row's cumulative distribution (``invert_cdf``): exact, and
+    one random number per row rather than one per vocabulary entry (``torch.multinomial`` draws an
+    exponential for every entry, 17% of strided generation at the paper's settings).
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
     scaled = logits.float() / temperature
@@ -54,5 +73,5 @@ def sample_tokens(
         # Non-finite logits (diverged weights): draw uniformly so the step completes; its loss is then
         # non-finite too and the trainer skips the update.
         probs = torch.where(bad[:, None], torch.full_like(probs, 1.0 / probs.shape[-1]), probs)
-    flat = torch.multinomial(probs, 1, generator=generator)
-    return flat.reshape(scaled.shape[:-1])
+    uniforms = torch.rand(probs.shape[0], generator=generator, dtype=torch.float64, device=probs.device)
+    return invert_cdf(probs, uniforms).reshape(scaled.shape[:-1])

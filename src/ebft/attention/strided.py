@@ -107,6 +107,41 @@ class DecodePlan:
 
 
 @dataclass
+class GatheredChunks:
+    """Every chunk's queries and keys taken by one index each, then split into per-chunk views.
+
+    Indexing a tensor that needs a gradient costs, in backward, a zero tensor of the whole packed row and a
+    scatter into it; one index per chunk paid that per chunk and summed the results (48 full-size zero tensors
+    per layer at the paper's settings). One gather for all chunks pays it once; the split's backward is a cat.
+    """
+
+    q_index: torch.Tensor  # [sum Q]: every chunk's query rows, chunk after chunk
+    k_index: torch.Tensor  # [sum P + Q]: every chunk's key rows, chunk after chunk
+    q_sizes: list[int]
+    k_sizes: list[int]
+
+    @classmethod
+    def of(cls, chunks: list[Chunk]) -> GatheredChunks:
+        if not chunks:
+            empty = torch.empty(0, dtype=torch.long)
+            return cls(empty, empty, [], [])
+        return cls(
+            torch.cat([c.q_index for c in chunks]),
+            torch.cat([c.k_index for c in chunks]),
+            [c.q_index.numel() for c in chunks],
+            [c.k_index.numel() for c in chunks],
+        )
+
+    def split(self, query, key, value):
+        """query [D, H, S, d], key/value [D, H_kv, S, d] -> per chunk: its queries, keys and values."""
+        return (
+            query[:, :, self.q_index].split(self.q_sizes, dim=2),
+            key[:, :, self.k_index].split(self.k_sizes, dim=2),
+            value[:, :, self.k_index].split(self.k_sizes, dim=2),
+        )
+
+
+@dataclass
 class StridedPlan:
     """Everything the attention function needs for one packed batch; built once per micro-batch.
 
@@ -122,9 +157,11 @@ class StridedPlan:
     block_masks: dict = field(default_factory=dict)
     compile_flex: bool = True  # False: flex_attention runs eagerly, a reference for the compiled kernel
     document: DocumentPlan = field(init=False)
+    gathered: GatheredChunks = field(init=False)
 
     def __post_init__(self):
         self.document = DocumentPlan(self.doc_len)
+        self.gathered = GatheredChunks.of(self.chunks)
 
     @property
     def uses_flex(self) -> bool:
@@ -147,11 +184,10 @@ class StridedPlan:
             return _flex(query, key, value, self.block_mask(window), scaling, softcap_value, self.compile_flex)
         kw = {"scaling": scaling, "softcap_value": softcap_value, "dropout": dropout}
         doc = self.document.attend(query, key, value, window=window, **kw)
+        queries, keys, values = self.gathered.split(query, key, value)
         parts = [
-            attend(
-                query[:, :, c.q_index], key[:, :, c.k_index], value[:, :, c.k_index], c.masked.mask_for(window), **kw
-            )
-            for c in self.chunks
+            attend(q, k, v, c.masked.mask_for(window), **kw)
+            for q, k, v, c in zip(queries, keys, values, self.chunks, strict=True)
         ]
         gen = torch.cat(parts, dim=2)[:, :, self.restore]
         return torch.cat([doc, gen], dim=2)
