@@ -40,11 +40,12 @@ def truncation_keep(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0, mi
 
 
 def invert_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """probs [R, V] (rows need not sum to one), uniforms [R] in [0, 1] -> [R]: the first token whose cumulative
-    mass exceeds ``uniforms * row total``, so token i is drawn with probability probs[i] / total.
+    """probs [R, V] (non-negative, each row with some mass; rows need not sum to one), uniforms [R] in [0, 1] ->
+    [R]: the first token whose cumulative mass exceeds ``uniforms * row total``, so token i is drawn with
+    probability probs[i] / total.
 
-    The running sum is in float64: in float32 the rounding of 49,152 partial sums can move a boundary by about
-    V x 6e-8, a visible bias for rare tokens. A product that rounds up to the total (u = 1, or u just below
+    The running sum is in float64: in float32 the rounding of 49,152 partial sums can move a boundary by up to
+    about V x 6e-8, a visible bias for rare tokens. A product that rounds up to the total (u = 1, or u just below
     it) is pulled back below it, so a token of zero mass is never drawn.
     """
     cdf = probs.double().cumsum(dim=-1)  # [R, V]
